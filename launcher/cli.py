@@ -1,0 +1,106 @@
+"""Command line: `qlaunch train | demo | verify` (also `python -m launcher ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import ConfigError, describe_keys, load_config, parse_overrides
+
+TRAIN_EPILOG = """\
+Any run-config key can be set or overridden on the command line as --section.key VALUE
+(VALUE is read as YAML), e.g. --train.lr 1e-4 --lora.r 8 --data.max_seq_len 1024.
+Keys and defaults:
+{keys}
+
+Examples:
+  qlaunch train --config run.yaml --strategy fsdp2 --nproc 2
+  accelerate launch --config_file accelerate_configs/zero3.yaml -m launcher train --config run.yaml
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qlaunch",
+        description="Multi-GPU QLoRA: 4-bit base on every rank, LoRA adapters, sharded with FSDP2, FSDP1, ZeRO-2, ZeRO-3 or DDP.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="train a LoRA adapter on a 4-bit base",
+        description="Train a LoRA adapter. Outside `accelerate launch` this starts it for you with the shipped config "
+        "for the strategy; inside, it is one rank of the run.",
+        epilog=TRAIN_EPILOG.format(keys=describe_keys()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--config", help="run config YAML (see README); flags override it")
+    train.add_argument("--strategy", help="fsdp2 (default), fsdp1, zero2, zero3 or ddp")
+    train.add_argument("--nproc", type=int, help="processes (GPUs) to start; default: all GPUs, 1 without CUDA")
+
+    demo = commands.add_parser(
+        "demo",
+        help="train the embedded default: a small Llama built locally, 2 CPU ranks, FSDP2, no downloads",
+    )
+    demo.add_argument("--output-dir", help="where to write (default: a new outputs/demo-<time> folder)")
+    demo.add_argument("--strategy", default="fsdp2", help="sharding strategy (default fsdp2)")
+    demo.add_argument("--nproc", type=int, default=2, help="ranks (default 2)")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
+
+    verify = commands.add_parser("verify", help="reload a run's adapter in one process and compare its logits with training's")
+    verify.add_argument("output_dir")
+    verify.add_argument("--tolerance", type=float, default=1e-2, help="max |logit difference| accepted (default 1e-2)")
+    return parser
+
+
+def cmd_train(args, extra: list[str]) -> int:
+    from . import launch, preflight, strategies, train
+
+    overrides = parse_overrides(extra)
+    if args.strategy:
+        overrides.append(("strategy", args.strategy))
+    cfg = load_config(args.config, overrides)
+    if launch.inside_launcher() or args.nproc == 1 or (args.nproc is None and launch.default_nproc() == 1):
+        train.run(cfg)
+        return 0
+    preflight.check_all(cfg)
+    strategy = strategies.resolve(cfg)
+    forwarded = (["--config", args.config] if args.config else []) + extra + ["--strategy", strategy.name]
+    return launch.launch(strategy, args.nproc or launch.default_nproc(), forwarded)
+
+
+def cmd_demo(args) -> int:
+    from . import demo
+
+    return demo.run_demo(args.output_dir, strategy=args.strategy, nproc=args.nproc, steps=args.steps)
+
+
+def cmd_verify(args) -> int:
+    from .export import verify_adapter
+
+    diff = verify_adapter(args.output_dir)
+    ok = diff <= args.tolerance
+    print(f"max |logit difference| = {diff:.3e} ({'OK' if ok else 'FAILED'}, tolerance {args.tolerance:g})")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "train":
+            return cmd_train(args, extra)
+        if args.command == "demo":
+            return cmd_demo(args)
+        return cmd_verify(args)
+    except ConfigError as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"qlaunch: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

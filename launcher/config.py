@@ -1,0 +1,226 @@
+"""The run config: one typed object, filled from a YAML file and `--section.key value` overrides.
+
+Every stage of a run reads this object and nothing else. Unknown keys and values of the wrong
+type are rejected here, with the fix in the message, before any process group exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+STRATEGIES = ("fsdp2", "fsdp1", "zero2", "zero3", "ddp")
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+class ConfigError(ValueError):
+    """A problem with the user's input, with the fix in the message."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """Local directory saved with `save_pretrained`, or a hub id already in the local cache."""
+    trust_remote_code: bool = False
+
+
+@dataclass
+class QuantConfig:
+    type: str = "nf4"
+    """nf4 or fp4."""
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    """dtype of the 4-bit matmuls."""
+    storage_dtype: str = "auto"
+    """dtype the packed 4-bit bytes are stored as; auto picks what the strategy can shard."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Union[list[str], str] = "all-linear"
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    format: str = "auto"
+    """auto (from the file ending), json, jsonl, parquet or text."""
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    max_seq_len: int = 512
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    lr: float = 2e-4
+    lr_schedule: str = "cosine"
+    """cosine, linear or constant, after warmup."""
+    warmup_steps: int = 0
+    max_steps: int = 0
+    """Optimizer steps; 0 means run `epochs` full passes."""
+    epochs: int = 1
+    seed: int = 0
+    log_interval: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    """0 disables clipping."""
+    gradient_checkpointing: bool = True
+    mixed_precision: str = "auto"
+    """auto (bf16 on CUDA, none on CPU), no, bf16 or fp16."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: str = ""
+    """fsdp2, fsdp1, zero2, zero3 or ddp; empty means: follow the accelerate config (fsdp2 if none)."""
+    output_dir: str = "outputs/run"
+    overwrite_output_dir: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Checks `value` against the field type `tp`; ints are accepted where floats are expected."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+    elif typing.get_origin(tp) is list:
+        if isinstance(value, (list, tuple)):
+            return [_coerce(item, typing.get_args(tp)[0], where) for item in value]
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif tp in (int, float) and isinstance(value, str):
+        # PyYAML reads `1e-4` as a string (YAML 1.1 wants `1.0e-4`); accept what Python parses.
+        try:
+            return tp(value)
+        except ValueError:
+            pass
+    elif tp is bool and isinstance(value, bool):
+        return value
+    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"`{where}` must be {_type_name(tp)}, got {value!r}. Fix the value in the YAML or on the command line.")
+
+
+def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" Did you mean `{where}{close[0]}`?" if close else ""
+    return ConfigError(
+        f"Unknown config key `{where}{key}`.{hint} Valid keys here: {', '.join(known)}. "
+        "Remove or rename it (see `qlaunch train --help` for the full list)."
+    )
+
+
+def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"`{where.rstrip('.') or 'config'}` must be a mapping of keys to values, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in data.items():
+        key = str(key).replace("-", "_")
+        if key not in known:
+            raise _unknown_key(key, known, where)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            values[key] = _build(tp, value or {}, f"{where}{key}.")
+        else:
+            values[key] = _coerce(value, tp, f"{where}{key}")
+    return cls(**values)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.replace("-", "_").split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"`{dotted}`: `{part}` is a value, not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """Turns `--train.lr 1e-4 --lora.r=8` into [("train.lr", 1e-4), ("lora.r", 8)]; values are YAML."""
+    pairs = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"Expected an override like `--train.lr 1e-4`, got `{arg}`.")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"`{arg}` needs a value, e.g. `{arg} VALUE`.")
+            raw = args[i + 1]
+            i += 1
+        i += 1
+        pairs.append((key, yaml.safe_load(raw) if raw != "" else ""))
+    return pairs
+
+
+def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]] = ()) -> RunConfig:
+    """Reads the YAML at `path` (if any), applies the dotted overrides, and returns a typed RunConfig."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Run config `{path}` does not exist. Pass an existing YAML file to --config.")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"Run config `{path}` is not valid YAML: {error}") from error
+        if not isinstance(tree, dict):
+            raise ConfigError(f"Run config `{path}` must be a mapping at the top level (keys like `model:`, `train:`).")
+    for key, value in overrides:
+        _set_dotted(tree, key, value)
+    return _build(RunConfig, tree)
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def describe_keys() -> str:
+    """All config keys with their defaults, for --help."""
+    lines = []
+    for section in dataclasses.fields(RunConfig):
+        default = RunConfig().__getattribute__(section.name)
+        if dataclasses.is_dataclass(default):
+            for f in dataclasses.fields(default):
+                lines.append(f"  {section.name}.{f.name} = {getattr(default, f.name)!r}")
+        else:
+            lines.append(f"  {section.name} = {default!r}")
+    return "\n".join(lines)

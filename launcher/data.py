@@ -1,0 +1,141 @@
+"""Data: local json / jsonl / parquet / text through `datasets`, tokenized, sampled deterministically.
+
+Records hold either `text` (loss on every token) or `prompt` + `completion` (loss on the completion
+only). Sampling is a pure function of (seed, optimizer step): every rank can compute which samples
+every other rank sees, so a 2-rank run and a 1-process run with the same global batch see the
+same data, and a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, DataConfig
+
+FORMAT_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
+IGNORE_INDEX = -100
+
+
+def dataset_format(cfg: DataConfig) -> str:
+    if cfg.format != "auto":
+        if cfg.format not in ("json", "jsonl", "parquet", "text"):
+            raise ConfigError(f"`data.format` is `{cfg.format}`; use auto, json, jsonl, parquet or text.")
+        return "json" if cfg.format == "jsonl" else cfg.format
+    suffix = Path(cfg.path).suffix.lower()
+    if suffix not in FORMAT_BY_SUFFIX:
+        raise ConfigError(
+            f"Cannot tell the format of `{cfg.path}` from its ending. Set `data.format` to json, jsonl, parquet or text."
+        )
+    return FORMAT_BY_SUFFIX[suffix]
+
+
+def load_records(cfg: DataConfig):
+    import datasets
+
+    if not Path(cfg.path).exists():
+        raise ConfigError(f"Dataset `{cfg.path}` does not exist. Set `data.path` to a local json, jsonl, parquet or text file.")
+    fmt = dataset_format(cfg)
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(fmt, data_files=str(cfg.path), split="train")
+    except Exception as error:  # datasets raises many kinds; all mean the file is unreadable as `fmt`
+        raise ConfigError(f"Could not read `{cfg.path}` as {fmt}: {error}. Check the file or set `data.format`.") from error
+
+
+def record_kind(columns: list[str], cfg: DataConfig) -> str:
+    """'text' or 'prompt_completion', or a ConfigError naming the fields that are missing."""
+    if cfg.text_field in columns:
+        return "text"
+    if cfg.prompt_field in columns and cfg.completion_field in columns:
+        return "prompt_completion"
+    raise ConfigError(
+        f"Dataset `{cfg.path}` has fields {sorted(columns)}, but each record needs `{cfg.text_field}`, or "
+        f"`{cfg.prompt_field}` and `{cfg.completion_field}`. Rename the fields in the data or set "
+        "`data.text_field` / `data.prompt_field` / `data.completion_field`."
+    )
+
+
+@dataclass
+class TokenizedData:
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    dropped: int
+    """Records left with no target token after truncation."""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def tokenize(records, tokenizer, cfg: DataConfig) -> TokenizedData:
+    kind = record_kind(records.column_names, cfg)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    input_ids, labels, dropped = [], [], 0
+    for record in records:
+        if kind == "text":
+            ids = tokenizer(record[cfg.text_field])["input_ids"] + eos
+            target = list(ids)
+        else:
+            prompt = tokenizer(record[cfg.prompt_field])["input_ids"]
+            completion = tokenizer(record[cfg.completion_field], add_special_tokens=False)["input_ids"] + eos
+            ids = prompt + completion
+            target = [IGNORE_INDEX] * len(prompt) + completion
+        ids, target = ids[: cfg.max_seq_len], target[: cfg.max_seq_len]
+        if sum(t != IGNORE_INDEX for t in target[1:]) == 0:
+            dropped += 1
+            continue
+        input_ids.append(ids)
+        labels.append(target)
+    return TokenizedData(input_ids, labels, dropped)
+
+
+def target_tokens(labels: list[int]) -> int:
+    """Tokens that count in the loss: shifted labels that are not ignored."""
+    return sum(t != IGNORE_INDEX for t in labels[1:])
+
+
+class GlobalBatches:
+    """Which samples each rank sees at each optimizer step; pure function of the seed and the step.
+
+    One optimizer step consumes `micro * accum * world` samples of a per-epoch permutation, laid out
+    as [accum][world][micro]: a run with world size 1 and micro batch `micro * world` sees exactly the
+    samples a `world`-rank run sees, micro step by micro step.
+    """
+
+    def __init__(self, num_samples: int, micro: int, accum: int, world: int, seed: int):
+        self.num_samples, self.micro, self.accum, self.world, self.seed = num_samples, micro, accum, world, seed
+        self.global_batch = micro * accum * world
+        self.steps_per_epoch = num_samples // self.global_batch
+
+    @lru_cache(maxsize=2)
+    def _permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_samples, generator=generator).tolist()
+
+    def step_samples(self, step: int) -> list[int]:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        start = within * self.global_batch
+        return self._permutation(epoch)[start : start + self.global_batch]
+
+    def rank_micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        samples = self.step_samples(step)
+        return [
+            samples[(a * self.world + rank) * self.micro : (a * self.world + rank + 1) * self.micro]
+            for a in range(self.accum)
+        ]
+
+
+def collate(data: TokenizedData, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    length = max(len(data.input_ids[i]) for i in indices)
+    input_ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(indices), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(indices), length), dtype=torch.long)
+    for row, i in enumerate(indices):
+        n = len(data.input_ids[i])
+        input_ids[row, :n] = torch.tensor(data.input_ids[i])
+        labels[row, :n] = torch.tensor(data.labels[i])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,88 @@
+"""The final adapter in PEFT format, written atomically, and a check that it reproduces training.
+
+Besides the adapter, a run writes `adapter_check.safetensors`: a few input ids and the logits the
+sharded model produced for them at the end of training. `qlaunch verify` (or `verify_adapter`)
+reloads base + adapter in one process and compares, which catches the failures peers ship (an
+empty adapter from ZeRO-3, only rank 0's shard from FSDP2).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ADAPTER_DIR = "adapter"
+CHECK_FILE = "adapter_check.safetensors"
+ADAPTER_NAME = "default"
+
+
+def write_atomically(final: Path, write) -> None:
+    """Calls write(tmp_dir), then renames tmp_dir to `final`; an existing `final` is replaced only at the end."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+def save_adapter(peft_model, full_trainable: dict[str, torch.Tensor], output_dir: Path) -> Path:
+    """Writes adapter_config.json + adapter_model.safetensors from the gathered trainable weights."""
+    # PEFT's file format is the trainable names without the adapter name. (peft's own
+    # get_peft_model_state_dict finds LoRA layers by module path, which FSDP1's wrappers change.)
+    state = {name.replace(f".{ADAPTER_NAME}.", "."): tensor for name, tensor in full_trainable.items()}
+    if not state or any(t.numel() == 0 for t in state.values()):
+        raise RuntimeError("The gathered adapter is empty; refusing to write it.")
+    final = Path(output_dir) / ADAPTER_DIR
+
+    def write(tmp: Path) -> None:
+        peft_model.peft_config[ADAPTER_NAME].save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+
+    write_atomically(final, write)
+    return final
+
+
+def save_check(output_dir: Path, input_ids: torch.Tensor, logits: torch.Tensor) -> None:
+    save_file({"input_ids": input_ids.cpu().contiguous(), "logits": logits.float().cpu().contiguous()}, Path(output_dir) / CHECK_FILE)
+
+
+def load_for_inference(output_dir: Path, base_path: str | None = None):
+    """The run's 4-bit base, prepared with the run's dtypes, plus the saved adapter, through the
+    standard PEFT API in one process."""
+    from peft import PeftModel
+
+    from . import strategies
+    from .config import load_config
+    from .model import disable_cpu_inference_repack, load_quantized_base, prepare_for_kbit_training
+
+    cfg = load_config(Path(output_dir) / "run_config.yaml")
+    if base_path:
+        cfg.model.path = base_path
+    policy = strategies.dtype_policy(cfg, strategies.get(cfg.strategy), cfg.train.mixed_precision)
+    base = load_quantized_base(cfg, policy)
+    disable_cpu_inference_repack(base)
+    prepare_for_kbit_training(base, policy, gradient_checkpointing=False)
+    if torch.cuda.is_available():
+        base = base.to("cuda")
+    return PeftModel.from_pretrained(base, str(Path(output_dir) / ADAPTER_DIR)).eval()
+
+
+def verify_adapter(output_dir: Path, base_path: str | None = None) -> float:
+    """Max |logit difference| between the single-process reload and the sharded model at the end of training."""
+    output_dir = Path(output_dir)
+    model = load_for_inference(output_dir, base_path)
+    check = load_file(output_dir / CHECK_FILE)
+    with torch.no_grad():
+        logits = model(input_ids=check["input_ids"].to(model.device)).logits.float().cpu()
+    return (logits - check["logits"]).abs().max().item()

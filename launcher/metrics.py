@@ -1,0 +1,33 @@
+"""Metrics: a progress bar and `<output_dir>/metrics.jsonl` on rank 0, one JSON line per logged step."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class MetricsLog:
+    def __init__(self, output_dir: Path, total_steps: int, enabled: bool, first_step: int = 0):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.records: list[dict] = []
+        self.bar = tqdm(total=total_steps, initial=first_step, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+        self._started = time.perf_counter()
+
+    def log(self, **record) -> None:
+        if not self.enabled:
+            return
+        record["elapsed_s"] = round(time.perf_counter() - self._started, 3)
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,213 @@
+"""Load & prepare: the 4-bit base, k-bit preparation, LoRA, non-reentrant gradient checkpointing.
+
+Low-memory loading: only the source rank (global rank 0) reads the checkpoint and quantizes it,
+in host RAM. Every other rank builds the same module tree on the meta device from a small layout
+that the source rank broadcasts, so no rank but the source ever holds the whole model. The
+sharding stage (`launcher.sync`, driven by the strategy) then fills each rank's shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+
+from .config import LoraConfig, RunConfig
+from .strategies import DtypePolicy
+
+DTYPE_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def quantization_config(cfg: RunConfig, policy: DtypePolicy) -> BitsAndBytesConfig:
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant.type,
+        bnb_4bit_use_double_quant=cfg.quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPE_BY_NAME[cfg.quant.compute_dtype],
+        bnb_4bit_quant_storage=policy.quant_storage,
+    )
+
+
+@dataclass
+class Linear4bitSpec:
+    """What a rank needs to rebuild one `bnb.nn.Linear4bit` on the meta device."""
+
+    in_features: int
+    out_features: int
+    bias: bool
+    packed_shape: tuple[int, ...]
+    quant_state_shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+@dataclass
+class QuantizedLayout:
+    """The source rank's module tree, as far as quantization changed it."""
+
+    linear4bit: dict[str, Linear4bitSpec]
+
+
+def quantized_layout(model: nn.Module) -> QuantizedLayout:
+    specs = {}
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            states = module.weight.quant_state.as_dict(packed=True)
+            specs[name] = Linear4bitSpec(
+                in_features=module.in_features,
+                out_features=module.out_features,
+                bias=module.bias is not None,
+                packed_shape=tuple(module.weight.shape),
+                quant_state_shapes={k: (tuple(v.shape), v.dtype) for k, v in states.items()},
+            )
+    return QuantizedLayout(specs)
+
+
+def load_quantized_base(cfg: RunConfig, policy: DtypePolicy) -> PreTrainedModel:
+    """Reads the checkpoint through `from_pretrained` and quantizes it in host RAM (source rank only)."""
+    return AutoModelForCausalLM.from_pretrained(
+        cfg.model.path,
+        quantization_config=quantization_config(cfg, policy),
+        dtype=DTYPE_BY_NAME[cfg.quant.compute_dtype],
+        device_map={"": "cpu"},
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+
+
+def meta_base(cfg: RunConfig) -> PreTrainedModel:
+    """The model's unquantized module tree on the meta device: shapes and dtypes, no data."""
+    config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            config, dtype=DTYPE_BY_NAME[cfg.quant.compute_dtype], trust_remote_code=cfg.model.trust_remote_code
+        )
+
+
+def apply_quantized_layout(model: PreTrainedModel, cfg: RunConfig, policy: DtypePolicy, layout: QuantizedLayout) -> None:
+    """Turns a meta `meta_base` into the source rank's quantized tree (still on the meta device)."""
+    for name, spec in layout.linear4bit.items():
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        original = parent.get_submodule(child_name)
+        linear = bnb.nn.Linear4bit(
+            spec.in_features,
+            spec.out_features,
+            bias=spec.bias,
+            compute_dtype=DTYPE_BY_NAME[cfg.quant.compute_dtype],
+            compress_statistics=cfg.quant.double_quant,
+            quant_type=cfg.quant.type,
+            quant_storage=policy.quant_storage,
+            device="meta",
+        )
+        linear.weight = bnb.nn.Params4bit(
+            torch.empty(spec.packed_shape, dtype=policy.quant_storage, device="meta"),
+            requires_grad=False,
+            compress_statistics=cfg.quant.double_quant,
+            quant_type=cfg.quant.type,
+            quant_storage=policy.quant_storage,
+            module=linear,
+            bnb_quantized=True,
+        )
+        # The quantization constants arrive later (`sync.broadcast_quant_states`); their shapes come now.
+        linear._launcher_quant_state_shapes = spec.quant_state_shapes
+        if spec.bias:
+            linear.bias = nn.Parameter(torch.empty(spec.out_features, dtype=original.bias.dtype, device="meta"))
+        setattr(parent, child_name, linear)
+    model.is_loaded_in_4bit = True
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm")
+
+
+def prepare_for_kbit_training(model: PreTrainedModel, policy: DtypePolicy, gradient_checkpointing: bool) -> None:
+    """Freezes the base and sets each unquantized weight to the dtype the strategy can shard safely.
+
+    Norms go to `policy.norm` (fp32 unless the strategy needs one dtype per unit) so their small
+    scale factors keep full precision; embeddings and lm_head go to `policy.dense`. Gradient
+    checkpointing is always non-reentrant: reentrant checkpointing re-runs forward inside an
+    autograd Function, which FSDP2 and ZeRO-3 cannot see through (parameters are not re-gathered
+    and adapter gradients are silently lost) and which needs inputs that require grad.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            continue
+        target = policy.norm if _is_norm(module) else policy.dense
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != target:
+                param.data = param.data.to(target)
+    if gradient_checkpointing:
+        model.config.use_cache = False
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert_non_reentrant(model)
+
+
+def assert_non_reentrant(model: nn.Module) -> None:
+    """Fails loudly if any checkpointed layer would run reentrant checkpointing."""
+    found = 0
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if func is None:
+            continue
+        found += 1
+        if getattr(func, "keywords", {}).get("use_reentrant", True) is not False:
+            raise RuntimeError(f"{type(module).__name__} uses reentrant gradient checkpointing; this launcher never does.")
+    if not found:
+        raise RuntimeError("Gradient checkpointing was requested but no layer of the model supports it.")
+
+
+def attach_lora(model: PreTrainedModel, lora: LoraConfig, policy: DtypePolicy, seed: int) -> nn.Module:
+    """Adds LoRA adapters. The seed makes the source rank's init, which every rank receives, reproducible."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, peft_config)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != policy.adapter:
+            param.data = param.data.to(policy.adapter)
+    return model
+
+
+def disable_cpu_inference_repack(model: nn.Module) -> None:
+    """CPU shim: bitsandbytes repacks a layer's weight and rewrites its quant state in place on the
+    first CPU forward without grad in eval mode (for an AVX512-BF16 kernel). Under sharding the packed
+    shard and the shared quant state would then disagree, so the trained model never takes that path.
+    The attribute is only read for CPU inputs; CUDA runs are unaffected."""
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_base(cfg: RunConfig, policy: DtypePolicy) -> PreTrainedModel:
+    """Before any plugin exists (so no ZeRO-3 hook changes how transformers builds it): the source
+    rank loads and quantizes the checkpoint; every other rank builds the bare tree on meta."""
+    from .sync import is_source_rank
+
+    return load_quantized_base(cfg, policy) if is_source_rank() else meta_base(cfg)
+
+
+def build_model(cfg: RunConfig, policy: DtypePolicy, base: PreTrainedModel) -> nn.Module:
+    """The LoRA-wrapped 4-bit model, on every rank the same tree: the source rank broadcasts which
+    layers it quantized and how, the others rebuild them on meta."""
+    from .sync import broadcast_object, is_source_rank
+
+    if is_source_rank():
+        broadcast_object(quantized_layout(base))
+    else:
+        apply_quantized_layout(base, cfg, policy, broadcast_object(None))
+    disable_cpu_inference_repack(base)
+    prepare_for_kbit_training(base, policy, cfg.train.gradient_checkpointing)
+    return attach_lora(base, cfg.lora, policy, cfg.train.seed)

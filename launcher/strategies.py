@@ -1,0 +1,419 @@
+"""Every difference between FSDP2, FSDP1, ZeRO-2, ZeRO-3 and DDP lives in this module.
+
+A strategy decides four things, and the train loop asks it through this small interface:
+  * which dtypes the 4-bit storage, norms, embeddings and adapters use (`dtype_policy`);
+  * how Accelerate is configured for it (`plugins`, `install_on_cpu`);
+  * how each rank gets the source rank's weights around `accelerator.prepare`
+    (`before_prepare`, `after_prepare`);
+  * which tensors each rank owns after sharding (`local_shards`), for the reports and checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import sync
+from .config import STRATEGIES, ConfigError, RunConfig
+
+
+@dataclass(frozen=True)
+class DtypePolicy:
+    quant_storage: torch.dtype
+    """dtype the packed 4-bit bytes are viewed as; a float dtype so every sharder treats it as a weight."""
+    norm: torch.dtype
+    dense: torch.dtype
+    """Frozen unquantized weights: embeddings and lm_head."""
+    adapter: torch.dtype
+
+
+@dataclass
+class LocalShard:
+    """The part of one parameter a rank holds: elements [start, start + numel) of the flattened full tensor."""
+
+    name: str
+    local: torch.Tensor
+    start: int
+    full_numel: int
+    trainable: bool
+
+
+class Strategy:
+    name: ClassVar[str]
+    shards_base: ClassVar[bool]
+    """The frozen base weights are split across ranks."""
+    shards_adapter_state: ClassVar[bool]
+    """Adapter gradients and optimizer states are split across ranks."""
+
+    @property
+    def accelerate_config(self) -> str:
+        return f"{self.name}.yaml"
+
+    def dtype_policy(self, compute_dtype: torch.dtype, mixed_precision: bool) -> DtypePolicy:
+        # FSDP2 and ZeRO shard each tensor on its own, so dtypes may differ: the packed 4-bit data is
+        # stored as the compute dtype (a float dtype, which FSDP2 and ZeRO-3 shard and cast without
+        # touching the bits, since the cast to the compute dtype is a no-op), norms and adapters stay
+        # fp32. Embeddings and lm_head take the compute dtype under mixed precision (autocast bridges
+        # the fp32 activations) and fp32 without it, where lm_head must match the fp32 hidden states.
+        dense = compute_dtype if mixed_precision else torch.float32
+        return DtypePolicy(quant_storage=compute_dtype, norm=torch.float32, dense=dense, adapter=torch.float32)
+
+    def plugins(self, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+        """Keyword arguments for `Accelerator(...)`: the plugin this strategy runs under, if any."""
+        return {}
+
+    def install_on_cpu(self, accelerator, plugins: dict[str, Any]) -> None:
+        """CPU shim: on a machine without CUDA, Accelerate only offers DDP over gloo (see distributed.py)."""
+
+    def before_prepare(self, model: nn.Module, accelerator) -> Any:
+        sync.broadcast_quant_states(model, accelerator.device)
+        return None
+
+    def after_prepare(self, model: nn.Module, accelerator, handoff: Any) -> None:
+        pass
+
+    def shard(self, model: nn.Module, make_optimizer, accelerator):
+        """Wraps the model for this strategy; every rank ends with its shard of the source rank's weights."""
+        handoff = self.before_prepare(model, accelerator)
+        optimizer = make_optimizer(model)
+        model, prepared_optimizer = accelerator.prepare(model, optimizer)
+        self.after_prepare(model, accelerator, handoff)
+        return model, prepared_optimizer, optimizer
+
+    def local_shards(self, model: nn.Module) -> Iterator[LocalShard]:
+        for name, param in model.named_parameters():
+            yield LocalShard(name, param.detach(), 0, param.numel(), param.requires_grad)
+
+    def gather_trainable(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Full values of the trainable parameters, on CPU (a collective: every rank calls it)."""
+        return {_clean_fqn(n): p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class _Replicated(Strategy):
+    """Every rank holds the whole base: the source rank's weights are broadcast before wrapping."""
+
+    def before_prepare(self, model, accelerator):
+        sync.materialize_and_broadcast(sync.direct_tensors(model), accelerator.device)
+        return super().before_prepare(model, accelerator)
+
+
+class DDP(_Replicated):
+    name = "ddp"
+    shards_base = False
+    shards_adapter_state = False
+
+
+class FSDP2(Strategy):
+    name = "fsdp2"
+    shards_base = True
+    shards_adapter_state = True
+
+    def plugins(self, cfg, device):
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        # Accelerate's own low-memory loading skips models with 4-bit weights; after_prepare does it.
+        return {"fsdp_plugin": FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=False)}
+
+    def install_on_cpu(self, accelerator, plugins):
+        from accelerate.utils import DistributedType
+
+        from .distributed import set_shared_state
+
+        set_shared_state(accelerator, distributed_type=DistributedType.FSDP)
+        accelerator.state.fsdp_plugin = plugins["fsdp_plugin"]
+
+    def shard(self, model, make_optimizer, accelerator):
+        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        model, prepared_optimizer, optimizer = super().shard(model, make_optimizer, accelerator)
+        # Accelerate maps the optimizer onto the sharded parameters by data pointer, which is 0 for
+        # every meta tensor on non-source ranks; map by name instead (the optimizer state is empty).
+        params = dict(model.named_parameters())
+        optimizer.param_groups[0]["params"] = [params[name] for name in trainable]
+        return model, prepared_optimizer, optimizer
+
+    def before_prepare(self, model, accelerator):
+        super().before_prepare(model, accelerator)
+        # fully_shard keeps only this rank's chunk of each parameter; keep the source's full tensors to scatter.
+        return {name: p.detach() for name, p in model.named_parameters()} if sync.is_source_rank() else None
+
+    def after_prepare(self, model, accelerator, handoff):
+        if dist.get_world_size() == 1:
+            return
+        if not sync.is_source_rank():
+            model.to_empty(device=accelerator.device)
+        for name, param in model.named_parameters():
+            full = handoff[name] if handoff is not None else None
+            sync.scatter_rows_(param.to_local(), full, param.shape[0])
+        sync.materialize_and_broadcast(sync.direct_tensors(model, buffers_only=True), accelerator.device)
+
+    def gather_trainable(self, model):
+        return {n: p.full_tensor().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+    def local_shards(self, model):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        for name, param in model.named_parameters():
+            local = param.to_local().detach()
+            rows_per_rank = -(-param.shape[0] // world)
+            row_numel = param[0].numel() if param.dim() > 1 else 1
+            yield LocalShard(name, local, rank * rows_per_rank * row_numel, param.numel(), param.requires_grad)
+
+
+class FSDP1(Strategy):
+    name = "fsdp1"
+    shards_base = True
+    shards_adapter_state = True
+
+    def dtype_policy(self, compute_dtype, mixed_precision):
+        # FSDP1 flattens each unit into one tensor of one dtype, and its mixed-precision cast of that
+        # tensor would rewrite packed 4-bit bytes stored in another dtype. So everything is fp32
+        # (norms stay safe, the packed bytes are only viewed as fp32) and FSDP1 casts no parameters;
+        # bf16 compute comes from autocast and from the 4-bit compute dtype instead.
+        return DtypePolicy(quant_storage=torch.float32, norm=torch.float32, dense=torch.float32, adapter=torch.float32)
+
+    def plugins(self, cfg, device):
+        from accelerate.utils import FullyShardedDataParallelPlugin
+        from torch.distributed.fsdp import MixedPrecision
+
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=1,
+            use_orig_params=True,
+            cpu_ram_efficient_loading=False,
+            sync_module_states=False,
+            mixed_precision_policy=MixedPrecision(param_dtype=None, reduce_dtype=None, buffer_dtype=None),
+        )
+        # Ranks other than the source hold meta tensors: FSDP1 allocates them on the device and
+        # broadcasts the source rank's values (set after construction so that Accelerate does not
+        # look for a GPU to allocate on; `device` is this rank's device on CUDA and on CPU).
+        plugin.sync_module_states = True
+        plugin.param_init_fn = lambda module: module.to_empty(device=device, recurse=False)
+        return {"fsdp_plugin": plugin}
+
+    install_on_cpu = FSDP2.install_on_cpu
+
+    def shard(self, model, make_optimizer, accelerator):
+        from .distributed import fsdp1_cpu_sync_allowed
+
+        # FSDP1 replaces parameters with flat ones: the optimizer is built on the wrapped model.
+        self.before_prepare(model, accelerator)
+        with fsdp1_cpu_sync_allowed() if accelerator.device.type == "cpu" else contextlib.nullcontext():
+            model = accelerator.prepare(model)
+        optimizer = make_optimizer(model)
+        return model, accelerator.prepare(optimizer), optimizer
+
+    def gather_trainable(self, model):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        out = {}
+        for unit in FSDP.fsdp_modules(model):
+            if unit._handle is None or not unit._handle.flat_param.requires_grad:
+                continue
+            prefix = _module_path(model, unit._fsdp_wrapped_module)
+            with FSDP.summon_full_params(unit, recurse=False, writeback=False):
+                for name, param in unit._fsdp_wrapped_module.named_parameters():
+                    if param.requires_grad and "_fsdp_wrapped_module" not in name:
+                        out[_clean_fqn(prefix + name)] = param.detach().cpu().clone()
+        return out
+
+    def before_prepare(self, model, accelerator):
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        super().before_prepare(model, accelerator)
+        # Each LoRA matrix is its own FSDP unit, so adapter states split evenly and the frozen
+        # units hold frozen weights only.
+        accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+
+    def local_shards(self, model):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        for unit in FSDP.fsdp_modules(model):
+            handle = unit._handle
+            if handle is None:
+                continue
+            flat = handle.flat_param
+            for fqn, info, numel in zip(flat._fqns, flat._shard_param_infos, flat._numels):
+                if not info.in_shard:
+                    continue
+                prefix = unit._fsdp_wrapped_module
+                name = _clean_fqn(_module_path(model, prefix) + fqn)
+                local = flat.detach()[info.offset_in_shard : info.offset_in_shard + info.numel_in_shard]
+                yield LocalShard(name, local, info.intra_param_start_idx, numel, flat.requires_grad)
+
+
+class _ZeRO(Strategy):
+    stage: ClassVar[int]
+
+    @property
+    def accelerate_config(self):
+        return f"zero{self.stage}.yaml"
+
+    def plugins(self, cfg, device):
+        from accelerate.utils import DeepSpeedPlugin
+
+        # zero3_init_flag off: transformers never builds a quantized model under zero.Init; this
+        # launcher partitions it module by module instead (ZeRO3.before_prepare).
+        plugin = DeepSpeedPlugin(zero3_init_flag=False)
+        ds = plugin.deepspeed_config
+        # The run config is the single source of these values; the shipped JSON says "auto".
+        ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+        ds["gradient_accumulation_steps"] = cfg.train.grad_accum_steps
+        ds["gradient_clipping"] = cfg.train.max_grad_norm
+        ds.pop("train_batch_size", None)
+        if ds.get("zero_optimization", {}).get("stage") != self.stage:
+            raise ConfigError(
+                f"The DeepSpeed config says ZeRO stage {ds.get('zero_optimization', {}).get('stage')} but the "
+                f"strategy is {self.name}. Use ds_configs/{self.name}.json or set the matching strategy."
+            )
+        return {"deepspeed_plugin": plugin}
+
+    def install_on_cpu(self, accelerator, plugins):
+        from accelerate.utils import DistributedType
+
+        from .distributed import set_shared_state
+
+        plugin = plugins["deepspeed_plugin"]
+        plugin.set_mixed_precision(accelerator.state.mixed_precision)
+        plugin.select(_from_accelerator_state=True)
+        accelerator.state.deepspeed_plugins = plugin
+        set_shared_state(accelerator, distributed_type=DistributedType.DEEPSPEED)
+        accelerator.deepspeed_engine_wrapped = None
+
+
+class ZeRO2(_ZeRO, _Replicated):
+    name = "zero2"
+    stage = 2
+    shards_base = False
+    shards_adapter_state = True
+
+
+class ZeRO3(_ZeRO):
+    name = "zero3"
+    stage = 3
+    shards_base = True
+    shards_adapter_state = True
+
+    def before_prepare(self, model, accelerator):
+        import deepspeed
+
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        # ZeRO-3's own path: `zero.Init(module=...)` broadcasts each module's parameters from rank 0
+        # and keeps this rank's partition. One module at a time, so a non-source rank allocates at
+        # most one module's full weights before partitioning frees them.
+        for module in model.modules():
+            if not module._parameters:
+                continue
+            sync.materialize_empty(module, accelerator.device)
+            deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
+        sync.materialize_and_broadcast(sync.direct_tensors(model, buffers_only=True), accelerator.device)
+        # Last, so the constants attach to the partitioned weight objects.
+        return super().before_prepare(model, accelerator)
+
+    def gather_trainable(self, model):
+        import deepspeed
+
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
+            return {n: p.detach().cpu().clone() for n, p in trainable}
+
+    def local_shards(self, model):
+        rank = dist.get_rank()
+        for name, param in model.named_parameters():
+            part = param.ds_tensor.detach()
+            yield LocalShard(name, part, rank * part.numel(), param.ds_numel, param.requires_grad)
+
+
+class SingleProcess(Strategy):
+    """One process: nothing to shard or synchronize (the run keeps its strategy's dtype policy)."""
+
+    name = "single"
+    shards_base = False
+    shards_adapter_state = False
+
+
+def dtype_policy(cfg: RunConfig, strategy: Strategy, mixed_precision: str) -> DtypePolicy:
+    from .model import DTYPE_BY_NAME
+
+    policy = strategy.dtype_policy(DTYPE_BY_NAME[cfg.quant.compute_dtype], mixed_precision != "no")
+    if cfg.quant.storage_dtype == "auto":
+        return policy
+    wanted = DTYPE_BY_NAME[cfg.quant.storage_dtype]
+    if isinstance(strategy, FSDP1) and wanted != policy.quant_storage:
+        raise ConfigError(
+            f"`quant.storage_dtype: {cfg.quant.storage_dtype}` cannot be sharded by fsdp1, which needs one dtype per "
+            "unit (float32 here). Use `quant.storage_dtype: auto`."
+        )
+    return dataclasses.replace(policy, quant_storage=wanted)
+
+
+BY_NAME: dict[str, type[Strategy]] = {cls.name: cls for cls in (FSDP2, FSDP1, ZeRO2, ZeRO3, DDP)}
+assert tuple(BY_NAME) == STRATEGIES
+
+
+def get(name: str) -> Strategy:
+    if name not in BY_NAME:
+        raise ConfigError(f"Unknown strategy `{name}`. Choose one of: {', '.join(STRATEGIES)}.")
+    return BY_NAME[name]()
+
+
+def from_accelerate_env() -> str | None:
+    """The strategy the running `accelerate launch` config asks for, or None if it names none."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp2" if os.environ.get("FSDP_VERSION", "1") == "2" else "fsdp1"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if config_file and os.path.isfile(config_file):
+            with open(config_file) as f:
+                stage = json.load(f).get("zero_optimization", {}).get("stage", stage)
+        if str(stage) in ("2", "3"):
+            return f"zero{stage}"
+        raise ConfigError(f"The DeepSpeed config asks for ZeRO stage {stage}; this launcher runs stages 2 and 3.")
+    return None
+
+
+def resolve(cfg: RunConfig) -> Strategy:
+    """The run's strategy: the accelerate config's and the run config's must agree when both are set."""
+    launched = from_accelerate_env()
+    wanted = cfg.strategy or None
+    if wanted is not None and wanted not in BY_NAME:
+        get(wanted)
+    if launched and wanted and launched != wanted:
+        raise ConfigError(
+            f"The run config asks for strategy `{wanted}` but `accelerate launch` was given a config for "
+            f"`{launched}`. Use accelerate_configs/{get(wanted).accelerate_config}, or drop `strategy` from the "
+            "run config to follow the accelerate config."
+        )
+    return get(launched or wanted or "fsdp2")
+
+
+def _module_path(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return f"{name}." if name else ""
+    raise ValueError("module not found in model")
+
+
+def _clean_fqn(name: str) -> str:
+    from torch.distributed.fsdp._common_utils import FSDP_WRAPPED_MODULE
+
+    return name.replace(f"{FSDP_WRAPPED_MODULE}.", "")
+
+
+def optimizer_state_numel(optimizer) -> int:
+    """Elements of optimizer state (e.g. Adam's two moments) this rank holds."""
+    while not type(optimizer).__module__.startswith("torch.optim"):
+        optimizer = optimizer.optimizer
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                local = value.to_local() if hasattr(value, "to_local") else value
+                total += local.numel()
+    return total

@@ -1,0 +1,189 @@
+"""The training run, top to bottom: config -> plan -> load & prepare -> shard -> train -> export & report."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import export, preflight, strategies
+from .config import RunConfig, dump_config
+from .data import GlobalBatches, TokenizedData, collate, target_tokens
+from .distributed import create_accelerator, resolve_mixed_precision, world_size_from_env
+from .metrics import MetricsLog
+from .model import build_model, load_base
+
+CHECK_TOKENS = 32
+
+
+@dataclass
+class RunSummary:
+    steps: int
+    first_loss: float
+    last_loss: float
+    tokens_per_s: float
+    seconds: float
+    adapter_dir: str
+    world_size: int
+    strategy: str
+
+
+def lr_lambda(train_cfg, total_steps: int):
+    warmup, schedule = train_cfg.warmup_steps, train_cfg.lr_schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return factor
+
+
+def rank_report(model, optimizer, strategy: strategies.Strategy, sharder: strategies.Strategy) -> dict:
+    """What this rank holds after sharding: adapter and optimizer-state elements, for the report."""
+    shards = [s for s in sharder.local_shards(model) if s.trainable]
+    trainable_total = sum(s.full_numel for s in shards)
+    trainable_local = sum(min(s.local.numel(), s.full_numel - s.start) for s in shards)
+    return {
+        "rank": dist.get_rank() if dist.is_initialized() else 0,
+        "strategy": strategy.name,
+        "adapter_elements_total": trainable_total,
+        "adapter_elements_local": trainable_local,
+        "optimizer_state_elements_local": strategies.optimizer_state_numel(optimizer),
+    }
+
+
+def run(cfg: RunConfig) -> RunSummary | None:
+    # Plan: validate everything and tokenize before any process group exists.
+    strategy = strategies.resolve(cfg)
+    cfg.strategy = strategy.name
+    preflight.check_values(cfg)
+    preflight.check_model(cfg)
+    preflight.check_output_dir(cfg)
+    world = world_size_from_env()
+    cfg.train.mixed_precision = resolve_mixed_precision(cfg, torch.cuda.is_available())
+    policy = strategies.dtype_policy(cfg, strategy, cfg.train.mixed_precision)
+    tokenizer, data = preflight.load_training_data(cfg, world)
+    batches = GlobalBatches(len(data), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, world, cfg.train.seed)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * batches.steps_per_epoch
+
+    # Load: only the source rank reads and quantizes the checkpoint, in host RAM.
+    base = load_base(cfg, policy)
+
+    accelerator = create_accelerator(cfg, strategy)
+    rank, main = accelerator.process_index, accelerator.is_main_process
+    output_dir = Path(cfg.output_dir)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        dump_config(cfg, output_dir / "run_config.yaml")
+
+    # Prepare: k-bit preparation and LoRA (the other ranks build a meta skeleton first).
+    model = build_model(cfg, policy, base)
+
+    # Shard: every rank ends with its own shard of the source rank's weights.
+    sharder = strategy if world > 1 else strategies.SingleProcess()
+
+    def make_optimizer(m):
+        params = [p for p in m.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+    model, optimizer, base_optimizer = sharder.shard(model, make_optimizer, accelerator)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(cfg.train, total_steps))
+
+    # Train.
+    torch.manual_seed(cfg.train.seed + rank)  # dropout masks differ across ranks, reproducibly
+    model.train()
+    metrics = MetricsLog(output_dir, total_steps, enabled=main)
+    losses, started = [], time.perf_counter()
+    window_tokens, window_start = 0, time.perf_counter()
+    total_tokens = 0
+    for step in range(total_steps):
+        loss_sum, step_targets, step_tokens = train_step(cfg, model, optimizer, accelerator, batches, data, tokenizer, step, rank)
+        scheduler.step()
+        window_tokens += step_tokens
+        total_tokens += step_tokens
+        metrics.advance()
+        if (step + 1) % cfg.train.log_interval == 0 or step + 1 == total_steps:
+            loss = accelerator.reduce(loss_sum, "sum").item() / step_targets
+            now = time.perf_counter()
+            losses.append(loss)
+            metrics.log(step=step + 1, loss=loss, lr=scheduler.get_last_lr()[0], tokens_per_s=window_tokens / (now - window_start))
+            window_tokens, window_start = 0, now
+    seconds = time.perf_counter() - started
+    metrics.close()
+
+    # Export & report.
+    report = [rank_report(model, optimizer, strategy, sharder)]
+    if dist.is_initialized():
+        mine, report = report[0], [None] * world
+        dist.all_gather_object(report, mine)
+    if main:
+        (output_dir / "shard_report.json").write_text(json.dumps(report, indent=2))
+    unwrapped = accelerator.unwrap_model(model)
+    full_trainable = strategy.gather_trainable(unwrapped) if world > 1 else sharder.gather_trainable(unwrapped)
+    check_ids = torch.tensor([data.input_ids[0][:CHECK_TOKENS]], device=accelerator.device)
+    model.eval()
+    with torch.no_grad():
+        check_logits = model(input_ids=check_ids).logits
+    adapter_dir = output_dir / export.ADAPTER_DIR
+    if main:
+        export.save_adapter(unwrapped, full_trainable, output_dir)
+        export.save_check(output_dir, check_ids, check_logits)
+    accelerator.wait_for_everyone()
+    summary = RunSummary(
+        steps=total_steps,
+        first_loss=losses[0],
+        last_loss=losses[-1],
+        tokens_per_s=total_tokens / seconds,
+        seconds=seconds,
+        adapter_dir=str(adapter_dir),
+        world_size=world,
+        strategy=strategy.name,
+    )
+    if main:
+        print_summary(summary, output_dir)
+    accelerator.end_training()
+    return summary
+
+
+def train_step(cfg, model, optimizer, accelerator, batches: GlobalBatches, data: TokenizedData, tokenizer, step: int, rank: int):
+    """One optimizer step over this rank's micro batches. The loss is normalized by the target tokens
+    of the whole global batch, so the summed gradient equals a single process's on the same batch."""
+    step_samples = batches.step_samples(step)
+    step_targets = sum(target_tokens(data.labels[i]) for i in step_samples)
+    step_tokens = sum(len(data.input_ids[i]) for i in step_samples)
+    # DP averaging divides by the world size and accumulation by its step count: undo both here.
+    num_items = step_targets / (batches.world * batches.accum)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for indices in batches.rank_micro_batches(step, rank):
+        batch = {k: v.to(accelerator.device) for k, v in collate(data, indices, tokenizer.pad_token_id).items()}
+        with accelerator.accumulate(model):
+            loss = model(**batch, num_items_in_batch=num_items).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+        loss_sum += loss.detach().float() * num_items
+    return loss_sum, step_targets, step_tokens
+
+
+def print_summary(s: RunSummary, output_dir: Path) -> None:
+    print(
+        f"\nDone: {s.steps} steps in {s.seconds:.1f} s on {s.world_size} rank(s) with {s.strategy}; "
+        f"loss {s.first_loss:.4f} -> {s.last_loss:.4f}; {s.tokens_per_s:,.0f} tokens/s.\n"
+        f"Adapter (PEFT format): {s.adapter_dir}\n"
+        f"Metrics: {output_dir / 'metrics.jsonl'}   Check it reloads: qlaunch verify {output_dir}",
+        flush=True,
+    )
