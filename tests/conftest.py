@@ -1,0 +1,37 @@
+"""Shared fixtures: the embedded demo model and data, built once, and helpers to run real launches."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CPU_ENV = {"CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory) -> Path:
+    """The demo's base model (random Llama, saved with save_pretrained), tokenizer and data."""
+    from launcher.demo import prepare_demo
+
+    workdir = tmp_path_factory.mktemp("demo")
+    prepare_demo(workdir)
+    return workdir
+
+
+def run_command(cmd: list[str], log: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs a command from the repo root with its output in `log`; fails the test with the log's end."""
+    full_env = dict(os.environ, **CPU_ENV, **(env or {}))
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=full_env, timeout=timeout)
+    return proc
+
+
+def tail(log: Path, chars: int = 6000) -> str:
+    return log.read_text(errors="replace")[-chars:]
+
+
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,113 @@
+"""One rank of a real `launcher train` run, with observers attached (started by accelerate launch).
+
+    accelerate launch --config_file accelerate_configs/X.yaml tests/dist_probe.py PROBE_DIR -- <train args>
+
+It runs exactly `launcher.cli.main(["train", ...])`. The observers only read state and write it to
+PROBE_DIR/rank<R>.pt for the tests:
+  * before sharding: whether this rank holds any weight data yet, and (source rank) every full
+    parameter and quantization constant as bytes;
+  * after sharding: the bytes of every local shard with its offset, and the quantization constants;
+  * during the first optimizer step: the autograd node types of the loss and how many times each
+    decoder layer's MLP ran (twice with checkpointing: once forward, once recomputed).
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+from accelerate import Accelerator
+
+from launcher import cli, strategies, train
+
+PROBE_DIR = Path(sys.argv[1])
+TRAIN_ARGS = sys.argv[3:] if sys.argv[2] == "--" else sys.argv[2:]
+RANK = int(os.environ.get("RANK", "0"))
+observed: dict = {"layer_forward_calls": 0}
+
+
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().contiguous().view(-1).view(torch.uint8).cpu().clone()
+
+
+def clean(name: str) -> str:
+    name = name.replace("_fsdp_wrapped_module.", "")
+    return name[len("module."):] if name.startswith("module.") else name
+
+
+def quant_states(model) -> dict:
+    return {
+        clean(name): {k: as_bytes(v) for k, v in m.quant_state.as_dict(packed=True).items()}
+        for name, m in model.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    }
+
+
+def observe_shard(original):
+    def shard(self, model, make_optimizer, accelerator):
+        observed["materialized_bytes_before_shard"] = sum(
+            p.numel() * p.element_size() for p in model.parameters() if not p.is_meta
+        )
+        if RANK == 0:
+            observed["full"] = {clean(n): as_bytes(p) for n, p in model.named_parameters()}
+            observed["full_quant_states"] = quant_states(model)
+        result = original(self, model, make_optimizer, accelerator)
+        sharded = result[0]
+        observed["shards"] = [
+            (clean(s.name), s.start, s.full_numel, as_bytes(s.local), s.local.element_size())
+            for s in self.local_shards(sharded)
+        ]
+        observed["quant_states"] = quant_states(sharded)
+        # transformers checkpoints a decoder layer's `forward` (not `__call__`), so the recompute
+        # shows as a second call of its submodules: count the MLP's.
+        for module in sharded.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                module.mlp.register_forward_pre_hook(count_layer_call)
+        return result
+
+    return shard
+
+
+def count_layer_call(module, args):
+    observed["layer_forward_calls"] += 1
+
+
+def graph_node_types(tensor: torch.Tensor) -> set[str]:
+    seen, stack, types = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        types.add(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return types
+
+
+original_backward = Accelerator.backward
+
+
+def backward(self, loss, **kwargs):
+    observed.setdefault("loss_graph_node_types", graph_node_types(loss))
+    return original_backward(self, loss, **kwargs)
+
+
+original_train_step = train.train_step
+
+
+def train_step(*args, **kwargs):
+    result = original_train_step(*args, **kwargs)
+    observed.setdefault("first_step_layer_forward_calls", observed["layer_forward_calls"])
+    return result
+
+
+for cls in strategies.BY_NAME.values():
+    cls.shard = observe_shard(cls.shard)
+Accelerator.backward = backward
+train.train_step = train_step
+
+code = cli.main(["train", *TRAIN_ARGS])
+PROBE_DIR.mkdir(parents=True, exist_ok=True)
+torch.save(observed, PROBE_DIR / f"rank{RANK}.pt")
+sys.exit(code)
