@@ -134,8 +134,28 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"`{where}` must be {_type_name(tp)}, got {value!r}. Fix the value in the YAML or on the command line.")
 
 
+# Names users bring from transformers' Trainer and peft, mapped to ours for "did you mean".
+FAMILIAR_NAMES = {
+    "learning_rate": "lr",
+    "batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "num_train_epochs": "epochs",
+    "warmup": "warmup_steps",
+    "lora_r": "r",
+    "rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "max_length": "max_seq_len",
+    "seq_len": "max_seq_len",
+    "model_name_or_path": "path",
+    "output": "output_dir",
+}
+
+
 def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=1)
+    candidates = known + [name for name, ours in FAMILIAR_NAMES.items() if ours in known]
+    close = [FAMILIAR_NAMES.get(match, match) for match in difflib.get_close_matches(key, candidates, n=1)]
     hint = f" Did you mean `{where}{close[0]}`?" if close else ""
     return ConfigError(
         f"Unknown config key `{where}{key}`.{hint} Valid keys here: {', '.join(known)}. "

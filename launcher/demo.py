@@ -18,6 +18,7 @@ import yaml
 NUM_WORDS = 250
 STRIDE = 7
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+DEMO_STEPS = 200
 
 
 def build_tokenizer():
@@ -84,7 +85,7 @@ def demo_config(workdir: Path, steps: int) -> dict:
     }
 
 
-def prepare_demo(workdir: Path, steps: int = 60) -> Path:
+def prepare_demo(workdir: Path, steps: int = DEMO_STEPS) -> Path:
     """Writes base model, data and run config under `workdir`; returns the run config's path."""
     workdir.mkdir(parents=True, exist_ok=True)
     build_base_model(workdir / "base")
@@ -102,6 +103,6 @@ def run_demo(output_dir: str | None, strategy: str = "fsdp2", nproc: int = 2, st
     if workdir.exists() and any(workdir.iterdir()):
         raise ConfigError(f"`{workdir}` already exists and is not empty; pick another --output-dir.")
     print(f"Building the demo model and data in {workdir} ...", flush=True)
-    run_yaml = prepare_demo(workdir, steps or 60)
+    run_yaml = prepare_demo(workdir, steps or DEMO_STEPS)
     print(f"Training with {strategy} on {nproc} rank(s): {run_yaml}", flush=True)
     return launch.launch(strategies.get(strategy), nproc, ["--config", str(run_yaml), "--strategy", strategy])

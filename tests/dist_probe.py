@@ -19,6 +19,7 @@ import bitsandbytes as bnb
 import torch
 from accelerate import Accelerator
 
+from graph_utils import graph_node_types
 from launcher import cli, strategies, train
 
 PROBE_DIR = Path(sys.argv[1])
@@ -71,18 +72,6 @@ def observe_shard(original):
 
 def count_layer_call(module, args):
     observed["layer_forward_calls"] += 1
-
-
-def graph_node_types(tensor: torch.Tensor) -> set[str]:
-    seen, stack, types = set(), [tensor.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        types.add(type(node).__name__)
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
-    return types
 
 
 original_backward = Accelerator.backward

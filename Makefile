@@ -1,0 +1,22 @@
+# `make demo` and `make test` work on a fresh machine: the first run creates .venv and installs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch that the test machines carry; on a CUDA machine install your CUDA build
+# of torch>=2.13 into the venv first and this step keeps it.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test install
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,plot]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/qlaunch demo
+
+test: install
+	$(PY) -m pytest

@@ -1,0 +1,49 @@
+"""The run config: YAML + overrides onto one typed object, and clear errors for bad keys and values."""
+
+import pytest
+
+from launcher.config import ConfigError, RunConfig, load_config, parse_overrides
+
+
+def test_yaml_and_overrides_map_onto_the_typed_config(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  path: m\ntrain:\n  lr: 1e-4\n  max_steps: 5\nlora:\n  target_modules: [q_proj, v_proj]\n")
+    cfg = load_config(path, parse_overrides(["--train.lr", "3e-3", "--lora.r=8", "--strategy", "zero3", "--data.max-seq-len", "128"]))
+    assert isinstance(cfg, RunConfig)
+    assert cfg.train.lr == 3e-3 and isinstance(cfg.train.lr, float)
+    assert cfg.train.max_steps == 5
+    assert cfg.lora.r == 8
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.strategy == "zero3"
+    assert cfg.data.max_seq_len == 128
+    assert cfg.lora.alpha == RunConfig().lora.alpha  # untouched keys keep their defaults
+
+
+def test_unknown_key_names_the_key_and_suggests_the_fix():
+    with pytest.raises(ConfigError, match=r"Unknown config key `train.learning_rat`.*Did you mean `train.lr`"):
+        load_config(None, [("train.learning_rat", 1.0)])
+    with pytest.raises(ConfigError, match=r"Did you mean `lora`"):
+        load_config(None, [("lorra.r", 4)])
+
+
+def test_wrong_type_is_rejected_with_the_expected_type():
+    with pytest.raises(ConfigError, match=r"`lora.r` must be int, got 'eight'"):
+        load_config(None, parse_overrides(["--lora.r", "eight"]))
+    with pytest.raises(ConfigError, match=r"`train.gradient_checkpointing` must be bool"):
+        load_config(None, [("train.gradient_checkpointing", "maybe")])
+
+
+def test_missing_or_invalid_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(bad)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_overrides(["--train.lr"])
+    with pytest.raises(ConfigError, match="Expected an override"):
+        parse_overrides(["train.lr", "1"])

@@ -1,0 +1,76 @@
+"""Data loading, tokenization and the deterministic distributed sampler."""
+
+import json
+
+import pytest
+
+from launcher.config import ConfigError, DataConfig
+from launcher.data import IGNORE_INDEX, GlobalBatches, collate, load_records, record_kind, tokenize
+from launcher.demo import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_prompt_completion_puts_loss_on_the_completion_only(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "t1 t2 t3", "completion": "t4 t5"}])
+    data = tokenize(load_records(DataConfig(path=str(path))), tokenizer, DataConfig(path=str(path)))
+    ids, labels = data.input_ids[0], data.labels[0]
+    prompt_len = 1 + 3  # <s> and three words
+    assert ids[-1] == tokenizer.eos_token_id
+    assert labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert labels[prompt_len:] == ids[prompt_len:]
+
+
+def test_text_records_train_on_every_token_and_are_truncated(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": " ".join(f"t{i}" for i in range(50))}])
+    cfg = DataConfig(path=str(path), max_seq_len=16)
+    data = tokenize(load_records(cfg), tokenizer, cfg)
+    assert len(data.input_ids[0]) == 16 and data.labels[0] == data.input_ids[0]
+
+
+@pytest.mark.parametrize("suffix,writer", [
+    (".parquet", lambda p, rows: __import__("pandas").DataFrame(rows).to_parquet(p)),
+    (".txt", lambda p, rows: p.write_text("\n".join(r["text"] for r in rows) + "\n")),
+    (".json", lambda p, rows: p.write_text(json.dumps(rows))),
+])
+def test_local_formats(tmp_path, tokenizer, suffix, writer):
+    path = tmp_path / f"data{suffix}"
+    writer(path, [{"text": "t1 t2 t3"}, {"text": "t4 t5"}])
+    cfg = DataConfig(path=str(path))
+    assert len(tokenize(load_records(cfg), tokenizer, cfg)) == 2
+
+
+def test_missing_fields_name_what_is_there_and_the_fix(tmp_path):
+    path = write_jsonl(tmp_path / "q.jsonl", [{"question": "a", "answer": "b"}])
+    with pytest.raises(ConfigError, match=r"has fields \['answer', 'question'\].*`text`.*`prompt` and `completion`.*data.text_field"):
+        record_kind(load_records(DataConfig(path=str(path))).column_names, DataConfig(path=str(path)))
+
+
+def test_sampler_is_deterministic_and_world_size_invariant():
+    two_ranks = GlobalBatches(100, micro=2, accum=3, world=2, seed=7)
+    one_rank = GlobalBatches(100, micro=4, accum=3, world=1, seed=7)
+    for step in range(2 * two_ranks.steps_per_epoch + 1):  # crosses two epoch boundaries
+        merged = [a + b for a, b in zip(two_ranks.rank_micro_batches(step, 0), two_ranks.rank_micro_batches(step, 1))]
+        assert merged == one_rank.rank_micro_batches(step, 0)
+    assert GlobalBatches(100, 2, 3, 2, seed=7).step_samples(5) == two_ranks.step_samples(5)
+    assert GlobalBatches(100, 2, 3, 2, seed=8).step_samples(5) != two_ranks.step_samples(5)
+    epoch = [i for s in range(two_ranks.steps_per_epoch) for i in two_ranks.step_samples(s)]
+    assert len(set(epoch)) == len(epoch) == two_ranks.steps_per_epoch * 12  # no sample twice in an epoch
+
+
+def test_collate_pads_with_ignored_labels(tmp_path):
+    from launcher.data import TokenizedData
+
+    data = TokenizedData([[1, 5, 6], [1, 7]], [[1, 5, 6], [IGNORE_INDEX, 7]], dropped=0)
+    batch = collate(data, [0, 1], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]]
+    assert batch["labels"].tolist() == [[1, 5, 6], [IGNORE_INDEX, 7, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
