@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_demo(args)
         return cmd_verify(args)
     except ConfigError as error:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"qlaunch: error: {error}", file=sys.stderr)
+        # In a launched run every rank validates; each says so, since an error may be one rank's alone.
+        where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ and "LOCAL_RANK" in os.environ else ""
+        print(f"qlaunch: error{where}: {error}", file=sys.stderr)
         return 2
 
 

@@ -83,16 +83,27 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    keep_last: int = 2
+    """Complete checkpoints to keep; older ones are removed only after a newer one is complete."""
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     strategy: str = ""
     """fsdp2, fsdp1, zero2, zero3 or ddp; empty means: follow the accelerate config (fsdp2 if none)."""
     output_dir: str = "outputs/run"
     overwrite_output_dir: bool = False
+    resume: str = ""
+    """"auto" (the latest complete checkpoint in output_dir, else start fresh), a checkpoint path, or empty."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

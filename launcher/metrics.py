@@ -14,8 +14,17 @@ class MetricsLog:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.records: list[dict] = []
+        if enabled:
+            self._keep_up_to(first_step)
         self.bar = tqdm(total=total_steps, initial=first_step, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
         self._started = time.perf_counter()
+
+    def _keep_up_to(self, step: int) -> None:
+        """A fresh run starts an empty log; a resumed one keeps the lines up to its checkpoint's step."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if step and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, **record) -> None:
         if not self.enabled:

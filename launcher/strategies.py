@@ -48,6 +48,8 @@ class LocalShard:
 
 class Strategy:
     name: ClassVar[str]
+    checkpoint_format: ClassVar[str] = "dcp"
+    """"dcp" (torch.distributed.checkpoint, reshardable) or "deepspeed" (DeepSpeed's own, per world size)."""
     shards_base: ClassVar[bool]
     """The frozen base weights are split across ranks."""
     shards_adapter_state: ClassVar[bool]
@@ -91,6 +93,38 @@ class Strategy:
     def local_shards(self, model: nn.Module) -> Iterator[LocalShard]:
         for name, param in model.named_parameters():
             yield LocalShard(name, param.detach(), 0, param.numel(), param.requires_grad)
+
+    def trainable_fqns(self, model: nn.Module) -> set[str]:
+        return {_clean_fqn(n) for n, p in model.named_parameters() if p.requires_grad}
+
+    def save_trainable(self, model: nn.Module, optimizer, directory) -> None:
+        """Adapter and optimizer state, each rank writing its own shards (a collective)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._trainable_state(model, optimizer), checkpoint_id=str(directory))
+
+    def load_trainable(self, model: nn.Module, optimizer, directory) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state = self._trainable_state(model, optimizer)
+        dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(
+            model, _torch_optimizer(optimizer),
+            model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+            options=StateDictOptions(strict=False),
+        )
+
+    def _trainable_state(self, model, optimizer) -> dict:
+        """The adapter (and nothing of the frozen base) and its optimizer state, keyed by parameter name."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_state, optimizer_state = get_state_dict(
+            model, _torch_optimizer(optimizer), options=StateDictOptions(ignore_frozen_params=True)
+        )
+        trainable = self.trainable_fqns(model)
+        # bitsandbytes adds its quantization constants to the state dict as extra, non-parameter entries.
+        return {"model": {k: v for k, v in model_state.items() if k in trainable}, "optimizer": optimizer_state}
 
     def gather_trainable(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Full values of the trainable parameters, on CPU (a collective: every rank calls it)."""
@@ -249,6 +283,20 @@ class FSDP1(Strategy):
 
 class _ZeRO(Strategy):
     stage: ClassVar[int]
+    checkpoint_format = "deepspeed"
+    TAG = "zero"
+
+    def save_trainable(self, model, optimizer, directory):
+        # DeepSpeed's own format: each rank writes its optimizer partition. Its `latest` file is not
+        # written: checkpoint.py names a checkpoint only after every rank has finished.
+        model.save_checkpoint(str(directory), tag=self.TAG, save_latest=False, exclude_frozen_parameters=True)
+
+    def load_trainable(self, model, optimizer, directory):
+        path, _ = model.load_checkpoint(
+            str(directory), tag=self.TAG, load_module_strict=False, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}.")
 
     @property
     def accelerate_config(self):
@@ -401,15 +449,23 @@ def _module_path(root: nn.Module, target: nn.Module) -> str:
 
 
 def _clean_fqn(name: str) -> str:
+    """A parameter's name without the wrappers' prefixes (FSDP1 units, DDP's `module.`)."""
     from torch.distributed.fsdp._common_utils import FSDP_WRAPPED_MODULE
 
-    return name.replace(f"{FSDP_WRAPPED_MODULE}.", "")
+    name = name.replace(f"{FSDP_WRAPPED_MODULE}.", "")
+    return name[len("module."):] if name.startswith("module.") else name
+
+
+def _torch_optimizer(optimizer):
+    """The torch optimizer inside Accelerate's and DeepSpeed's wrappers."""
+    while not type(optimizer).__module__.startswith("torch.optim"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def optimizer_state_numel(optimizer) -> int:
     """Elements of optimizer state (e.g. Adam's two moments) this rank holds."""
-    while not type(optimizer).__module__.startswith("torch.optim"):
-        optimizer = optimizer.optimizer
+    optimizer = _torch_optimizer(optimizer)
     total = 0
     for state in optimizer.state.values():
         for value in state.values():

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import export, preflight, strategies
+from . import checkpoint, export, preflight, strategies
 from .config import RunConfig, dump_config
 from .data import GlobalBatches, TokenizedData, collate, target_tokens
 from .distributed import create_accelerator, resolve_mixed_precision, world_size_from_env
@@ -67,11 +67,14 @@ def run(cfg: RunConfig) -> RunSummary | None:
     # Plan: validate everything and tokenize before any process group exists.
     strategy = strategies.resolve(cfg)
     cfg.strategy = strategy.name
+    world = world_size_from_env()
+    sharder = strategy if world > 1 else strategies.SingleProcess()
     preflight.check_values(cfg)
     preflight.check_model(cfg)
-    preflight.check_output_dir(cfg)
-    world = world_size_from_env()
     cfg.train.mixed_precision = resolve_mixed_precision(cfg, torch.cuda.is_available())
+    resume_from = checkpoint.resolve_resume(cfg, strategy.name, sharder.checkpoint_format, world)
+    if resume_from is None:
+        preflight.check_output_dir(cfg)
     policy = strategies.dtype_policy(cfg, strategy, cfg.train.mixed_precision)
     tokenizer, data = preflight.load_training_data(cfg, world)
     batches = GlobalBatches(len(data), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, world, cfg.train.seed)
@@ -85,15 +88,12 @@ def run(cfg: RunConfig) -> RunSummary | None:
     output_dir = Path(cfg.output_dir)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
         dump_config(cfg, output_dir / "run_config.yaml")
 
     # Prepare: k-bit preparation and LoRA (the other ranks build a meta skeleton first).
     model = build_model(cfg, policy, base)
 
     # Shard: every rank ends with its own shard of the source rank's weights.
-    sharder = strategy if world > 1 else strategies.SingleProcess()
-
     def make_optimizer(m):
         params = [p for p in m.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -101,14 +101,21 @@ def run(cfg: RunConfig) -> RunSummary | None:
     model, optimizer, base_optimizer = sharder.shard(model, make_optimizer, accelerator)
     scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(cfg.train, total_steps))
 
-    # Train.
     torch.manual_seed(cfg.train.seed + rank)  # dropout masks differ across ranks, reproducibly
+    peft_config = accelerator.unwrap_model(model).peft_config[export.ADAPTER_NAME]
+    start_step = 0
+    if resume_from is not None:
+        start_step = checkpoint.load(resume_from, sharder, model, optimizer, scheduler)
+        if main:
+            print(f"Resuming from step {start_step}: {resume_from}", flush=True)
+
+    # Train.
     model.train()
-    metrics = MetricsLog(output_dir, total_steps, enabled=main)
+    metrics = MetricsLog(output_dir, total_steps, enabled=main, first_step=start_step)
     losses, started = [], time.perf_counter()
     window_tokens, window_start = 0, time.perf_counter()
     total_tokens = 0
-    for step in range(total_steps):
+    for step in range(start_step, total_steps):
         loss_sum, step_targets, step_tokens = train_step(cfg, model, optimizer, accelerator, batches, data, tokenizer, step, rank)
         scheduler.step()
         window_tokens += step_tokens
@@ -120,6 +127,9 @@ def run(cfg: RunConfig) -> RunSummary | None:
             losses.append(loss)
             metrics.log(step=step + 1, loss=loss, lr=scheduler.get_last_lr()[0], tokens_per_s=window_tokens / (now - window_start))
             window_tokens, window_start = 0, now
+        every = cfg.checkpoint.every_steps
+        if (every and (step + 1) % every == 0) or step + 1 == total_steps:
+            checkpoint.save(cfg, step + 1, world, sharder, model, optimizer, scheduler, peft_config)
     seconds = time.perf_counter() - started
     metrics.close()
 
@@ -131,7 +141,7 @@ def run(cfg: RunConfig) -> RunSummary | None:
     if main:
         (output_dir / "shard_report.json").write_text(json.dumps(report, indent=2))
     unwrapped = accelerator.unwrap_model(model)
-    full_trainable = strategy.gather_trainable(unwrapped) if world > 1 else sharder.gather_trainable(unwrapped)
+    full_trainable = sharder.gather_trainable(unwrapped)
     check_ids = torch.tensor([data.input_ids[0][:CHECK_TOKENS]], device=accelerator.device)
     model.eval()
     with torch.no_grad():
@@ -143,8 +153,8 @@ def run(cfg: RunConfig) -> RunSummary | None:
     accelerator.wait_for_everyone()
     summary = RunSummary(
         steps=total_steps,
-        first_loss=losses[0],
-        last_loss=losses[-1],
+        first_loss=losses[0] if losses else float("nan"),
+        last_loss=losses[-1] if losses else float("nan"),
         tokens_per_s=total_tokens / seconds,
         seconds=seconds,
         adapter_dir=str(adapter_dir),

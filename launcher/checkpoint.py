@@ -1,0 +1,223 @@
+"""Resumable training checkpoints: trainable state only, sharded per strategy, written atomically.
+
+Layout under `<output_dir>/checkpoints/`:
+
+    step-000040/            a complete checkpoint (it has meta.json)
+        meta.json           step, world size, strategy, config fingerprint; written last
+        trainable/          adapter + optimizer state, sharded (torch.distributed.checkpoint or DeepSpeed)
+        rng/rank-00000.pt   every rank's RNG states
+        scheduler.pt        LR scheduler state
+        adapter_config.json the PEFT config, so `qlaunch export` needs no model
+    .tmp-step-000060/       a checkpoint being written (ignored when resuming, removed on the next save)
+    latest                  name of the newest complete checkpoint, replaced atomically after it is complete
+
+A checkpoint is written to a temporary name, renamed once every rank has finished, and only then
+named in `latest`; older ones are pruned after that. A crash or kill during a save therefore leaves
+the previous checkpoint as the one resumed from, even when only one is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, RunConfig
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+META = "meta.json"
+PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+
+# Keys that may change between a run and its resumption: how long to train, how often to log or
+# save, where to write. Everything else changes what the checkpoint means.
+RESUMABLE_CHANGES = {
+    "train.max_steps", "train.epochs", "train.log_interval",
+    "checkpoint.every_steps", "checkpoint.keep_last",
+    "output_dir", "overwrite_output_dir", "resume", "strategy",
+}
+
+
+def checkpoint_root(cfg: RunConfig) -> Path:
+    return Path(cfg.output_dir) / CHECKPOINTS
+
+
+def step_name(step: int) -> str:
+    return f"{PREFIX}{step:06d}"
+
+
+def fingerprint(cfg: RunConfig) -> dict[str, object]:
+    """The config values a checkpoint depends on, flattened to `section.key`."""
+    flat = {}
+    for section, value in asdict(cfg).items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for key, item in items:
+            name = f"{section}.{key}" if key else section
+            if name not in RESUMABLE_CHANGES:
+                flat[name] = item
+    return flat
+
+
+def fingerprint_hash(values: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def is_complete(path: Path) -> bool:
+    return (path / META).is_file()
+
+
+def latest_complete(root: Path) -> Path | None:
+    """The checkpoint `latest` names, or else the newest complete one; None if there is none."""
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if is_complete(named):
+            return named
+    complete = sorted(p for p in root.glob(f"{PREFIX}*") if is_complete(p))
+    return complete[-1] if complete else None
+
+
+def resolve_resume(cfg: RunConfig, strategy_name: str, checkpoint_format: str, world_size: int) -> Path | None:
+    """The checkpoint to resume from, checked against this run before any process group starts."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        path = latest_complete(checkpoint_root(cfg))
+        if path is None:
+            return None
+    else:
+        path = Path(cfg.resume)
+        if (path / LATEST).is_file() or (path / CHECKPOINTS).is_dir():
+            path = latest_complete(path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path)
+        if path is None or not is_complete(path):
+            raise ConfigError(
+                f"`{cfg.resume}` is not a complete checkpoint (no {META}). Pass a `checkpoints/step-NNNNNN` "
+                "directory, a run's output directory, or `--resume auto`."
+            )
+    meta = json.loads((path / META).read_text())
+    changed = sorted(k for k in set(meta["fingerprint"]) | set(fingerprint(cfg)) if meta["fingerprint"].get(k) != fingerprint(cfg).get(k))
+    if changed:
+        details = "; ".join(f"{k}: {meta['fingerprint'].get(k)!r} -> {fingerprint(cfg).get(k)!r}" for k in changed)
+        raise ConfigError(
+            f"Cannot resume from `{path}`: the run config changed where the checkpoint depends on it ({details}). "
+            "Restore those values, or start a new run in another output_dir."
+        )
+    if meta["checkpoint_format"] != checkpoint_format:
+        raise ConfigError(
+            f"Cannot resume from `{path}`: it was written by {meta['strategy']} ({meta['checkpoint_format']} format) "
+            f"and this run uses {strategy_name}. Resume with --strategy {meta['strategy']}."
+        )
+    if checkpoint_format == "deepspeed" and meta["world_size"] != world_size:
+        raise ConfigError(
+            f"Cannot resume from `{path}` on {world_size} ranks: DeepSpeed checkpoints are tied to the world size "
+            f"they were written with ({meta['world_size']}). Resume on {meta['world_size']} ranks, or convert it "
+            "with DeepSpeed's ds_to_universal."
+        )
+    return path
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(cfg: RunConfig, step: int, world_size: int, strategy, model, optimizer, scheduler, peft_config) -> Path:
+    """Writes a checkpoint of `step` (a collective: every rank calls it)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    root = checkpoint_root(cfg)
+    final = root / step_name(step)
+    tmp = root / f"{TMP_PREFIX}{step_name(step)}"
+    if rank == 0:
+        for stale in root.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    _barrier()
+
+    strategy.save_trainable(model, optimizer, tmp / "trainable")
+    torch.save(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
+    if rank == 0:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        peft_config.save_pretrained(tmp)
+    _fsync_tree(tmp)
+    _barrier()  # every rank's files are on disk
+
+    if rank == 0:
+        meta = {
+            "step": step,
+            "world_size": world_size,
+            "strategy": strategy.name,
+            "checkpoint_format": strategy.checkpoint_format,
+            "fingerprint": fingerprint(cfg),
+            "fingerprint_sha256": fingerprint_hash(fingerprint(cfg)),
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+        _fsync_tree(tmp)
+        if final.exists():  # a complete checkpoint of this very step, e.g. re-saved after a resume
+            shutil.rmtree(final)
+        tmp.rename(final)
+        pointer = root / f"{TMP_PREFIX}{LATEST}"
+        pointer.write_text(final.name)
+        os.replace(pointer, root / LATEST)
+        _fsync_dir(root)
+        _prune(root, keep=cfg.checkpoint.keep_last, newest=final)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep: int, newest: Path) -> None:
+    complete = sorted(p for p in root.glob(f"{PREFIX}*") if is_complete(p) and p != newest)
+    for old in complete[: max(0, len(complete) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load(path: Path, strategy, model, optimizer, scheduler) -> int:
+    """Restores trainable state, scheduler and this rank's RNG from `path`; returns the step.
+
+    A rank that did not exist when the checkpoint was written (a DCP run resumed on more ranks)
+    keeps its seeded RNG: its dropout masks then differ from any earlier run's, unavoidably."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    strategy.load_trainable(model, optimizer, path / "trainable")
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng_file = path / "rng" / f"rank-{rank:05d}.pt"
+    if rng_file.is_file():
+        restore_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((path / META).read_text())["step"]
