@@ -111,16 +111,16 @@ def resolve_resume(cfg: RunConfig, strategy_name: str, checkpoint_format: str, w
             f"Cannot resume from `{path}`: the run config changed where the checkpoint depends on it ({details}). "
             "Restore those values, or start a new run in another output_dir."
         )
-    if meta["checkpoint_format"] != checkpoint_format:
-        raise ConfigError(
-            f"Cannot resume from `{path}`: it was written by {meta['strategy']} ({meta['checkpoint_format']} format) "
-            f"and this run uses {strategy_name}. Resume with --strategy {meta['strategy']}."
-        )
-    if checkpoint_format == "deepspeed" and meta["world_size"] != world_size:
+    if meta["checkpoint_format"] == "deepspeed" and meta["world_size"] != world_size:
         raise ConfigError(
             f"Cannot resume from `{path}` on {world_size} ranks: DeepSpeed checkpoints are tied to the world size "
             f"they were written with ({meta['world_size']}). Resume on {meta['world_size']} ranks, or convert it "
             "with DeepSpeed's ds_to_universal."
+        )
+    if meta["checkpoint_format"] != checkpoint_format:
+        raise ConfigError(
+            f"Cannot resume from `{path}`: it was written by {meta['strategy']} ({meta['checkpoint_format']} format) "
+            f"and this run uses {strategy_name}. Resume with --strategy {meta['strategy']}."
         )
     return path
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from .config import ConfigError, describe_keys, load_config, parse_overrides
 
@@ -48,6 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nproc", type=int, default=2, help="ranks (default 2)")
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
 
+    export = commands.add_parser("export", help="turn a training checkpoint into a PEFT adapter directory")
+    export.add_argument("checkpoint", help="a checkpoints/step-NNNNNN directory, or a run's output directory (its latest checkpoint)")
+    export.add_argument("--output", help="adapter directory to write (default: <run>/export-step-NNNNNN)")
+    export.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+
+    merge = commands.add_parser("merge", help="merge an adapter into a 16-bit copy of its base model")
+    merge.add_argument("adapter", help="a PEFT adapter directory (e.g. <run>/adapter)")
+    merge.add_argument("--output", required=True, help="where to save the merged model (must not exist)")
+    merge.add_argument("--base", help="base model directory (default: the one recorded in the adapter)")
+    merge.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+
     verify = commands.add_parser("verify", help="reload a run's adapter in one process and compare its logits with training's")
     verify.add_argument("output_dir")
     verify.add_argument("--tolerance", type=float, default=1e-2, help="max |logit difference| accepted (default 1e-2)")
@@ -76,6 +89,30 @@ def cmd_demo(args) -> int:
     return demo.run_demo(args.output_dir, strategy=args.strategy, nproc=args.nproc, steps=args.steps)
 
 
+def cmd_export(args) -> int:
+    from .checkpoint import CHECKPOINTS, latest_complete, step_name
+    from .export import export_checkpoint
+
+    path = Path(args.checkpoint)
+    if (path / CHECKPOINTS).is_dir():
+        path = latest_complete(path / CHECKPOINTS)
+        if path is None:
+            raise ConfigError(f"`{args.checkpoint}` has no complete checkpoint to export.")
+    if not (path / "meta.json").is_file():
+        raise ConfigError(f"`{path}` is not a complete training checkpoint (no meta.json).")
+    step = json.loads((path / "meta.json").read_text())["step"]
+    output = Path(args.output) if args.output else path.parent.parent / f"export-{step_name(step)}"
+    print(f"Exported step {step} to {export_checkpoint(path, output, overwrite=args.overwrite)}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .export import merge_adapter
+
+    print(f"Merged model saved to {merge_adapter(Path(args.adapter), Path(args.output), args.base, args.dtype)}")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from .export import verify_adapter
 
@@ -93,9 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args, extra)
-        if args.command == "demo":
-            return cmd_demo(args)
-        return cmd_verify(args)
+        handler = {"demo": cmd_demo, "export": cmd_export, "merge": cmd_merge, "verify": cmd_verify}[args.command]
+        return handler(args)
     except ConfigError as error:
         # In a launched run every rank validates; each says so, since an error may be one rank's alone.
         where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ and "LOCAL_RANK" in os.environ else ""

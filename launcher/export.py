@@ -36,30 +36,93 @@ def write_atomically(final: Path, write) -> None:
         tmp.rename(final)
 
 
-def save_adapter(peft_model, full_trainable: dict[str, torch.Tensor], output_dir: Path) -> Path:
-    """Writes adapter_config.json + adapter_model.safetensors from the gathered trainable weights."""
+def write_peft_adapter(final: Path, peft_config, full_trainable: dict[str, torch.Tensor]) -> Path:
+    """Writes adapter_config.json + adapter_model.safetensors (atomically) from full trainable weights."""
     # PEFT's file format is the trainable names without the adapter name. (peft's own
     # get_peft_model_state_dict finds LoRA layers by module path, which FSDP1's wrappers change.)
     state = {name.replace(f".{ADAPTER_NAME}.", "."): tensor for name, tensor in full_trainable.items()}
     if not state or any(t.numel() == 0 for t in state.values()):
         raise RuntimeError("The gathered adapter is empty; refusing to write it.")
-    final = Path(output_dir) / ADAPTER_DIR
 
     def write(tmp: Path) -> None:
-        peft_model.peft_config[ADAPTER_NAME].save_pretrained(tmp)
+        peft_config.save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
 
-    write_atomically(final, write)
-    return final
+    write_atomically(Path(final), write)
+    return Path(final)
+
+
+def save_adapter(peft_model, full_trainable: dict[str, torch.Tensor], output_dir: Path) -> Path:
+    return write_peft_adapter(Path(output_dir) / ADAPTER_DIR, peft_model.peft_config[ADAPTER_NAME], full_trainable)
+
+
+def checkpoint_trainable(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    """The full adapter weights stored in a training checkpoint, read in one process."""
+    import json
+
+    from .checkpoint import META
+
+    checkpoint_dir = Path(checkpoint_dir)
+    meta = json.loads((checkpoint_dir / META).read_text())
+    if meta["checkpoint_format"] == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        from .strategies import _ZeRO
+
+        return get_fp32_state_dict_from_zero_checkpoint(
+            str(checkpoint_dir / "trainable"), tag=_ZeRO.TAG, exclude_frozen_parameters=True
+        )
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(checkpoint_dir / "trainable"), f"{tmp}/state.pt")
+        return torch.load(f"{tmp}/state.pt", weights_only=False)["model"]
+
+
+def export_checkpoint(checkpoint_dir: Path, output: Path, overwrite: bool = False) -> Path:
+    """Turns a training checkpoint into a PEFT adapter directory."""
+    from peft import LoraConfig
+
+    from .config import ConfigError
+
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise ConfigError(f"`{output}` already exists; choose another --output or pass --overwrite.")
+    return write_peft_adapter(output, LoraConfig.from_pretrained(str(checkpoint_dir)), checkpoint_trainable(checkpoint_dir))
+
+
+def merge_adapter(adapter_dir: Path, output: Path, base_path: str | None = None, dtype: str = "bfloat16") -> Path:
+    """Merges an adapter into a 16-bit copy of its base model and saves it with `save_pretrained`."""
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import ConfigError
+    from .model import DTYPE_BY_NAME
+
+    output = Path(output)
+    if output.exists():
+        raise ConfigError(f"`{output}` already exists; choose another --output.")
+    base_path = base_path or LoraConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPE_BY_NAME[dtype])
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+    def write(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp)
+
+    write_atomically(output, write)
+    return output
 
 
 def save_check(output_dir: Path, input_ids: torch.Tensor, logits: torch.Tensor) -> None:
     save_file({"input_ids": input_ids.cpu().contiguous(), "logits": logits.float().cpu().contiguous()}, Path(output_dir) / CHECK_FILE)
 
 
-def load_for_inference(output_dir: Path, base_path: str | None = None):
-    """The run's 4-bit base, prepared with the run's dtypes, plus the saved adapter, through the
-    standard PEFT API in one process."""
+def load_for_inference(output_dir: Path, base_path: str | None = None, adapter_dir: Path | None = None):
+    """The run's 4-bit base, prepared with the run's dtypes, plus its adapter (or `adapter_dir`),
+    through the standard PEFT API in one process."""
     from peft import PeftModel
 
     from . import strategies
@@ -75,7 +138,7 @@ def load_for_inference(output_dir: Path, base_path: str | None = None):
     prepare_for_kbit_training(base, policy, gradient_checkpointing=False)
     if torch.cuda.is_available():
         base = base.to("cuda")
-    return PeftModel.from_pretrained(base, str(Path(output_dir) / ADAPTER_DIR)).eval()
+    return PeftModel.from_pretrained(base, str(adapter_dir or Path(output_dir) / ADAPTER_DIR)).eval()
 
 
 def verify_adapter(output_dir: Path, base_path: str | None = None) -> float:

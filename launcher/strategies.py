@@ -289,7 +289,8 @@ class _ZeRO(Strategy):
     def save_trainable(self, model, optimizer, directory):
         # DeepSpeed's own format: each rank writes its optimizer partition. Its `latest` file is not
         # written: checkpoint.py names a checkpoint only after every rank has finished.
-        model.save_checkpoint(str(directory), tag=self.TAG, save_latest=False, exclude_frozen_parameters=True)
+        with sync.quant_states_hidden_from_state_dict(model):
+            model.save_checkpoint(str(directory), tag=self.TAG, save_latest=False, exclude_frozen_parameters=True)
 
     def load_trainable(self, model, optimizer, directory):
         path, _ = model.load_checkpoint(

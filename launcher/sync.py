@@ -8,6 +8,7 @@ what a rank keeps only a shard of.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterable
 
@@ -150,3 +151,20 @@ def scatter_rows_(local: torch.Tensor, full: torch.Tensor | None, full_rows: int
     dist.scatter(received.view(-1).view(torch.uint8), chunks, src=SOURCE_RANK)
     with torch.no_grad():
         local.copy_(received[: local.shape[0]].to(local.device))
+
+
+@contextlib.contextmanager
+def quant_states_hidden_from_state_dict(model: nn.Module):
+    """bitsandbytes writes every 4-bit weight's quantization constants into `state_dict()`; a
+    training checkpoint holds trainable state only. The constants stay on the module (bitsandbytes
+    restores them onto the weight at the next forward), so hiding them during a save is safe."""
+    hidden = []
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module.weight, "quant_state", None) is not None:
+            hidden.append((module.weight, module.weight.quant_state))
+            module.weight.quant_state = None
+    try:
+        yield
+    finally:
+        for weight, state in hidden:
+            weight.quant_state = state

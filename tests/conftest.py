@@ -1,6 +1,7 @@
 """Shared fixtures: the embedded demo model and data, built once, and helpers to run real launches."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,22 @@ def tail(log: Path, chars: int = 6000) -> str:
 
 def python() -> str:
     return sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def probe_launch_command(strategy: str, probe_dir: Path, train_args: list[str], world: int = 2) -> list[str]:
+    """`accelerate launch` with the shipped config for `strategy`, running tests/dist_probe.py."""
+    cmd = [
+        python(), "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "accelerate_configs" / f"{strategy}.yaml"),
+        "--num_processes", str(world),
+        "--main_process_port", str(free_port()),
+    ]
+    if strategy.startswith("zero"):
+        cmd += ["--deepspeed_config_file", str(REPO / "ds_configs" / f"{strategy}.json")]
+    return cmd + ["tests/dist_probe.py", str(probe_dir), "--", *train_args]

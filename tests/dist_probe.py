@@ -3,16 +3,23 @@
     accelerate launch --config_file accelerate_configs/X.yaml tests/dist_probe.py PROBE_DIR -- <train args>
 
 It runs exactly `launcher.cli.main(["train", ...])`. The observers only read state and write it to
-PROBE_DIR/rank<R>.pt for the tests:
+PROBE_DIR/rank<R>.pt for the tests (PROBE_DIR/pid-rank<R> holds each rank's pid while it runs):
   * before sharding: whether this rank holds any weight data yet, and (source rank) every full
     parameter and quantization constant as bytes;
   * after sharding: the bytes of every local shard with its offset, and the quantization constants;
   * during the first optimizer step: the autograd node types of the loss and how many times each
-    decoder layer's MLP ran (twice with checkpointing: once forward, once recomputed).
+    decoder layer's MLP ran (twice with checkpointing: once forward, once recomputed);
+  * every step: the sample indices of each micro batch this rank trained on.
+Fault injection, for the resume tests, through environment variables:
+  PROBE_STEP_SLEEP=S            sleep S seconds after every step (so a test can act mid-run);
+  PROBE_KILL_DURING_SAVE=R:N    rank R kills itself (SIGKILL) after writing its part of step N's checkpoint;
+  PROBE_SKIP_RNG_RESTORE=1      resume without restoring RNG states (the negative control).
 """
 
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -20,12 +27,14 @@ import torch
 from accelerate import Accelerator
 
 from graph_utils import graph_node_types
-from launcher import cli, strategies, train
+from launcher import checkpoint, cli, strategies, train
 
 PROBE_DIR = Path(sys.argv[1])
 TRAIN_ARGS = sys.argv[3:] if sys.argv[2] == "--" else sys.argv[2:]
 RANK = int(os.environ.get("RANK", "0"))
-observed: dict = {"layer_forward_calls": 0}
+observed: dict = {"layer_forward_calls": 0, "batches": {}}
+PROBE_DIR.mkdir(parents=True, exist_ok=True)
+(PROBE_DIR / f"pid-rank{RANK}").write_text(str(os.getpid()))
 
 
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -85,18 +94,34 @@ def backward(self, loss, **kwargs):
 original_train_step = train.train_step
 
 
-def train_step(*args, **kwargs):
-    result = original_train_step(*args, **kwargs)
+def train_step(cfg, model, optimizer, accelerator, batches, data, tokenizer, step, rank):
+    result = original_train_step(cfg, model, optimizer, accelerator, batches, data, tokenizer, step, rank)
     observed.setdefault("first_step_layer_forward_calls", observed["layer_forward_calls"])
+    observed["batches"][step] = batches.rank_micro_batches(step, rank)
+    time.sleep(float(os.environ.get("PROBE_STEP_SLEEP", "0")))
     return result
+
+
+def kill_during_save(original):
+    kill_rank, kill_step = (int(x) for x in os.environ["PROBE_KILL_DURING_SAVE"].split(":"))
+
+    def save_trainable(self, model, optimizer, directory):
+        original(self, model, optimizer, directory)
+        if RANK == kill_rank and checkpoint.step_name(kill_step) in str(directory):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return save_trainable
 
 
 for cls in strategies.BY_NAME.values():
     cls.shard = observe_shard(cls.shard)
+    if "PROBE_KILL_DURING_SAVE" in os.environ:
+        cls.save_trainable = kill_during_save(cls.save_trainable)
 Accelerator.backward = backward
 train.train_step = train_step
+if os.environ.get("PROBE_SKIP_RNG_RESTORE") == "1":
+    checkpoint.restore_rng_state = lambda state: None
 
 code = cli.main(["train", *TRAIN_ARGS])
-PROBE_DIR.mkdir(parents=True, exist_ok=True)
 torch.save(observed, PROBE_DIR / f"rank{RANK}.pt")
 sys.exit(code)

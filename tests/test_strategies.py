@@ -8,7 +8,6 @@ is non-reentrant.
 """
 
 import json
-import socket
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, python, run_command, tail
+from conftest import probe_launch_command, python, run_command, tail
 
 STRATEGIES = ["fsdp2", "fsdp1", "zero2", "zero3", "ddp"]
 BASE_SHARDED = {"fsdp2", "fsdp1", "zero3"}
@@ -24,12 +23,6 @@ WORLD = 2
 MICRO = 2
 STEPS = 12
 DEMO_LAYERS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_args(assets: Path, out: Path, strategy: str, micro: int) -> list[str]:
@@ -71,16 +64,8 @@ def run(request, demo_assets, tmp_path_factory) -> StrategyRun:
     )
     assert proc.returncode == 0, tail(root / "reference.log")
 
-    cmd = [
-        python(), "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "accelerate_configs" / f"{strategy}.yaml"),
-        "--num_processes", str(WORLD),
-        "--main_process_port", str(free_port()),
-    ]
-    if strategy.startswith("zero"):
-        cmd += ["--deepspeed_config_file", str(REPO / "ds_configs" / f"{strategy}.json")]
     out = root / "run"
-    cmd += ["tests/dist_probe.py", str(root / "probe"), "--", *train_args(demo_assets, out, strategy, MICRO)]
+    cmd = probe_launch_command(strategy, root / "probe", train_args(demo_assets, out, strategy, MICRO), WORLD)
     proc = run_command(cmd, root / "launch.log")
     assert proc.returncode == 0, tail(root / "launch.log")
     probes = [torch.load(root / "probe" / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]

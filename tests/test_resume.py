@@ -1,0 +1,249 @@
+"""Resumable checkpoints for real: exact resume on every strategy, kills, export round trips.
+
+Dropout is on, so the RNG states matter; the dataset is small (10 steps an epoch) so the resumed
+half crosses an epoch boundary. Run A trains 2k steps in one go, saving at step k; run B is a fresh
+launch resuming from A's step-k checkpoint into its own output directory.
+"""
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CPU_ENV, REPO, probe_launch_command, python, run_command, tail
+
+STRATEGIES = ["fsdp2", "fsdp1", "zero2", "zero3", "ddp"]
+K = 6
+RECORDS = 40  # global batch 4: 10 optimizer steps per epoch
+
+
+@pytest.fixture(scope="module")
+def small_data(demo_assets, tmp_path_factory) -> Path:
+    lines = (demo_assets / "data.jsonl").read_text().splitlines()[:RECORDS]
+    path = tmp_path_factory.mktemp("data") / "small.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def args(demo_assets, data: Path, out: Path, strategy: str, steps: int, *extra: str) -> list[str]:
+    return [
+        "--config", str(demo_assets / "run.yaml"),
+        "--strategy", strategy,
+        "--data.path", str(data),
+        "--output_dir", str(out),
+        "--train.micro_batch_size", "2",
+        "--train.max_steps", str(steps),
+        "--train.warmup_steps", "2",
+        "--lora.dropout", "0.1",
+        "--checkpoint.every_steps", str(K),
+        *extra,
+    ]
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def launch(strategy, root: Path, name: str, train_args, env=None):
+    log = root / f"{name}.log"
+    proc = run_command(probe_launch_command(strategy, root / name, train_args), log, env=env)
+    return proc, log
+
+
+def probes(root: Path, name: str) -> list[dict]:
+    return [torch.load(root / name / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="module", params=STRATEGIES)
+def resumed(request, demo_assets, small_data, tmp_path_factory):
+    strategy = request.param
+    root = tmp_path_factory.mktemp(f"resume-{strategy}")
+    proc, log = launch(strategy, root, "A", args(demo_assets, small_data, root / "A", strategy, 2 * K))
+    assert proc.returncode == 0, tail(log)
+    checkpoint = root / "A" / "checkpoints" / f"step-{K:06d}"
+    proc, log = launch(strategy, root, "B", args(demo_assets, small_data, root / "B", strategy, 2 * K, "--resume", str(checkpoint)))
+    assert proc.returncode == 0, tail(log)
+    assert f"Resuming from step {K}" in log.read_text()
+    return strategy, root, checkpoint
+
+
+def test_resumed_losses_equal_the_uninterrupted_run(resumed):
+    _, root, _ = resumed
+    a, b = losses(root / "A"), losses(root / "B")
+    assert sorted(b) == list(range(K + 1, 2 * K + 1))
+    for step in b:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a[step], b[step])
+
+
+def test_resumed_ranks_see_the_same_batches_across_the_epoch_boundary(resumed):
+    _, root, _ = resumed
+    for rank, (a, b) in enumerate(zip(probes(root, "A"), probes(root, "B"))):
+        assert sorted(b["batches"]) == list(range(K, 2 * K))
+        for step in range(K, 2 * K):
+            assert b["batches"][step] == a["batches"][step], (rank, step)
+    # Steps 10 and 11 are the second epoch: a new permutation, not a repeat of steps 0 and 1.
+    first = probes(root, "A")[0]["batches"]
+    assert first[10] != first[0]
+
+
+def test_checkpoint_holds_only_trainable_state(resumed):
+    strategy, root, checkpoint = resumed
+    lora_params = 2 * 7 * 4  # lora_A and lora_B on the 7 linear layers of 4 decoder layers
+    trainable = checkpoint / "trainable"
+    if strategy.startswith("zero"):
+        model_states = sorted((trainable / "zero").glob("*model_states.pt"))  # ZeRO-3 writes one per rank
+        assert model_states
+        names = list(torch.load(model_states[0], weights_only=False)["module"])
+    else:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        keys = FileSystemReader(str(trainable)).read_metadata().state_dict_metadata
+        names = [k[len("model."):] for k in keys if k.startswith("model.")]
+        optimizer_params = {k.split(".", 2)[2].rsplit(".", 1)[0] for k in keys if k.startswith("optimizer.state.")}
+        assert optimizer_params == set(names)
+    assert len(names) == lora_params
+    assert all(".lora_A." in n or ".lora_B." in n for n in names)
+    total = sum(f.stat().st_size for f in trainable.rglob("*") if f.is_file())
+    assert total < 20 * 1024 * 1024  # adapters and their Adam state, not the base
+
+
+def test_export_round_trip(resumed):
+    from safetensors.torch import load_file
+
+    from launcher.export import ADAPTER_DIR, CHECK_FILE, load_for_inference
+
+    _, root, _ = resumed
+    out = root / "A"
+    exported = root / "exported"
+    proc = run_command([python(), "-m", "launcher", "export", str(out), "--output", str(exported)], root / "export.log")
+    assert proc.returncode == 0, tail(root / "export.log")
+    gathered = load_file(out / ADAPTER_DIR / "adapter_model.safetensors")
+    restored = load_file(exported / "adapter_model.safetensors")
+    assert restored.keys() == gathered.keys() and len(restored) == 56
+    for name, tensor in gathered.items():
+        assert torch.equal(restored[name], tensor), name
+    model = load_for_inference(out, adapter_dir=exported)
+    check = load_file(out / CHECK_FILE)
+    with torch.no_grad():
+        logits = model(input_ids=check["input_ids"]).logits.float()
+    assert (logits - check["logits"]).abs().max().item() <= 1e-4
+
+
+def test_without_rng_restore_the_resume_check_fails(demo_assets, small_data, tmp_path):
+    """Negative control: the exact-resume check above can fail."""
+    strategy = "fsdp2"
+    proc, log = launch(strategy, tmp_path, "A", args(demo_assets, small_data, tmp_path / "A", strategy, 2 * K))
+    assert proc.returncode == 0, tail(log)
+    checkpoint = tmp_path / "A" / "checkpoints" / f"step-{K:06d}"
+    proc, log = launch(
+        strategy, tmp_path, "C", args(demo_assets, small_data, tmp_path / "C", strategy, 2 * K, "--resume", str(checkpoint)),
+        env={"PROBE_SKIP_RNG_RESTORE": "1"},
+    )
+    assert proc.returncode == 0, tail(log)
+    a, c = losses(tmp_path / "A"), losses(tmp_path / "C")
+    assert max(abs(a[s] - c[s]) for s in c) > 1e-4
+
+    # A DCP checkpoint reshards: the 2-rank step-K checkpoint loads into one process unchanged.
+    single = tmp_path / "single"
+    proc = run_command(
+        [python(), "-m", "launcher", "train", "--nproc", "1", *args(demo_assets, small_data, single, strategy, K, "--resume", str(checkpoint))],
+        tmp_path / "single.log",
+    )
+    assert proc.returncode == 0, tail(tmp_path / "single.log")
+    exported = tmp_path / "exported"
+    proc = run_command([python(), "-m", "launcher", "export", str(checkpoint), "--output", str(exported)], tmp_path / "export.log")
+    assert proc.returncode == 0, tail(tmp_path / "export.log")
+    from safetensors.torch import load_file
+
+    resharded, saved = load_file(single / "adapter" / "adapter_model.safetensors"), load_file(exported / "adapter_model.safetensors")
+    assert resharded.keys() == saved.keys()
+    assert all(torch.equal(resharded[k], saved[k]) for k in saved)
+
+
+def start(strategy, root: Path, name: str, train_args, env: dict) -> tuple[subprocess.Popen, Path]:
+    import os
+
+    log = root / f"{name}.log"
+    proc = subprocess.Popen(
+        probe_launch_command(strategy, root / name, train_args), cwd=REPO, stdout=log.open("w"),
+        stderr=subprocess.STDOUT, env=dict(os.environ, **CPU_ENV, **env),
+    )
+    return proc, log
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"run ended early:\n{tail(log)}"
+        assert time.monotonic() < deadline, f"timed out:\n{tail(log)}"
+        time.sleep(0.2)
+
+
+def test_killed_rank_ends_the_job_and_auto_resume_continues(demo_assets, small_data, tmp_path):
+    strategy, steps, out = "fsdp2", 30, tmp_path / "run"
+    train_args = args(demo_assets, small_data, out, strategy, steps, "--checkpoint.every_steps", "3")
+    proc, log = start(strategy, tmp_path, "killed", train_args, {"PROBE_STEP_SLEEP": "0.3"})
+    wait_for(lambda: (out / "checkpoints" / "step-000006" / "meta.json").is_file(), 300, proc, log)
+    pid = int((tmp_path / "killed" / "pid-rank1").read_text())
+    killed_at = time.monotonic()
+    __import__("os").kill(pid, signal.SIGKILL)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    assert time.monotonic() - killed_at < 60, "the job did not end soon after a rank died"
+    last_complete = max(int(p.name[-6:]) for p in (out / "checkpoints").glob("step-*") if (p / "meta.json").is_file())
+
+    proc, log = launch(strategy, tmp_path, "resumed", train_args + ["--resume", "auto"])
+    assert proc.returncode == 0, tail(log)
+    assert f"Resuming from step {last_complete}" in log.read_text()
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))  # every step exactly once, none lost, none twice
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one(demo_assets, small_data, tmp_path):
+    strategy, steps, out = "zero2", 12, tmp_path / "run"
+    train_args = args(demo_assets, small_data, out, strategy, steps, "--checkpoint.every_steps", "3", "--checkpoint.keep_last", "1")
+    proc, log = launch(strategy, tmp_path, "killed", train_args, env={"PROBE_KILL_DURING_SAVE": "1:6"})
+    assert proc.returncode != 0
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step-000003"
+    assert (checkpoints / "step-000003" / "meta.json").is_file()
+    assert (checkpoints / ".tmp-step-000006").is_dir() and not (checkpoints / "step-000006").exists()
+
+    proc, log = launch(strategy, tmp_path, "resumed", train_args + ["--resume", "auto"])
+    assert proc.returncode == 0, tail(log)
+    assert "Resuming from step 3" in log.read_text()
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-000012"]  # keep_last 1, no stale temp
+
+
+def test_resume_refuses_what_would_change_its_meaning(demo_assets, small_data, tmp_path, capsys, monkeypatch):
+    from launcher import cli, launch as launch_module
+
+    monkeypatch.setattr(launch_module, "launch", lambda *a, **k: pytest.fail("launched despite a refused resume"))
+    out = tmp_path / "run"
+    proc = run_command([python(), "-m", "launcher", "train", "--nproc", "1", *args(demo_assets, small_data, out, "fsdp2", 3)], tmp_path / "a.log")
+    assert proc.returncode == 0, tail(tmp_path / "a.log")
+    code = cli.main(["train", "--nproc", "1", *args(demo_assets, small_data, out, "fsdp2", 6, "--resume", "auto", "--lora.r", "8")])
+    err = capsys.readouterr().err
+    assert code == 2 and "lora.r: 16 -> 8" in err and "Cannot resume" in err
+
+
+def test_deepspeed_checkpoint_on_another_world_size_is_refused(demo_assets, small_data, tmp_path, capsys):
+    from launcher import checkpoint, cli
+    from launcher.config import load_config, parse_overrides
+
+    train_args = args(demo_assets, small_data, tmp_path / "run", "zero2", 6)
+    cfg = load_config(train_args[1], parse_overrides(train_args[2:]))
+    cfg.train.mixed_precision = "no"
+    written = tmp_path / "run" / "checkpoints" / "step-000003"
+    written.mkdir(parents=True)
+    (written / "meta.json").write_text(json.dumps({
+        "step": 3, "world_size": 2, "strategy": "zero2", "checkpoint_format": "deepspeed",
+        "fingerprint": checkpoint.fingerprint(cfg),
+    }))
+    code = cli.main(["train", "--nproc", "1", *train_args, "--resume", "auto"])
+    err = capsys.readouterr().err
+    assert code == 2 and "DeepSpeed checkpoints are tied to the world size they were written with (2)" in err
