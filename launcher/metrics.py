@@ -30,6 +30,7 @@ class MetricsLog:
         if not self.enabled:
             return
         record["elapsed_s"] = round(time.perf_counter() - self._started, 3)
+        record["unix_time"] = round(time.time(), 3)
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

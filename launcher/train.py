@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,21 +50,22 @@ def lr_lambda(train_cfg, total_steps: int):
     return factor
 
 
-def rank_report(model, optimizer, strategy: strategies.Strategy, sharder: strategies.Strategy) -> dict:
+def rank_report(model, optimizer, strategy: strategies.Strategy, sharder: strategies.Strategy, adapter_total: int) -> dict:
     """What this rank holds after sharding: adapter and optimizer-state elements, for the report."""
     shards = [s for s in sharder.local_shards(model) if s.trainable]
-    trainable_total = sum(s.full_numel for s in shards)
     trainable_local = sum(min(s.local.numel(), s.full_numel - s.start) for s in shards)
     return {
         "rank": dist.get_rank() if dist.is_initialized() else 0,
         "strategy": strategy.name,
-        "adapter_elements_total": trainable_total,
+        "adapter_elements_total": adapter_total,
         "adapter_elements_local": trainable_local,
         "optimizer_state_elements_local": strategies.optimizer_state_numel(optimizer),
+        "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_device_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
     }
 
 
-def run(cfg: RunConfig) -> RunSummary | None:
+def run(cfg: RunConfig) -> RunSummary:
     # Plan: validate everything and tokenize before any process group exists.
     strategy = strategies.resolve(cfg)
     cfg.strategy = strategy.name
@@ -98,6 +100,7 @@ def run(cfg: RunConfig) -> RunSummary | None:
         params = [p for p in m.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
+    adapter_total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model, optimizer, base_optimizer = sharder.shard(model, make_optimizer, accelerator)
     scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(cfg.train, total_steps))
 
@@ -134,7 +137,7 @@ def run(cfg: RunConfig) -> RunSummary | None:
     metrics.close()
 
     # Export & report.
-    report = [rank_report(model, optimizer, strategy, sharder)]
+    report = [rank_report(model, optimizer, strategy, sharder, adapter_total)]
     if dist.is_initialized():
         mine, report = report[0], [None] * world
         dist.all_gather_object(report, mine)
