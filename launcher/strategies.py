@@ -424,6 +424,10 @@ def from_accelerate_env() -> str | None:
         if str(stage) in ("2", "3"):
             return f"zero{stage}"
         raise ConfigError(f"The DeepSpeed config asks for ZeRO stage {stage}; this launcher runs stages 2 and 3.")
+    # `accelerate launch` always sets ACCELERATE_MIXED_PRECISION; with neither FSDP nor DeepSpeed and
+    # several processes, its config asks for plain data parallelism.
+    if "ACCELERATE_MIXED_PRECISION" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "ddp"
     return None
 
 

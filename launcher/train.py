@@ -128,7 +128,10 @@ def run(cfg: RunConfig) -> RunSummary:
             loss = accelerator.reduce(loss_sum, "sum").item() / step_targets
             now = time.perf_counter()
             losses.append(loss)
-            metrics.log(step=step + 1, loss=loss, lr=scheduler.get_last_lr()[0], tokens_per_s=window_tokens / (now - window_start))
+            metrics.log(
+                step=step + 1, loss=loss, lr=scheduler.get_last_lr()[0],
+                tokens=window_tokens, tokens_per_s=window_tokens / (now - window_start),
+            )
             window_tokens, window_start = 0, now
         every = cfg.checkpoint.every_steps
         if (every and (step + 1) % every == 0) or step + 1 == total_steps:
