@@ -20,17 +20,19 @@ from conftest import probe_launch_command, python, run_command, tail
 STRATEGIES = ["fsdp2", "fsdp1", "zero2", "zero3", "ddp"]
 BASE_SHARDED = {"fsdp2", "fsdp1", "zero3"}
 WORLD = 2
-MICRO = 2
+MICRO = 1
+ACCUM = 2  # the sharded runs accumulate; the reference takes the whole global batch at once
 STEPS = 12
 DEMO_LAYERS = 4
 
 
-def train_args(assets: Path, out: Path, strategy: str, micro: int) -> list[str]:
+def train_args(assets: Path, out: Path, strategy: str, micro: int, accum: int) -> list[str]:
     return [
         "--config", str(assets / "run.yaml"),
         "--strategy", strategy,
         "--output_dir", str(out),
         "--train.micro_batch_size", str(micro),
+        "--train.grad_accum_steps", str(accum),
         "--train.max_steps", str(STEPS),
         "--train.warmup_steps", "2",
         "--lora.dropout", "0",
@@ -57,15 +59,15 @@ def run(request, demo_assets, tmp_path_factory) -> StrategyRun:
     strategy = request.param
     root = tmp_path_factory.mktemp(strategy)
     reference = root / "reference"
-    # The unsharded reference: one process, the same global batch (micro batch x world size).
+    # The unsharded reference: one process, the same global batch in one micro batch.
     proc = run_command(
-        [python(), "-m", "launcher", "train", "--nproc", "1", *train_args(demo_assets, reference, strategy, MICRO * WORLD)],
+        [python(), "-m", "launcher", "train", "--nproc", "1", *train_args(demo_assets, reference, strategy, MICRO * WORLD * ACCUM, 1)],
         root / "reference.log",
     )
     assert proc.returncode == 0, tail(root / "reference.log")
 
     out = root / "run"
-    cmd = probe_launch_command(strategy, root / "probe", train_args(demo_assets, out, strategy, MICRO), WORLD)
+    cmd = probe_launch_command(strategy, root / "probe", train_args(demo_assets, out, strategy, MICRO, ACCUM), WORLD)
     proc = run_command(cmd, root / "launch.log")
     assert proc.returncode == 0, tail(root / "launch.log")
     probes = [torch.load(root / "probe" / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -153,5 +155,5 @@ def test_other_ranks_never_hold_the_whole_model(run):
 def test_checkpointing_is_non_reentrant(run):
     for probe in run.probes:
         assert "CheckpointFunctionBackward" not in probe["loss_graph_node_types"]
-        # Each decoder layer ran twice in the first step: forward, then recomputed in backward.
-        assert probe["first_step_layer_forward_calls"] == 2 * DEMO_LAYERS
+        # Each decoder layer ran twice per micro step: forward, then recomputed in backward.
+        assert probe["first_step_layer_forward_calls"] == 2 * DEMO_LAYERS * ACCUM
