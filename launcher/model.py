@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import bitsandbytes as bnb
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 
 from .config import LoraConfig, RunConfig
 from .strategies import DtypePolicy
@@ -75,9 +75,11 @@ def load_quantized_base(cfg: RunConfig, policy: DtypePolicy) -> PreTrainedModel:
     )
 
 
-def meta_base(cfg: RunConfig) -> PreTrainedModel:
-    """The model's unquantized module tree on the meta device: shapes and dtypes, no data."""
-    config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+def meta_base(cfg: RunConfig, config: PretrainedConfig | None = None) -> PreTrainedModel:
+    """The model's unquantized module tree on the meta device: shapes and dtypes, no data (from
+    `config` when given, else from the config at `cfg.model.path`)."""
+    if config is None:
+        config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(
             config, dtype=DTYPE_BY_NAME[cfg.quant.compute_dtype], trust_remote_code=cfg.model.trust_remote_code

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import export, preflight, strategies
+from . import export, memory, preflight, strategies
 from .config import RunConfig, dump_config
 from .data import GlobalBatches, TokenizedData, collate, target_tokens
 from .distributed import create_accelerator, resolve_mixed_precision, world_size_from_env
@@ -100,6 +100,7 @@ def run(cfg: RunConfig) -> RunSummary | None:
 
     model, optimizer, base_optimizer = sharder.shard(model, make_optimizer, accelerator)
     scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(cfg.train, total_steps))
+    meter = memory.MemoryMeter(cfg, model, base_optimizer, sharder, output_dir, accelerator.device)
 
     # Train.
     torch.manual_seed(cfg.train.seed + rank)  # dropout masks differ across ranks, reproducibly
@@ -124,6 +125,7 @@ def run(cfg: RunConfig) -> RunSummary | None:
     metrics.close()
 
     # Export & report.
+    meter.finish()
     report = [rank_report(model, optimizer, strategy, sharder)]
     if dist.is_initialized():
         mine, report = report[0], [None] * world
