@@ -8,7 +8,7 @@ the same on the demo model at world sizes 1 and 2, with checkpointing on.
 
 In process: activations across sequence lengths x micro batches x checkpointing x two model shapes,
 measured by the same probe training uses; the meta skeleton against the real loaded model; the
-4-bit packing and quantization constants against bitsandbytes.
+4-bit packing and quantization constants against bitsandbytes; `qlaunch budget` and `qlaunch plan`.
 """
 
 import json
@@ -19,12 +19,17 @@ import pytest
 import torch
 
 from conftest import REPO, python, run_command, tail
-from launcher import budget, memory, strategies
+from launcher import budget, cli, memory, strategies
 from launcher.config import load_config
 from launcher.demo import build_base_model, write_dataset
 
 UNEVEN_WORLD = 3
 SHARDING = ["fsdp2", "fsdp1", "zero2", "zero3"]
+LLAMA_2_70B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
+    "num_attention_heads": 64, "num_hidden_layers": 80, "num_key_value_heads": 8, "vocab_size": 32000,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": False,
+}
 
 
 def free_port() -> int:
@@ -182,3 +187,91 @@ def test_flat_split_puts_padding_where_the_libraries_do():
     assert parts[1] == {"shard_padding": 12, "lora": 0, "norms": 8}
     assert parts[2] == {"shard_padding": 8, "lora": 0, "norms": 12}
     assert strategies.chunk_rows(5, 3, 2) == (1, 2) and strategies.chunk_rows(2, 3, 2) == (0, 1)
+
+
+# --- qlaunch budget ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_70b(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("llama-2-70b") / "config.json"
+    path.write_text(json.dumps(LLAMA_2_70B))
+    return path
+
+
+def budget_json(capsys, *args) -> dict:
+    assert cli.main(["budget", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_budget_json_schema_and_sharding_of_a_70b_config(llama_70b, capsys):
+    common = ["--model", str(llama_70b), "--world-size", "2", "--seq-len", "2048", "--gpu-memory", "24GiB"]
+    fsdp2 = budget_json(capsys, *common, "--strategy", "fsdp2")
+    ddp = budget_json(capsys, *common, "--strategy", "ddp")
+    zero3 = budget_json(capsys, *common, "--strategy", "zero3", "--offload")
+    for report in (fsdp2, ddp, zero3):
+        assert report["schema_version"] == 1 and report["world_size"] == 2 and report["seq_len"] == 2048
+        assert set(report["components"]) == set(budget.COMPONENTS)
+        assert [r["rank"] for r in report["ranks"]] == [0, 1]
+        for rank in report["ranks"]:
+            assert set(rank["components"]) == set(budget.COMPONENTS)
+            assert rank["total_bytes"] == sum(rank["components"].values())
+            assert rank["headroom_bytes"] == 24 * 2**30 - rank["total_bytes"]
+            assert rank["fits"] == (rank["headroom_bytes"] >= 0)
+    one, full = fsdp2["ranks"][0]["components"], ddp["ranks"][0]["components"]
+    # 70B parameters in 4 bits are about 35 GB; FSDP2 holds half of them, the constants whole.
+    assert 30e9 < full["base_4bit"] < 40e9 and 2 * one["base_4bit"] == full["base_4bit"]
+    assert one["quant_states"] == full["quant_states"] > 0.5e9
+    assert 2 * one["optimizer_states"] == full["optimizer_states"] and full["master_weights"] == 0
+    assert one["gathered_params"] > 0 and full["gathered_params"] == 0
+    assert ddp["fits"] is False
+    offloaded = zero3["ranks"][0]
+    assert offloaded["components"]["optimizer_states"] == 0 and offloaded["host_components"]["optimizer_states"] > 0
+    assert offloaded["host_components"]["master_weights"] == offloaded["host_components"]["gradients"] > 0
+
+
+def test_budget_table_flags_override_the_run_config_and_plot(shape_dirs, tmp_path, capsys):
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(f"model: {{path: {shape_dirs['llama-gqa']}}}\nlora: {{r: 8}}\ndata: {{max_seq_len: 128}}\nstrategy: zero3\n")
+    report = budget_json(capsys, "--config", str(run_yaml), "--seq-len", "256", "--nodes", "2", "--gpus-per-node", "2")
+    assert (report["seq_len"], report["lora"]["r"], report["strategy"], report["world_size"], report["nodes"]) == (256, 8, "zero3", 4, 2)
+    plot = tmp_path / "budget.png"
+    assert cli.main(["budget", "--config", str(run_yaml), "--world-size", "3", "--gpu-memory", "80GB", "--plot", str(plot)]) == 0
+    table = capsys.readouterr().out
+    assert "Memory budget per rank" in table and "ranks 0-1" in table and "rank 2" in table and "FITS" in table
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "some-org/not-downloaded-model"], r"not in the local Hugging Face cache.*config.json"),
+    (["--strategy", "zero4"], r"Unknown strategy `zero4`"),
+    (["--gpu-memory", "lots"], r"--gpu-memory `lots` is not a size"),
+    (["--strategy", "fsdp2", "--offload"], r"--offload models DeepSpeed's offload_optimizer"),
+    (["--world-size", "4", "--nodes", "2", "--gpus-per-node", "3"], r"disagrees"),
+    (["--optimizer", "sgd"], r"Optimizer `sgd`"),
+])
+def test_budget_bad_input_gets_one_clear_error(llama_70b, capsys, args, message):
+    import re
+
+    full = args if args[0] == "--model" else ["--model", str(llama_70b), *args]
+    assert cli.main(["budget", *full]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+# --- qlaunch plan ------------------------------------------------------------------------------
+
+
+def test_plan_keeps_what_fits_and_recommends_the_fastest(shape_dirs, capsys):
+    base = ["plan", "--model", str(shape_dirs["llama-mha"]), "--world-size", "2", "--seq-len", "64", "--runtime-overhead", "0"]
+    assert cli.main([*base, "--gpu-memory", "12MiB", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    fits = [c for c in report["candidates"] if c["fits"]]
+    assert fits and len(fits) < len(report["candidates"])
+    for c in report["candidates"]:
+        assert c["fits"] == (c["peak_bytes"] <= report["limit_bytes"])
+    best = report["recommended"]
+    chosen = next(c for c in fits if all(c[k] == best[k] for k in ("strategy", "micro_batch", "gradient_checkpointing", "offload")))
+    assert chosen["estimated_tokens_per_s"] >= 0.99 * max(c["estimated_tokens_per_s"] for c in fits)
+    assert f"--strategy {best['strategy']}" in best["command"] and f"--train.micro_batch_size {best['micro_batch']}" in best["command"]
+    assert cli.main([*base, "--gpu-memory", "1MiB"]) == 0
+    assert "Nothing fits" in capsys.readouterr().out
