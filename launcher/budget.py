@@ -30,7 +30,7 @@ from torch import nn
 
 from . import strategies
 from .config import ConfigError, RunConfig
-from .model import DTYPE_BY_NAME, _is_norm
+from .model import DTYPE_BY_NAME, is_norm
 from .strategies import DtypePolicy, Strategy, TensorSpec, clean_fqn
 
 COMPONENTS = {
@@ -70,7 +70,7 @@ def parameter_component(module: nn.Module, name: str, param: nn.Parameter) -> st
         return "base_4bit"
     if param.requires_grad:
         return "lora"
-    return "norms" if _is_norm(module) else "frozen_dense"
+    return "norms" if is_norm(module) else "frozen_dense"
 
 
 def parameter_components(model: nn.Module) -> dict[str, str]:
@@ -314,7 +314,8 @@ def _build_skeleton(cfg: RunConfig, policy: DtypePolicy, config) -> nn.Module:
     })
     apply_quantized_layout(base, cfg, policy, layout)
     prepare_for_kbit_training(base, policy, cfg.train.gradient_checkpointing)
-    return attach_lora(base, cfg.lora, policy, cfg.train.seed)
+    with torch.device("meta"):  # peft would otherwise create and initialise every adapter in host RAM
+        return attach_lora(base, cfg.lora, policy, cfg.train.seed)
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,8 @@ def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
     for module in model.modules():
         if not isinstance(module, bnb.nn.Linear4bit):
             continue
-        for state in {id(s): s for s in (module.quant_state, getattr(module.weight, "quant_state", None)) if s}.values():
+        states = (module.quant_state, getattr(module.weight, "quant_state", None))
+        for state in {id(s): s for s in states if s is not None}.values():
             tensors += [state.absmax, state.code]
             if state.nested:
                 tensors += [state.offset, state.state2.absmax, state.state2.code]
@@ -108,7 +109,6 @@ class FirstStepProbe:
         self.shape: tuple[int, int] | None = None
         """(batch, sequence) of the forward pass running now."""
         self.measured: dict[str, int] = {}
-        self.cuda: dict[str, int] | None = None
         self.done = False
         self.handles = [
             model.register_forward_pre_hook(self._forward_started, with_kwargs=True),
@@ -119,8 +119,6 @@ class FirstStepProbe:
         for module in model.modules():
             self.handles.append(module.register_forward_pre_hook(self._module_started))
             self.handles.append(module.register_forward_hook(self._module_finished))
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
 
     def _module_started(self, module, args):
         pointers = [p.untyped_storage().data_ptr() for p in module.parameters(recurse=False)]
@@ -174,15 +172,38 @@ class FirstStepProbe:
                 if isinstance(value, torch.Tensor) and value.dim() > 0:
                     states.add(value)
         self.measured.update(optimizer_states=states.bytes, activations=self.activations)
-        if torch.cuda.is_available():
-            self.cuda = {
-                "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
-                "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
-                "allocated_bytes": torch.cuda.memory_allocated(),
-            }
         for handle in self.handles:
             handle.remove()
         self.done = True
+
+
+class CudaPeaks:
+    """torch.cuda's own statistics, per optimizer step: peak allocated and reserved bytes."""
+
+    KEPT_STEPS = 10
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.after_sharding = torch.cuda.memory_allocated()
+        self.steps: list[dict[str, int]] = []
+        self.max_allocated = self.max_reserved = 0
+        torch.cuda.reset_peak_memory_stats()
+        self.handle = optimizer.register_step_post_hook(self._after_step)
+
+    def _after_step(self, optimizer, args, kwargs):
+        allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        self.max_allocated, self.max_reserved = max(self.max_allocated, allocated), max(self.max_reserved, reserved)
+        if len(self.steps) < self.KEPT_STEPS:
+            self.steps.append({"peak_allocated_bytes": allocated, "peak_reserved_bytes": reserved})
+        torch.cuda.reset_peak_memory_stats()
+
+    def report(self) -> dict:
+        self.handle.remove()
+        return {
+            "allocated_after_sharding_bytes": self.after_sharding,
+            "peak_allocated_bytes": self.max_allocated,
+            "peak_reserved_bytes": self.max_reserved,
+            "first_steps": self.steps,
+        }
 
 
 def error_pct(predicted: int, measured: int) -> float | None:
@@ -198,9 +219,10 @@ class MemoryMeter:
         self.cfg, self.output_dir = cfg, Path(output_dir)
         self.weights, storages = measure_weights(model, sharder)
         self.probe = FirstStepProbe(model, optimizer, storages)
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.cuda = CudaPeaks(optimizer) if device.type == "cuda" else None
         self.main = not dist.is_initialized() or dist.get_rank() == 0
-        self.hardware = budget.Hardware(world_size=self.world, device=device.type)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.hardware = budget.Hardware(world_size=world, device=device.type)
         self.predicted = budget.predict(cfg, self.hardware) if self.main else None
         measured = _gather(self.weights)
         if self.main:
@@ -208,28 +230,34 @@ class MemoryMeter:
 
     def finish(self) -> None:
         """Gathers every rank's measurement (a collective); rank 0 prints and writes the report."""
-        measured = _gather({**self.weights, **self.probe.measured})
+        ranks = _gather({"components": {**self.weights, **self.probe.measured}, "cuda": self.cuda.report() if self.cuda else None})
         if not self.main:
             return
-        shape = self.probe.activation_shape
-        if shape and shape != (self.cfg.train.micro_batch_size, self.cfg.data.max_seq_len):
+        measured = [r["components"] for r in ranks]
+        configured = (self.cfg.train.micro_batch_size, self.cfg.data.max_seq_len)
+        shape = self.probe.activation_shape or configured
+        if shape != configured:  # the longest micro batch was shorter than max_seq_len: compare like with like
             self.predicted = budget.predict(self.cfg, self.hardware, activation_shape=shape)
         names = [n for n in budget.COMPONENTS if n in measured[0]]
         print(self.table(self.predicted, measured, names, f"after the first step (micro batch {shape[0]} x {shape[1]} tokens)"), flush=True)
+        if self.cuda:
+            total = self.predicted.ranks[0].total_bytes - self.predicted.ranks[0].components["runtime"]
+            print(f"torch.cuda on rank 0: peak allocated {budget.format_bytes(ranks[0]['cuda']['peak_allocated_bytes'])}, "
+                  f"peak reserved {budget.format_bytes(ranks[0]['cuda']['peak_reserved_bytes'])}; predicted total without "
+                  f"the runtime allowance {budget.format_bytes(total)}.", flush=True)
         comparison = [
             {"rank": r, "component": n, "predicted": self.predicted.ranks[r].components[n], "measured": m[n],
              "error_pct": error_pct(self.predicted.ranks[r].components[n], m[n])}
             for r, m in enumerate(measured) for n in names
         ]
-        cuda = [self.probe.cuda] if self.probe.cuda else None
         report = {
             "schema_version": 1,
             "activation_shape": list(shape),
             "predicted": self.predicted.to_json(),
             "measured": {"ranks": [
-                {"rank": r, "components": {n: m[n] for n in names}, "total_bytes": sum(m[n] for n in names)}
+                {"rank": r, "components": {n: m[n] for n in names}, "total_bytes": sum(m[n] for n in names), "cuda": ranks[r]["cuda"]}
                 for r, m in enumerate(measured)
-            ], "cuda_rank0": cuda[0] if cuda else None},
+            ]},
             "comparison": comparison,
         }
         (self.output_dir / REPORT_JSON).write_text(json.dumps(report, indent=2))

@@ -119,7 +119,7 @@ def apply_quantized_layout(model: PreTrainedModel, cfg: RunConfig, policy: Dtype
     model.is_loaded_in_4bit = True
 
 
-def _is_norm(module: nn.Module) -> bool:
+def is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm")
 
 
@@ -137,7 +137,7 @@ def prepare_for_kbit_training(model: PreTrainedModel, policy: DtypePolicy, gradi
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             continue
-        target = policy.norm if _is_norm(module) else policy.dense
+        target = policy.norm if is_norm(module) else policy.dense
         for name, param in module.named_parameters(recurse=False):
             if param.is_floating_point() and param.dtype != target:
                 param.data = param.data.to(target)

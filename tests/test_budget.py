@@ -12,14 +12,13 @@ measured by the same probe training uses; the meta skeleton against the real loa
 """
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, python, run_command, tail
-from launcher import budget, cli, memory, strategies
+from conftest import run_command, tail
+from launcher import budget, cli, launch, memory, strategies
 from launcher.config import load_config
 from launcher.demo import build_base_model, write_dataset
 
@@ -30,12 +29,6 @@ LLAMA_2_70B = {
     "num_attention_heads": 64, "num_hidden_layers": 80, "num_key_value_heads": 8, "vocab_size": 32000,
     "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": False,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +44,8 @@ def uneven_assets(tmp_path_factory) -> Path:
 def uneven_run(request, uneven_assets, tmp_path_factory) -> tuple[str, Path, dict]:
     strategy = request.param
     root = tmp_path_factory.mktemp(f"uneven-{strategy}")
-    cmd = [
-        python(), "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "accelerate_configs" / f"{strategy}.yaml"),
-        "--num_processes", str(UNEVEN_WORLD),
-        "--main_process_port", str(free_port()),
-    ]
-    if strategy.startswith("zero"):
-        cmd += ["--deepspeed_config_file", str(REPO / "ds_configs" / f"{strategy}.json")]
-    cmd += [
-        "-m", "launcher", "train",
+    # The command `qlaunch train` itself runs: the shipped accelerate (and DeepSpeed) config for the strategy.
+    cmd = launch.accelerate_command(strategies.get(strategy), UNEVEN_WORLD, [
         "--model.path", str(uneven_assets / "base"),
         "--data.path", str(uneven_assets / "data.jsonl"),
         "--strategy", strategy,
@@ -71,7 +56,7 @@ def uneven_run(request, uneven_assets, tmp_path_factory) -> tuple[str, Path, dic
         "--train.micro_batch_size", "3",
         "--train.grad_accum_steps", "2",
         "--train.max_steps", "1",
-    ]
+    ])
     proc = run_command(cmd, root / "launch.log")
     assert proc.returncode == 0, tail(root / "launch.log")
     return strategy, root, json.loads((root / "run" / memory.REPORT_JSON).read_text())
