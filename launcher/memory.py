@@ -223,10 +223,18 @@ class MemoryMeter:
         self.main = not dist.is_initialized() or dist.get_rank() == 0
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.hardware = budget.Hardware(world_size=world, device=device.type)
-        self.predicted = budget.predict(cfg, self.hardware) if self.main else None
+        self.predicted = self._predict() if self.main else None
         measured = _gather(self.weights)
-        if self.main:
+        if self.predicted:
             print(self.table(self.predicted, measured, budget.WEIGHT_COMPONENTS, "at the start of training"), flush=True)
+
+    def _predict(self, activation_shape: tuple[int, int] | None = None) -> budget.Budget | None:
+        # The report must never stop training: a model the budget cannot predict gets a note instead.
+        try:
+            return budget.predict(self.cfg, self.hardware, activation_shape=activation_shape)
+        except budget.ConfigError as error:
+            print(f"Memory budget: no prediction for this model ({error}); measuring only.", flush=True)
+            return None
 
     def finish(self) -> None:
         """Gathers every rank's measurement (a collective); rank 0 prints and writes the report."""
@@ -234,33 +242,34 @@ class MemoryMeter:
         if not self.main:
             return
         measured = [r["components"] for r in ranks]
+        names = [n for n in budget.COMPONENTS if n in measured[0]]
         configured = (self.cfg.train.micro_batch_size, self.cfg.data.max_seq_len)
         shape = self.probe.activation_shape or configured
-        if shape != configured:  # the longest micro batch was shorter than max_seq_len: compare like with like
-            self.predicted = budget.predict(self.cfg, self.hardware, activation_shape=shape)
-        names = [n for n in budget.COMPONENTS if n in measured[0]]
+        if self.predicted and shape != configured:  # the longest micro batch was shorter than max_seq_len
+            self.predicted = self._predict(activation_shape=shape)
+        report = {
+            "schema_version": 1,
+            "activation_shape": list(shape),
+            "predicted": self.predicted.to_json() if self.predicted else None,
+            "measured": {"ranks": [
+                {"rank": r, "components": {n: m[n] for n in names}, "total_bytes": sum(m[n] for n in names), "cuda": ranks[r]["cuda"]}
+                for r, m in enumerate(measured)
+            ]},
+            "comparison": [] if not self.predicted else [
+                {"rank": r, "component": n, "predicted": self.predicted.ranks[r].components[n], "measured": m[n],
+                 "error_pct": error_pct(self.predicted.ranks[r].components[n], m[n])}
+                for r, m in enumerate(measured) for n in names
+            ],
+        }
+        (self.output_dir / REPORT_JSON).write_text(json.dumps(report, indent=2))
+        if not self.predicted:
+            return
         print(self.table(self.predicted, measured, names, f"after the first step (micro batch {shape[0]} x {shape[1]} tokens)"), flush=True)
         if self.cuda:
             total = self.predicted.ranks[0].total_bytes - self.predicted.ranks[0].components["runtime"]
             print(f"torch.cuda on rank 0: peak allocated {budget.format_bytes(ranks[0]['cuda']['peak_allocated_bytes'])}, "
                   f"peak reserved {budget.format_bytes(ranks[0]['cuda']['peak_reserved_bytes'])}; predicted total without "
                   f"the runtime allowance {budget.format_bytes(total)}.", flush=True)
-        comparison = [
-            {"rank": r, "component": n, "predicted": self.predicted.ranks[r].components[n], "measured": m[n],
-             "error_pct": error_pct(self.predicted.ranks[r].components[n], m[n])}
-            for r, m in enumerate(measured) for n in names
-        ]
-        report = {
-            "schema_version": 1,
-            "activation_shape": list(shape),
-            "predicted": self.predicted.to_json(),
-            "measured": {"ranks": [
-                {"rank": r, "components": {n: m[n] for n in names}, "total_bytes": sum(m[n] for n in names), "cuda": ranks[r]["cuda"]}
-                for r, m in enumerate(measured)
-            ]},
-            "comparison": comparison,
-        }
-        (self.output_dir / REPORT_JSON).write_text(json.dumps(report, indent=2))
         self.plot(measured, names)
 
     @staticmethod

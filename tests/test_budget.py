@@ -227,6 +227,18 @@ def test_budget_table_flags_override_the_run_config_and_plot(shape_dirs, tmp_pat
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("gpt2") / "config.json"
+    path.write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 100}))
+    return path
+
+
+def test_architectures_outside_the_activation_model_are_refused(gpt2, capsys):
+    assert cli.main(["budget", "--model", str(gpt2)]) == 2
+    assert "Activations are modelled for Llama-style decoder layers" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model", "some-org/not-downloaded-model"], r"not in the local Hugging Face cache.*config.json"),
     (["--strategy", "zero4"], r"Unknown strategy `zero4`"),
