@@ -1,4 +1,4 @@
-"""Command line: `qlaunch train | demo | verify` (also `python -m launcher ...`)."""
+"""Command line: `qlaunch train | demo | verify | budget | plan` (also `python -m launcher ...`)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,64 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="reload a run's adapter in one process and compare its logits with training's")
     verify.add_argument("output_dir")
     verify.add_argument("--tolerance", type=float, default=1e-2, help="max |logit difference| accepted (default 1e-2)")
+
+    budget = commands.add_parser(
+        "budget",
+        help="predict each rank's memory from the config alone (no weights, no GPU)",
+        description="Predict the memory each rank needs, per component, from the model's config alone: the model is "
+        "built on the meta device with the same 4-bit replacement and LoRA as training, and split as the strategy splits it.",
+        epilog=BUDGET_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_budget_arguments(budget)
+    budget.add_argument("--strategy", help="fsdp2 (default), fsdp1, zero2, zero3 or ddp")
+    budget.add_argument("--micro-batch", type=int, help="sequences per micro batch (train.micro_batch_size)")
+    budget.add_argument("--no-checkpointing", action="store_true", help="without gradient checkpointing")
+    budget.add_argument("--optimizer", default="adamw", help="the optimizer training runs: adamw (default, the only one)")
+    budget.add_argument("--offload", action="store_true", help="DeepSpeed offload_optimizer (zero2, zero3): optimizer state in host RAM")
+    budget.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    budget.add_argument("--plot", metavar="FILE.png", help="also draw stacked bars per rank (needs matplotlib)")
+
+    plan = commands.add_parser(
+        "plan",
+        help="list the configurations that fit your GPUs, fastest first, and the one to launch",
+        description="Try every strategy x micro batch x checkpointing x offload, keep those whose predicted memory fits "
+        "with a safety margin, and rank them by an estimate of tokens per second.",
+        epilog=PLAN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_budget_arguments(plan)
+    plan.add_argument("--margin", type=float, default=0.1, help="fraction of GPU memory kept free (default 0.1)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return parser
+
+
+BUDGET_EPILOG = """\
+Examples:
+  qlaunch budget --model /models/Llama-2-70b-hf --strategy fsdp2 --world-size 2 --seq-len 2048 --gpu-memory 80GiB
+  qlaunch budget --config run.yaml --nodes 2 --gpus-per-node 8 --json
+  qlaunch budget --model path/to/config.json --strategy zero3 --world-size 4 --plot budget.png
+"""
+
+PLAN_EPILOG = """\
+Examples:
+  qlaunch plan --model /models/Llama-2-70b-hf --gpu-memory 24GiB --world-size 2 --seq-len 2048
+  qlaunch plan --config run.yaml --gpu-memory 80GiB --nodes 2 --gpus-per-node 8
+"""
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by `budget` and `plan`; each overrides the same key of the run config."""
+    parser.add_argument("--config", help="run config YAML; the flags below override it")
+    parser.add_argument("--model", help="local model directory, its config.json, or a hub id already in the local cache")
+    parser.add_argument("--world-size", type=int, help="total number of GPUs (ranks)")
+    parser.add_argument("--nodes", type=int, help="number of nodes (default 1)")
+    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (with --nodes, instead of --world-size)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (data.max_seq_len)")
+    parser.add_argument("--lora-r", type=int, help="LoRA rank (lora.r)")
+    parser.add_argument("--lora-targets", help="comma-separated module names, or all-linear (lora.target_modules)")
+    parser.add_argument("--gpu-memory", help="memory per GPU, e.g. 24GiB or 80GB; says whether the run fits")
+    parser.add_argument("--runtime-overhead", help="allowance for the CUDA context, NCCL and allocator slack (default 1GiB)")
 
 
 def cmd_train(args, extra: list[str]) -> int:
@@ -113,6 +170,18 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_budget(args) -> int:
+    from . import budget
+
+    return budget.run_command(args)
+
+
+def cmd_plan(args) -> int:
+    from . import plan
+
+    return plan.run_command(args)
+
+
 def cmd_verify(args) -> int:
     from .export import verify_adapter
 
@@ -130,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args, extra)
-        handler = {"demo": cmd_demo, "export": cmd_export, "merge": cmd_merge, "verify": cmd_verify}[args.command]
+        handler = {
+            "demo": cmd_demo, "export": cmd_export, "merge": cmd_merge, "verify": cmd_verify,
+            "budget": cmd_budget, "plan": cmd_plan,
+        }[args.command]
         return handler(args)
     except ConfigError as error:
         # In a launched run every rank validates; each says so, since an error may be one rank's alone.

@@ -34,8 +34,8 @@ def build_tokenizer():
     )
 
 
-def build_base_model(path: Path, layers: int = 4, hidden: int = 256, seed: int = 0) -> Path:
-    """A random-weight Llama and its tokenizer, written with `save_pretrained`."""
+def build_base_model(path: Path, layers: int = 4, hidden: int = 256, seed: int = 0, heads: int = 4, kv_heads: int = 4) -> Path:
+    """A random-weight Llama and its tokenizer, written with `save_pretrained` (kv_heads < heads: grouped-query attention)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -45,8 +45,8 @@ def build_base_model(path: Path, layers: int = 4, hidden: int = 256, seed: int =
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import bitsandbytes as bnb
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 
 from .config import LoraConfig, RunConfig
 from .strategies import DtypePolicy
@@ -75,9 +75,11 @@ def load_quantized_base(cfg: RunConfig, policy: DtypePolicy) -> PreTrainedModel:
     )
 
 
-def meta_base(cfg: RunConfig) -> PreTrainedModel:
-    """The model's unquantized module tree on the meta device: shapes and dtypes, no data."""
-    config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+def meta_base(cfg: RunConfig, config: PretrainedConfig | None = None) -> PreTrainedModel:
+    """The model's unquantized module tree on the meta device: shapes and dtypes, no data (from
+    `config` when given, else from the config at `cfg.model.path`)."""
+    if config is None:
+        config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(
             config, dtype=DTYPE_BY_NAME[cfg.quant.compute_dtype], trust_remote_code=cfg.model.trust_remote_code
@@ -117,7 +119,7 @@ def apply_quantized_layout(model: PreTrainedModel, cfg: RunConfig, policy: Dtype
     model.is_loaded_in_4bit = True
 
 
-def _is_norm(module: nn.Module) -> bool:
+def is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm")
 
 
@@ -135,7 +137,7 @@ def prepare_for_kbit_training(model: PreTrainedModel, policy: DtypePolicy, gradi
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             continue
-        target = policy.norm if _is_norm(module) else policy.dense
+        target = policy.norm if is_norm(module) else policy.dense
         for name, param in module.named_parameters(recurse=False):
             if param.is_floating_point() and param.dtype != target:
                 param.data = param.data.to(target)

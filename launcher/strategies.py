@@ -6,6 +6,10 @@ A strategy decides four things, and the train loop asks it through this small in
   * how each rank gets the source rank's weights around `accelerator.prepare`
     (`before_prepare`, `after_prepare`);
   * which tensors each rank owns after sharding (`local_shards`), for the reports and checks.
+The memory budget (launcher.budget) asks it the same questions before any tensor exists: how many
+bytes of each parameter, gradient and optimizer state a rank holds, padding included
+(`held_weights`, `held_gradients`, `held_optimizer`), which dtypes parameters are stored and
+computed in, and what it gathers and buffers while training (`gathered_bytes`, `bucket_bytes`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
@@ -44,6 +49,99 @@ class LocalShard:
     start: int
     full_numel: int
     trainable: bool
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One parameter as the memory budget sees it before any rank holds it."""
+
+    name: str
+    component: str
+    """Budget component it belongs to (launcher.budget.COMPONENTS)."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    trainable: bool
+    module: str
+    """Path of the module that owns it."""
+    layer: str
+    """Path of the decoder layer that holds it, "" outside the layers (FSDP wraps each layer on its own)."""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+
+ADAM_STATES = 2
+"""AdamW keeps two moments per parameter element, in the parameter's dtype."""
+MASTER_DTYPE = torch.float32
+"""dtype of DeepSpeed's master copies and of the gradients its optimizer steps with."""
+OPTIMIZER_STATE_COMPONENTS = ("gradients", "master_weights", "optimizer_states")
+
+
+def chunk_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
+    """(rows this rank holds, rows its storage has) when dim 0 is split like torch.chunk and every
+    rank's part is padded to the first part's size (FSDP2's layout)."""
+    per_rank = -(-rows // world)
+    return max(0, min(per_rank, rows - rank * per_rank)), per_rank
+
+
+def split_flat(pieces: list[tuple[str, int]], itemsize: int, align: int, pad_to: int, world: int, rank: int) -> dict[str, int]:
+    """Bytes per component that `rank` holds of one flat buffer built from `pieces` (component,
+    elements): each piece starts at a multiple of `align` elements, the whole is padded to a multiple
+    of `pad_to`, then cut into `world` equal parts. Gaps count as "shard_padding"."""
+    spans, end = [], 0
+    for component, numel in pieces:
+        end += -end % align
+        spans.append((component, end, end + numel))
+        end += numel
+    end += -end % pad_to
+    part = -(-end // world)
+    lo, hi = rank * part, (rank + 1) * part
+    held = {"shard_padding": part * itemsize}
+    for component, start, stop in spans:
+        overlap = max(0, min(hi, stop) - max(lo, start)) * itemsize
+        held[component] = held.get(component, 0) + overlap
+        held["shard_padding"] -= overlap
+    return held
+
+
+def _whole(tensors: list[TensorSpec]) -> dict[str, int]:
+    held: dict[str, int] = {}
+    for t in tensors:
+        held[t.component] = held.get(t.component, 0) + t.numel * t.itemsize
+    return held
+
+
+def _add(total: dict[str, int], more: dict[str, int]) -> dict[str, int]:
+    for key, value in more.items():
+        total[key] = total.get(key, 0) + value
+    return total
+
+
+def _bytes_as(t: TensorSpec, policy: DtypePolicy) -> int:
+    """Bytes of `t` when held in `policy`'s dtypes (packed 4-bit bytes keep their size in any view)."""
+    dtype = {"norms": policy.norm, "frozen_dense": policy.dense, "lora": policy.adapter}.get(t.component)
+    return t.numel * (dtype.itemsize if dtype else t.itemsize)
+
+
+def _units(tensors: list[TensorSpec], unit_of) -> dict[str, list[TensorSpec]]:
+    units: dict[str, list[TensorSpec]] = {}
+    for t in tensors:
+        units.setdefault(unit_of(t), []).append(t)
+    return units
+
+
+def _root_and_two_layers(tensors: list[TensorSpec], compute: DtypePolicy) -> int:
+    """What FSDP keeps gathered: the root unit (embeddings, final norm, lm_head) from forward through
+    backward, the layer that runs and the next one, prefetched; all in their compute dtypes."""
+    units = _units(tensors, lambda t: t.layer)
+    full = {unit: sum(_bytes_as(t, compute) for t in members) for unit, members in units.items()}
+    root = full.pop("", 0)
+    return root + 2 * max(full.values(), default=0)
 
 
 class Strategy:
@@ -95,7 +193,7 @@ class Strategy:
             yield LocalShard(name, param.detach(), 0, param.numel(), param.requires_grad)
 
     def trainable_fqns(self, model: nn.Module) -> set[str]:
-        return {_clean_fqn(n) for n, p in model.named_parameters() if p.requires_grad}
+        return {clean_fqn(n) for n, p in model.named_parameters() if p.requires_grad}
 
     def save_trainable(self, model: nn.Module, optimizer, directory) -> None:
         """Adapter and optimizer state, each rank writing its own shards (a collective)."""
@@ -128,7 +226,42 @@ class Strategy:
 
     def gather_trainable(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Full values of the trainable parameters, on CPU (a collective: every rank calls it)."""
-        return {_clean_fqn(n): p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return {clean_fqn(n): p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    # Prediction (launcher.budget). The defaults describe one whole copy on every rank (DDP, one process).
+
+    def stored_policy(self, policy: DtypePolicy, mixed_precision: torch.dtype | None) -> DtypePolicy:
+        """dtypes the parameters are stored in while training (`mixed_precision`: the autocast dtype, or None)."""
+        return policy
+
+    def compute_policy(self, policy: DtypePolicy, mixed_precision: torch.dtype | None) -> DtypePolicy:
+        """dtypes the parameters have inside forward and backward."""
+        return self.stored_policy(policy, mixed_precision)
+
+    linear_saves_input: ClassVar[bool] = False
+    """Every nn.Linear saves its input for backward, even when its weight is frozen."""
+
+    def held_weights(self, tensors: list[TensorSpec], world: int, rank: int) -> dict[str, int]:
+        return _whole(tensors)
+
+    def held_gradients(self, trainable: list[TensorSpec], world: int, rank: int) -> int:
+        return sum(t.numel * t.itemsize for t in trainable)
+
+    def held_optimizer(self, trainable: list[TensorSpec], world: int, rank: int) -> dict[str, int]:
+        """Gradients the optimizer steps with, master copies it updates, its states (AdamW)."""
+        return {
+            "gradients": self.held_gradients(trainable, world, rank),
+            "master_weights": 0,
+            "optimizer_states": ADAM_STATES * sum(t.numel * t.itemsize for t in trainable),
+        }
+
+    def gathered_bytes(self, tensors: list[TensorSpec], compute: DtypePolicy, world: int, hidden_size: int) -> int:
+        """Full parameters gathered from the other ranks while a forward or backward runs."""
+        return 0
+
+    def bucket_bytes(self, trainable: list[TensorSpec], grad_dtype: torch.dtype, world: int, hidden_size: int) -> int:
+        """Gradient communication buffers."""
+        return 0
 
 
 class _Replicated(Strategy):
@@ -143,6 +276,11 @@ class DDP(_Replicated):
     name = "ddp"
     shards_base = False
     shards_adapter_state = False
+
+    def bucket_bytes(self, trainable, grad_dtype, world, hidden_size):
+        # DDP's reducer keeps flat buckets covering every trainable parameter besides `.grad`
+        # (Accelerate leaves gradient_as_bucket_view off).
+        return sum(t.numel for t in trainable) * grad_dtype.itemsize
 
 
 class FSDP2(Strategy):
@@ -199,6 +337,52 @@ class FSDP2(Strategy):
             row_numel = param[0].numel() if param.dim() > 1 else 1
             yield LocalShard(name, local, rank * rows_per_rank * row_numel, param.numel(), param.requires_grad)
 
+    def compute_policy(self, policy, mixed_precision):
+        # Accelerate's FSDP2 mixed-precision policy gathers every parameter in the autocast dtype.
+        if mixed_precision is None:
+            return policy
+        return dataclasses.replace(policy, norm=mixed_precision, dense=mixed_precision, adapter=mixed_precision)
+
+    @staticmethod
+    def _rows(t: TensorSpec, world: int, rank: int) -> tuple[int, int, int]:
+        """(rows held, rows stored, elements per row) of this rank's dim-0 chunk, padded like fully_shard."""
+        rows = t.shape[0] if t.shape else 1
+        held, stored = chunk_rows(rows, world, rank)
+        return held, stored, t.numel // rows if rows else 0
+
+    def held_weights(self, tensors, world, rank):
+        held: dict[str, int] = {"shard_padding": 0}
+        for t in tensors:
+            rows, stored, row_numel = self._rows(t, world, rank)
+            _add(held, {t.component: rows * row_numel * t.itemsize, "shard_padding": (stored - rows) * row_numel * t.itemsize})
+        return held
+
+    def held_gradients(self, trainable, world, rank):
+        # Each layer's reduce-scatter output is one padded flat buffer; the gradients are views of it,
+        # cast back to the stored dtype (one whole cast under mixed precision).
+        total = 0
+        for t in trainable:
+            _, stored, row_numel = self._rows(t, world, rank)
+            total += stored * row_numel * t.itemsize
+        return total
+
+    def held_optimizer(self, trainable, world, rank):
+        held = super().held_optimizer(trainable, world, rank)
+        # AdamW's moments are `zeros_like` the unpadded local shard.
+        held["optimizer_states"] = 0
+        for t in trainable:
+            rows, _, row_numel = self._rows(t, world, rank)
+            held["optimizer_states"] += ADAM_STATES * rows * row_numel * t.itemsize
+        return held
+
+    def gathered_bytes(self, tensors, compute, world, hidden_size):
+        return _root_and_two_layers(tensors, compute)
+
+    def bucket_bytes(self, trainable, grad_dtype, world, hidden_size):
+        # The reduce-scatter input: one layer's full gradients.
+        per_layer = _units(trainable, lambda t: t.layer)
+        return max((sum(t.numel for t in members) * grad_dtype.itemsize for members in per_layer.values()), default=0)
+
 
 class FSDP1(Strategy):
     name = "fsdp1"
@@ -253,7 +437,7 @@ class FSDP1(Strategy):
             with FSDP.summon_full_params(unit, recurse=False, writeback=False):
                 for name, param in unit._fsdp_wrapped_module.named_parameters():
                     if param.requires_grad and "_fsdp_wrapped_module" not in name:
-                        out[_clean_fqn(prefix + name)] = param.detach().cpu().clone()
+                        out[clean_fqn(prefix + name)] = param.detach().cpu().clone()
         return out
 
     def before_prepare(self, model, accelerator):
@@ -276,9 +460,46 @@ class FSDP1(Strategy):
                 if not info.in_shard:
                     continue
                 prefix = unit._fsdp_wrapped_module
-                name = _clean_fqn(_module_path(model, prefix) + fqn)
+                name = clean_fqn(_module_path(model, prefix) + fqn)
                 local = flat.detach()[info.offset_in_shard : info.offset_in_shard + info.numel_in_shard]
                 yield LocalShard(name, local, info.intra_param_start_idx, numel, flat.requires_grad)
+
+    @staticmethod
+    def _unit(t: TensorSpec) -> str:
+        # before_prepare's wrap policy: each LoRA matrix, each decoder layer, and the root for the rest.
+        return t.module if t.trainable else t.layer
+
+    def _flat_parts(self, tensors: list[TensorSpec], world: int, rank: int) -> Iterator[tuple[list[TensorSpec], dict[str, int]]]:
+        """Each unit's tensors and this rank's bytes of its flat parameter: every tensor starts at a
+        16-byte boundary (use_orig_params), the whole is padded to a multiple of the world size."""
+        for members in _units(tensors, self._unit).values():
+            itemsize = members[0].itemsize
+            pieces = [(t.component, t.numel) for t in members]
+            yield members, split_flat(pieces, itemsize, 16 // itemsize, world, world, rank)
+
+    def held_weights(self, tensors, world, rank):
+        held: dict[str, int] = {}
+        for _, part in self._flat_parts(tensors, world, rank):
+            _add(held, part)
+        return held
+
+    def held_gradients(self, trainable, world, rank):
+        return sum(sum(part.values()) for _, part in self._flat_parts(trainable, world, rank))
+
+    def held_optimizer(self, trainable, world, rank):
+        held = super().held_optimizer(trainable, world, rank)
+        # AdamW's moments are `zeros_like` each parameter's view into the local flat shard.
+        held["optimizer_states"] = ADAM_STATES * sum(
+            part.get("lora", 0) for _, part in self._flat_parts(trainable, world, rank)
+        )
+        return held
+
+    def gathered_bytes(self, tensors, compute, world, hidden_size):
+        # As FSDP2 (the running layer and the prefetched one each with their LoRA units).
+        return _root_and_two_layers(tensors, compute)
+
+    def bucket_bytes(self, trainable, grad_dtype, world, hidden_size):
+        return max((t.numel * t.itemsize for t in trainable), default=0)
 
 
 class _ZeRO(Strategy):
@@ -322,6 +543,28 @@ class _ZeRO(Strategy):
             )
         return {"deepspeed_plugin": plugin}
 
+    @classmethod
+    def shipped_zero_config(cls) -> dict[str, Any]:
+        """The `zero_optimization` section of the shipped DeepSpeed config for this stage."""
+        from .launch import shipped_dir
+
+        return json.loads((shipped_dir("ds_configs") / f"{cls.name}.json").read_text())["zero_optimization"]
+
+    def stored_policy(self, policy, mixed_precision):
+        # Under bf16/fp16 DeepSpeed casts every parameter to that dtype (it keeps fp32 master copies).
+        if mixed_precision is None:
+            return policy
+        return dataclasses.replace(policy, norm=mixed_precision, dense=mixed_precision, adapter=mixed_precision)
+
+    def _reduce_bucket_elements(self, hidden_size: int) -> int:
+        size = self.shipped_zero_config().get("reduce_bucket_size", "auto")
+        # Accelerate fills "auto" with hidden_size squared.
+        return hidden_size * hidden_size if size == "auto" else int(size)
+
+    def bucket_bytes(self, trainable, grad_dtype, world, hidden_size):
+        # The contiguous reduce bucket, allocated whole at the first backward.
+        return self._reduce_bucket_elements(hidden_size) * grad_dtype.itemsize
+
     def install_on_cpu(self, accelerator, plugins):
         from accelerate.utils import DistributedType
 
@@ -340,6 +583,26 @@ class ZeRO2(_ZeRO, _Replicated):
     stage = 2
     shards_base = False
     shards_adapter_state = True
+
+    @staticmethod
+    def _flat(trainable: list[TensorSpec], world: int) -> tuple[int, int]:
+        """(elements of the flat trainable buffer, elements of each rank's partition): the
+        parameters back to back, padded to a multiple of 2 x world size (4-byte NCCL alignment)."""
+        numel = sum(t.numel for t in trainable)
+        numel += -numel % (2 * world)
+        return numel, numel // world
+
+    def held_weights(self, tensors, world, rank):
+        trainable = [t for t in tensors if t.trainable]
+        held = _whole(tensors)
+        # The trainable parameters become views of one flat buffer, whole on every rank.
+        if trainable:
+            held["shard_padding"] = (self._flat(trainable, world)[0] - sum(t.numel for t in trainable)) * trainable[0].itemsize
+        return held
+
+    def held_optimizer(self, trainable, world, rank):
+        partition = self._flat(trainable, world)[1] * MASTER_DTYPE.itemsize
+        return {"gradients": partition, "master_weights": partition, "optimizer_states": ADAM_STATES * partition}
 
 
 class ZeRO3(_ZeRO):
@@ -377,9 +640,38 @@ class ZeRO3(_ZeRO):
             part = param.ds_tensor.detach()
             yield LocalShard(name, part, rank * part.numel(), param.ds_numel, param.requires_grad)
 
+    linear_saves_input = True
+    """zero.Init replaces torch.nn.functional.linear with a version that saves its input and weight."""
+
+    def held_weights(self, tensors, world, rank):
+        held: dict[str, int] = {"shard_padding": 0}
+        for t in tensors:
+            # Each parameter is flattened and padded to a multiple of the world size; the optimizer
+            # later moves the trainable partitions into one flat buffer, back to back.
+            valid, stored = chunk_rows(t.numel, world, rank)
+            _add(held, {t.component: valid * t.itemsize, "shard_padding": (stored - valid) * t.itemsize})
+        return held
+
+    def held_optimizer(self, trainable, world, rank):
+        partition = sum(chunk_rows(t.numel, world, rank)[1] for t in trainable) * MASTER_DTYPE.itemsize
+        return {"gradients": partition, "master_weights": partition, "optimizer_states": ADAM_STATES * partition}
+
+    def gathered_bytes(self, tensors, compute, world, hidden_size):
+        zero = self.shipped_zero_config()
+        threshold = zero.get("stage3_param_persistence_threshold", "auto")
+        threshold = 10 * hidden_size if threshold == "auto" else int(threshold)
+        # Parameters under the persistence threshold stay gathered after their first use; the others
+        # are gathered module by module and released once reused, at most max_live_parameters at once.
+        persistent = sum(_bytes_as(t, compute) for t in tensors if t.numel < threshold)
+        others = [t for t in tensors if t.numel >= threshold]
+        numel = sum(t.numel for t in others)
+        live = min(numel, int(zero.get("stage3_max_live_parameters", 1e9)))
+        return persistent + (sum(_bytes_as(t, compute) for t in others) * live // numel if numel else 0)
+
 
 class SingleProcess(Strategy):
-    """One process: nothing to shard or synchronize (the run keeps its strategy's dtype policy)."""
+    """One process: nothing to shard or synchronize (the run keeps its strategy's dtype policy).
+    The budget predicts a world size of 1 with it too, as training runs it."""
 
     name = "single"
     shards_base = False
@@ -453,7 +745,7 @@ def _module_path(root: nn.Module, target: nn.Module) -> str:
     raise ValueError("module not found in model")
 
 
-def _clean_fqn(name: str) -> str:
+def clean_fqn(name: str) -> str:
     """A parameter's name without the wrappers' prefixes (FSDP1 units, DDP's `module.`)."""
     from torch.distributed.fsdp._common_utils import FSDP_WRAPPED_MODULE
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, export, preflight, strategies
+from . import checkpoint, export, memory, preflight, strategies
 from .config import RunConfig, dump_config
 from .data import GlobalBatches, TokenizedData, collate, target_tokens
 from .distributed import create_accelerator, resolve_mixed_precision, world_size_from_env
@@ -103,6 +103,7 @@ def run(cfg: RunConfig) -> RunSummary:
     adapter_total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model, optimizer, base_optimizer = sharder.shard(model, make_optimizer, accelerator)
     scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(cfg.train, total_steps))
+    meter = memory.MemoryMeter(cfg, model, base_optimizer, sharder, output_dir, accelerator.device)
 
     torch.manual_seed(cfg.train.seed + rank)  # dropout masks differ across ranks, reproducibly
     peft_config = accelerator.unwrap_model(model).peft_config[export.ADAPTER_NAME]
@@ -140,6 +141,7 @@ def run(cfg: RunConfig) -> RunSummary:
     metrics.close()
 
     # Export & report.
+    meter.finish()
     report = [rank_report(model, optimizer, strategy, sharder, adapter_total)]
     if dist.is_initialized():
         mine, report = report[0], [None] * world

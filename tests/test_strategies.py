@@ -157,3 +157,22 @@ def test_checkpointing_is_non_reentrant(run):
         assert "CheckpointFunctionBackward" not in probe["loss_graph_node_types"]
         # Each decoder layer ran twice per micro step: forward, then recomputed in backward.
         assert probe["first_step_layer_forward_calls"] == 2 * DEMO_LAYERS * ACCUM
+
+
+def test_memory_budget_matches_what_each_rank_holds(run):
+    # Each run writes memory_budget.json: the budget's prediction next to what every rank measured.
+    from launcher.budget import STATIC_COMPONENTS
+
+    for out, world in ((run.out, WORLD), (run.reference, 1)):
+        report = json.loads((out / "memory_budget.json").read_text())
+        assert [r["rank"] for r in report["measured"]["ranks"]] == list(range(world))
+        assert {row["component"] for row in report["comparison"]} == set(STATIC_COMPONENTS) | {"activations"}
+        for row in report["comparison"]:
+            if row["component"] in STATIC_COMPONENTS:
+                assert row["predicted"] == row["measured"], (world, row)
+            else:
+                assert abs(row["error_pct"]) <= 10, (world, row)
+        for rank in report["measured"]["ranks"]:
+            held = rank["components"]
+            assert held["lora"] > 0 and held["gradients"] > 0 and held["optimizer_states"] > 0 and held["activations"] > 0
+        assert (out / "memory_budget.png").is_file()

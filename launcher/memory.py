@@ -1,0 +1,305 @@
+"""Measure: what each rank really holds, per component, next to the budget's prediction.
+
+Every rank counts the bytes each component owns on it, exactly, storage by storage (a storage seen
+through several views or tensors counts once):
+  * after sharding: its local parameter shards (with the padding their storages carry), the 4-bit
+    quantization constants and the module buffers;
+  * during the first optimizer step: the gradients the optimizer steps with, the master copies it
+    updates when they are not the model's own parameters (ZeRO), its states after the step, and the
+    activations saved for backward during each forward pass (`saved_tensors_hooks`; storages of
+    parameters, gathered or not, are weights and do not count).
+On CUDA the same accounting runs, and torch.cuda's statistics (allocated, reserved, peak over the
+first step) come with it. Rank 0 gathers every rank, prints predicted vs measured at the start and
+the end of training, and writes `<output_dir>/memory_budget.json` and `memory_budget.png`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import budget
+from .strategies import Strategy, clean_fqn
+
+REPORT_JSON = "memory_budget.json"
+REPORT_PNG = "memory_budget.png"
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a (possibly DTensor) value that lives on this rank."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+class StorageTally:
+    """Bytes of distinct storages: another view of a storage already counted adds nothing."""
+
+    def __init__(self, exclude: set[int] = frozenset()):
+        self.exclude = exclude
+        self.seen: set[int] = set()
+        self.bytes = 0
+
+    def add(self, tensor: torch.Tensor) -> int:
+        storage = _local(tensor).untyped_storage()
+        pointer, nbytes = storage.data_ptr(), storage.nbytes()
+        if nbytes == 0 or pointer in self.seen or pointer in self.exclude:
+            return 0
+        self.seen.add(pointer)
+        self.bytes += nbytes
+        return nbytes
+
+
+def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every tensor of every 4-bit layer's QuantState (on the module and on its weight)."""
+    tensors = []
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        states = (module.quant_state, getattr(module.weight, "quant_state", None))
+        for state in {id(s): s for s in states if s is not None}.values():
+            tensors += [state.absmax, state.code]
+            if state.nested:
+                tensors += [state.offset, state.state2.absmax, state.state2.code]
+    return tensors
+
+
+def measure_weights(model: nn.Module, sharder: Strategy) -> tuple[dict[str, int], set[int]]:
+    """This rank's weight components in bytes, and the storages (data pointers) that hold them."""
+    kinds = budget.parameter_components(model)
+    held = dict.fromkeys(budget.WEIGHT_COMPONENTS, 0)
+    storages = StorageTally()
+    for shard in sharder.local_shards(model):
+        valid = max(0, min(shard.local.numel(), shard.full_numel - shard.start))
+        nbytes = valid * shard.local.element_size()
+        held[kinds[clean_fqn(shard.name)]] += nbytes
+        held["shard_padding"] -= nbytes
+        held["shard_padding"] += storages.add(shard.local)
+    quant = StorageTally()
+    for tensor in quant_state_tensors(model):
+        quant.add(tensor)
+    held["quant_states"] = quant.bytes
+    buffers = StorageTally()
+    for buffer in model.buffers():
+        buffers.add(buffer)
+    held["buffers"] = buffers.bytes
+    return held, storages.seen
+
+
+class FirstStepProbe:
+    """Hooks that watch the first optimizer step of training, then remove themselves.
+
+    Forward passes before that step (one per micro batch) record the bytes saved for backward; the
+    optimizer's own step hooks record the gradients and master copies it steps with, and its states
+    after the step. Parameter storages are told apart from activations by registering each module's
+    parameters while the module runs (after FSDP or ZeRO-3 have gathered them).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, weight_storages: set[int]):
+        self.weight_storages = weight_storages
+        self.running_params: dict[int, int] = {}
+        self.started_pointers: list[list[int]] = []
+        self.saved: dict[int, int] = {}
+        self.saved_hooks = None
+        self.activations = 0
+        self.activation_shape: tuple[int, int] | None = None
+        self.shape: tuple[int, int] | None = None
+        """(batch, sequence) of the forward pass running now."""
+        self.measured: dict[str, int] = {}
+        self.done = False
+        self.handles = [
+            model.register_forward_pre_hook(self._forward_started, with_kwargs=True),
+            model.register_forward_hook(self._forward_finished),
+            optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_step_post_hook(self._after_step),
+        ]
+        for module in model.modules():
+            self.handles.append(module.register_forward_pre_hook(self._module_started))
+            self.handles.append(module.register_forward_hook(self._module_finished))
+
+    def _module_started(self, module, args):
+        pointers = [p.untyped_storage().data_ptr() for p in module.parameters(recurse=False)]
+        for pointer in pointers:
+            self.running_params[pointer] = self.running_params.get(pointer, 0) + 1
+        self.started_pointers.append(pointers)
+
+    def _module_finished(self, module, args, output):
+        # By now FSDP may have freed the gathered parameters: forget the pointers noted at the start.
+        for pointer in self.started_pointers.pop():
+            self.running_params[pointer] -= 1
+            if not self.running_params[pointer]:
+                del self.running_params[pointer]
+
+    def _pack(self, tensor: torch.Tensor):
+        if tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            pointer = storage.data_ptr()
+            if pointer not in self.running_params and pointer not in self.weight_storages:
+                self.saved[pointer] = storage.nbytes()
+        return tensor
+
+    def _forward_started(self, module, args, kwargs):
+        self.saved = {}
+        self.saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self.saved_hooks.__enter__()
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self.shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else None
+
+    def _forward_finished(self, module, args, output):
+        self.saved_hooks.__exit__(None, None, None)
+        saved = sum(self.saved.values())
+        if saved >= self.activations:
+            self.activations, self.activation_shape = saved, self.shape
+        self.saved = {}
+
+    def _before_step(self, optimizer, args, kwargs):
+        gradients, master = StorageTally(), StorageTally(exclude=self.weight_storages)
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                master.add(param)
+                if param.grad is not None:
+                    gradients.add(param.grad)
+        self.measured.update(gradients=gradients.bytes, master_weights=master.bytes)
+
+    def _after_step(self, optimizer, args, kwargs):
+        states = StorageTally()
+        for state in optimizer.state.values():
+            for value in state.values():
+                # 0-dim values are step counters, kept on the host even on CUDA.
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    states.add(value)
+        self.measured.update(optimizer_states=states.bytes, activations=self.activations)
+        for handle in self.handles:
+            handle.remove()
+        self.done = True
+
+
+class CudaPeaks:
+    """torch.cuda's own statistics, per optimizer step: peak allocated and reserved bytes."""
+
+    KEPT_STEPS = 10
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.after_sharding = torch.cuda.memory_allocated()
+        self.steps: list[dict[str, int]] = []
+        self.max_allocated = self.max_reserved = 0
+        torch.cuda.reset_peak_memory_stats()
+        self.handle = optimizer.register_step_post_hook(self._after_step)
+
+    def _after_step(self, optimizer, args, kwargs):
+        allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        self.max_allocated, self.max_reserved = max(self.max_allocated, allocated), max(self.max_reserved, reserved)
+        if len(self.steps) < self.KEPT_STEPS:
+            self.steps.append({"peak_allocated_bytes": allocated, "peak_reserved_bytes": reserved})
+        torch.cuda.reset_peak_memory_stats()
+
+    def report(self) -> dict:
+        self.handle.remove()
+        return {
+            "allocated_after_sharding_bytes": self.after_sharding,
+            "peak_allocated_bytes": self.max_allocated,
+            "peak_reserved_bytes": self.max_reserved,
+            "first_steps": self.steps,
+        }
+
+
+def error_pct(predicted: int, measured: int) -> float | None:
+    if measured == 0:
+        return None if predicted else 0.0
+    return round(100 * (predicted - measured) / measured, 3)
+
+
+class MemoryMeter:
+    """This rank's measurement, and on rank 0 the prediction next to it (see the module docstring)."""
+
+    def __init__(self, cfg, model: nn.Module, optimizer: torch.optim.Optimizer, sharder: Strategy, output_dir, device: torch.device):
+        self.cfg, self.output_dir = cfg, Path(output_dir)
+        self.weights, storages = measure_weights(model, sharder)
+        self.probe = FirstStepProbe(model, optimizer, storages)
+        self.cuda = CudaPeaks(optimizer) if device.type == "cuda" else None
+        self.main = not dist.is_initialized() or dist.get_rank() == 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.hardware = budget.Hardware(world_size=world, device=device.type)
+        self.predicted = self._predict() if self.main else None
+        measured = _gather(self.weights)
+        if self.predicted:
+            print(self.table(self.predicted, measured, budget.WEIGHT_COMPONENTS, "at the start of training"), flush=True)
+
+    def _predict(self, activation_shape: tuple[int, int] | None = None) -> budget.Budget | None:
+        # The report must never stop training: a model the budget cannot predict gets a note instead.
+        try:
+            return budget.predict(self.cfg, self.hardware, activation_shape=activation_shape)
+        except budget.ConfigError as error:
+            print(f"Memory budget: no prediction for this model ({error}); measuring only.", flush=True)
+            return None
+
+    def finish(self) -> None:
+        """Gathers every rank's measurement (a collective); rank 0 prints and writes the report."""
+        ranks = _gather({"components": {**self.weights, **self.probe.measured}, "cuda": self.cuda.report() if self.cuda else None})
+        if not self.main:
+            return
+        measured = [r["components"] for r in ranks]
+        names = [n for n in budget.COMPONENTS if n in measured[0]]
+        configured = (self.cfg.train.micro_batch_size, self.cfg.data.max_seq_len)
+        shape = self.probe.activation_shape or configured
+        if self.predicted and shape != configured:  # the longest micro batch was shorter than max_seq_len
+            self.predicted = self._predict(activation_shape=shape)
+        report = {
+            "schema_version": 1,
+            "activation_shape": list(shape),
+            "predicted": self.predicted.to_json() if self.predicted else None,
+            "measured": {"ranks": [
+                {"rank": r, "components": {n: m[n] for n in names}, "total_bytes": sum(m[n] for n in names), "cuda": ranks[r]["cuda"]}
+                for r, m in enumerate(measured)
+            ]},
+            "comparison": [] if not self.predicted else [
+                {"rank": r, "component": n, "predicted": self.predicted.ranks[r].components[n], "measured": m[n],
+                 "error_pct": error_pct(self.predicted.ranks[r].components[n], m[n])}
+                for r, m in enumerate(measured) for n in names
+            ],
+        }
+        (self.output_dir / REPORT_JSON).write_text(json.dumps(report, indent=2))
+        if not self.predicted:
+            return
+        print(self.table(self.predicted, measured, names, f"after the first step (micro batch {shape[0]} x {shape[1]} tokens)"), flush=True)
+        if self.cuda:
+            total = self.predicted.ranks[0].total_bytes - self.predicted.ranks[0].components["runtime"]
+            print(f"torch.cuda on rank 0: peak allocated {budget.format_bytes(ranks[0]['cuda']['peak_allocated_bytes'])}, "
+                  f"peak reserved {budget.format_bytes(ranks[0]['cuda']['peak_reserved_bytes'])}; predicted total without "
+                  f"the runtime allowance {budget.format_bytes(total)}.", flush=True)
+        self.plot(measured, names)
+
+    @staticmethod
+    def table(predicted: budget.Budget, measured: list[dict[str, int]], names, when: str) -> str:
+        columns = [{n: (predicted.ranks[r].components[n], m[n]) for n in names} for r, m in enumerate(measured)]
+        groups = budget.rank_groups(columns)
+        header = ["component"] + [f"{g}: predicted / measured (error)" for g, _ in groups]
+        rows = []
+        for name in names:
+            cells = []
+            for _, r in groups:
+                p, m = columns[r][name]
+                err = error_pct(p, m)
+                cells.append(f"{budget.format_bytes(p)} / {budget.format_bytes(m)} ({'n/a' if err is None else f'{err:+.2f}%'})")
+            rows.append([name] + cells)
+        return f"\nMemory per rank {when}, {predicted.strategy} on {len(measured)} rank(s):\n" + budget.render_table(header, rows)
+
+    def plot(self, measured: list[dict[str, int]], names) -> None:
+        bars = []
+        for r, m in enumerate(measured):
+            bars += [(f"rank {r} predicted", {n: self.predicted.ranks[r].components[n] for n in names}), (f"rank {r} measured", {n: m[n] for n in names})]
+        try:
+            budget.plot_stacked(self.output_dir / REPORT_PNG, bars, f"{self.predicted.strategy}: predicted vs measured per rank")
+        except budget.ConfigError as missing:
+            print(f"Not plotting {REPORT_PNG}: {missing}", flush=True)
+
+
+def _gather(mine: dict) -> list[dict]:
+    if not dist.is_initialized():
+        return [mine]
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
+    return ranks

@@ -1,0 +1,274 @@
+"""The memory budget: static components exact to the byte, activations within 10%, and the commands.
+
+Real launches: every sharding strategy on 3 CPU ranks with a model whose shapes do not split evenly
+(so every kind of padding appears and the last rank differs), grouped-query attention, checkpointing
+off, LoRA dropout on and two micro batches per step. The training run itself writes
+memory_budget.json (predicted vs measured per rank); the test reads it. test_strategies.py checks
+the same on the demo model at world sizes 1 and 2, with checkpointing on.
+
+In process: activations across sequence lengths x micro batches x checkpointing x two model shapes,
+measured by the same probe training uses; the meta skeleton against the real loaded model; the
+4-bit packing and quantization constants against bitsandbytes; `qlaunch budget` and `qlaunch plan`.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_command, tail
+from launcher import budget, cli, launch, memory, strategies
+from launcher.config import load_config
+from launcher.demo import build_base_model, write_dataset
+
+UNEVEN_WORLD = 3
+SHARDING = ["fsdp2", "fsdp1", "zero2", "zero3"]
+LLAMA_2_70B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
+    "num_attention_heads": 64, "num_hidden_layers": 80, "num_key_value_heads": 8, "vocab_size": 32000,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": False,
+}
+
+
+@pytest.fixture(scope="module")
+def uneven_assets(tmp_path_factory) -> Path:
+    """hidden 100, 5 heads of 20, 1 kv head, LoRA r=5: rows and flat sizes that 3 ranks cannot split evenly."""
+    root = tmp_path_factory.mktemp("uneven")
+    build_base_model(root / "base", layers=2, hidden=100, heads=5, kv_heads=1)
+    write_dataset(root / "data.jsonl", records=64, words=30)
+    return root
+
+
+@pytest.fixture(scope="module", params=SHARDING)
+def uneven_run(request, uneven_assets, tmp_path_factory) -> tuple[str, Path, dict]:
+    strategy = request.param
+    root = tmp_path_factory.mktemp(f"uneven-{strategy}")
+    # The command `qlaunch train` itself runs: the shipped accelerate (and DeepSpeed) config for the strategy.
+    cmd = launch.accelerate_command(strategies.get(strategy), UNEVEN_WORLD, [
+        "--model.path", str(uneven_assets / "base"),
+        "--data.path", str(uneven_assets / "data.jsonl"),
+        "--strategy", strategy,
+        "--output_dir", str(root / "run"),
+        "--lora.r", "5",
+        "--lora.dropout", "0.05",
+        "--train.gradient_checkpointing", "false",
+        "--train.micro_batch_size", "3",
+        "--train.grad_accum_steps", "2",
+        "--train.max_steps", "1",
+    ])
+    proc = run_command(cmd, root / "launch.log")
+    assert proc.returncode == 0, tail(root / "launch.log")
+    return strategy, root, json.loads((root / "run" / memory.REPORT_JSON).read_text())
+
+
+def test_uneven_shards_are_predicted_to_the_byte(uneven_run):
+    strategy, root, report = uneven_run
+    ranks = report["measured"]["ranks"]
+    assert len(ranks) == UNEVEN_WORLD
+    for row in report["comparison"]:
+        if row["component"] in budget.STATIC_COMPONENTS:
+            assert row["predicted"] == row["measured"], row
+        else:
+            assert abs(row["error_pct"]) <= 10, row
+    # The shapes were chosen so that padding appears and, where tensors are split, ranks differ.
+    assert any(r["components"]["shard_padding"] > 0 for r in ranks), ranks
+    if strategy != "zero2":
+        assert len({json.dumps(r["components"], sort_keys=True) for r in ranks}) > 1
+    log = (root / "launch.log").read_text()
+    assert "Memory per rank at the start of training" in log and "Memory per rank after the first step" in log
+    assert (root / "run" / memory.REPORT_PNG).read_bytes().startswith(b"\x89PNG")
+
+
+# --- Activations, in process, with the probe training uses -------------------------------------
+
+SHAPES = {"llama-mha": dict(layers=3, hidden=128, heads=4, kv_heads=4), "llama-gqa": dict(layers=2, hidden=192, heads=6, kv_heads=2)}
+SEQ_LENS = (16, 80)
+MICRO_BATCHES = (1, 3)
+
+
+@pytest.fixture(scope="module")
+def shape_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("shapes")
+    return {name: build_base_model(root / name, **dims) for name, dims in SHAPES.items()}
+
+
+def measure_activations(model, cfg, batch: int, seq: int) -> int:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    _, storages = memory.measure_weights(model, strategies.SingleProcess())
+    probe = memory.FirstStepProbe(model, optimizer, storages)
+    ids = torch.randint(4, 200, (batch, seq))
+    loss = model(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids), num_items_in_batch=batch * seq).loss
+    loss.backward()
+    optimizer.step()
+    assert probe.done and probe.activation_shape == (batch, seq)
+    return probe.measured["activations"]
+
+
+def run_config(path: Path, checkpointing: bool, batch: int = 1, seq: int = 16):
+    return load_config(None, [
+        ("model.path", str(path)), ("strategy", "ddp"), ("lora.dropout", 0.05), ("train.mixed_precision", "no"),
+        ("train.gradient_checkpointing", checkpointing), ("train.micro_batch_size", batch), ("data.max_seq_len", seq),
+    ])
+
+
+def real_model(cfg):
+    from launcher.model import build_model, load_quantized_base
+
+    policy = strategies.dtype_policy(cfg, strategies.get(cfg.strategy), "no")
+    return build_model(cfg, policy, load_quantized_base(cfg, policy)).train()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "no-checkpointing"])
+def test_activations_within_ten_percent(shape_dirs, shape, checkpointing):
+    model = real_model(run_config(shape_dirs[shape], checkpointing))
+    for seq in SEQ_LENS:
+        for batch in MICRO_BATCHES:
+            cfg = run_config(shape_dirs[shape], checkpointing, batch, seq)
+            predicted = budget.predict(cfg, budget.Hardware(device="cpu")).ranks[0].components["activations"]
+            measured = measure_activations(model, cfg, batch, seq)
+            assert abs(predicted - measured) <= 0.1 * measured, (shape, checkpointing, batch, seq, predicted, measured)
+
+
+def test_meta_skeleton_is_the_loaded_model(shape_dirs):
+    # The budget's meta model has exactly the parameters, dtypes, quantization constants and buffers
+    # of the model training loads and quantizes.
+    cfg = run_config(shape_dirs["llama-gqa"], True)
+    model = real_model(cfg)
+    predicted = budget.predict(cfg, budget.Hardware(device="cpu"))
+    kinds = budget.parameter_components(model)
+    real = [(n, kinds[n], tuple(p.shape), p.dtype, p.requires_grad) for n, p in model.named_parameters()]
+    meta = [(t.name, t.component, t.shape, t.dtype, t.trainable) for t in predicted.model.tensors]
+    assert meta == real
+    held, _ = memory.measure_weights(model, strategies.SingleProcess())
+    assert predicted.model.quant_state_bytes == held["quant_states"] > 0
+    assert predicted.model.buffer_bytes == held["buffers"] > 0
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (100, 60), (33, 96)])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32, torch.uint8])
+def test_packing_and_quant_constants_follow_bitsandbytes(shape, double_quant, storage):
+    from bitsandbytes.functional import quantize_4bit
+
+    numel = shape[0] * shape[1]
+    if (numel // 2) % storage.itemsize:
+        pytest.skip("bitsandbytes cannot view these packed bytes as this storage dtype")
+    packed, state = quantize_4bit(torch.randn(shape, dtype=torch.bfloat16), compress_statistics=double_quant, quant_type="nf4", quant_storage=storage)
+    assert tuple(packed.shape) == budget.packed_shape(numel, storage) and packed.dtype == storage
+    tensors = {"absmax": state.absmax, "quant_map": state.code}
+    if double_quant:
+        tensors.update(nested_absmax=state.state2.absmax, nested_quant_map=state.state2.code, offset=state.offset)
+    expected = budget.quant_state_shapes(numel, state.blocksize, double_quant)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()} == expected
+
+
+def test_flat_split_puts_padding_where_the_libraries_do():
+    # Two 5-element pieces aligned to 4 and padded to a multiple of 3: [a a a a a _ _ _ b b b b b _ _] -> 5 per rank.
+    pieces = [("lora", 5), ("norms", 5)]
+    parts = [strategies.split_flat(pieces, 4, 4, 3, 3, rank) for rank in range(3)]
+    assert parts[0] == {"shard_padding": 0, "lora": 20, "norms": 0}
+    assert parts[1] == {"shard_padding": 12, "lora": 0, "norms": 8}
+    assert parts[2] == {"shard_padding": 8, "lora": 0, "norms": 12}
+    assert strategies.chunk_rows(5, 3, 2) == (1, 2) and strategies.chunk_rows(2, 3, 2) == (0, 1)
+
+
+# --- qlaunch budget ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_70b(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("llama-2-70b") / "config.json"
+    path.write_text(json.dumps(LLAMA_2_70B))
+    return path
+
+
+def budget_json(capsys, *args) -> dict:
+    assert cli.main(["budget", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_budget_json_schema_and_sharding_of_a_70b_config(llama_70b, capsys):
+    common = ["--model", str(llama_70b), "--world-size", "2", "--seq-len", "2048", "--gpu-memory", "24GiB"]
+    fsdp2 = budget_json(capsys, *common, "--strategy", "fsdp2")
+    ddp = budget_json(capsys, *common, "--strategy", "ddp")
+    zero3 = budget_json(capsys, *common, "--strategy", "zero3", "--offload")
+    for report in (fsdp2, ddp, zero3):
+        assert report["schema_version"] == 1 and report["world_size"] == 2 and report["seq_len"] == 2048
+        assert set(report["components"]) == set(budget.COMPONENTS)
+        assert [r["rank"] for r in report["ranks"]] == [0, 1]
+        for rank in report["ranks"]:
+            assert set(rank["components"]) == set(budget.COMPONENTS)
+            assert rank["total_bytes"] == sum(rank["components"].values())
+            assert rank["headroom_bytes"] == 24 * 2**30 - rank["total_bytes"]
+            assert rank["fits"] == (rank["headroom_bytes"] >= 0)
+    one, full = fsdp2["ranks"][0]["components"], ddp["ranks"][0]["components"]
+    # 70B parameters in 4 bits are about 35 GB; FSDP2 holds half of them, the constants whole.
+    assert 30e9 < full["base_4bit"] < 40e9 and 2 * one["base_4bit"] == full["base_4bit"]
+    assert one["quant_states"] == full["quant_states"] > 0.5e9
+    assert 2 * one["optimizer_states"] == full["optimizer_states"] and full["master_weights"] == 0
+    assert one["gathered_params"] > 0 and full["gathered_params"] == 0
+    assert ddp["fits"] is False
+    offloaded = zero3["ranks"][0]
+    assert offloaded["components"]["optimizer_states"] == 0 and offloaded["host_components"]["optimizer_states"] > 0
+    assert offloaded["host_components"]["master_weights"] == offloaded["host_components"]["gradients"] > 0
+
+
+def test_budget_table_flags_override_the_run_config_and_plot(shape_dirs, tmp_path, capsys):
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(f"model: {{path: {shape_dirs['llama-gqa']}}}\nlora: {{r: 8}}\ndata: {{max_seq_len: 128}}\nstrategy: zero3\n")
+    report = budget_json(capsys, "--config", str(run_yaml), "--seq-len", "256", "--nodes", "2", "--gpus-per-node", "2")
+    assert (report["seq_len"], report["lora"]["r"], report["strategy"], report["world_size"], report["nodes"]) == (256, 8, "zero3", 4, 2)
+    plot = tmp_path / "budget.png"
+    assert cli.main(["budget", "--config", str(run_yaml), "--world-size", "3", "--gpu-memory", "80GB", "--plot", str(plot)]) == 0
+    table = capsys.readouterr().out
+    assert "Memory budget per rank" in table and "ranks 0-1" in table and "rank 2" in table and "FITS" in table
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("gpt2") / "config.json"
+    path.write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 100}))
+    return path
+
+
+def test_architectures_outside_the_activation_model_are_refused(gpt2, capsys):
+    assert cli.main(["budget", "--model", str(gpt2)]) == 2
+    assert "Activations are modelled for Llama-style decoder layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "some-org/not-downloaded-model"], r"not in the local Hugging Face cache.*config.json"),
+    (["--strategy", "zero4"], r"Unknown strategy `zero4`"),
+    (["--gpu-memory", "lots"], r"--gpu-memory `lots` is not a size"),
+    (["--strategy", "fsdp2", "--offload"], r"--offload models DeepSpeed's offload_optimizer"),
+    (["--world-size", "4", "--nodes", "2", "--gpus-per-node", "3"], r"disagrees"),
+    (["--optimizer", "sgd"], r"Optimizer `sgd`"),
+])
+def test_budget_bad_input_gets_one_clear_error(llama_70b, capsys, args, message):
+    import re
+
+    full = args if args[0] == "--model" else ["--model", str(llama_70b), *args]
+    assert cli.main(["budget", *full]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+# --- qlaunch plan ------------------------------------------------------------------------------
+
+
+def test_plan_keeps_what_fits_and_recommends_the_fastest(shape_dirs, capsys):
+    base = ["plan", "--model", str(shape_dirs["llama-mha"]), "--world-size", "2", "--seq-len", "64", "--runtime-overhead", "0"]
+    assert cli.main([*base, "--gpu-memory", "12MiB", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    fits = [c for c in report["candidates"] if c["fits"]]
+    assert fits and len(fits) < len(report["candidates"])
+    for c in report["candidates"]:
+        assert c["fits"] == (c["peak_bytes"] <= report["limit_bytes"])
+    best = report["recommended"]
+    chosen = next(c for c in fits if all(c[k] == best[k] for k in ("strategy", "micro_batch", "gradient_checkpointing", "offload")))
+    assert chosen["estimated_tokens_per_s"] >= 0.99 * max(c["estimated_tokens_per_s"] for c in fits)
+    assert f"--strategy {best['strategy']}" in best["command"] and f"--train.micro_batch_size {best['micro_batch']}" in best["command"]
+    assert cli.main([*base, "--gpu-memory", "1MiB"]) == 0
+    assert "Nothing fits" in capsys.readouterr().out
