@@ -5,8 +5,10 @@
 Both run the embedded demo model and data with the same run config (sequence length, micro batch,
 LoRA shape, seed, steps) under the same shipped accelerate config, 2 ranks, alternating several
 times. Per run and rank it records throughput, time from launch to the first optimizer step, peak
-host RSS, peak CUDA memory, gradient and optimizer-state bytes and the final loss; it prints median
-and spread, and appends the table with a machine description to bench/RESULTS.md.
+host RSS, peak CUDA memory, gradient and optimizer-state bytes and the final loss, and for this launcher
+the memory budget's worst prediction error per rank (memory_budget.json); it prints median and
+spread, and appends the table with a machine description to bench/RESULTS.md. The cost of
+`qlaunch budget` itself for 70B and 405B configs is measured by bench/budget_speed.py.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def run_launcher(strategy: str, run_yaml: Path, out: Path, train_args: list[str]
                                                         "--output_dir", str(out), *train_args], out.with_suffix(".log"))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     report = json.loads((out / "shard_report.json").read_text())
+    budget = json.loads((out / "memory_budget.json").read_text())
+    measured = {r["rank"]: r["components"] for r in budget["measured"]["ranks"]}
     steady_tokens = sum(r["tokens"] for r in records[1:])
     return {
         "tokens_per_s": steady_tokens / (records[-1]["unix_time"] - records[0]["unix_time"]),
@@ -65,8 +69,9 @@ def run_launcher(strategy: str, run_yaml: Path, out: Path, train_args: list[str]
         "ranks": [{
             "peak_host_rss_mib": r["peak_host_rss_bytes"] / MIB,
             "peak_device_mib": r["peak_device_bytes"] / MIB if r["peak_device_bytes"] is not None else None,
-            "optimizer_state_mib": r["optimizer_state_elements_local"] * 4 / MIB,
-            "grad_mib": None,
+            "optimizer_state_mib": measured[r["rank"]]["optimizer_states"] / MIB,
+            "grad_mib": measured[r["rank"]]["gradients"] / MIB,
+            "budget_error_pct": max(abs(row["error_pct"]) for row in budget["comparison"] if row["rank"] == r["rank"]),
         } for r in report],
     }
 
@@ -87,6 +92,7 @@ def run_peer(strategy: str, run_yaml: Path, out: Path, train_args: list[str]) ->
             "peak_device_mib": r["peak_device_bytes"] / MIB if r["peak_device_bytes"] is not None else None,
             "optimizer_state_mib": r["optimizer_state_bytes"] / MIB,
             "grad_mib": r["grad_bytes"] / MIB,
+            "budget_error_pct": None,
         } for r in ranks],
     }
 
@@ -102,8 +108,8 @@ def summarize(values: list[float | None]) -> str:
 
 def table(results: dict) -> str:
     lines = [
-        "| strategy | tool | rank | tokens/s (all ranks) | launch → first step (s) | peak RSS (MiB) | peak CUDA (MiB) | grads (MiB) | optimizer state (MiB) | final loss |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| strategy | tool | rank | tokens/s (all ranks) | launch → first step (s) | peak RSS (MiB) | peak CUDA (MiB) | grads (MiB) | optimizer state (MiB) | final loss | budget error, worst component (%) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (strategy, tool), runs in results.items():
         for rank in range(WORLD):
@@ -117,6 +123,7 @@ def table(results: dict) -> str:
                 summarize([r["grad_mib"] for r in per_rank]),
                 summarize([r["optimizer_state_mib"] for r in per_rank]),
                 summarize([r["final_loss"] for r in runs]) if rank == 0 else "",
+                summarize([r["budget_error_pct"] for r in per_rank]),
             ]) + " |")
     return "\n".join(lines)
 
