@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception:
         dist = sys.modules.get("torch.distributed")
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            # A rank failed (a timed-out collective, say): its peers wait for it to be gone, and the
-            # libraries' exit handlers take seconds. End now, once the error is printed.
+        if "LOCAL_RANK" in os.environ and dist is not None and dist.is_available() and dist.is_initialized():
+            # A launched rank failed (a timed-out collective, say): its peers wait for it to be gone, and
+            # the libraries' exit handlers take seconds. End now, once the error is printed.
             traceback.print_exc()
             sys.stdout.flush()
             sys.stderr.flush()

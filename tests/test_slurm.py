@@ -146,6 +146,22 @@ def test_preempted_job_checkpoints_requeues_and_resumes_without_a_jump(preempted
         assert resumed[step] == pytest.approx(reference[step], abs=1e-4), (step, resumed[step], reference[step])
 
 
+def test_a_cancelled_job_checkpoints_and_is_not_requeued(cluster, demo_assets, tmp_path):
+    """`scancel` sends SIGTERM to every process of the job: one rank (in qlaunch's own process) checkpoints, stays stopped."""
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = cluster.submit(SCRIPTS / "single_node.sbatch", train_args(demo_assets, out), ["--gpus-per-node=1", f"--output={log}"], JOB_ENV, tmp_path)
+    wait_until(lambda: len(metrics(out)) >= PREEMPT_AFTER or cluster.job(job)["JobState"] in FINAL, 600, "training to start")
+    cluster.run(["scancel", str(job)])
+    info = cluster.wait_for(job, FINAL, 120)
+    output = log.read_text()
+    # Every process gets SIGTERM from Slurm, and the ranks SIGUSR2 from the script's trap: either may be the last seen.
+    stopped = int(re.search(r"Stopped after step (\d+) on SIG(?:TERM|USR2): the checkpoint is complete", output)[1])
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), output[-3000:]
+    assert f"job {job} was cancelled, so it is not requeued" in output
+    assert f"rank 0/1 on {info['NodeList']}" in output  # one rank: run in qlaunch's own process, no accelerate launch
+    assert (out / "checkpoints" / f"step-{stopped:06d}" / "meta.json").is_file()
+
+
 def free_job_port() -> tuple[int, int]:
     for job in range(900000, 901000):
         with socket.socket() as s:
