@@ -1,22 +1,14 @@
 """Outside Slurm: two `accelerate launch` machines on one host, the hang guard, and SIGTERM to `qlaunch train`."""
 
 import json
-import os
 import re
 import signal
-import subprocess
 import time
-from pathlib import Path
 
-import pytest
 import torch
 
-from conftest import CPU_ENV, REPO, free_port, python, tail
+from conftest import REPO, free_port, python, start_command, tail, wait_for
 from launcher.preemption import is_running
-
-
-def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=dict(os.environ, **CPU_ENV, **(env or {})))
 
 
 def test_two_accelerate_launches_with_machine_ranks_0_and_1_form_one_run(demo_assets, tmp_path):
@@ -25,7 +17,7 @@ def test_two_accelerate_launches_with_machine_ranks_0_and_1_form_one_run(demo_as
     procs, logs = [], []
     for machine_rank in (0, 1):
         logs.append(tmp_path / f"machine{machine_rank}.log")
-        procs.append(start([
+        procs.append(start_command([
             python(), "-m", "accelerate.commands.launch",
             "--config_file", "accelerate_configs/multinode/fsdp2.yaml",
             "--num_machines", "2", "--machine_rank", str(machine_rank),
@@ -49,16 +41,13 @@ def test_a_rank_that_never_reaches_a_collective_fails_the_run_within_the_timeout
     timeout = 10
     probe = tmp_path / "probe"
     log = tmp_path / "hang.log"
-    proc = start(
+    proc = start_command(
         [python(), "tests/launch_probe.py", str(probe), "2", "--", "--config", str(demo_assets / "run.yaml"),
          "--output_dir", str(tmp_path / "run"), "--train.max_steps", "10", "--dist.timeout_s", str(timeout)],
         log, env={"PROBE_STALL": "1:3", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"},
     )
     stalled = probe / "stalled"
-    deadline = time.monotonic() + 300
-    while not stalled.is_file():
-        assert proc.poll() is None and time.monotonic() < deadline, tail(log)
-        time.sleep(0.05)
+    wait_for(stalled.is_file, 300, proc, log)
     pids = [int((probe / f"pid-rank{r}").read_text()) for r in range(2)]
     while any(is_running(pid) for pid in pids):
         assert time.time() - float(stalled.read_text()) < 3 * timeout, f"ranks still running:\n{tail(log)}"
@@ -76,13 +65,10 @@ def test_a_rank_that_never_reaches_a_collective_fails_the_run_within_the_timeout
 def test_sigterm_to_qlaunch_checkpoints_and_exits_with_the_preemption_status(demo_assets, tmp_path):
     """Only qlaunch gets the signal (as from `kill`): it passes it on; the ranks agree, checkpoint and stop."""
     out, log, steps = tmp_path / "run", tmp_path / "train.log", 40
-    proc = start([python(), "-m", "launcher", "train", "--nproc", "2", "--config", str(demo_assets / "run.yaml"),
+    proc = start_command([python(), "-m", "launcher", "train", "--nproc", "2", "--config", str(demo_assets / "run.yaml"),
                   "--output_dir", str(out), "--train.max_steps", str(steps), "--dist.preempt_exit_code", "99"], log)
     metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 4):
-        assert proc.poll() is None and time.monotonic() < deadline, tail(log)
-        time.sleep(0.1)
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 4, 300, proc, log)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 99, tail(log)
     text = log.read_text()

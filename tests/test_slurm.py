@@ -7,7 +7,6 @@ their losses are the reference the resumed two-node run must follow step for ste
 """
 
 import json
-import os
 import re
 import socket
 import subprocess
