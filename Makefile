@@ -18,5 +18,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/qlaunch demo
 
+# The Slurm tests need Debian's slurmctld, slurmd and munge: installed here (apt-get) if missing.
 test: install
+	python3 tests/slurm_cluster.py install
 	$(PY) -m pytest

@@ -43,6 +43,7 @@ TMP_PREFIX = ".tmp-"
 RESUMABLE_CHANGES = {
     "train.max_steps", "train.epochs", "train.log_interval",
     "checkpoint.every_steps", "checkpoint.keep_last",
+    "dist.timeout_s", "dist.rendezvous_timeout_s", "dist.preempt_exit_code",
     "output_dir", "overwrite_output_dir", "resume", "strategy",
 }
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from .config import ConfigError, describe_keys, load_config, parse_overrides
@@ -39,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", help="run config YAML (see README); flags override it")
     train.add_argument("--strategy", help="fsdp2 (default), fsdp1, zero2, zero3 or ddp")
-    train.add_argument("--nproc", type=int, help="processes (GPUs) to start; default: all GPUs, 1 without CUDA")
+    train.add_argument(
+        "--nproc", type=int,
+        help="processes (GPUs) to start; default: all GPUs, 1 without CUDA. Inside a Slurm allocation: per node, default its GPUs",
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -131,13 +135,15 @@ def cmd_train(args, extra: list[str]) -> int:
     if args.strategy:
         overrides.append(("strategy", args.strategy))
     cfg = load_config(args.config, overrides)
-    if launch.inside_launcher() or args.nproc == 1 or (args.nproc is None and launch.default_nproc() == 1):
+    # Inside a Slurm allocation the machines come from it (launcher/slurm.py), else this machine alone.
+    machines = None if launch.inside_launcher() else launch.plan(args.nproc)
+    if machines is None or machines.num_processes == 1:
         train.run(cfg)
         return 0
     preflight.check_all(cfg)
     strategy = strategies.resolve(cfg)
     forwarded = (["--config", args.config] if args.config else []) + extra + ["--strategy", strategy.name]
-    return launch.launch(strategy, args.nproc or launch.default_nproc(), forwarded)
+    return launch.launch(strategy, machines, forwarded, cfg.dist)
 
 
 def cmd_demo(args) -> int:
@@ -209,6 +215,16 @@ def main(argv: list[str] | None = None) -> int:
         where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ and "LOCAL_RANK" in os.environ else ""
         print(f"qlaunch: error{where}: {error}", file=sys.stderr)
         return 2
+    except Exception:
+        dist = sys.modules.get("torch.distributed")
+        if "LOCAL_RANK" in os.environ and dist is not None and dist.is_available() and dist.is_initialized():
+            # A launched rank failed (a timed-out collective, say): its peers wait for it to be gone, and
+            # the libraries' exit handlers take seconds. End now, once the error is printed.
+            traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        raise
 
 
 if __name__ == "__main__":

@@ -91,6 +91,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistConfig:
+    timeout_s: int = 1800
+    """Collective timeout: a rank that stops taking part (hung or gone) fails the run after this many seconds."""
+    rendezvous_timeout_s: int = 600
+    """How long the nodes of a run wait for each other at start (head unreachable, port taken, a node that never starts)."""
+    preempt_exit_code: int = 85
+    """Exit status of a run stopped by SIGUSR2 or SIGTERM after a complete checkpoint; the slurm/ scripts requeue on it."""
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -98,6 +108,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     strategy: str = ""
     """fsdp2, fsdp1, zero2, zero3 or ddp; empty means: follow the accelerate config (fsdp2 if none)."""
     output_dir: str = "outputs/run"

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from .config import RunConfig
 from .strategies import Strategy
@@ -49,6 +51,8 @@ def create_accelerator(cfg: RunConfig, strategy: Strategy) -> Accelerator:
         mixed_precision=resolve_mixed_precision(cfg, cuda),
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         step_scheduler_with_optimizer=False,
+        # Every collective, the first and barriers included, fails after this: a rank that stops taking part ends the run.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s))],
     )
     if cuda or not distributed:
         return Accelerator(**kwargs, **plugins)

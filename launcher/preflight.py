@@ -33,6 +33,12 @@ def check_values(cfg: RunConfig) -> None:
     require(t.lr_schedule in ("cosine", "linear", "constant"), f"`train.lr_schedule` is `{t.lr_schedule}`; use cosine, linear or constant.")
     require(t.mixed_precision in ("auto", "no", "bf16", "fp16"), f"`train.mixed_precision` is `{t.mixed_precision}`; use auto, no, bf16 or fp16.")
     require(cfg.data.max_seq_len > 1, f"`data.max_seq_len` must be at least 2, got {cfg.data.max_seq_len}.")
+    for key in ("timeout_s", "rendezvous_timeout_s"):
+        require(getattr(cfg.dist, key) > 0, f"`dist.{key}` must be a positive number of seconds, got {getattr(cfg.dist, key)}.")
+    require(
+        3 <= cfg.dist.preempt_exit_code <= 125,
+        f"`dist.preempt_exit_code` must be in 3..125 (1 and 2 mean errors, above 125 the shell's own), got {cfg.dist.preempt_exit_code}.",
+    )
 
 
 def check_model(cfg: RunConfig) -> None:
@@ -98,4 +104,5 @@ def check_all(cfg: RunConfig) -> None:
     strategies.resolve(cfg)
     check_model(cfg)
     check_dataset(cfg)
-    check_output_dir(cfg)
+    if not cfg.resume:  # a resumed run finds its own output there (a requeued job does); the ranks check the checkpoint
+        check_output_dir(cfg)

@@ -18,6 +18,7 @@ from .data import GlobalBatches, TokenizedData, collate, target_tokens
 from .distributed import create_accelerator, resolve_mixed_precision, world_size_from_env
 from .metrics import MetricsLog
 from .model import build_model, load_base
+from .preemption import StopSignal
 
 CHECK_TOKENS = 32
 
@@ -66,6 +67,12 @@ def rank_report(model, optimizer, strategy: strategies.Strategy, sharder: strate
 
 
 def run(cfg: RunConfig) -> RunSummary:
+    # From here on SIGUSR2 and SIGTERM only set a flag; the loop stops at a step boundary (preemption.py).
+    with StopSignal(cfg.dist.preempt_exit_code) as stop:
+        return _run(cfg, stop)
+
+
+def _run(cfg: RunConfig, stop: StopSignal) -> RunSummary:
     # Plan: validate everything and tokenize before any process group exists.
     strategy = strategies.resolve(cfg)
     cfg.strategy = strategy.name
@@ -135,8 +142,11 @@ def run(cfg: RunConfig) -> RunSummary:
             )
             window_tokens, window_start = 0, now
         every = cfg.checkpoint.every_steps
-        if (every and (step + 1) % every == 0) or step + 1 == total_steps:
+        preempted = step + 1 < total_steps and stop.agreed(accelerator.device)  # one all-reduce: all ranks stop here
+        if (every and (step + 1) % every == 0) or step + 1 == total_steps or preempted:
             checkpoint.save(cfg, step + 1, world, sharder, model, optimizer, scheduler, peft_config)
+        if preempted:
+            stop.exit(step + 1)  # exits with cfg.dist.preempt_exit_code
     seconds = time.perf_counter() - started
     metrics.close()
 

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,20 @@ def run_command(cmd: list[str], log: Path, timeout: int = 600, env: dict | None 
     with log.open("w") as f:
         proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=full_env, timeout=timeout)
     return proc
+
+
+def start_command(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """Starts a command from the repo root with its output in `log`, without waiting for it."""
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=dict(os.environ, **CPU_ENV, **(env or {})))
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    """Waits until `predicate()`; fails the test if `proc` ends first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"run ended early:\n{tail(log)}"
+        assert time.monotonic() < deadline, f"timed out:\n{tail(log)}"
+        time.sleep(0.1)
 
 
 def tail(log: Path, chars: int = 6000) -> str:

@@ -13,7 +13,9 @@ PROBE_DIR/rank<R>.pt for the tests (PROBE_DIR/pid-rank<R> holds each rank's pid 
 Fault injection, for the resume tests, through environment variables:
   PROBE_STEP_SLEEP=S            sleep S seconds after every step (so a test can act mid-run);
   PROBE_KILL_DURING_SAVE=R:N    rank R kills itself (SIGKILL) after writing its part of step N's checkpoint;
-  PROBE_SKIP_RNG_RESTORE=1      resume without restoring RNG states (the negative control).
+  PROBE_SKIP_RNG_RESTORE=1      resume without restoring RNG states (the negative control);
+  PROBE_STALL=R:N               rank R hangs after step N, before the step boundary's collectives, writing
+                                the time it stopped to PROBE_DIR/stalled (SIGTERM only sets its stop flag).
 """
 
 import os
@@ -99,6 +101,10 @@ def train_step(cfg, model, optimizer, accelerator, batches, data, tokenizer, ste
     observed.setdefault("first_step_layer_forward_calls", observed["layer_forward_calls"])
     observed["batches"][step] = batches.rank_micro_batches(step, rank)
     time.sleep(float(os.environ.get("PROBE_STEP_SLEEP", "0")))
+    if "PROBE_STALL" in os.environ and [int(x) for x in os.environ["PROBE_STALL"].split(":")] == [RANK, step + 1]:
+        (PROBE_DIR / "stalled").write_text(repr(time.time()))
+        while True:
+            time.sleep(1)
     return result
 
 

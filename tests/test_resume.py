@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CPU_ENV, REPO, probe_launch_command, python, run_command, tail
+from conftest import probe_launch_command, python, run_command, start_command, tail, wait_for
 
 STRATEGIES = ["fsdp2", "fsdp1", "zero2", "zero3", "ddp"]
 K = 6
@@ -165,22 +165,8 @@ def test_without_rng_restore_the_resume_check_fails(demo_assets, small_data, tmp
 
 
 def start(strategy, root: Path, name: str, train_args, env: dict) -> tuple[subprocess.Popen, Path]:
-    import os
-
     log = root / f"{name}.log"
-    proc = subprocess.Popen(
-        probe_launch_command(strategy, root / name, train_args), cwd=REPO, stdout=log.open("w"),
-        stderr=subprocess.STDOUT, env=dict(os.environ, **CPU_ENV, **env),
-    )
-    return proc, log
-
-
-def wait_for(predicate, timeout: float, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"run ended early:\n{tail(log)}"
-        assert time.monotonic() < deadline, f"timed out:\n{tail(log)}"
-        time.sleep(0.2)
+    return start_command(probe_launch_command(strategy, root / name, train_args), log, env), log
 
 
 def test_killed_rank_ends_the_job_and_auto_resume_continues(demo_assets, small_data, tmp_path):

@@ -1,0 +1,207 @@
+"""The slurm/ scripts under a real Slurm: a two-node cluster on this host (tests/slurm_cluster.py).
+
+Jobs are submitted with the real sbatch and train the embedded model on CPU ranks: two single-node
+jobs at once (2 ranks each), then a two-node job (1 rank per node) that gets the preemption warning
+mid-run, checkpoints, requeues itself and resumes. The single-node jobs train the same config, so
+their losses are the reference the resumed two-node run must follow step for step.
+"""
+
+import json
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CPU_ENV, REPO, python
+from launcher import slurm
+from slurm_cluster import SlurmCluster, install, wait_until
+
+SCRIPTS = REPO / "slurm"
+STEPS = 30
+PREEMPT_AFTER = 6  # steps logged before the warning signal is sent
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+# sbatch passes the submitting environment on: the scripts run this checkout with this interpreter.
+JOB_ENV = dict(CPU_ENV, PYTHONPATH=str(REPO), QLAUNCH_PYTHON=python())
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    try:
+        install()
+        started = SlurmCluster.start()
+    except Exception as error:  # never a silent skip: these tests need Slurm
+        pytest.fail(f"Could not start the local Slurm cluster: {error}", pytrace=False)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def train_args(demo_assets: Path, out: Path) -> list[str]:
+    return [str(demo_assets / "run.yaml"), "--output_dir", str(out), "--train.max_steps", str(STEPS)]
+
+
+def metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def ranks_started(output: str) -> set[tuple[int, str]]:
+    return {(int(rank), node) for rank, node in re.findall(r"^rank (\d+)/2 on (\S+) ", output, re.M)}
+
+
+def assert_trained(out: Path, output: str) -> None:
+    losses = [r["loss"] for r in metrics(out)]
+    assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1)), output[-3000:]
+    assert losses[-1] < losses[0] - 0.5, losses  # 5.59 -> about 4.6 in 30 steps
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert f"Done: {STEPS} steps" in output
+
+
+@pytest.fixture(scope="module")
+def single_node_jobs(cluster, demo_assets, tmp_path_factory):
+    """Two single-node jobs (2 ranks each) submitted together; they run at the same time on n1 and n2."""
+    root = tmp_path_factory.mktemp("slurm-single")
+    jobs = {}
+    for name in ("a", "b"):
+        options = ["--gpus-per-node=2", f"--output={root / name}.out"]
+        jobs[cluster.submit(SCRIPTS / "single_node.sbatch", train_args(demo_assets, root / name), options, JOB_ENV, root)] = root / name
+    started = time.monotonic()
+    both_running = False
+    while True:
+        states = {job: cluster.job(job) for job in jobs}
+        both_running |= all(info["JobState"] == "RUNNING" for info in states.values())
+        if all(info["JobState"] in FINAL for info in states.values()):
+            break
+        assert time.monotonic() - started < 600, states
+        time.sleep(0.5)
+    print(f"two single-node jobs: {time.monotonic() - started:.1f} s")
+    return {job: (out, states[job], Path(f"{out}.out").read_text()) for job, out in jobs.items()}, both_running
+
+
+def test_single_node_script_trains_on_two_ranks(single_node_jobs):
+    jobs, _ = single_node_jobs
+    for job, (out, info, output) in jobs.items():
+        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), output[-3000:]
+        node = info["NodeList"]
+        assert ranks_started(output) == {(0, node), (1, node)}
+        assert_trained(out, output)
+
+
+def test_two_single_node_jobs_run_at_once_on_their_own_ports(single_node_jobs):
+    jobs, both_running = single_node_jobs
+    assert both_running
+    assert {info["NodeList"] for _, info, _ in jobs.values()} == {"n1", "n2"}  # two "nodes", one host
+    ports = {}
+    for job, (_, info, output) in jobs.items():
+        assert info["JobState"] == "COMPLETED"
+        ports[job] = int(re.search(rf"Slurm job {job}, node {info['NodeList']}: 2 rank\(s\), port (\d+)", output)[1])
+        assert ports[job] == slurm.port_for_job(job)
+    assert len(set(ports.values())) == 2
+
+
+@pytest.fixture(scope="module")
+def preempted_job(cluster, demo_assets, tmp_path_factory, single_node_jobs):
+    """The two-node script (1 rank per node) gets the warning signal mid-run (after the single-node jobs: both nodes needed)."""
+    root = tmp_path_factory.mktemp("slurm-multi")
+    out, log = root / "run", root / "job.out"
+    job = cluster.submit(SCRIPTS / "multi_node.sbatch", train_args(demo_assets, out), ["--gpus-per-node=1", f"--output={log}"], JOB_ENV, root)
+    started = time.monotonic()
+    wait_until(lambda: len(metrics(out)) >= PREEMPT_AFTER or cluster.job(job)["JobState"] in FINAL, 600, "training to start")
+    cluster.signal_batch(job, "USR2")  # as Slurm's --signal=B:USR2@... does before the time limit
+    info = cluster.wait_for(job, FINAL, 600)
+    print(f"preempted two-node job: {time.monotonic() - started:.1f} s")
+    return job, out, info, log.read_text()
+
+
+def test_two_node_script_trains_on_both_nodes(preempted_job):
+    job, out, info, output = preempted_job
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), output[-3000:]
+    assert ranks_started(output) == {(0, "n1"), (1, "n2")}
+    # Each node derived its own machine rank; both found the head's NodeAddr through scontrol.
+    port = slurm.port_for_job(job)
+    for rank, node in ((0, "n1"), (1, "n2")):
+        assert f"Slurm job {job}, node {node}: machine {rank} of 2, 1 rank(s) each, 2 in all; head n1 at 127.0.0.1:{port}" in output
+    assert_trained(out, output)
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_without_a_jump(preempted_job, single_node_jobs):
+    job, out, info, output = preempted_job
+    stopped = int(re.search(r"Stopped after step (\d+) on SIGUSR2: the checkpoint is complete; exit status 85", output)[1])
+    assert PREEMPT_AFTER <= stopped < STEPS
+    assert f"requeueing job {job}" in output
+    assert info["Restarts"] == "1"
+    assert f"qlaunch: job {job} on n[1-2], start 2" in output
+    assert f"Resuming from step {stopped}: {out / 'checkpoints' / f'step-{stopped:06d}'}" in output
+    assert (out / "checkpoints" / f"step-{stopped:06d}" / "meta.json").is_file()  # the preemption's, kept (keep_last 2)
+    # Every step logged once, and each loss the one the uninterrupted single-node runs logged.
+    reference = {r["step"]: r["loss"] for r in metrics(next(iter(single_node_jobs[0].values()))[0])}
+    resumed = {r["step"]: r["loss"] for r in metrics(out)}
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-4), (step, resumed[step], reference[step])
+
+
+def test_a_cancelled_job_checkpoints_and_is_not_requeued(cluster, demo_assets, tmp_path):
+    """`scancel` sends SIGTERM to every process of the job: one rank (in qlaunch's own process) checkpoints, stays stopped."""
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = cluster.submit(SCRIPTS / "single_node.sbatch", train_args(demo_assets, out), ["--gpus-per-node=1", f"--output={log}"], JOB_ENV, tmp_path)
+    wait_until(lambda: len(metrics(out)) >= PREEMPT_AFTER or cluster.job(job)["JobState"] in FINAL, 600, "training to start")
+    cluster.run(["scancel", str(job)])
+    info = cluster.wait_for(job, FINAL, 120)
+    output = log.read_text()
+    # Every process gets SIGTERM from Slurm, and the ranks SIGUSR2 from the script's trap: either may be the last seen.
+    stopped = int(re.search(r"Stopped after step (\d+) on SIG(?:TERM|USR2): the checkpoint is complete", output)[1])
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), output[-3000:]
+    assert f"job {job} was cancelled, so it is not requeued" in output
+    assert f"rank 0/1 on {info['NodeList']}" in output  # one rank: run in qlaunch's own process, no accelerate launch
+    assert (out / "checkpoints" / f"step-{stopped:06d}" / "meta.json").is_file()
+
+
+def free_job_port() -> tuple[int, int]:
+    for job in range(900000, 901000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", slurm.port_for_job(job)))
+                return job, slurm.port_for_job(job)
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+@pytest.mark.parametrize("case", ["a node never joins", "head unreachable", "port taken"])
+def test_rendezvous_failures_end_with_a_clear_message_in_time(case, cluster, demo_assets, tmp_path):
+    """One node of a two-node job alone, in the task environment srun gives it; the head's address comes from scontrol."""
+    timeout = 5
+    job, port = free_job_port()
+    rank = 1 if case == "head unreachable" else 0
+    env = dict(
+        cluster.env, **CPU_ENV, PYTHONPATH=str(REPO),
+        SLURM_JOB_ID=str(job), SLURM_JOB_NODELIST="n[1-2]", SLURM_NNODES="2", SLURM_STEP_ID="0",
+        SLURM_STEP_NODELIST="n[1-2]", SLURM_STEP_NUM_NODES="2", SLURM_STEP_NUM_TASKS="2",
+        SLURM_NODEID=str(rank), SLURMD_NODENAME=f"n{rank + 1}",
+    )
+    cmd = [python(), "-m", "launcher", "train", "--config", str(demo_assets / "run.yaml"), "--output_dir", str(tmp_path / "out"),
+           "--dist.rendezvous_timeout_s", str(timeout)]
+    with socket.socket() as taken:
+        if case == "port taken":
+            taken.bind(("127.0.0.1", port))
+            taken.listen()
+        started = time.monotonic()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        elapsed = time.monotonic() - started
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    assert (
+        f"no rank started on Slurm job {job}, node n{rank + 1}: the 2 machines did not meet at the head n1 "
+        f"(127.0.0.1:{port}) within dist.rendezvous_timeout_s={timeout}"
+    ) in output, output[-3000:]
+    if case == "port taken":
+        assert f"port `{port}`, but another process is utilizing it" in output
+    else:
+        assert elapsed >= timeout  # it waited the configured time, no less...
+    assert elapsed < timeout + 40, elapsed  # ...and not the default 600 s (start-up and imports take the rest)
+    print(f"{case}: failed after {elapsed:.1f} s")
