@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -46,11 +47,12 @@ class StopSignal:
         if self.status_dir:
             (self.status_dir / f"pid-{self.rank}").write_text(str(os.getpid()))
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-        print(
+        # One write per line: every rank shares the job's stdout, and print() writes the newline separately.
+        sys.stdout.write(
             f"rank {self.rank}/{os.environ.get('WORLD_SIZE', '1')} on {node} (pid {os.getpid()}): SIGUSR2 or SIGTERM "
-            f"stops the run at the next step boundary with a checkpoint (exit status {self.exit_code})",
-            flush=True,
+            f"stops the run at the next step boundary with a checkpoint (exit status {self.exit_code})\n"
         )
+        sys.stdout.flush()
         return self
 
     def __exit__(self, exc_type, *exc) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from conftest import run_command, tail
 from launcher import budget, cli, launch, memory, strategies
-from launcher.config import load_config
+from launcher.config import DistConfig, load_config
 from launcher.demo import build_base_model, write_dataset
 
 UNEVEN_WORLD = 3
@@ -45,7 +45,7 @@ def uneven_run(request, uneven_assets, tmp_path_factory) -> tuple[str, Path, dic
     strategy = request.param
     root = tmp_path_factory.mktemp(f"uneven-{strategy}")
     # The command `qlaunch train` itself runs: the shipped accelerate (and DeepSpeed) config for the strategy.
-    cmd = launch.accelerate_command(strategies.get(strategy), UNEVEN_WORLD, [
+    cmd = launch.accelerate_command(strategies.get(strategy), launch.Machines.local(UNEVEN_WORLD), [
         "--model.path", str(uneven_assets / "base"),
         "--data.path", str(uneven_assets / "data.jsonl"),
         "--strategy", strategy,
@@ -56,7 +56,7 @@ def uneven_run(request, uneven_assets, tmp_path_factory) -> tuple[str, Path, dic
         "--train.micro_batch_size", "3",
         "--train.grad_accum_steps", "2",
         "--train.max_steps", "1",
-    ])
+    ], DistConfig())
     proc = run_command(cmd, root / "launch.log")
     assert proc.returncode == 0, tail(root / "launch.log")
     return strategy, root, json.loads((root / "run" / memory.REPORT_JSON).read_text())
