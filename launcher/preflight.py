@@ -63,8 +63,14 @@ def check_model(cfg: RunConfig) -> None:
 
 
 def check_output_dir(cfg: RunConfig) -> None:
+    """Refuses to start a fresh run over an earlier one.
+
+    With `resume: auto` and no checkpoint yet, only a finished run (its `adapter/`) blocks: a job requeued
+    after being killed before its first checkpoint starts again from step 0 and restarts its metrics log.
+    """
     out = Path(cfg.output_dir)
-    found = [name for name in OUTPUT_MARKERS if (out / name).exists()]
+    markers = ("adapter",) if cfg.resume == "auto" else OUTPUT_MARKERS
+    found = [name for name in markers if (out / name).exists()]
     if found and not cfg.overwrite_output_dir:
         raise ConfigError(
             f"Output directory `{out}` already holds a run ({', '.join(found)}). Choose a new `output_dir`, or set "

@@ -53,6 +53,30 @@ def test_existing_run_is_never_overwritten_unasked(demo_assets, tmp_path, capsys
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == b"precious"
 
 
+@pytest.mark.parametrize("left_behind,refused", [("metrics.jsonl", False), ("adapter", True)])
+def test_auto_resume_without_checkpoint_restarts_only_an_unfinished_run(demo_assets, tmp_path, left_behind, refused):
+    # What each rank checks when `--resume auto` finds no checkpoint: a requeued job killed before its
+    # first checkpoint left only a metrics log and starts over; a finished run's adapter is never replaced.
+    from launcher import preflight
+    from launcher.config import ConfigError, load_config, parse_overrides
+
+    out = tmp_path / "out"
+    out.mkdir()
+    if left_behind == "adapter":
+        (out / "adapter").mkdir()
+    else:
+        (out / left_behind).write_text("{}\n")
+    cfg = load_config(str(demo_assets / "run.yaml"), parse_overrides(["--output_dir", str(out), "--resume", "auto"]))
+    if refused:
+        with pytest.raises(ConfigError, match="already holds a run \\(adapter\\)"):
+            preflight.check_output_dir(cfg)
+    else:
+        preflight.check_output_dir(cfg)
+    cfg.resume = ""
+    with pytest.raises(ConfigError, match="already holds a run"):
+        preflight.check_output_dir(cfg)
+
+
 def test_each_rank_validates_before_its_process_group(demo_assets, capsys, monkeypatch):
     # Under `accelerate launch` every rank runs this check itself, before Accelerator() joins the group.
     monkeypatch.setenv("LOCAL_RANK", "0")
