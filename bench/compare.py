@@ -1,6 +1,6 @@
 """This launcher vs the peer recipe (transformers Trainer + peft), the same QLoRA job, side by side.
 
-    python bench/compare.py [--strategies ddp,fsdp2] [--repeats 3] [--steps 30]
+    python bench/compare.py [--strategies ddp,fsdp2,zero2,zero3,fsdp1] [--repeats 3] [--steps 30]
 
 Both run the embedded demo model and data with the same run config (sequence length, micro batch,
 LoRA shape, seed, steps) under the same shipped accelerate config, 2 ranks, alternating several
@@ -50,8 +50,13 @@ def run_logged(cmd: list[str], log: Path) -> float:
     with log.open("w") as f:
         code = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
     if code != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({code}); see {log}")
+        errors = [line.strip() for line in log.read_text().splitlines() if "Error:" in line and "ChildFailedError" not in line]
+        raise RunFailed(f"exit status {code}: {errors[-1] if errors else 'no error line'} (log: {log})")
     return started
+
+
+class RunFailed(RuntimeError):
+    pass
 
 
 def run_launcher(strategy: str, run_yaml: Path, out: Path, train_args: list[str]) -> dict:
@@ -112,6 +117,8 @@ def table(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (strategy, tool), runs in results.items():
+        if not runs:
+            continue
         for rank in range(WORLD):
             per_rank = [run["ranks"][rank] for run in runs]
             lines.append("| " + " | ".join([
@@ -140,7 +147,7 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--strategies", default="ddp,fsdp2", help="comma-separated (default: ddp,fsdp2)")
+    parser.add_argument("--strategies", default="ddp,fsdp2,zero2,zero3,fsdp1", help="comma-separated (default: all five)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--micro-batch", type=int, default=4)
@@ -153,20 +160,27 @@ def main() -> None:
                   "--train.log_interval", "1", "--lora.dropout", "0.05"]
     results: dict[tuple[str, str], list[dict]] = {}
     tools = {"qlaunch": run_launcher, "peer (Trainer+peft)": run_peer}
+    failed: dict[tuple[str, str], str] = {}
     for repeat in range(args.repeats):
         order = list(tools) if repeat % 2 == 0 else list(reversed(tools))
         for strategy in args.strategies.split(","):
             for tool in order:
+                if (strategy, tool) in failed:
+                    continue
                 out = work / f"{strategy}-{tool.split()[0]}-{repeat}"
                 print(f"[{repeat + 1}/{args.repeats}] {strategy} {tool} ...", flush=True)
-                results.setdefault((strategy, tool), []).append(tools[tool](strategy, run_yaml, out, train_args))
+                try:
+                    results.setdefault((strategy, tool), []).append(tools[tool](strategy, run_yaml, out, train_args))
+                except RunFailed as error:
+                    failed[strategy, tool] = str(error)
+                    print(f"  failed: {error}", flush=True)
 
     notes = [
         f"peer under {strategy}: Accelerate ran it as {runs[0]['distributed_type']}"
-        for (strategy, tool), runs in results.items() if "distributed_type" in runs[0]
-    ]
+        for (strategy, tool), runs in results.items() if runs and "distributed_type" in runs[0]
+    ] + [f"{tool} under {strategy} failed, {error}" for (strategy, tool), error in failed.items()]
     report = (
-        f"## {time.strftime('%Y-%m-%d %H:%M')} — {args.repeats} repeats, {args.steps} steps, micro batch "
+        f"### {time.strftime('%Y-%m-%d %H:%M')} — {args.repeats} repeats, {args.steps} steps, micro batch "
         f"{args.micro_batch}, {WORLD} ranks\n\nMachine: {machine()}\n\n"
         f"Command: `python bench/compare.py --strategies {args.strategies} --repeats {args.repeats} --steps {args.steps} "
         f"--micro-batch {args.micro_batch}`\n\n{table(results)}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, Trai
 
 from launcher.config import load_config, parse_overrides
 from launcher.data import collate
+from launcher.memory import StorageTally
 from launcher.model import DTYPE_BY_NAME
 from launcher.preflight import load_training_data
 
@@ -46,14 +47,31 @@ def collator(indices):
     return batch
 
 
+def innermost(optimizer):
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 class Measure(TrainerCallback):
+    """Gradients are counted as the launcher counts its own: in the torch optimizer's step pre-hook, once
+    per storage (under DeepSpeed the model's `.grad` stay empty; its partitions hold the gradients)."""
+
     def __init__(self):
         self.step_times: list[float] = []
         self.grad_bytes = 0
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if not self.grad_bytes:
-            self.grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.hook = innermost(optimizer).register_step_pre_hook(self._count_gradients)
+
+    def _count_gradients(self, optimizer, args, kwargs):
+        grads = StorageTally()
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    grads.add(param.grad)
+        self.grad_bytes = grads.bytes
+        self.hook.remove()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_times.append(time.time())
@@ -107,12 +125,11 @@ trainer = Trainer(
 )
 trainer.train()
 
-optimizer = trainer.optimizer
-while hasattr(optimizer, "optimizer"):
-    optimizer = optimizer.optimizer
-state_bytes = sum(
-    v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0
-)
+optimizer = innermost(trainer.optimizer)
+states = StorageTally()
+for value in (v for s in optimizer.state.values() for v in s.values()):
+    if torch.is_tensor(value) and value.dim() > 0:
+        states.add(value)
 losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
 RESULT_DIR.mkdir(parents=True, exist_ok=True)
 (RESULT_DIR / f"rank{RANK}.json").write_text(json.dumps({
@@ -124,5 +141,5 @@ RESULT_DIR.mkdir(parents=True, exist_ok=True)
     "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else None,
     "grad_bytes": measure.grad_bytes,
-    "optimizer_state_bytes": state_bytes,
+    "optimizer_state_bytes": states.bytes,
 }))
