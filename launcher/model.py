@@ -144,7 +144,7 @@ def prepare_for_kbit_training(model: PreTrainedModel, policy: DtypePolicy, gradi
     if gradient_checkpointing:
         model.config.use_cache = False
         model.enable_input_require_grads()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         assert_non_reentrant(model)
 
 

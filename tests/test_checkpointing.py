@@ -20,7 +20,7 @@ def tiny_llama():
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_graph_and_guard_tell_reentrant_apart(reentrant):
     model = tiny_llama().train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     loss = model(input_ids=torch.randint(0, 64, (1, 8)), labels=torch.randint(0, 64, (1, 8))).loss
     assert ("CheckpointFunctionBackward" in graph_node_types(loss)) == reentrant
     if reentrant:
