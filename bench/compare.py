@@ -27,20 +27,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from launcher import strategies  # noqa: E402
+from launcher.config import DistConfig  # noqa: E402
 from launcher.demo import prepare_demo  # noqa: E402
-from launcher.launch import free_port  # noqa: E402
+from launcher.launch import ENTRY, Machines, accelerate_command  # noqa: E402
 
 WORLD = 2
 MIB = 1024 * 1024
 
 
-def accelerate_prefix(strategy: str) -> list[str]:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(REPO / "accelerate_configs" / f"{strategy}.yaml"),
-           "--num_processes", str(WORLD), "--main_process_port", str(free_port())]
-    if strategy.startswith("zero"):
-        cmd += ["--deepspeed_config_file", str(REPO / "ds_configs" / f"{strategy}.json")]
-    return cmd
+def accelerate(strategy: str, entry: tuple[str, ...], args: list[str]) -> list[str]:
+    """The `accelerate launch` command `qlaunch train` runs for `strategy` on 2 local ranks, running `entry`."""
+    return accelerate_command(strategies.get(strategy), Machines.local(WORLD), args, DistConfig(), entry)
 
 
 def run_logged(cmd: list[str], log: Path) -> float:
@@ -60,8 +58,8 @@ class RunFailed(RuntimeError):
 
 
 def run_launcher(strategy: str, run_yaml: Path, out: Path, train_args: list[str]) -> dict:
-    started = run_logged(accelerate_prefix(strategy) + ["-m", "launcher", "train", "--config", str(run_yaml),
-                                                        "--output_dir", str(out), *train_args], out.with_suffix(".log"))
+    started = run_logged(accelerate(strategy, ENTRY, ["--config", str(run_yaml), "--output_dir", str(out), *train_args]),
+                         out.with_suffix(".log"))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     report = json.loads((out / "shard_report.json").read_text())
     budget = json.loads((out / "memory_budget.json").read_text())
@@ -82,8 +80,8 @@ def run_launcher(strategy: str, run_yaml: Path, out: Path, train_args: list[str]
 
 
 def run_peer(strategy: str, run_yaml: Path, out: Path, train_args: list[str]) -> dict:
-    started = run_logged(accelerate_prefix(strategy) + ["bench/peer_train.py", str(out), "--config", str(run_yaml),
-                                                        *train_args], out.with_suffix(".log"))
+    started = run_logged(accelerate(strategy, ("bench/peer_train.py",), [str(out), "--config", str(run_yaml), *train_args]),
+                         out.with_suffix(".log"))
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
     times = ranks[0]["step_unix_times"]
     steady_tokens = sum(sum(r["step_tokens"][1:]) for r in ranks)

@@ -19,9 +19,10 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, Trai
 
 from launcher.config import load_config, parse_overrides
 from launcher.data import collate
-from launcher.memory import StorageTally
+from launcher.memory import gradient_bytes, optimizer_state_bytes
 from launcher.model import DTYPE_BY_NAME
 from launcher.preflight import load_training_data
+from launcher.strategies import torch_optimizer
 
 RESULT_DIR = Path(sys.argv[1])
 cfg = load_config(sys.argv[3], parse_overrides(sys.argv[4:])) if sys.argv[2] == "--config" else sys.exit("usage")
@@ -47,12 +48,6 @@ def collator(indices):
     return batch
 
 
-def innermost(optimizer):
-    while hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
 class Measure(TrainerCallback):
     """Gradients are counted as the launcher counts its own: in the torch optimizer's step pre-hook, once
     per storage (under DeepSpeed the model's `.grad` stay empty; its partitions hold the gradients)."""
@@ -62,15 +57,10 @@ class Measure(TrainerCallback):
         self.grad_bytes = 0
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        self.hook = innermost(optimizer).register_step_pre_hook(self._count_gradients)
+        self.hook = torch_optimizer(optimizer).register_step_pre_hook(self._count_gradients)
 
     def _count_gradients(self, optimizer, args, kwargs):
-        grads = StorageTally()
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    grads.add(param.grad)
-        self.grad_bytes = grads.bytes
+        self.grad_bytes = gradient_bytes(optimizer)
         self.hook.remove()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -125,11 +115,6 @@ trainer = Trainer(
 )
 trainer.train()
 
-optimizer = innermost(trainer.optimizer)
-states = StorageTally()
-for value in (v for s in optimizer.state.values() for v in s.values()):
-    if torch.is_tensor(value) and value.dim() > 0:
-        states.add(value)
 losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
 RESULT_DIR.mkdir(parents=True, exist_ok=True)
 (RESULT_DIR / f"rank{RANK}.json").write_text(json.dumps({
@@ -141,5 +126,5 @@ RESULT_DIR.mkdir(parents=True, exist_ok=True)
     "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else None,
     "grad_bytes": measure.grad_bytes,
-    "optimizer_state_bytes": states.bytes,
+    "optimizer_state_bytes": optimizer_state_bytes(torch_optimizer(trainer.optimizer)),
 }))

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import strategies
 from .config import ConfigError, RunConfig
-from .model import DTYPE_BY_NAME, is_norm
+from .model import is_norm
 from .strategies import DtypePolicy, Strategy, TensorSpec, clean_fqn
 
 COMPONENTS = {

@@ -87,6 +87,21 @@ def latest_complete(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def find_checkpoint(path: Path) -> Path | None:
+    """`path` itself, or the newest complete checkpoint when `path` is a run's output directory or its
+    checkpoints folder (None when that has none)."""
+    path = Path(path)
+    if (path / CHECKPOINTS).is_dir():
+        return latest_complete(path / CHECKPOINTS)
+    if (path / LATEST).is_file():
+        return latest_complete(path)
+    return path
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((Path(path) / META).read_text())
+
+
 def resolve_resume(cfg: RunConfig, strategy_name: str, checkpoint_format: str, world_size: int) -> Path | None:
     """The checkpoint to resume from, checked against this run before any process group starts."""
     if not cfg.resume:
@@ -96,18 +111,17 @@ def resolve_resume(cfg: RunConfig, strategy_name: str, checkpoint_format: str, w
         if path is None:
             return None
     else:
-        path = Path(cfg.resume)
-        if (path / LATEST).is_file() or (path / CHECKPOINTS).is_dir():
-            path = latest_complete(path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path)
+        path = find_checkpoint(Path(cfg.resume))
         if path is None or not is_complete(path):
             raise ConfigError(
                 f"`{cfg.resume}` is not a complete checkpoint (no {META}). Pass a `checkpoints/step-NNNNNN` "
                 "directory, a run's output directory, or `--resume auto`."
             )
-    meta = json.loads((path / META).read_text())
-    changed = sorted(k for k in set(meta["fingerprint"]) | set(fingerprint(cfg)) if meta["fingerprint"].get(k) != fingerprint(cfg).get(k))
+    meta = read_meta(path)
+    written, now = meta["fingerprint"], fingerprint(cfg)
+    changed = sorted(k for k in set(written) | set(now) if written.get(k) != now.get(k))
     if changed:
-        details = "; ".join(f"{k}: {meta['fingerprint'].get(k)!r} -> {fingerprint(cfg).get(k)!r}" for k in changed)
+        details = "; ".join(f"{k}: {written.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ConfigError(
             f"Cannot resume from `{path}`: the run config changed where the checkpoint depends on it ({details}). "
             "Restore those values, or start a new run in another output_dir."
@@ -129,8 +143,12 @@ def resolve_resume(cfg: RunConfig, strategy_name: str, checkpoint_format: str, w
 def _fsync_tree(path: Path) -> None:
     for root, _, files in os.walk(path):
         for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
+            _fsync_file(Path(root) / name)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -182,16 +200,17 @@ def save(cfg: RunConfig, step: int, world_size: int, strategy, model, optimizer,
     _barrier()  # every rank's files are on disk
 
     if rank == 0:
+        values = fingerprint(cfg)
         meta = {
             "step": step,
             "world_size": world_size,
             "strategy": strategy.name,
             "checkpoint_format": strategy.checkpoint_format,
-            "fingerprint": fingerprint(cfg),
-            "fingerprint_sha256": fingerprint_hash(fingerprint(cfg)),
+            "fingerprint": values,
+            "fingerprint_sha256": fingerprint_hash(values),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
-        _fsync_tree(tmp)
+        _fsync_file(tmp / META)  # everything else was synced before the barrier
         if final.exists():  # a complete checkpoint of this very step, e.g. re-saved after a resume
             shutil.rmtree(final)
         tmp.rename(final)
@@ -221,4 +240,4 @@ def load(path: Path, strategy, model, optimizer, scheduler) -> int:
     rng_file = path / "rng" / f"rank-{rank:05d}.pt"
     if rng_file.is_file():
         restore_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((path / META).read_text())["step"]
+    return read_meta(path)["step"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
@@ -153,17 +152,15 @@ def cmd_demo(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .checkpoint import CHECKPOINTS, latest_complete, step_name
+    from .checkpoint import META, find_checkpoint, is_complete, read_meta, step_name
     from .export import export_checkpoint
 
-    path = Path(args.checkpoint)
-    if (path / CHECKPOINTS).is_dir():
-        path = latest_complete(path / CHECKPOINTS)
-        if path is None:
-            raise ConfigError(f"`{args.checkpoint}` has no complete checkpoint to export.")
-    if not (path / "meta.json").is_file():
-        raise ConfigError(f"`{path}` is not a complete training checkpoint (no meta.json).")
-    step = json.loads((path / "meta.json").read_text())["step"]
+    path = find_checkpoint(Path(args.checkpoint))
+    if path is None:
+        raise ConfigError(f"`{args.checkpoint}` has no complete checkpoint to export.")
+    if not is_complete(path):
+        raise ConfigError(f"`{path}` is not a complete training checkpoint (no {META}).")
+    step = read_meta(path)["step"]
     output = Path(args.output) if args.output else path.parent.parent / f"export-{step_name(step)}"
     print(f"Exported step {step} to {export_checkpoint(path, output, overwrite=args.overwrite)}")
     return 0

@@ -97,7 +97,7 @@ def prepare_demo(workdir: Path, steps: int = DEMO_STEPS) -> Path:
 
 def run_demo(output_dir: str | None, strategy: str = "fsdp2", nproc: int = 2, steps: int | None = None) -> int:
     from . import launch, strategies
-    from .config import ConfigError
+    from .config import ConfigError, DistConfig
 
     workdir = Path(output_dir or f"outputs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     if workdir.exists() and any(workdir.iterdir()):
@@ -105,4 +105,5 @@ def run_demo(output_dir: str | None, strategy: str = "fsdp2", nproc: int = 2, st
     print(f"Building the demo model and data in {workdir} ...", flush=True)
     run_yaml = prepare_demo(workdir, steps or DEMO_STEPS)
     print(f"Training with {strategy} on {nproc} rank(s): {run_yaml}", flush=True)
-    return launch.launch(strategies.get(strategy), nproc, ["--config", str(run_yaml), "--strategy", strategy])
+    machines = launch.Machines.local(nproc)
+    return launch.launch(strategies.get(strategy), machines, ["--config", str(run_yaml), "--strategy", strategy], DistConfig())

@@ -58,13 +58,10 @@ def save_adapter(peft_model, full_trainable: dict[str, torch.Tensor], output_dir
 
 def checkpoint_trainable(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """The full adapter weights stored in a training checkpoint, read in one process."""
-    import json
-
-    from .checkpoint import META
+    from .checkpoint import read_meta
 
     checkpoint_dir = Path(checkpoint_dir)
-    meta = json.loads((checkpoint_dir / META).read_text())
-    if meta["checkpoint_format"] == "deepspeed":
+    if read_meta(checkpoint_dir)["checkpoint_format"] == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         from .strategies import _ZeRO

@@ -114,12 +114,10 @@ def accelerate_command(strategy: Strategy, machines: Machines, train_args: list[
     return cmd + [*entry, *train_args]
 
 
-def launch(strategy: Strategy, machines: Machines | int, train_args: list[str], dist: DistConfig | None = None, entry=ENTRY) -> int:
+def launch(strategy: Strategy, machines: Machines, train_args: list[str], dist: DistConfig, entry=ENTRY) -> int:
     """Runs this machine's `accelerate launch`; returns its exit status (dist.preempt_exit_code after a preemption stop)."""
     from .preemption import Ranks
 
-    machines = Machines.local(machines) if isinstance(machines, int) else machines
-    dist = dist or DistConfig()
     cmd = accelerate_command(strategy, machines, train_args, dist, entry)
     print(f"qlaunch: {machines.describe()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="qlaunch-") as status_dir, Ranks(Path(status_dir)) as ranks:

@@ -53,6 +53,27 @@ class StorageTally:
         return nbytes
 
 
+def gradient_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the gradients a torch optimizer is about to step with (call it in a step pre-hook)."""
+    gradients = StorageTally()
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                gradients.add(param.grad)
+    return gradients.bytes
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of a torch optimizer's per-element states (e.g. AdamW's moments)."""
+    states = StorageTally()
+    for state in optimizer.state.values():
+        for value in state.values():
+            # 0-dim values are step counters, kept on the host even on CUDA.
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                states.add(value)
+    return states.bytes
+
+
 def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
     """Every tensor of every 4-bit layer's QuantState (on the module and on its weight)."""
     tensors = []
@@ -156,22 +177,14 @@ class FirstStepProbe:
         self.saved = {}
 
     def _before_step(self, optimizer, args, kwargs):
-        gradients, master = StorageTally(), StorageTally(exclude=self.weight_storages)
+        master = StorageTally(exclude=self.weight_storages)
         for group in optimizer.param_groups:
             for param in group["params"]:
                 master.add(param)
-                if param.grad is not None:
-                    gradients.add(param.grad)
-        self.measured.update(gradients=gradients.bytes, master_weights=master.bytes)
+        self.measured.update(gradients=gradient_bytes(optimizer), master_weights=master.bytes)
 
     def _after_step(self, optimizer, args, kwargs):
-        states = StorageTally()
-        for state in optimizer.state.values():
-            for value in state.values():
-                # 0-dim values are step counters, kept on the host even on CUDA.
-                if isinstance(value, torch.Tensor) and value.dim() > 0:
-                    states.add(value)
-        self.measured.update(optimizer_states=states.bytes, activations=self.activations)
+        self.measured.update(optimizer_states=optimizer_state_bytes(optimizer), activations=self.activations)
         for handle in self.handles:
             handle.remove()
         self.done = True
@@ -223,6 +236,7 @@ class MemoryMeter:
         self.main = not dist.is_initialized() or dist.get_rank() == 0
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.hardware = budget.Hardware(world_size=world, device=device.type)
+        self.model_cache: budget.ModelCache | None = None
         self.predicted = self._predict() if self.main else None
         measured = _gather(self.weights)
         if self.predicted:
@@ -231,7 +245,9 @@ class MemoryMeter:
     def _predict(self, activation_shape: tuple[int, int] | None = None) -> budget.Budget | None:
         # The report must never stop training: a model the budget cannot predict gets a note instead.
         try:
-            return budget.predict(self.cfg, self.hardware, activation_shape=activation_shape)
+            # The end-of-training prediction reuses the model described at the start.
+            self.model_cache = self.model_cache or budget.ModelCache(self.cfg)
+            return budget.predict(self.cfg, self.hardware, activation_shape=activation_shape, cache=self.model_cache)
         except budget.ConfigError as error:
             print(f"Memory budget: no prediction for this model ({error}); measuring only.", flush=True)
             return None

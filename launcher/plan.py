@@ -152,8 +152,8 @@ def run_command(args) -> int:
     if not fitting:
         smallest = min(found, key=lambda c: c.peak_bytes)
         print(
-            f"\nNothing fits. The smallest configuration ({smallest.strategy}, micro batch 1, checkpointing on"
-            f"{', offload' if smallest.offload else ''}) needs {budget.format_bytes(smallest.peak_bytes)} per rank: "
+            f"\nNothing fits. The smallest configuration ({smallest.strategy}, micro batch {smallest.micro_batch}, "
+            f"checkpointing {'on' if smallest.checkpointing else 'off'}{', offload' if smallest.offload else ''}) needs {budget.format_bytes(smallest.peak_bytes)} per rank: "
             "use more GPUs, larger GPUs, or a shorter sequence length."
         )
         return 0

@@ -208,7 +208,7 @@ class Strategy:
         state = self._trainable_state(model, optimizer)
         dcp.load(state, checkpoint_id=str(directory))
         set_state_dict(
-            model, _torch_optimizer(optimizer),
+            model, torch_optimizer(optimizer),
             model_state_dict=state["model"], optim_state_dict=state["optimizer"],
             options=StateDictOptions(strict=False),
         )
@@ -218,7 +218,7 @@ class Strategy:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         model_state, optimizer_state = get_state_dict(
-            model, _torch_optimizer(optimizer), options=StateDictOptions(ignore_frozen_params=True)
+            model, torch_optimizer(optimizer), options=StateDictOptions(ignore_frozen_params=True)
         )
         trainable = self.trainable_fqns(model)
         # bitsandbytes adds its quantization constants to the state dict as extra, non-parameter entries.
@@ -565,6 +565,13 @@ class _ZeRO(Strategy):
         # The contiguous reduce bucket, allocated whole at the first backward.
         return self._reduce_bucket_elements(hidden_size) * grad_dtype.itemsize
 
+    @staticmethod
+    def _fp32_partition(numel: int) -> dict[str, int]:
+        """What DeepSpeed's optimizer holds for a partition of `numel` trainable elements: fp32 gradients,
+        master copies and AdamW moments."""
+        partition = numel * MASTER_DTYPE.itemsize
+        return {"gradients": partition, "master_weights": partition, "optimizer_states": ADAM_STATES * partition}
+
     def install_on_cpu(self, accelerator, plugins):
         from accelerate.utils import DistributedType
 
@@ -601,8 +608,7 @@ class ZeRO2(_ZeRO, _Replicated):
         return held
 
     def held_optimizer(self, trainable, world, rank):
-        partition = self._flat(trainable, world)[1] * MASTER_DTYPE.itemsize
-        return {"gradients": partition, "master_weights": partition, "optimizer_states": ADAM_STATES * partition}
+        return self._fp32_partition(self._flat(trainable, world)[1])
 
 
 class ZeRO3(_ZeRO):
@@ -653,8 +659,7 @@ class ZeRO3(_ZeRO):
         return held
 
     def held_optimizer(self, trainable, world, rank):
-        partition = sum(chunk_rows(t.numel, world, rank)[1] for t in trainable) * MASTER_DTYPE.itemsize
-        return {"gradients": partition, "master_weights": partition, "optimizer_states": ADAM_STATES * partition}
+        return self._fp32_partition(sum(chunk_rows(t.numel, world, rank)[1] for t in trainable))
 
     def gathered_bytes(self, tensors, compute, world, hidden_size):
         zero = self.shipped_zero_config()
@@ -753,7 +758,7 @@ def clean_fqn(name: str) -> str:
     return name[len("module."):] if name.startswith("module.") else name
 
 
-def _torch_optimizer(optimizer):
+def torch_optimizer(optimizer):
     """The torch optimizer inside Accelerate's and DeepSpeed's wrappers."""
     while not type(optimizer).__module__.startswith("torch.optim"):
         optimizer = optimizer.optimizer
@@ -762,7 +767,7 @@ def _torch_optimizer(optimizer):
 
 def optimizer_state_numel(optimizer) -> int:
     """Elements of optimizer state (e.g. Adam's two moments) this rank holds."""
-    optimizer = _torch_optimizer(optimizer)
+    optimizer = torch_optimizer(optimizer)
     total = 0
     for state in optimizer.state.values():
         for value in state.values():

@@ -1,7 +1,7 @@
 """Shared fixtures: the embedded demo model and data, built once, and helpers to run real launches."""
 
+import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -53,20 +53,45 @@ def python() -> str:
     return sys.executable
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def probe_launch_command(strategy: str, probe_dir: Path, train_args: list[str], world: int = 2) -> list[str]:
-    """`accelerate launch` with the shipped config for `strategy`, running tests/dist_probe.py."""
-    cmd = [
-        python(), "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "accelerate_configs" / f"{strategy}.yaml"),
-        "--num_processes", str(world),
-        "--main_process_port", str(free_port()),
-    ]
-    if strategy.startswith("zero"):
-        cmd += ["--deepspeed_config_file", str(REPO / "ds_configs" / f"{strategy}.json")]
-    return cmd + ["tests/dist_probe.py", str(probe_dir), "--", *train_args]
+    """The `accelerate launch` command `qlaunch train` runs for `strategy`, with tests/dist_probe.py as each rank."""
+    from launcher import launch, strategies
+    from launcher.config import DistConfig
+
+    entry = ("tests/dist_probe.py", str(probe_dir), "--")
+    return launch.accelerate_command(strategies.get(strategy), launch.Machines.local(world), train_args, DistConfig(), entry)
+
+
+def load_probes(probe_dir: Path, world: int = 2) -> list[dict]:
+    """What tests/dist_probe.py observed on each rank."""
+    import torch
+
+    return [torch.load(probe_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """A run's metrics.jsonl records (none before its first logged step)."""
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def assert_budget_rows(report: dict, context=None) -> None:
+    """Static components predicted to the byte, activations within 10%, on every rank of a memory_budget.json."""
+    from launcher.budget import STATIC_COMPONENTS
+
+    for row in report["comparison"]:
+        if row["component"] in STATIC_COMPONENTS:
+            assert row["predicted"] == row["measured"], (context, row)
+        else:
+            assert abs(row["error_pct"]) <= 10, (context, row)
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Fails the test if `qlaunch train` gets as far as starting `accelerate launch`."""
+    from launcher import launch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("accelerate launch was started, but the command should have stopped before it")
+
+    monkeypatch.setattr(launch, "launch", refuse)

@@ -43,14 +43,9 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().contiguous().view(-1).view(torch.uint8).cpu().clone()
 
 
-def clean(name: str) -> str:
-    name = name.replace("_fsdp_wrapped_module.", "")
-    return name[len("module."):] if name.startswith("module.") else name
-
-
 def quant_states(model) -> dict:
     return {
-        clean(name): {k: as_bytes(v) for k, v in m.quant_state.as_dict(packed=True).items()}
+        strategies.clean_fqn(name): {k: as_bytes(v) for k, v in m.quant_state.as_dict(packed=True).items()}
         for name, m in model.named_modules()
         if isinstance(m, bnb.nn.Linear4bit)
     }
@@ -62,12 +57,12 @@ def observe_shard(original):
             p.numel() * p.element_size() for p in model.parameters() if not p.is_meta
         )
         if RANK == 0:
-            observed["full"] = {clean(n): as_bytes(p) for n, p in model.named_parameters()}
+            observed["full"] = {strategies.clean_fqn(n): as_bytes(p) for n, p in model.named_parameters()}
             observed["full_quant_states"] = quant_states(model)
         result = original(self, model, make_optimizer, accelerator)
         sharded = result[0]
         observed["shards"] = [
-            (clean(s.name), s.start, s.full_numel, as_bytes(s.local), s.local.element_size())
+            (strategies.clean_fqn(s.name), s.start, s.full_numel, as_bytes(s.local), s.local.element_size())
             for s in self.local_shards(sharded)
         ]
         observed["quant_states"] = quant_states(sharded)

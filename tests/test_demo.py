@@ -1,8 +1,6 @@
 """The README's first command: the embedded default trains for real on 2 CPU ranks with FSDP2."""
 
-import json
-
-from conftest import python, run_command, tail
+from conftest import python, read_metrics, run_command, tail
 
 
 def test_demo_trains_and_summarizes(tmp_path):
@@ -13,10 +11,10 @@ def test_demo_trains_and_summarizes(tmp_path):
     text = log.read_text(errors="replace")
     assert "Done: 80 steps" in text and "on 2 rank(s) with fsdp2" in text
     assert f"Adapter (PEFT format): {out / 'run' / 'adapter'}" in text
-    losses = [json.loads(line)["loss"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out / "run")
+    losses = [r["loss"] for r in records]
     assert len(losses) == 80
     assert losses[-1] < losses[0] - 1.0, losses  # clearly visible learning
-    record = json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert {"step", "loss", "lr", "tokens_per_s"} <= record.keys()
+    assert {"step", "loss", "lr", "tokens_per_s"} <= records[-1].keys()
     assert (out / "run" / "adapter" / "adapter_config.json").is_file()
     assert (out / "run" / "run_config.yaml").is_file()

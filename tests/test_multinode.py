@@ -7,7 +7,8 @@ import time
 
 import torch
 
-from conftest import REPO, free_port, python, start_command, tail, wait_for
+from conftest import REPO, python, read_metrics, start_command, tail, wait_for
+from launcher.launch import free_port
 from launcher.preemption import is_running
 
 
@@ -31,7 +32,7 @@ def test_two_accelerate_launches_with_machine_ranks_0_and_1_form_one_run(demo_as
     report = json.loads((out / "shard_report.json").read_text())
     assert [r["rank"] for r in report] == [0, 1]
     assert all(r["optimizer_state_elements_local"] * 2 == sum(x["optimizer_state_elements_local"] for x in report) for r in report)
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, steps + 1))
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, steps + 1))
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -67,8 +68,7 @@ def test_sigterm_to_qlaunch_checkpoints_and_exits_with_the_preemption_status(dem
     out, log, steps = tmp_path / "run", tmp_path / "train.log", 40
     proc = start_command([python(), "-m", "launcher", "train", "--nproc", "2", "--config", str(demo_assets / "run.yaml"),
                   "--output_dir", str(out), "--train.max_steps", str(steps), "--dist.preempt_exit_code", "99"], log)
-    metrics = out / "metrics.jsonl"
-    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 4, 300, proc, log)
+    wait_for(lambda: len(read_metrics(out)) >= 4, 300, proc, log)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 99, tail(log)
     text = log.read_text()

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import probe_launch_command, python, run_command, start_command, tail, wait_for
+from conftest import load_probes, probe_launch_command, python, read_metrics, run_command, start_command, tail, wait_for
+from launcher.config import STRATEGIES
 
-STRATEGIES = ["fsdp2", "fsdp1", "zero2", "zero3", "ddp"]
 K = 6
 RECORDS = 40  # global batch 4: 10 optimizer steps per epoch
 
@@ -45,7 +45,7 @@ def args(demo_assets, data: Path, out: Path, strategy: str, steps: int, *extra: 
 
 
 def losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    return {r["step"]: r["loss"] for r in read_metrics(out)}
 
 
 def launch(strategy, root: Path, name: str, train_args, env=None):
@@ -54,16 +54,26 @@ def launch(strategy, root: Path, name: str, train_args, env=None):
     return proc, log
 
 
-def probes(root: Path, name: str) -> list[dict]:
-    return [torch.load(root / name / f"rank{r}.pt", weights_only=False) for r in range(2)]
+@pytest.fixture(scope="module")
+def uninterrupted(demo_assets, small_data, tmp_path_factory):
+    """Run A of a strategy, launched once and shared: 2k steps in one go, saving at step k. Returns its root."""
+    roots: dict[str, Path] = {}
+
+    def run_a(strategy: str) -> Path:
+        if strategy not in roots:
+            root = tmp_path_factory.mktemp(f"resume-{strategy}")
+            proc, log = launch(strategy, root, "A", args(demo_assets, small_data, root / "A", strategy, 2 * K))
+            assert proc.returncode == 0, tail(log)
+            roots[strategy] = root
+        return roots[strategy]
+
+    return run_a
 
 
 @pytest.fixture(scope="module", params=STRATEGIES)
-def resumed(request, demo_assets, small_data, tmp_path_factory):
+def resumed(request, uninterrupted, demo_assets, small_data):
     strategy = request.param
-    root = tmp_path_factory.mktemp(f"resume-{strategy}")
-    proc, log = launch(strategy, root, "A", args(demo_assets, small_data, root / "A", strategy, 2 * K))
-    assert proc.returncode == 0, tail(log)
+    root = uninterrupted(strategy)
     checkpoint = root / "A" / "checkpoints" / f"step-{K:06d}"
     proc, log = launch(strategy, root, "B", args(demo_assets, small_data, root / "B", strategy, 2 * K, "--resume", str(checkpoint)))
     assert proc.returncode == 0, tail(log)
@@ -81,12 +91,12 @@ def test_resumed_losses_equal_the_uninterrupted_run(resumed):
 
 def test_resumed_ranks_see_the_same_batches_across_the_epoch_boundary(resumed):
     _, root, _ = resumed
-    for rank, (a, b) in enumerate(zip(probes(root, "A"), probes(root, "B"))):
+    for rank, (a, b) in enumerate(zip(load_probes(root / "A"), load_probes(root / "B"))):
         assert sorted(b["batches"]) == list(range(K, 2 * K))
         for step in range(K, 2 * K):
             assert b["batches"][step] == a["batches"][step], (rank, step)
     # Steps 10 and 11 are the second epoch: a new permutation, not a repeat of steps 0 and 1.
-    first = probes(root, "A")[0]["batches"]
+    first = load_probes(root / "A")[0]["batches"]
     assert first[10] != first[0]
 
 
@@ -133,18 +143,17 @@ def test_export_round_trip(resumed):
     assert (logits - check["logits"]).abs().max().item() <= 1e-4
 
 
-def test_without_rng_restore_the_resume_check_fails(demo_assets, small_data, tmp_path):
+def test_without_rng_restore_the_resume_check_fails(uninterrupted, demo_assets, small_data, tmp_path):
     """Negative control: the exact-resume check above can fail."""
     strategy = "fsdp2"
-    proc, log = launch(strategy, tmp_path, "A", args(demo_assets, small_data, tmp_path / "A", strategy, 2 * K))
-    assert proc.returncode == 0, tail(log)
-    checkpoint = tmp_path / "A" / "checkpoints" / f"step-{K:06d}"
+    a_root = uninterrupted(strategy)
+    checkpoint = a_root / "A" / "checkpoints" / f"step-{K:06d}"
     proc, log = launch(
         strategy, tmp_path, "C", args(demo_assets, small_data, tmp_path / "C", strategy, 2 * K, "--resume", str(checkpoint)),
         env={"PROBE_SKIP_RNG_RESTORE": "1"},
     )
     assert proc.returncode == 0, tail(log)
-    a, c = losses(tmp_path / "A"), losses(tmp_path / "C")
+    a, c = losses(a_root / "A"), losses(tmp_path / "C")
     assert max(abs(a[s] - c[s]) for s in c) > 1e-4
 
     # A DCP checkpoint reshards: the 2-rank step-K checkpoint loads into one process unchanged.
@@ -185,7 +194,7 @@ def test_killed_rank_ends_the_job_and_auto_resume_continues(demo_assets, small_d
     proc, log = launch(strategy, tmp_path, "resumed", train_args + ["--resume", "auto"])
     assert proc.returncode == 0, tail(log)
     assert f"Resuming from step {last_complete}" in log.read_text()
-    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in read_metrics(out)]
     assert logged == list(range(1, steps + 1))  # every step exactly once, none lost, none twice
 
 
@@ -205,10 +214,9 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(demo_assets, small_
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-000012"]  # keep_last 1, no stale temp
 
 
-def test_resume_refuses_what_would_change_its_meaning(demo_assets, small_data, tmp_path, capsys, monkeypatch):
-    from launcher import cli, launch as launch_module
+def test_resume_refuses_what_would_change_its_meaning(demo_assets, small_data, tmp_path, capsys, no_launch):
+    from launcher import cli
 
-    monkeypatch.setattr(launch_module, "launch", lambda *a, **k: pytest.fail("launched despite a refused resume"))
     out = tmp_path / "run"
     proc = run_command([python(), "-m", "launcher", "train", "--nproc", "1", *args(demo_assets, small_data, out, "fsdp2", 3)], tmp_path / "a.log")
     assert proc.returncode == 0, tail(tmp_path / "a.log")

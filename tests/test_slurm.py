@@ -6,7 +6,6 @@ mid-run, checkpoints, requeues itself and resumes. The single-node jobs train th
 their losses are the reference the resumed two-node run must follow step for step.
 """
 
-import json
 import re
 import socket
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CPU_ENV, REPO, python
+from conftest import CPU_ENV, REPO, python, read_metrics
 from launcher import slurm
 from slurm_cluster import SlurmCluster, install, wait_until
 
@@ -44,18 +43,13 @@ def train_args(demo_assets: Path, out: Path) -> list[str]:
     return [str(demo_assets / "run.yaml"), "--output_dir", str(out), "--train.max_steps", str(STEPS)]
 
 
-def metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
 def ranks_started(output: str) -> set[tuple[int, str]]:
     return {(int(rank), node) for rank, node in re.findall(r"^rank (\d+)/2 on (\S+) ", output, re.M)}
 
 
 def assert_trained(out: Path, output: str) -> None:
-    losses = [r["loss"] for r in metrics(out)]
-    assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1)), output[-3000:]
+    losses = [r["loss"] for r in read_metrics(out)]
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, STEPS + 1)), output[-3000:]
     assert losses[-1] < losses[0] - 0.5, losses  # 5.59 -> about 4.6 in 30 steps
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert f"Done: {STEPS} steps" in output
@@ -110,7 +104,7 @@ def preempted_job(cluster, demo_assets, tmp_path_factory, single_node_jobs):
     out, log = root / "run", root / "job.out"
     job = cluster.submit(SCRIPTS / "multi_node.sbatch", train_args(demo_assets, out), ["--gpus-per-node=1", f"--output={log}"], JOB_ENV, root)
     started = time.monotonic()
-    wait_until(lambda: len(metrics(out)) >= PREEMPT_AFTER or cluster.job(job)["JobState"] in FINAL, 600, "training to start")
+    wait_until(lambda: len(read_metrics(out)) >= PREEMPT_AFTER or cluster.job(job)["JobState"] in FINAL, 600, "training to start")
     cluster.signal_batch(job, "USR2")  # as Slurm's --signal=B:USR2@... does before the time limit
     info = cluster.wait_for(job, FINAL, 600)
     print(f"preempted two-node job: {time.monotonic() - started:.1f} s")
@@ -138,8 +132,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes_without_a_jump(preempted
     assert f"Resuming from step {stopped}: {out / 'checkpoints' / f'step-{stopped:06d}'}" in output
     assert (out / "checkpoints" / f"step-{stopped:06d}" / "meta.json").is_file()  # the preemption's, kept (keep_last 2)
     # Every step logged once, and each loss the one the uninterrupted single-node runs logged.
-    reference = {r["step"]: r["loss"] for r in metrics(next(iter(single_node_jobs[0].values()))[0])}
-    resumed = {r["step"]: r["loss"] for r in metrics(out)}
+    reference = {r["step"]: r["loss"] for r in read_metrics(next(iter(single_node_jobs[0].values()))[0])}
+    resumed = {r["step"]: r["loss"] for r in read_metrics(out)}
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in resumed:
         assert resumed[step] == pytest.approx(reference[step], abs=1e-4), (step, resumed[step], reference[step])
@@ -149,7 +143,7 @@ def test_a_cancelled_job_checkpoints_and_is_not_requeued(cluster, demo_assets, t
     """`scancel` sends SIGTERM to every process of the job: one rank (in qlaunch's own process) checkpoints, stays stopped."""
     out, log = tmp_path / "run", tmp_path / "job.out"
     job = cluster.submit(SCRIPTS / "single_node.sbatch", train_args(demo_assets, out), ["--gpus-per-node=1", f"--output={log}"], JOB_ENV, tmp_path)
-    wait_until(lambda: len(metrics(out)) >= PREEMPT_AFTER or cluster.job(job)["JobState"] in FINAL, 600, "training to start")
+    wait_until(lambda: len(read_metrics(out)) >= PREEMPT_AFTER or cluster.job(job)["JobState"] in FINAL, 600, "training to start")
     cluster.run(["scancel", str(job)])
     info = cluster.wait_for(job, FINAL, 120)
     output = log.read_text()
