@@ -197,6 +197,7 @@ class CudaPeaks:
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.after_sharding = torch.cuda.memory_allocated()
+        self.peak_before_training = torch.cuda.max_memory_allocated()
         self.steps: list[dict[str, int]] = []
         self.max_allocated = self.max_reserved = 0
         torch.cuda.reset_peak_memory_stats()
@@ -208,6 +209,11 @@ class CudaPeaks:
         if len(self.steps) < self.KEPT_STEPS:
             self.steps.append({"peak_allocated_bytes": allocated, "peak_reserved_bytes": reserved})
         torch.cuda.reset_peak_memory_stats()
+
+    def peak_allocated(self) -> int:
+        """Peak allocated bytes over the whole run: loading and sharding, every step, and what came after
+        the last step's reset."""
+        return max(self.peak_before_training, self.max_allocated, torch.cuda.max_memory_allocated())
 
     def report(self) -> dict:
         self.handle.remove()
@@ -241,6 +247,10 @@ class MemoryMeter:
         measured = _gather(self.weights)
         if self.predicted:
             print(self.table(self.predicted, measured, budget.WEIGHT_COMPONENTS, "at the start of training"), flush=True)
+
+    def peak_device_bytes(self) -> int | None:
+        """This rank's peak CUDA allocation so far (None on CPU)."""
+        return self.cuda.peak_allocated() if self.cuda else None
 
     def _predict(self, activation_shape: tuple[int, int] | None = None) -> budget.Budget | None:
         # The report must never stop training: a model the budget cannot predict gets a note instead.

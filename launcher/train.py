@@ -51,7 +51,7 @@ def lr_lambda(train_cfg, total_steps: int):
     return factor
 
 
-def rank_report(model, optimizer, strategy: strategies.Strategy, sharder: strategies.Strategy, adapter_total: int) -> dict:
+def rank_report(model, optimizer, strategy: strategies.Strategy, sharder: strategies.Strategy, adapter_total: int, peak_device_bytes: int | None) -> dict:
     """What this rank holds after sharding: adapter and optimizer-state elements, for the report."""
     shards = [s for s in sharder.local_shards(model) if s.trainable]
     trainable_local = sum(min(s.local.numel(), s.full_numel - s.start) for s in shards)
@@ -62,7 +62,8 @@ def rank_report(model, optimizer, strategy: strategies.Strategy, sharder: strate
         "adapter_elements_local": trainable_local,
         "optimizer_state_elements_local": strategies.optimizer_state_numel(optimizer),
         "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "peak_device_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        # torch.cuda's own peak would cover only the time since the meter's last per-step reset.
+        "peak_device_bytes": peak_device_bytes,
     }
 
 
@@ -152,7 +153,7 @@ def _run(cfg: RunConfig, stop: StopSignal) -> RunSummary:
 
     # Export & report.
     meter.finish()
-    report = [rank_report(model, optimizer, strategy, sharder, adapter_total)]
+    report = [rank_report(model, optimizer, strategy, sharder, adapter_total, meter.peak_device_bytes())]
     if dist.is_initialized():
         mine, report = report[0], [None] * world
         dist.all_gather_object(report, mine)
