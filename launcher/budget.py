@@ -30,13 +30,16 @@ from torch import nn
 
 from . import strategies
 from .config import ConfigError, RunConfig
-from .model import is_norm
+from .activations import ActivationDtypes, LoraSite, ModelShape, activation_bytes, describe_layer
+from .model import frozen_component
 from .strategies import DtypePolicy, Strategy, TensorSpec, clean_fqn
 
 COMPONENTS = {
     "base_4bit": "packed 4-bit base weights (this rank's part)",
     "quant_states": "4-bit quantization constants: absmax, double-quant absmax and code, quant map (whole on every rank)",
-    "frozen_dense": "unquantized frozen weights: embeddings, lm_head",
+    "frozen_dense": "unquantized frozen weights: embeddings, lm_head (once when tied), MoE routers",
+    "experts": "MoE expert weights, frozen and unquantized (fused 3D parameters, which bitsandbytes cannot quantize)",
+    "biases": "biases of the 4-bit linears (e.g. Qwen2's q/k/v)",
     "norms": "norm weights",
     "buffers": "module buffers (rotary frequencies)",
     "lora": "LoRA parameters",
@@ -51,7 +54,7 @@ COMPONENTS = {
     "comm_buckets": "gradient communication buffers (DDP buckets, ZeRO reduce bucket, FSDP reduce-scatter input)",
     "runtime": "CUDA context, NCCL buffers and allocator slack (an allowance, --runtime-overhead)",
 }
-WEIGHT_COMPONENTS = ("base_4bit", "quant_states", "frozen_dense", "norms", "buffers", "lora", "shard_padding")
+WEIGHT_COMPONENTS = ("base_4bit", "quant_states", "frozen_dense", "experts", "biases", "norms", "buffers", "lora", "shard_padding")
 STATIC_COMPONENTS = WEIGHT_COMPONENTS + strategies.OPTIMIZER_STATE_COMPONENTS
 ESTIMATED_COMPONENTS = ("gathered_params", "comm_buckets", "runtime")
 OFFLOADED_COMPONENTS = strategies.OPTIMIZER_STATE_COMPONENTS
@@ -66,11 +69,7 @@ BINARY_UNITS = (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10))
 
 
 def parameter_component(module: nn.Module, name: str, param: nn.Parameter) -> str:
-    if isinstance(module, bnb.nn.Linear4bit) and name == "weight":
-        return "base_4bit"
-    if param.requires_grad:
-        return "lora"
-    return "norms" if is_norm(module) else "frozen_dense"
+    return "lora" if param.requires_grad else frozen_component(module, name, param)
 
 
 def parameter_components(model: nn.Module) -> dict[str, str]:
@@ -318,14 +317,6 @@ def _build_skeleton(cfg: RunConfig, policy: DtypePolicy, config) -> nn.Module:
         return attach_lora(base, cfg.lora, policy, cfg.train.seed)
 
 
-@dataclass(frozen=True)
-class LoraSite:
-    in_features: int
-    out_features: int
-    r: int
-    dropout: float
-
-
 @dataclass
 class ModelSpec:
     """Everything the prediction needs from the skeleton."""
@@ -337,9 +328,9 @@ class ModelSpec:
     quantized_elements: int
     """Weights stored in 4 bits (unpacked count): the matmul work per token is about twice this."""
     config: object
-    lora_in_layer: dict[str, LoraSite]
-    """LoRA sites of one decoder layer, by path inside the layer (e.g. self_attn.q_proj)."""
-    lora_on_head: LoraSite | None
+    shape: ModelShape | None
+    """What the activations depend on; None with `unmodelled` saying why."""
+    unmodelled: str = ""
 
     @property
     def trainable(self) -> list[TensorSpec]:
@@ -347,10 +338,9 @@ class ModelSpec:
 
 
 def describe_model(cfg: RunConfig, policy: DtypePolicy, config) -> ModelSpec:
-    from peft.tuners.lora import LoraLayer
-
     skeleton = build_skeleton(cfg, policy, config)
-    layer_classes = set(getattr(skeleton.get_base_model(), "_no_split_modules", None) or ())
+    base = skeleton.get_base_model()
+    layer_classes = set(getattr(base, "_no_split_modules", None) or ())
     modules = dict(skeleton.named_modules())
     layers = [name for name, m in modules.items() if type(m).__name__ in layer_classes]
 
@@ -377,16 +367,10 @@ def describe_model(cfg: RunConfig, policy: DtypePolicy, config) -> ModelSpec:
             for shape, dtype in quant_state_shapes(numel, module.weight.blocksize, cfg.quant.double_quant).values():
                 quant_bytes += math.prod(shape) * dtype.itemsize
     buffers = {id(b): b for b in skeleton.buffers()}.values()
-
-    def site(module) -> LoraSite:
-        dropout = module.lora_dropout["default"]
-        return LoraSite(module.in_features, module.out_features, module.r["default"], getattr(dropout, "p", 0.0))
-
-    first = layers[0] if layers else None
-    in_layer = {
-        name[len(first) + 1:]: site(m) for name, m in modules.items() if first and name.startswith(first + ".") and isinstance(m, LoraLayer)
-    }
-    head = next((site(m) for name, m in modules.items() if isinstance(m, LoraLayer) and not layer_of(name)), None)
+    try:
+        shape, unmodelled = model_shape(base, modules, layers, layer_of), ""
+    except ConfigError as error:
+        shape, unmodelled = None, str(error)
     return ModelSpec(
         name=cfg.model.path,
         tensors=tensors,
@@ -394,141 +378,40 @@ def describe_model(cfg: RunConfig, policy: DtypePolicy, config) -> ModelSpec:
         buffer_bytes=sum(b.numel() * b.element_size() for b in buffers),
         quantized_elements=quantized,
         config=config,
-        lora_in_layer=in_layer,
-        lora_on_head=head,
+        shape=shape,
+        unmodelled=unmodelled,
     )
 
 
-# --- Activations -----------------------------------------------------------------------------
+def model_shape(base, modules: dict[str, nn.Module], layers: list[str], layer_of) -> ModelShape:
+    """The decoder layers and head of the skeleton, as the activation model reads them."""
+    from peft.tuners.lora import LoraLayer, ParamWrapper
 
-LLAMA_LAYER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    config = base.config
+    if not layers:
+        raise ConfigError(f"`{type(config).__name__}` declares no decoder layer class; activations are not modelled for it.")
+    if any(isinstance(m, ParamWrapper) for m in modules.values()):
+        raise ConfigError("LoRA on fused expert parameters (lora.target_parameters) is not modelled; static components are.")
 
+    def site(module) -> LoraSite:
+        dropout = module.lora_dropout["default"]
+        return LoraSite(module.in_features, module.out_features, module.r["default"], getattr(dropout, "p", 0.0))
 
-@dataclass(frozen=True)
-class ActivationDtypes:
-    stream: torch.dtype
-    """Hidden states between layers: norms output their weight's dtype promoted with the input's."""
-    dense: torch.dtype
-    """Embedding output and logits."""
-    adapter: torch.dtype
-    """LoRA weights inside forward (peft casts the input to it)."""
-    autocast: torch.dtype | None
-    device: str
-
-    def matmul(self, operand: torch.dtype) -> torch.dtype:
-        return self.autocast or operand
-
-    def dropout_mask_size(self, operand: torch.dtype) -> int:
-        # CUDA's fused dropout keeps a bool mask; on CPU the scaled noise is kept in the input's dtype.
-        return 1 if self.device == "cuda" else operand.itemsize
-
-
-def _lora_saves(sites: list[LoraSite], tokens: int, x: torch.dtype, x_grad: bool, d: ActivationDtypes) -> int:
-    """Bytes saved by the LoRA branches of linears that share one input `x`."""
-    total, shared_counted = 0, False
-    for site in sites:
-        own_copy = x != d.adapter  # peft casts the input to the adapter's dtype, per layer
-        kept = d.adapter
-        if site.dropout > 0:
-            if x_grad:
-                total += tokens * site.in_features * d.dropout_mask_size(d.adapter)
-            own_copy = True
-        mm = d.matmul(d.adapter)
-        if mm != d.adapter:  # autocast casts lora_A's input and both weights
-            own_copy, kept = True, mm
-            total += site.r * (site.in_features + site.out_features) * mm.itemsize
-        if own_copy or not shared_counted:
-            total += tokens * site.in_features * kept.itemsize
-            shared_counted = shared_counted or not own_copy
-        total += tokens * site.r * mm.itemsize  # lora_A's output, kept by lora_B
-    return total
-
-
-def _norm_saves(tokens: int, hidden: int) -> int:
-    # RMSNorm keeps its input upcast to fp32 and the fp32 reciprocal root per token.
-    return tokens * (hidden + 1) * 4
-
-
-def _promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    return torch.promote_types(a, b)
-
-
-def layer_saved_bytes(spec: ModelSpec, batch: int, seq: int, input_grad: bool, d: ActivationDtypes) -> int:
-    """Bytes one Llama-style decoder layer saves for backward (its input's storage included when the
-    norm keeps it: fp32 stream). `input_grad`: whether the layer's input requires grad."""
-    c, tokens = spec.config, batch * seq
-    hidden, inter = c.hidden_size, c.intermediate_size
-    heads = c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or heads
-    head_dim = getattr(c, "head_dim", None) or hidden // heads
-    lora = spec.lora_in_layer
-
-    def sites(*names):
-        return [lora[n] for n in names if n in lora]
-
-    def out_dtype(names, x):
-        return _promote(x, d.matmul(d.adapter)) if sites(*names) else x
-
-    total = _norm_saves(tokens, hidden) if input_grad else 0
-    qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-    total += _lora_saves(sites(*qkv), tokens, d.stream, input_grad, d)
-    attn_grad = input_grad or bool(sites(*qkv))
-    attn = d.matmul(out_dtype(qkv, d.stream))
-    if attn_grad:
-        # SDPA keeps q, k, v (grouped-query k and v unrepeated), its output and the fp32 log-sum-exp.
-        total += tokens * head_dim * (2 * heads + 2 * kv_heads) * attn.itemsize + tokens * heads * 4
-    total += _lora_saves(sites("self_attn.o_proj"), tokens, attn, attn_grad, d)
-    mid_grad = attn_grad or bool(sites("self_attn.o_proj"))
-    if mid_grad:
-        total += _norm_saves(tokens, hidden)
-    total += _lora_saves(sites("mlp.gate_proj", "mlp.up_proj"), tokens, d.stream, mid_grad, d)
-    gate = out_dtype(("mlp.gate_proj",), d.stream)
-    gate_grad = mid_grad or bool(sites("mlp.gate_proj"))
-    up_grad = mid_grad or bool(sites("mlp.up_proj"))
-    # SiLU keeps its input; the product keeps each factor the other's gradient needs.
-    total += tokens * inter * gate.itemsize * (gate_grad + up_grad + gate_grad)
-    total += _lora_saves(sites("mlp.down_proj"), tokens, gate, gate_grad or up_grad, d)
-    return total
-
-
-def activation_bytes(spec: ModelSpec, batch: int, seq: int, checkpointing: bool, d: ActivationDtypes, strategy: Strategy) -> dict[str, int]:
-    """activations (saved for backward by one micro batch), recompute, logits_backward."""
-    c, tokens = spec.config, batch * seq
-    missing = [name for name in LLAMA_LAYER if name not in _layer_module_names(spec)]
-    if missing:
-        raise ConfigError(
-            f"Activations are modelled for Llama-style decoder layers (q/k/v/o projections and a gated MLP); "
-            f"`{type(c).__name__}` has no {', '.join(missing)}. Static components could be predicted, activations not."
-        )
-    hidden, vocab = c.hidden_size, c.vocab_size
-    head_dim = getattr(c, "head_dim", None) or hidden // c.num_attention_heads
-    # After the layers: the final norm, lm_head (ZeRO-3's linear keeps its input; autocast keeps a
-    # cast of a weight stored in another dtype), and the loss: fp32 log-probabilities and targets.
-    head = _norm_saves(tokens, hidden) + tokens * vocab * 4 + tokens * 8 + 4
-    if strategy.linear_saves_input:
-        head += tokens * hidden * d.matmul(d.stream).itemsize
-    if d.autocast and d.dense != d.autocast:
-        head += vocab * hidden * d.autocast.itemsize
-    if spec.lora_on_head:
-        head += _lora_saves([spec.lora_on_head], tokens, d.stream, True, d)
-    layer = layer_saved_bytes(spec, batch, seq, True, d)
-    if checkpointing:
-        # Each layer keeps only its input (the first one the embedding output); in backward, one layer
-        # at a time is recomputed with everything it saves.
-        saved = tokens * hidden * (d.dense.itemsize + (c.num_hidden_layers - 1) * d.stream.itemsize)
-        recompute = layer - (tokens * hidden * 4 if d.stream == torch.float32 else 0)
-    else:
-        # The first layer's input does not require grad, so its first norm saves nothing; rotary cos
-        # and sin are shared by all layers.
-        first = layer_saved_bytes(spec, batch, seq, False, d)
-        saved = first + (c.num_hidden_layers - 1) * layer + 2 * seq * head_dim * d.dense.itemsize
-        recompute = 0
-    return {"activations": saved + head, "recompute": recompute, "logits_backward": 2 * tokens * vocab * 4}
-
-
-def _layer_module_names(spec: ModelSpec) -> set[str]:
-    layer = next((t.layer for t in spec.tensors if t.layer), "")
-    return {t.module[len(layer) + 1:] for t in spec.tensors if t.layer == layer} | set(spec.lora_in_layer)
+    specs = []
+    for index, layer in enumerate(layers):
+        inside = {name[len(layer) + 1:]: m for name, m in modules.items() if name.startswith(layer + ".")}
+        lora = {name: site(m) for name, m in inside.items() if isinstance(m, LoraLayer)}
+        specs.append(describe_layer(config, set(inside), lora, config._attn_implementation, index))
+    norms = [m for m in modules.values() if type(m).__name__.endswith("RMSNorm")]
+    rotary = [name for name, _ in base.named_buffers() if name.endswith("inv_freq") and "original" not in name]
+    return ModelShape(
+        layers=specs,
+        vocab=config.vocab_size,
+        gemma_norms=any(type(m).__name__.startswith("Gemma") for m in norms),
+        final_softcap=bool(getattr(config, "final_logit_softcapping", None)),
+        rotary_sets=max(1, len(rotary)),
+        lora_on_head=next((site(m) for name, m in modules.items() if isinstance(m, LoraLayer) and not layer_of(name)), None),
+    )
 
 
 # --- Prediction ------------------------------------------------------------------------------
@@ -627,14 +510,18 @@ def predict(cfg: RunConfig, hardware: Hardware, activation_shape: tuple[int, int
     stored = sharder.stored_policy(policy, autocast)
     compute = sharder.compute_policy(policy, autocast)
     spec = (cache or ModelCache(cfg)).describe(cfg, stored)
+    if spec.shape is None:
+        raise ConfigError(spec.unmodelled)
     d = ActivationDtypes(
-        stream=_promote(compute.norm, compute.dense), dense=compute.dense, adapter=compute.adapter,
+        # Gemma's norms return their input's dtype; the others promote it with their weight's.
+        stream=compute.dense if spec.shape.gemma_norms else torch.promote_types(compute.norm, compute.dense),
+        dense=compute.dense, adapter=compute.adapter, experts=compute.experts,
         autocast=autocast, device=hardware.device,
     )
     batch, seq = activation_shape or (cfg.train.micro_batch_size, cfg.data.max_seq_len)
     hidden = spec.config.hidden_size
     shared = {
-        **activation_bytes(spec, batch, seq, cfg.train.gradient_checkpointing, d, sharder),
+        **activation_bytes(spec.shape, batch, seq, cfg.train.gradient_checkpointing, d, sharder.linear_saves_input),
         "gathered_params": sharder.gathered_bytes(spec.tensors, compute, world, hidden),
         "comm_buckets": sharder.bucket_bytes(spec.trainable, autocast or compute.adapter, world, hidden),
         "runtime": hardware.runtime_overhead if hardware.device == "cuda" else 0,

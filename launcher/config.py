@@ -48,6 +48,10 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: Union[list[str], str] = "all-linear"
+    """Module names (or all-linear: every nn.Linear but the output layer). MoE experts are not modules."""
+    target_parameters: list[str] = field(default_factory=list)
+    """Parameters to adapt directly, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj] for fused MoE
+    experts (peft's target_parameters). peft has no dropout there: lora.dropout then applies to the modules only."""
 
 
 @dataclass

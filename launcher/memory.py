@@ -88,9 +88,11 @@ def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
     return tensors
 
 
-def measure_weights(model: nn.Module, sharder: Strategy) -> tuple[dict[str, int], set[int]]:
-    """This rank's weight components in bytes, and the storages (data pointers) that hold them."""
-    kinds = budget.parameter_components(model)
+def measure_weights(model: nn.Module, sharder: Strategy, kinds: dict[str, str] | None = None) -> tuple[dict[str, int], set[int]]:
+    """This rank's weight components in bytes, and the storages (data pointers) that hold them.
+    `kinds`: each parameter's component, read before sharding (FSDP1 and ZeRO-3 flatten parameters,
+    so their shapes no longer say what they are); default: read off `model`."""
+    kinds = kinds or budget.parameter_components(model)
     held = dict.fromkeys(budget.WEIGHT_COMPONENTS, 0)
     storages = StorageTally()
     for shard in sharder.local_shards(model):
@@ -234,9 +236,9 @@ def error_pct(predicted: int, measured: int) -> float | None:
 class MemoryMeter:
     """This rank's measurement, and on rank 0 the prediction next to it (see the module docstring)."""
 
-    def __init__(self, cfg, model: nn.Module, optimizer: torch.optim.Optimizer, sharder: Strategy, output_dir, device: torch.device):
+    def __init__(self, cfg, model: nn.Module, optimizer: torch.optim.Optimizer, sharder: Strategy, output_dir, device: torch.device, kinds: dict[str, str]):
         self.cfg, self.output_dir = cfg, Path(output_dir)
-        self.weights, storages = measure_weights(model, sharder)
+        self.weights, storages = measure_weights(model, sharder, kinds)
         self.probe = FirstStepProbe(model, optimizer, storages)
         self.cuda = CudaPeaks(optimizer) if device.type == "cuda" else None
         self.main = not dist.is_initialized() or dist.get_rank() == 0

@@ -123,11 +123,23 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm")
 
 
+def frozen_component(module: nn.Module, name: str, param: torch.Tensor) -> str:
+    """What a base parameter is, as the dtype policy and the memory budget name it."""
+    if isinstance(module, bnb.nn.Linear4bit):
+        return "base_4bit" if name == "weight" else "biases"
+    if is_norm(module):
+        return "norms"
+    if param.dim() == 3:
+        return "experts"
+    return "frozen_dense"
+
+
 def prepare_for_kbit_training(model: PreTrainedModel, policy: DtypePolicy, gradient_checkpointing: bool) -> None:
     """Freezes the base and sets each unquantized weight to the dtype the strategy can shard safely.
 
     Norms go to `policy.norm` (fp32 unless the strategy needs one dtype per unit) so their small
-    scale factors keep full precision; embeddings and lm_head go to `policy.dense`. Gradient
+    scale factors keep full precision; embeddings and lm_head go to `policy.dense`, biases of 4-bit
+    linears and MoE experts to theirs (see DtypePolicy). A tied weight is one parameter and stays one. Gradient
     checkpointing is always non-reentrant: reentrant checkpointing re-runs forward inside an
     autograd Function, which FSDP2 and ZeRO-3 cannot see through (parameters are not re-gathered
     and adapter gradients are silently lost) and which needs inputs that require grad.
@@ -135,11 +147,9 @@ def prepare_for_kbit_training(model: PreTrainedModel, policy: DtypePolicy, gradi
     for param in model.parameters():
         param.requires_grad_(False)
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            continue
-        target = policy.norm if is_norm(module) else policy.dense
         for name, param in module.named_parameters(recurse=False):
-            if param.is_floating_point() and param.dtype != target:
+            target = policy.of(frozen_component(module, name, param))
+            if target is not None and param.is_floating_point() and param.dtype != target:
                 param.data = param.data.to(target)
     if gradient_checkpointing:
         model.config.use_cache = False
@@ -162,21 +172,41 @@ def assert_non_reentrant(model: nn.Module) -> None:
         raise RuntimeError("Gradient checkpointing was requested but no layer of the model supports it.")
 
 
+def linear_target_names(model: nn.Module) -> list[str]:
+    """What `all-linear` means here: the names of every nn.Linear (4-bit or not) but the output layer.
+
+    peft resolves "all-linear" itself, and for MoE families whose experts transformers 5 fused into 3D
+    parameters it then adds those parameters and the router (its v4-compatibility remap), which
+    supports no LoRA dropout and makes the router trainable. Experts are adapted only when asked for,
+    through `lora.target_parameters`."""
+    output = model.get_output_embeddings()
+    return sorted({name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not output})
+
+
 def attach_lora(model: PreTrainedModel, lora: LoraConfig, policy: DtypePolicy, seed: int) -> nn.Module:
     """Adds LoRA adapters. The seed makes the source rank's init, which every rank receives, reproducible."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer, ParamWrapper
 
     torch.manual_seed(seed)
+    targets = linear_target_names(model) if lora.target_modules == "all-linear" else lora.target_modules
     peft_config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        # peft refuses dropout on adapted parameters; it is set on the adapted modules below.
+        lora_dropout=0.0 if lora.target_parameters else lora.dropout,
+        target_modules=targets,
+        target_parameters=lora.target_parameters or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, peft_config)
+    if lora.target_parameters and lora.dropout:
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper):
+                for adapter in module.lora_dropout:
+                    module.lora_dropout[adapter] = nn.Dropout(lora.dropout)
     for param in model.parameters():
         if param.requires_grad and param.dtype != policy.adapter:
             param.data = param.data.to(policy.adapter)

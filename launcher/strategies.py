@@ -36,8 +36,22 @@ class DtypePolicy:
     """dtype the packed 4-bit bytes are viewed as; a float dtype so every sharder treats it as a weight."""
     norm: torch.dtype
     dense: torch.dtype
-    """Frozen unquantized weights: embeddings and lm_head."""
+    """Frozen unquantized weights the hidden states meet without a cast: embeddings, lm_head, MoE routers."""
     adapter: torch.dtype
+    bias: torch.dtype
+    """Biases of the 4-bit linears. bitsandbytes recasts a bias to the compute dtype inside every forward
+    (`bias.data = ...`), which a sharded parameter must not see: they are kept in that dtype where they can be."""
+    experts: torch.dtype
+    """Fused 3D MoE expert weights (bitsandbytes quantizes nn.Linear only); transformers casts the
+    input to their dtype, so they can stay in the compute dtype."""
+
+    def of(self, component: str) -> torch.dtype | None:
+        """The dtype of a frozen or adapter weight by its budget component (None: packed 4-bit bytes)."""
+        return {"norms": self.norm, "frozen_dense": self.dense, "lora": self.adapter, "biases": self.bias, "experts": self.experts}.get(component)
+
+    def cast_to(self, dtype: torch.dtype) -> DtypePolicy:
+        """Every weight but the packed 4-bit bytes in `dtype` (what a mixed-precision cast of all parameters does)."""
+        return dataclasses.replace(self, norm=dtype, dense=dtype, adapter=dtype, bias=dtype, experts=dtype)
 
 
 @dataclass
@@ -124,7 +138,7 @@ def _add(total: dict[str, int], more: dict[str, int]) -> dict[str, int]:
 
 def _bytes_as(t: TensorSpec, policy: DtypePolicy) -> int:
     """Bytes of `t` when held in `policy`'s dtypes (packed 4-bit bytes keep their size in any view)."""
-    dtype = {"norms": policy.norm, "frozen_dense": policy.dense, "lora": policy.adapter}.get(t.component)
+    dtype = policy.of(t.component)
     return t.numel * (dtype.itemsize if dtype else t.itemsize)
 
 
@@ -164,7 +178,10 @@ class Strategy:
         # fp32. Embeddings and lm_head take the compute dtype under mixed precision (autocast bridges
         # the fp32 activations) and fp32 without it, where lm_head must match the fp32 hidden states.
         dense = compute_dtype if mixed_precision else torch.float32
-        return DtypePolicy(quant_storage=compute_dtype, norm=torch.float32, dense=dense, adapter=torch.float32)
+        return DtypePolicy(
+            quant_storage=compute_dtype, norm=torch.float32, dense=dense, adapter=torch.float32,
+            bias=compute_dtype, experts=compute_dtype,
+        )
 
     def plugins(self, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
         """Keyword arguments for `Accelerator(...)`: the plugin this strategy runs under, if any."""
@@ -268,7 +285,7 @@ class _Replicated(Strategy):
     """Every rank holds the whole base: the source rank's weights are broadcast before wrapping."""
 
     def before_prepare(self, model, accelerator):
-        sync.materialize_and_broadcast(sync.direct_tensors(model), accelerator.device)
+        sync.materialize_and_broadcast(sync.shared_tensors(model), accelerator.device)
         return super().before_prepare(model, accelerator)
 
 
@@ -324,7 +341,7 @@ class FSDP2(Strategy):
         for name, param in model.named_parameters():
             full = handoff[name] if handoff is not None else None
             sync.scatter_rows_(param.to_local(), full, param.shape[0])
-        sync.materialize_and_broadcast(sync.direct_tensors(model, buffers_only=True), accelerator.device)
+        sync.materialize_and_broadcast(sync.shared_tensors(model, buffers_only=True), accelerator.device)
 
     def gather_trainable(self, model):
         return {n: p.full_tensor().cpu() for n, p in model.named_parameters() if p.requires_grad}
@@ -341,7 +358,7 @@ class FSDP2(Strategy):
         # Accelerate's FSDP2 mixed-precision policy gathers every parameter in the autocast dtype.
         if mixed_precision is None:
             return policy
-        return dataclasses.replace(policy, norm=mixed_precision, dense=mixed_precision, adapter=mixed_precision)
+        return policy.cast_to(mixed_precision)
 
     @staticmethod
     def _rows(t: TensorSpec, world: int, rank: int) -> tuple[int, int, int]:
@@ -394,7 +411,7 @@ class FSDP1(Strategy):
         # tensor would rewrite packed 4-bit bytes stored in another dtype. So everything is fp32
         # (norms stay safe, the packed bytes are only viewed as fp32) and FSDP1 casts no parameters;
         # bf16 compute comes from autocast and from the 4-bit compute dtype instead.
-        return DtypePolicy(quant_storage=torch.float32, norm=torch.float32, dense=torch.float32, adapter=torch.float32)
+        return DtypePolicy(*[torch.float32] * len(dataclasses.fields(DtypePolicy)))
 
     def plugins(self, cfg, device):
         from accelerate.utils import FullyShardedDataParallelPlugin
@@ -554,7 +571,7 @@ class _ZeRO(Strategy):
         # Under bf16/fp16 DeepSpeed casts every parameter to that dtype (it keeps fp32 master copies).
         if mixed_precision is None:
             return policy
-        return dataclasses.replace(policy, norm=mixed_precision, dense=mixed_precision, adapter=mixed_precision)
+        return policy.cast_to(mixed_precision)
 
     def _reduce_bucket_elements(self, hidden_size: int) -> int:
         size = self.shipped_zero_config().get("reduce_bucket_size", "auto")
@@ -624,12 +641,15 @@ class ZeRO3(_ZeRO):
         # ZeRO-3's own path: `zero.Init(module=...)` broadcasts each module's parameters from rank 0
         # and keeps this rank's partition. One module at a time, so a non-source rank allocates at
         # most one module's full weights before partitioning frees them.
+        # A tied weight is converted once, with its first module; later owners already hold it partitioned.
+        pending = {id(shared.tensor): shared for shared in sync.shared_tensors(model) if shared.is_parameter}
         for module in model.modules():
             if not module._parameters:
                 continue
-            sync.materialize_empty(module, accelerator.device)
+            mine = [pending.pop(id(p)) for p in module.parameters() if id(p) in pending]
+            sync.materialize_empty(mine, accelerator.device)
             deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
-        sync.materialize_and_broadcast(sync.direct_tensors(model, buffers_only=True), accelerator.device)
+        sync.materialize_and_broadcast(sync.shared_tensors(model, buffers_only=True), accelerator.device)
         # Last, so the constants attach to the partitioned weight objects.
         return super().before_prepare(model, accelerator)
 

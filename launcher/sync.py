@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from typing import Iterable
 
 import bitsandbytes as bnb
@@ -77,20 +78,54 @@ def broadcast_quant_states(model: nn.Module, device: torch.device) -> None:
         module.weight.quant_state = state
 
 
-def materialize_and_broadcast(named_tensors: Iterable[tuple[nn.Module, str, torch.Tensor]], device: torch.device) -> None:
+@dataclass
+class SharedTensor:
+    """One parameter or buffer and every (module, local name) that holds it: a tied weight (an
+    embedding reused as the output layer) has several owners and must stay one tensor."""
+
+    tensor: torch.Tensor
+    owners: list[tuple[nn.Module, str]]
+
+    @property
+    def is_parameter(self) -> bool:
+        module, name = self.owners[0]
+        return name in module._parameters
+
+    def replace(self, data: torch.Tensor) -> None:
+        """Installs `data` (as a parameter of the same kind, for parameters) at every owner."""
+        new = _same_kind_of_parameter(self.tensor, data) if self.is_parameter else data
+        for module, name in self.owners:
+            (module._parameters if self.is_parameter else module._buffers)[name] = new
+        self.tensor = new
+
+
+def shared_tensors(model: nn.Module, buffers_only: bool = False) -> list[SharedTensor]:
+    """Every parameter and buffer of `model` once, with all its owners, in module order."""
+    found: dict[int, SharedTensor] = {}
+    for module in model.modules():
+        items = [] if buffers_only else list(module._parameters.items())
+        items += list(module._buffers.items())
+        for name, tensor in items:
+            if tensor is None:
+                continue
+            if id(tensor) in found:
+                found[id(tensor)].owners.append((module, name))
+            else:
+                found[id(tensor)] = SharedTensor(tensor, [(module, name)])
+    return list(found.values())
+
+
+def materialize_and_broadcast(tensors: Iterable[SharedTensor], device: torch.device) -> None:
     """Gives every rank a full copy of each tensor (parameter or buffer), replacing meta storage."""
     comm_device = _comm_device(device)
-    for module, name, tensor in named_tensors:
+    for shared in tensors:
+        tensor = shared.tensor
         if tensor.is_meta:
             data = torch.empty(tensor.shape, dtype=tensor.dtype, device=comm_device)
         else:
             data = tensor.data.to(comm_device)
         broadcast_tensor_(data)
-        data = data.to(device)
-        if name in module._parameters:
-            module._parameters[name] = _same_kind_of_parameter(tensor, data)
-        else:
-            module._buffers[name] = data
+        shared.replace(data.to(device))
 
 
 def _same_kind_of_parameter(old: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
@@ -110,27 +145,11 @@ def _same_kind_of_parameter(old: nn.Parameter, data: torch.Tensor) -> nn.Paramet
     return nn.Parameter(data, requires_grad=old.requires_grad)
 
 
-def materialize_empty(module: nn.Module, device: torch.device) -> None:
-    """Replaces the module's own meta parameters with uninitialized ones on `device` (values come later)."""
-    for name, param in list(module._parameters.items()):
-        if param is not None and param.is_meta:
-            data = torch.empty(param.shape, dtype=param.dtype, device=device)
-            module._parameters[name] = _same_kind_of_parameter(param, data)
-
-
-def direct_tensors(model: nn.Module, buffers_only: bool = False) -> list[tuple[nn.Module, str, torch.Tensor]]:
-    """(owning module, local name, tensor) for every parameter and buffer, each shared tensor once."""
-    seen = set()
-    out = []
-    for module in model.modules():
-        items = [] if buffers_only else list(module._parameters.items())
-        items += list(module._buffers.items())
-        for name, tensor in items:
-            if tensor is None or id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
-            out.append((module, name, tensor))
-    return out
+def materialize_empty(params: Iterable[SharedTensor], device: torch.device) -> None:
+    """Replaces meta parameters with uninitialized ones on `device` (values come later), at every owner."""
+    for shared in params:
+        if shared.tensor.is_meta:
+            shared.replace(torch.empty(shared.tensor.shape, dtype=shared.tensor.dtype, device=device))
 
 
 def scatter_rows_(local: torch.Tensor, full: torch.Tensor | None, full_rows: int) -> None:

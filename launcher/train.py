@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, export, memory, preflight, strategies
+from . import budget, checkpoint, export, memory, preflight, strategies
 from .config import RunConfig, dump_config
 from .data import GlobalBatches, TokenizedData, collate, target_tokens
 from .distributed import create_accelerator, resolve_mixed_precision, world_size_from_env
@@ -109,9 +109,10 @@ def _run(cfg: RunConfig, stop: StopSignal) -> RunSummary:
         return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
     adapter_total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    components = budget.parameter_components(model)
     model, optimizer, base_optimizer = sharder.shard(model, make_optimizer, accelerator)
     scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(cfg.train, total_steps))
-    meter = memory.MemoryMeter(cfg, model, base_optimizer, sharder, output_dir, accelerator.device)
+    meter = memory.MemoryMeter(cfg, model, base_optimizer, sharder, output_dir, accelerator.device, components)
 
     torch.manual_seed(cfg.train.seed + rank)  # dropout masks differ across ranks, reproducibly
     peft_config = accelerator.unwrap_model(model).peft_config[export.ADAPTER_NAME]

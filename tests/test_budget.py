@@ -232,7 +232,7 @@ def gpt2(tmp_path_factory) -> Path:
 
 def test_architectures_outside_the_activation_model_are_refused(gpt2, capsys):
     assert cli.main(["budget", "--model", str(gpt2)]) == 2
-    assert "Activations are modelled for Llama-style decoder layers" in capsys.readouterr().err
+    assert "Activations are modelled for decoder layers with a gated MLP" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,message", [

@@ -1,0 +1,322 @@
+"""Activations: the bytes a forward pass saves for backward, per decoder layer, for every family.
+
+A decoder layer is described by what it is made of (`LayerSpec`, read off the meta skeleton): its
+norms, whether q and k have norms of their own, how attention runs (SDPA or eager, soft-capping,
+a sliding window that needs a mask), a dense gated MLP or routed experts, and where LoRA sits. The
+rules below say what each part saves, in which dtype, given which inputs require grad (a frozen
+linear whose input needs no grad saves nothing). They follow the autograd formulas of the ops
+transformers runs, and the training measurement (launcher.memory) checks them per family.
+
+Not modelled (the budget says so when it meets them): shared experts beside routed ones, padding
+masks (the prediction assumes full-length micro batches), LoRA on fused expert parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ConfigError
+
+FP32 = 4
+INDEX = 8
+"""int64 indices (top-k choices, gathers)."""
+
+
+@dataclass(frozen=True)
+class LoraSite:
+    in_features: int
+    out_features: int
+    r: int
+    dropout: float
+
+
+@dataclass(frozen=True)
+class ActivationDtypes:
+    stream: torch.dtype
+    """Hidden states between layers: norms output their weight's dtype promoted with the input's
+    (Gemma's norms keep the input's dtype instead)."""
+    dense: torch.dtype
+    """Embedding output and logits."""
+    adapter: torch.dtype
+    """LoRA weights inside forward (peft casts the input to it)."""
+    experts: torch.dtype
+    """MoE expert weights: transformers casts the experts' input to it."""
+    autocast: torch.dtype | None
+    device: str
+
+    def matmul(self, operand: torch.dtype) -> torch.dtype:
+        return self.autocast or operand
+
+    def dropout_mask_size(self, operand: torch.dtype) -> int:
+        # CUDA's fused dropout keeps a bool mask; on CPU the scaled noise is kept in the input's dtype.
+        return 1 if self.device == "cuda" else operand.itemsize
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one decoder layer is made of, as far as the tensors it saves depend on it."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    norms: dict[str, bool]
+    """Hidden-size norms by position (pre_attn, post_attn, pre_mlp, post_mlp) -> present."""
+    qk_norm: bool
+    attention: str
+    """sdpa or eager (transformers' attn_implementation)."""
+    softcap: bool
+    """Eager attention soft-caps its logits (tanh)."""
+    window: int | None
+    """Sliding window of this layer, None for full attention."""
+    mlp: str
+    """dense (gated) or moe (routed experts)."""
+    intermediate: int
+    experts: int = 0
+    top_k: int = 0
+    normalize_top_k: bool = False
+    lora: dict[str, LoraSite] = field(default_factory=dict)
+    """LoRA sites by their path inside the layer (self_attn.q_proj, mlp.gate_up_proj, ...)."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: list[LayerSpec]
+    vocab: int
+    gemma_norms: bool
+    """Norms multiply by (1 + weight), a tensor they keep, and return the input's dtype."""
+    final_softcap: bool
+    rotary_sets: int
+    """Distinct rotary (cos, sin) pairs a forward computes (Gemma-3 has one for local layers)."""
+    lora_on_head: LoraSite | None
+
+
+def _promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return torch.promote_types(a, b)
+
+
+def lora_saves(sites: list[LoraSite], tokens: int, x: torch.dtype, x_grad: bool, d: ActivationDtypes) -> int:
+    """Bytes saved by the LoRA branches of linears that share one input `x`."""
+    total, shared_counted = 0, False
+    for site in sites:
+        own_copy = x != d.adapter  # peft casts the input to the adapter's dtype, per layer
+        kept = d.adapter
+        if site.dropout > 0:
+            if x_grad:
+                total += tokens * site.in_features * d.dropout_mask_size(d.adapter)
+            own_copy = True
+        mm = d.matmul(d.adapter)
+        if mm != d.adapter:  # autocast casts lora_A's input and both weights
+            own_copy, kept = True, mm
+            total += site.r * (site.in_features + site.out_features) * mm.itemsize
+        if own_copy or not shared_counted:
+            total += tokens * site.in_features * kept.itemsize
+            shared_counted = shared_counted or not own_copy
+        total += tokens * site.r * mm.itemsize  # lora_A's output, kept by lora_B
+    return total
+
+
+class LayerSaves:
+    """Walks one decoder layer in forward order, adding what each part saves."""
+
+    def __init__(self, layer: LayerSpec, shape: ModelShape, batch: int, seq: int, d: ActivationDtypes):
+        self.layer, self.shape, self.d = layer, shape, d
+        self.batch, self.seq, self.tokens = batch, seq, batch * seq
+        self.total = 0
+
+    def sites(self, *names: str) -> list[LoraSite]:
+        return [self.layer.lora[n] for n in names if n in self.layer.lora]
+
+    def out_dtype(self, names: tuple[str, ...], x: torch.dtype) -> torch.dtype:
+        """dtype of a 4-bit linear's output (its input's), promoted with its LoRA branch's."""
+        return _promote(x, self.d.matmul(self.d.adapter)) if self.sites(*names) else x
+
+    def norm(self, rows: int, width: int, grad: bool) -> None:
+        # RMSNorm keeps its input upcast to fp32 and the fp32 reciprocal root per row; Gemma's
+        # also keeps (1 + weight), computed at every call.
+        if grad:
+            self.total += rows * (width + 1) * FP32 + (width * FP32 if self.shape.gemma_norms else 0)
+
+    def lora(self, names: tuple[str, ...], x: torch.dtype, x_grad: bool) -> bool:
+        """Saves of the LoRA branches on `names`; whether their output requires grad."""
+        sites = self.sites(*names)
+        self.total += lora_saves(sites, self.tokens, x, x_grad, self.d)
+        return x_grad or bool(sites)
+
+    def attention(self, x: torch.dtype, grad: bool) -> tuple[torch.dtype, bool]:
+        """q/k/v projections, q/k norms and the attention core; (output dtype, output requires grad)."""
+        layer, t, d = self.layer, self.tokens, self.d
+        projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj")
+        grad = self.lora(projections, x, grad)
+        qkv = d.matmul(self.out_dtype(projections, x))
+        if not grad:
+            return qkv, False
+        q = qkv
+        if layer.qk_norm:
+            self.norm(t * layer.heads, layer.head_dim, True)
+            self.norm(t * layer.kv_heads, layer.head_dim, True)
+            if not self.shape.gemma_norms:
+                q = d.matmul(_promote(qkv, torch.float32))
+        attn = _promote(q, qkv) if d.autocast is None else d.autocast
+        h, kv, hd = layer.heads, layer.kv_heads, layer.head_dim
+        if layer.attention == "eager":
+            # q @ k^T keeps q and k^T, (soft-capped) softmax keeps its fp32 output and a cast of it in
+            # the value's dtype, which the second matmul keeps with v; k and v are repeated to all heads.
+            scores = self.batch * h * self.seq * self.seq
+            self.total += 3 * t * h * hd * attn.itemsize + scores * FP32
+            self.total += scores * attn.itemsize * (layer.softcap + (attn != torch.float32))
+        else:
+            # SDPA keeps q, k, v, its output and the fp32 log-sum-exp. transformers lets it group
+            # query heads only without a mask; a sliding window as long as the sequence needs one, and
+            # then k and v are repeated to all heads and SDPA keeps the mask, made a float in each call.
+            kv_kept = h if self.masked else kv
+            self.total += t * hd * (2 * h + 2 * kv_kept) * attn.itemsize + t * h * FP32
+            if self.masked:
+                self.total += self.batch * self.seq * self.seq * attn.itemsize
+        return attn, True
+
+    @property
+    def masked(self) -> bool:
+        # transformers skips the mask only while the sequence is shorter than the window.
+        return self.layer.attention == "sdpa" and self.layer.window is not None and self.seq >= self.layer.window
+
+    def dense_mlp(self, x: torch.dtype, grad: bool) -> None:
+        gate_names = ("mlp.gate_proj", "mlp.gate_up_proj")
+        self.lora(("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj"), x, grad)
+        gate = self.out_dtype(gate_names, x)
+        gate_grad = grad or bool(self.sites(*gate_names))
+        up_grad = grad or bool(self.sites("mlp.up_proj", "mlp.gate_up_proj"))
+        # The activation keeps its input; the product keeps each factor the other's gradient needs
+        # (a fused gate_up output is one storage holding both halves: the same bytes).
+        self.total += self.tokens * self.layer.intermediate * gate.itemsize * (gate_grad + up_grad + gate_grad)
+        self.lora(("mlp.down_proj",), gate, gate_grad or up_grad)
+
+    def moe(self, grad: bool) -> None:
+        if not grad:
+            return
+        layer, t = self.layer, self.tokens
+        pairs = t * layer.top_k
+        e = self.d.experts.itemsize
+        # Router: fp32 softmax over the experts, the top-k choices (and their renormalisation).
+        self.total += t * layer.experts * FP32 + t * layer.top_k * INDEX
+        if layer.normalize_top_k:
+            self.total += t * layer.top_k * FP32 + t * FP32
+        # Experts (transformers' grouped_mm path, frozen weights): the gathers' indices, the gate_up
+        # output, the activation's output, the down output and the routing weight it is scaled by.
+        self.total += 3 * pairs * INDEX + layer.experts * 4
+        self.total += pairs * (3 * layer.intermediate + layer.hidden) * e + pairs * FP32
+
+    def run(self, input_grad: bool) -> int:
+        layer, d = self.layer, self.d
+        stream = d.stream
+        norms = layer.norms
+        self.norm(self.tokens, layer.hidden, input_grad and norms["pre_attn"])
+        attn, grad = self.attention(stream, input_grad)
+        grad = self.lora(("self_attn.o_proj",), attn, grad)
+        self.norm(self.tokens, layer.hidden, grad and norms["post_attn"])
+        self.norm(self.tokens, layer.hidden, grad and norms["pre_mlp"])
+        if layer.mlp == "moe":
+            self.moe(grad)
+        else:
+            self.dense_mlp(stream, grad)
+        self.norm(self.tokens, layer.hidden, grad and norms["post_mlp"])
+        return self.total
+
+
+def layer_saved_bytes(layer: LayerSpec, shape: ModelShape, batch: int, seq: int, input_grad: bool, d: ActivationDtypes) -> int:
+    """Bytes one decoder layer saves for backward. `input_grad`: whether its input requires grad."""
+    return LayerSaves(layer, shape, batch, seq, d).run(input_grad)
+
+
+def activation_bytes(shape: ModelShape, batch: int, seq: int, checkpointing: bool, d: ActivationDtypes, linear_saves_input: bool) -> dict[str, int]:
+    """activations (saved for backward by one micro batch), recompute, logits_backward."""
+    tokens, vocab = batch * seq, shape.vocab
+    first = shape.layers[0]
+    hidden = first.hidden
+    # After the layers: the final norm, lm_head (ZeRO-3's linear keeps its input; autocast keeps a
+    # cast of a weight stored in another dtype), soft-capping (tanh keeps its output), and the loss:
+    # fp32 log-probabilities and targets.
+    head = tokens * (hidden + 1) * FP32 + (hidden * FP32 if shape.gemma_norms else 0)
+    head += tokens * vocab * FP32 + tokens * INDEX + FP32
+    if linear_saves_input:
+        head += tokens * hidden * d.matmul(d.stream).itemsize
+    if d.autocast and d.dense != d.autocast:
+        head += vocab * hidden * d.autocast.itemsize
+    if shape.final_softcap:
+        head += tokens * vocab * d.matmul(d.dense).itemsize
+    if shape.lora_on_head:
+        head += lora_saves([shape.lora_on_head], tokens, d.stream, True, d)
+    layers = [layer_saved_bytes(layer, shape, batch, seq, True, d) for layer in shape.layers]
+    if checkpointing:
+        # Each layer keeps only its input (the first one the embedding output); in backward, one layer
+        # at a time is recomputed with everything it saves.
+        saved = tokens * hidden * (d.dense.itemsize + (len(layers) - 1) * d.stream.itemsize)
+        recompute = max(layers) - (tokens * hidden * FP32 if d.stream == torch.float32 else 0)
+    else:
+        # The first layer's input does not require grad, so its first norm saves nothing; rotary cos
+        # and sin are made once per forward and shared by the layers.
+        saved = layer_saved_bytes(first, shape, batch, seq, False, d) + sum(layers[1:])
+        saved += shape.rotary_sets * 2 * seq * first.head_dim * d.dense.itemsize
+        recompute = 0
+    return {"activations": saved + head, "recompute": recompute, "logits_backward": 2 * tokens * vocab * FP32}
+
+
+NORM_POSITIONS = {
+    # The hidden-size norms of a decoder layer, by the names transformers gives them per position.
+    "pre_attn": ("input_layernorm",),
+    "post_attn": ("post_attention_layernorm",),
+    "pre_mlp": ("pre_feedforward_layernorm",),
+    "post_mlp": ("post_feedforward_layernorm",),
+}
+
+
+def norm_positions(names: set[str]) -> dict[str, bool]:
+    """Where a layer's hidden-size norms sit. Llama-style layers name their pre-MLP norm
+    `post_attention_layernorm`; Gemma-style layers have a separate `pre_feedforward_layernorm`,
+    and then `post_attention_layernorm` normalises the attention output."""
+    found = {pos: any(n in names for n in candidates) for pos, candidates in NORM_POSITIONS.items()}
+    if not found["pre_mlp"] and found["post_attn"]:
+        found["pre_mlp"], found["post_attn"] = True, False
+    if not found["pre_attn"]:
+        raise ConfigError(f"No input norm found in the decoder layer (modules: {', '.join(sorted(names))}).")
+    return found
+
+
+def describe_layer(config, module_names: set[str], lora: dict[str, LoraSite], attention: str, index: int) -> LayerSpec:
+    """A LayerSpec from a layer's module names (relative to the layer) and the model config."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    layer_types = getattr(config, "layer_types", None)
+    sliding = layer_types[index] == "sliding_attention" if layer_types else getattr(config, "sliding_window", None) is not None
+    if "mlp.experts" in module_names:
+        if any(name.startswith("mlp.shared_expert") for name in module_names):
+            raise ConfigError(f"`{type(config).__name__}` has shared experts beside its routed ones; activations are not modelled for them.")
+        mlp, inter = "moe", getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    elif {"mlp.down_proj"} <= module_names and ({"mlp.gate_proj", "mlp.up_proj"} <= module_names or "mlp.gate_up_proj" in module_names):
+        mlp, inter = "dense", config.intermediate_size
+    else:
+        raise ConfigError(
+            f"Activations are modelled for decoder layers with a gated MLP (gate/up/down projections) or routed "
+            f"experts; `{type(config).__name__}` has neither. Static components could be predicted, activations not."
+        )
+    if not ({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"} <= module_names or "self_attn.qkv_proj" in module_names):
+        raise ConfigError(f"`{type(config).__name__}` has no q/k/v projections that activations are modelled for.")
+    return LayerSpec(
+        hidden=hidden,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        norms=norm_positions(module_names),
+        qk_norm="self_attn.q_norm" in module_names,
+        attention="eager" if attention == "eager" else "sdpa",
+        softcap=attention == "eager" and bool(getattr(config, "attn_logit_softcapping", None)),
+        window=getattr(config, "sliding_window", None) if sliding else None,
+        mlp=mlp,
+        intermediate=inter,
+        experts=getattr(config, "num_local_experts", None) or getattr(config, "num_experts", 0) if mlp == "moe" else 0,
+        top_k=getattr(config, "num_experts_per_tok", 0) if mlp == "moe" else 0,
+        normalize_top_k=mlp == "moe" and getattr(config, "norm_topk_prob", True),
+        lora=lora,
+    )

@@ -1,0 +1,177 @@
+"""Tiny random-weight models of the decoder families people fine-tune with QLoRA, one list for every test.
+
+Each family is built from its own `transformers` config class (random weights, `save_pretrained`,
+loaded back through `from_pretrained` by the runs), with a byte-level BPE tokenizer trained here
+with `tokenizers`: transformers 5 picks the tokenizer class from the model type and rebuilds BPE
+from vocab + merges, which a word-level vocabulary would not survive.
+
+The dimensions are small but keep what makes each family special: tied embeddings, q/k/v biases,
+q/k norms, sliding windows, Gemma's head_dim != hidden / heads, soft-capping and extra norms,
+Phi-3's fused projections, and fused 3D expert weights (MoE).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from launcher.demo import write_dataset
+
+HIDDEN = 64
+LAYERS = 2
+HEADS = 4
+KV_HEADS = 2
+INTERMEDIATE = 128
+SPECIAL = ["<pad>", "<s>", "</s>"]
+VOCAB = 512
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    """Test id and README row."""
+    what: str
+    """What is special about it."""
+    config: Callable[[dict], object]
+    """Builds the family's transformers config from the common settings."""
+    tied: bool = False
+    moe: bool = False
+    run_args: tuple[str, ...] = field(default=())
+    """Extra run-config overrides the family needs in tests (none: the defaults work)."""
+
+
+def _common(tokens: dict, **extra) -> dict:
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=256,
+        **tokens,
+        **extra,
+    )
+
+
+def _llama(tokens, tied):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**_common(tokens, tie_word_embeddings=tied))
+
+
+def _qwen2(tokens):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**_common(tokens, tie_word_embeddings=True))
+
+
+def _qwen3(tokens):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**_common(tokens, head_dim=16, tie_word_embeddings=True))
+
+
+def _mistral(tokens):
+    from transformers import MistralConfig
+
+    return MistralConfig(**_common(tokens, sliding_window=16, tie_word_embeddings=False))
+
+
+def _gemma2(tokens):
+    from transformers import Gemma2Config
+
+    return Gemma2Config(**_common(
+        tokens, head_dim=24, query_pre_attn_scalar=24, sliding_window=16, tie_word_embeddings=True,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+    ))
+
+
+def _gemma3(tokens):
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(**_common(
+        tokens, head_dim=24, query_pre_attn_scalar=24, sliding_window=16, tie_word_embeddings=True,
+    ))
+
+
+def _phi3(tokens):
+    from transformers import Phi3Config
+
+    return Phi3Config(**_common(tokens, tie_word_embeddings=False))
+
+
+def _mixtral(tokens):
+    from transformers import MixtralConfig
+
+    return MixtralConfig(**_common(tokens, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False))
+
+
+def _qwen3_moe(tokens):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(**_common(
+        tokens, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+        decoder_sparse_step=1, tie_word_embeddings=False,
+    ))
+
+
+FAMILIES = [
+    Family("llama", "untied embeddings (Llama-2/3 8B+)", lambda t: _llama(t, False)),
+    Family("llama-tied", "tied embeddings (Llama-3.2 1B/3B)", lambda t: _llama(t, True), tied=True),
+    Family("qwen2", "q/k/v biases, tied", _qwen2, tied=True),
+    Family("qwen3", "q/k norms, tied", _qwen3, tied=True),
+    Family("mistral", "sliding window", _mistral),
+    Family("gemma2", "tied, soft-capping, pre/post norms, head_dim != hidden/heads", _gemma2, tied=True),
+    Family("gemma3", "tied, q/k norms, pre/post norms, head_dim != hidden/heads", _gemma3, tied=True),
+    Family("phi3", "fused qkv and gate_up projections", _phi3),
+    Family("mixtral", "MoE: 4 experts, top-2, fused 3D expert weights", _mixtral, moe=True),
+    Family("qwen3-moe", "MoE: 4 experts, top-2, q/k norms", _qwen3_moe, moe=True),
+]
+BY_NAME = {f.name: f for f in FAMILIES}
+
+
+def corpus(data_path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in data_path.read_text().splitlines()]
+
+
+def build_tokenizer(texts: list[str]):
+    """A byte-level BPE trained on `texts`, with <pad>, <s> (prepended to every sequence) and </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    core.train_from_iterator(texts, trainer)
+    bos = core.token_to_id("<s>")
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def build_family(family: Family, root: Path, seed: int = 0) -> Path:
+    """Writes `root/base` (model + tokenizer) and `root/data.jsonl`; returns `root`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    data = write_dataset(root / "data.jsonl", records=64, words=30)
+    tokenizer = build_tokenizer(corpus(data))
+    tokens = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(family.config(tokens))
+    model.to(torch.bfloat16).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    # transformers picks the tokenizer class from the model type (Qwen2's splits digits apart): whatever
+    # it picks must give real ids that decode back to the text.
+    reloaded = AutoTokenizer.from_pretrained(root / "base")
+    sample = corpus(data)[0]
+    ids = reloaded(sample)["input_ids"]
+    if len(ids) < 10 or max(ids) >= VOCAB or reloaded.decode(ids, skip_special_tokens=True) != sample:
+        raise RuntimeError(f"{family.name}: {type(reloaded).__name__} does not tokenize the data after from_pretrained")
+    return root
