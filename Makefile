@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # of torch>=2.13 into the venv first and this step keeps it.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test install
+.PHONY: demo test install matrix-table
 
 install: $(VENV)/.installed
 
@@ -22,3 +22,7 @@ demo: install
 test: install
 	python3 tests/slurm_cluster.py install
 	$(PY) -m pytest
+
+# Runs the family x strategy matrix and rewrites README.md's table from its results.
+matrix-table: install
+	QLAUNCH_WRITE_README=1 $(PY) -m pytest tests/test_matrix.py tests/test_readme_table.py

@@ -7,8 +7,8 @@ rules below say what each part saves, in which dtype, given which inputs require
 linear whose input needs no grad saves nothing). They follow the autograd formulas of the ops
 transformers runs, and the training measurement (launcher.memory) checks them per family.
 
-Not modelled (the budget says so when it meets them): shared experts beside routed ones, padding
-masks (the prediction assumes full-length micro batches), LoRA on fused expert parameters.
+Not modelled (the budget says so when it meets them): shared experts beside routed ones, experts
+other than fused gate_up/down stacks, padding masks (the prediction assumes full-length micro batches).
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ class LayerSpec:
     normalize_top_k: bool = False
     lora: dict[str, LoraSite] = field(default_factory=dict)
     """LoRA sites by their path inside the layer (self_attn.q_proj, mlp.gate_up_proj, ...)."""
+    expert_lora: dict[str, int] = field(default_factory=dict)
+    """Adapted expert parameters (peft's target_parameters) by name -> LoRA rank per expert."""
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,12 @@ class LayerSaves:
         # output, the activation's output, the down output and the routing weight it is scaled by.
         self.total += 3 * pairs * INDEX + layer.experts * 4
         self.total += pairs * (3 * layer.intermediate + layer.hidden) * e + pairs * FP32
+        # An adapted expert weight is W + scaling * B @ A per expert, made by peft in W's dtype at every
+        # forward (baddbmm keeps both factors); the grouped matmul keeps it whole, and its input.
+        widths = {"gate_up_proj": (layer.hidden, 2 * layer.intermediate), "down_proj": (layer.intermediate, layer.hidden)}
+        for name, r in layer.expert_lora.items():
+            width_in, width_out = widths[name]
+            self.total += layer.experts * (width_in * width_out + (width_in + width_out) * r) * e + pairs * width_in * e
 
     def run(self, input_grad: bool) -> int:
         layer, d = self.layer, self.d
@@ -284,7 +292,7 @@ def norm_positions(names: set[str]) -> dict[str, bool]:
     return found
 
 
-def describe_layer(config, module_names: set[str], lora: dict[str, LoraSite], attention: str, index: int) -> LayerSpec:
+def describe_layer(config, module_names: set[str], lora: dict[str, LoraSite], expert_lora: dict[str, int], attention: str, index: int) -> LayerSpec:
     """A LayerSpec from a layer's module names (relative to the layer) and the model config."""
     hidden, heads = config.hidden_size, config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
@@ -293,6 +301,8 @@ def describe_layer(config, module_names: set[str], lora: dict[str, LoraSite], at
     if "mlp.experts" in module_names:
         if any(name.startswith("mlp.shared_expert") for name in module_names):
             raise ConfigError(f"`{type(config).__name__}` has shared experts beside its routed ones; activations are not modelled for them.")
+        if set(expert_lora) - {"gate_up_proj", "down_proj"}:
+            raise ConfigError(f"Activations are modelled for adapted expert weights gate_up_proj and down_proj, not {sorted(expert_lora)}.")
         mlp, inter = "moe", getattr(config, "moe_intermediate_size", None) or config.intermediate_size
     elif {"mlp.down_proj"} <= module_names and ({"mlp.gate_proj", "mlp.up_proj"} <= module_names or "mlp.gate_up_proj" in module_names):
         mlp, inter = "dense", config.intermediate_size
@@ -319,4 +329,5 @@ def describe_layer(config, module_names: set[str], lora: dict[str, LoraSite], at
         top_k=getattr(config, "num_experts_per_tok", 0) if mlp == "moe" else 0,
         normalize_top_k=mlp == "moe" and getattr(config, "norm_topk_prob", True),
         lora=lora,
+        expert_lora=expert_lora,
     )

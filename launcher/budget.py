@@ -10,8 +10,8 @@ says what a forward pass saves for backward.
 
 Static components (weights, quantization constants, LoRA, gradients, master copies, optimizer
 states) are exact to the byte; training measures them (launcher.memory) and the tests compare.
-Activations follow the saved tensors of a Llama-style decoder layer (measured within a few % on
-CPU). Gathered parameters, communication buckets and the runtime allowance are estimates from the
+Activations follow what each part of each decoder layer saves (launcher.activations, per family;
+measured to the byte on CPU). Gathered parameters, communication buckets and the runtime allowance are estimates from the
 libraries' documented behaviour: see README, "Memory budget".
 """
 
@@ -137,6 +137,7 @@ def autocast_dtype(cfg: RunConfig, device: str) -> torch.dtype | None:
 def validate(cfg: RunConfig, hardware: Hardware) -> Strategy:
     """The run's strategy, or a ConfigError for input the budget cannot predict."""
     strategy = strategies.get(cfg.strategy or "fsdp2")
+    strategy.check(cfg)
     if hardware.world_size < 1 or hardware.nodes < 1 or hardware.world_size % hardware.nodes:
         raise ConfigError(
             f"World size {hardware.world_size} on {hardware.nodes} node(s) is not a whole number of GPUs per node. "
@@ -390,8 +391,6 @@ def model_shape(base, modules: dict[str, nn.Module], layers: list[str], layer_of
     config = base.config
     if not layers:
         raise ConfigError(f"`{type(config).__name__}` declares no decoder layer class; activations are not modelled for it.")
-    if any(isinstance(m, ParamWrapper) for m in modules.values()):
-        raise ConfigError("LoRA on fused expert parameters (lora.target_parameters) is not modelled; static components are.")
 
     def site(module) -> LoraSite:
         dropout = module.lora_dropout["default"]
@@ -400,8 +399,10 @@ def model_shape(base, modules: dict[str, nn.Module], layers: list[str], layer_of
     specs = []
     for index, layer in enumerate(layers):
         inside = {name[len(layer) + 1:]: m for name, m in modules.items() if name.startswith(layer + ".")}
-        lora = {name: site(m) for name, m in inside.items() if isinstance(m, LoraLayer)}
-        specs.append(describe_layer(config, set(inside), lora, config._attn_implementation, index))
+        lora = {name: site(m) for name, m in inside.items() if isinstance(m, LoraLayer) and not isinstance(m, ParamWrapper)}
+        experts = {m.parameter_name: m.r["default"] for m in inside.values() if isinstance(m, ParamWrapper)}
+        names = {name.replace(".base_layer", "") for name in inside}  # an adapted parameter wraps its module
+        specs.append(describe_layer(config, names, lora, experts, config._attn_implementation, index))
     norms = [m for m in modules.values() if type(m).__name__.endswith("RMSNorm")]
     rotary = [name for name, _ in base.named_buffers() if name.endswith("inv_freq") and "original" not in name]
     return ModelShape(

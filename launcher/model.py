@@ -213,6 +213,22 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, policy: DtypePolicy, s
     return model
 
 
+def coverage_notes(model: nn.Module, lora: LoraConfig) -> list[str]:
+    """What a user should know about how this model is quantized and adapted (printed at start)."""
+    notes = []
+    experts = [p for m in model.modules() for n, p in m.named_parameters(recurse=False) if not p.requires_grad and frozen_component(m, n, p) == "experts"]
+    if experts:
+        count = sum(p.numel() for p in experts)
+        notes.append(
+            f"{count / 1e6:,.1f}M MoE expert weights stay {str(experts[0].dtype).removeprefix('torch.')}: they are fused 3D "
+            "parameters and bitsandbytes quantizes nn.Linear only (the memory report counts them as `experts`)."
+            + ("" if lora.target_parameters else " They are not adapted; lora.target_parameters adapts them.")
+        )
+    if lora.target_parameters and lora.dropout:
+        notes.append(f"lora.dropout {lora.dropout} applies to the adapted modules; peft has no dropout on adapted parameters.")
+    return notes
+
+
 def disable_cpu_inference_repack(model: nn.Module) -> None:
     """CPU shim: bitsandbytes repacks a layer's weight and rewrites its quant state in place on the
     first CPU forward without grad in eval mode (for an AVX512-BF16 kernel). Under sharding the packed

@@ -16,7 +16,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from . import budget
+from . import budget, strategies
 from .config import STRATEGIES, ConfigError, RunConfig
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -100,6 +100,8 @@ def candidates(cfg: RunConfig, hardware: budget.Hardware) -> list[Candidate]:
     cache = budget.ModelCache(cfg)
     found = []
     for strategy in STRATEGIES:
+        if strategies.get(strategy).refusal(cfg):
+            continue
         for offload in (False, True) if strategy.startswith("zero") else (False,):
             for checkpointing in (True, False):
                 for micro in MICRO_BATCHES:

@@ -107,7 +107,7 @@ def check_all(cfg: RunConfig) -> None:
     from . import strategies
 
     check_values(cfg)
-    strategies.resolve(cfg)
+    strategies.resolve(cfg).check(cfg)
     check_model(cfg)
     check_dataset(cfg)
     if not cfg.resume:  # a resumed run finds its own output there (a requeued job does); the ranks check the checkpoint

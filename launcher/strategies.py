@@ -171,6 +171,16 @@ class Strategy:
     def accelerate_config(self) -> str:
         return f"{self.name}.yaml"
 
+    def refusal(self, cfg: RunConfig) -> str | None:
+        """Why this strategy cannot run `cfg`, or None: checked before any process starts."""
+        return None
+
+    def check(self, cfg: RunConfig) -> None:
+        reason = self.refusal(cfg)
+        if reason:
+            working = ", ".join(name for name, cls in BY_NAME.items() if not cls().refusal(cfg))
+            raise ConfigError(f"{self.name} cannot run this config: {reason}. Strategies that can: {working}.")
+
     def dtype_policy(self, compute_dtype: torch.dtype, mixed_precision: bool) -> DtypePolicy:
         # FSDP2 and ZeRO shard each tensor on its own, so dtypes may differ: the packed 4-bit data is
         # stored as the compute dtype (a float dtype, which FSDP2 and ZeRO-3 shard and cast without
@@ -432,6 +442,15 @@ class FSDP1(Strategy):
         return {"fsdp_plugin": plugin}
 
     install_on_cpu = FSDP2.install_on_cpu
+
+    def refusal(self, cfg):
+        if cfg.lora.target_parameters:
+            # Measured: `RuntimeError: shape '[4, -1, 4096]' is invalid` in peft's get_delta_factors.
+            return (
+                "peft's LoRA on parameters (lora.target_parameters) reads the adapter weights outside their modules' "
+                "forward, where FSDP1 holds only this rank's flat shard of them"
+            )
+        return None
 
     def shard(self, model, make_optimizer, accelerator):
         from .distributed import fsdp1_cpu_sync_allowed

@@ -17,7 +17,7 @@ from .config import RunConfig, dump_config
 from .data import GlobalBatches, TokenizedData, collate, target_tokens
 from .distributed import create_accelerator, resolve_mixed_precision, world_size_from_env
 from .metrics import MetricsLog
-from .model import build_model, load_base
+from .model import build_model, coverage_notes, load_base
 from .preemption import StopSignal
 
 CHECK_TOKENS = 32
@@ -80,6 +80,7 @@ def _run(cfg: RunConfig, stop: StopSignal) -> RunSummary:
     world = world_size_from_env()
     sharder = strategy if world > 1 else strategies.SingleProcess()
     preflight.check_values(cfg)
+    strategy.check(cfg)
     preflight.check_model(cfg)
     cfg.train.mixed_precision = resolve_mixed_precision(cfg, torch.cuda.is_available())
     resume_from = checkpoint.resolve_resume(cfg, strategy.name, sharder.checkpoint_format, world)
@@ -102,6 +103,9 @@ def _run(cfg: RunConfig, stop: StopSignal) -> RunSummary:
 
     # Prepare: k-bit preparation and LoRA (the other ranks build a meta skeleton first).
     model = build_model(cfg, policy, base)
+    if main:
+        for note in coverage_notes(model, cfg.lora):
+            print(f"qlaunch: {note}", flush=True)
 
     # Shard: every rank ends with its own shard of the source rank's weights.
     def make_optimizer(m):

@@ -10,6 +10,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+CELL_FACTS = pytest.StashKey[dict]()
+"""(family, strategy) -> what test_matrix.py's cell run found (4-bit and adapted layers)."""
+CELL_OUTCOMES = pytest.StashKey[dict]()
+"""(family, strategy) -> whether each of that cell's tests passed (setup included)."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    cell = item.callspec.params.get("cell") if hasattr(item, "callspec") else None
+    if cell is not None and (report.when == "call" or report.failed):
+        item.config.stash.setdefault(CELL_OUTCOMES, {}).setdefault(cell, []).append(report.passed)
 CPU_ENV = {"CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
 
@@ -21,6 +34,21 @@ def demo_assets(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("demo")
     prepare_demo(workdir)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def family_assets(tmp_path_factory):
+    """tests/families.py's models: each family's model, tokenizer and data, built once per session on first use."""
+    from families import BY_NAME, build_family
+
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build_family(BY_NAME[name], tmp_path_factory.mktemp(name))
+        return built[name]
+
+    return get
 
 
 def run_command(cmd: list[str], log: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@ PROBE_DIR/rank<R>.pt for the tests (PROBE_DIR/pid-rank<R> holds each rank's pid 
   * before sharding: whether this rank holds any weight data yet, and (source rank) every full
     parameter and quantization constant as bytes;
   * after sharding: the bytes of every local shard with its offset, and the quantization constants;
+  * before and after sharding: whether the input and output embeddings are one parameter and storage;
   * during the first optimizer step: the autograd node types of the loss and how many times each
     decoder layer's MLP ran (twice with checkpointing: once forward, once recomputed);
   * every step: the sample indices of each micro batch this rank trained on.
@@ -51,11 +52,26 @@ def quant_states(model) -> dict:
     }
 
 
+def local_data(param) -> torch.Tensor:
+    """The part of a (possibly sharded) parameter this rank stores."""
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def embedding_tie(model) -> dict:
+    """Whether the input and output embeddings are one parameter, and one local storage (None on meta)."""
+    inp, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    pointers = [local_data(p).untyped_storage().data_ptr() for p in (inp, out)]
+    return {"same_parameter": inp is out, "same_storage": None if inp.is_meta else pointers[0] == pointers[1]}
+
+
 def observe_shard(original):
     def shard(self, model, make_optimizer, accelerator):
         observed["materialized_bytes_before_shard"] = sum(
             p.numel() * p.element_size() for p in model.parameters() if not p.is_meta
         )
+        observed["tie_before_shard"] = embedding_tie(model)
         if RANK == 0:
             observed["full"] = {strategies.clean_fqn(n): as_bytes(p) for n, p in model.named_parameters()}
             observed["full_quant_states"] = quant_states(model)
@@ -66,6 +82,7 @@ def observe_shard(original):
             for s in self.local_shards(sharded)
         ]
         observed["quant_states"] = quant_states(sharded)
+        observed["tie_after_shard"] = embedding_tie(accelerator.unwrap_model(sharded))
         # transformers checkpoints a decoder layer's `forward` (not `__call__`), so the recompute
         # shows as a second call of its submodules: count the MLP's.
         for module in sharded.modules():

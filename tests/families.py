@@ -39,7 +39,9 @@ class Family:
     tied: bool = False
     moe: bool = False
     run_args: tuple[str, ...] = field(default=())
-    """Extra run-config overrides the family needs in tests (none: the defaults work)."""
+    """Run-config overrides of this row (none: the defaults)."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """Strategies that refuse this row before launch -> a part of the one-line reason."""
 
 
 def _common(tokens: dict, **extra) -> dict:
@@ -129,6 +131,11 @@ FAMILIES = [
     Family("phi3", "fused qkv and gate_up projections", _phi3),
     Family("mixtral", "MoE: 4 experts, top-2, fused 3D expert weights", _mixtral, moe=True),
     Family("qwen3-moe", "MoE: 4 experts, top-2, q/k norms", _qwen3_moe, moe=True),
+    Family(
+        "mixtral-experts", "Mixtral with the experts adapted too (`lora.target_parameters`)", _mixtral, moe=True,
+        run_args=("--lora.target_parameters", "[mlp.experts.gate_up_proj, mlp.experts.down_proj]"),
+        refused={"fsdp1": "reads the adapter weights outside their modules' forward"},
+    ),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
 

@@ -20,6 +20,7 @@ import torch
 from conftest import assert_budget_rows, run_command, tail
 from launcher import budget, cli, launch, memory, strategies
 from launcher.config import DistConfig, load_config
+from families import FAMILIES
 from launcher.demo import build_base_model, write_dataset
 
 UNEVEN_WORLD = 3
@@ -115,22 +116,37 @@ def real_model(cfg):
     return build_model(cfg, policy, load_quantized_base(cfg, policy)).train()
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "no-checkpointing"])
-def test_activations_within_ten_percent(shape_dirs, shape, checkpointing):
-    model = real_model(run_config(shape_dirs[shape], checkpointing))
+def assert_activations_match(path: Path, checkpointing: bool) -> None:
+    model = real_model(run_config(path, checkpointing))
     for seq in SEQ_LENS:
         for batch in MICRO_BATCHES:
-            cfg = run_config(shape_dirs[shape], checkpointing, batch, seq)
+            cfg = run_config(path, checkpointing, batch, seq)
             predicted = budget.predict(cfg, budget.Hardware(device="cpu")).ranks[0].components["activations"]
             measured = measure_activations(model, cfg, batch, seq)
-            assert abs(predicted - measured) <= 0.1 * measured, (shape, checkpointing, batch, seq, predicted, measured)
+            assert abs(predicted - measured) <= 0.1 * measured, (path, checkpointing, batch, seq, predicted, measured)
 
 
-def test_meta_skeleton_is_the_loaded_model(shape_dirs):
+CHECKPOINTING = pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "no-checkpointing"])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@CHECKPOINTING
+def test_activations_within_ten_percent(shape_dirs, shape, checkpointing):
+    assert_activations_match(shape_dirs[shape], checkpointing)
+
+
+@pytest.mark.parametrize("family", [f.name for f in FAMILIES])
+@CHECKPOINTING
+def test_every_family_s_activations_within_ten_percent(family_assets, family, checkpointing):
+    # Sequences of 16 and 80 tokens: shorter and longer than the sliding windows (16) of Mistral and Gemma.
+    assert_activations_match(family_assets(family) / "base", checkpointing)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", *(f.name for f in FAMILIES)])
+def test_meta_skeleton_is_the_loaded_model(shape_dirs, family_assets, family):
     # The budget's meta model has exactly the parameters, dtypes, quantization constants and buffers
-    # of the model training loads and quantizes.
-    cfg = run_config(shape_dirs["llama-gqa"], True)
+    # of the model training loads and quantizes (tied weights once, biases, experts).
+    cfg = run_config(shape_dirs[family] if family in shape_dirs else family_assets(family) / "base", True)
     model = real_model(cfg)
     predicted = budget.predict(cfg, budget.Hardware(device="cpu"))
     kinds = budget.parameter_components(model)
@@ -268,3 +284,20 @@ def test_plan_keeps_what_fits_and_recommends_the_fastest(shape_dirs, capsys):
     assert f"--strategy {best['strategy']}" in best["command"] and f"--train.micro_batch_size {best['micro_batch']}" in best["command"]
     assert cli.main([*base, "--gpu-memory", "1MiB"]) == 0
     assert "Nothing fits" in capsys.readouterr().out
+
+
+def test_a_strategy_that_cannot_run_the_config_is_refused_and_left_out_of_the_plan(family_assets, tmp_path, capsys):
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(
+        f"model: {{path: {family_assets('mixtral') / 'base'}}}\n"
+        "lora: {target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj]}\n"
+    )
+    assert cli.main(["budget", "--config", str(run_yaml), "--strategy", "fsdp1", "--world-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "fsdp1 cannot run this config" in err and "Strategies that can: fsdp2, zero2, zero3, ddp." in err
+    report = budget_json(capsys, "--config", str(run_yaml), "--strategy", "zero3", "--world-size", "2")
+    held = report["ranks"][0]["components"]
+    assert held["experts"] > 0 and held["lora"] > 0 and held["activations"] > 0
+    assert cli.main(["plan", "--config", str(run_yaml), "--world-size", "2", "--gpu-memory", "80GiB", "--json"]) == 0
+    planned = {c["strategy"] for c in json.loads(capsys.readouterr().out)["candidates"]}
+    assert planned == {"fsdp2", "zero2", "zero3", "ddp"}

@@ -1,5 +1,6 @@
-"""`qlaunch merge`: the adapter folded into a 16-bit copy of the base gives the adapter's outputs."""
+"""`qlaunch merge` and `qlaunch export`: the adapter folded into a 16-bit copy of the base gives the adapter's outputs."""
 
+import pytest
 import torch
 
 from conftest import python, run_command, tail
@@ -34,3 +35,46 @@ def test_merged_model_matches_base_plus_adapter(demo_assets, tmp_path):
     adapter_effect = (adapted_logits - base_logits).abs().max().item()
     assert merge_error < 0.1 * adapter_effect, (merge_error, adapter_effect)  # bf16 rounding of the merged weights
     assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+@pytest.mark.parametrize("family,strategy", [("qwen2", "fsdp2"), ("mixtral", "zero3")])
+def test_export_and_merge_round_trip_of_tied_and_moe_families(family, strategy, family_assets, tmp_path):
+    """Two ranks with the default LoRA config (dropout on), a checkpoint exported to an adapter, and the
+    adapter merged: the export equals the run's adapter, the merged model gives the adapter's outputs,
+    and a tied base stays tied (saved once, tied again on load)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    assets, run = family_assets(family), tmp_path / "run"
+    proc = run_command(
+        [python(), "-m", "launcher", "train", "--nproc", "2", "--strategy", strategy,
+         "--model.path", str(assets / "base"), "--data.path", str(assets / "data.jsonl"), "--data.max_seq_len", "64",
+         "--output_dir", str(run), "--train.max_steps", "4", "--train.lr", "3e-3", "--checkpoint.every_steps", "4"],
+        tmp_path / "train.log",
+    )
+    assert proc.returncode == 0, tail(tmp_path / "train.log")
+    exported = tmp_path / "exported"
+    proc = run_command([python(), "-m", "launcher", "export", str(run), "--output", str(exported)], tmp_path / "export.log")
+    assert proc.returncode == 0, tail(tmp_path / "export.log")
+    trained, restored = (load_file(d / "adapter_model.safetensors") for d in (run / "adapter", exported))
+    assert trained.keys() == restored.keys() and all(torch.equal(trained[k], restored[k].to(trained[k].dtype)) for k in trained)
+
+    merged_dir = tmp_path / "merged"
+    proc = run_command([python(), "-m", "launcher", "merge", str(exported), "--output", str(merged_dir), "--dtype", "float32"], tmp_path / "merge.log")
+    assert proc.returncode == 0, tail(tmp_path / "merge.log")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(assets / "base", dtype=torch.float32)
+    tied = base.config.tie_word_embeddings
+    assert merged.config.tie_word_embeddings == tied
+    assert (merged.get_output_embeddings().weight is merged.get_input_embeddings().weight) == tied
+    saved = load_file(merged_dir / "model.safetensors")
+    assert ("lm_head.weight" in saved) != tied  # a tied model saves the shared matrix once
+    ids = torch.tensor([load_file(run / "adapter_check.safetensors")["input_ids"][0].tolist()])
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+        adapted_logits = PeftModel.from_pretrained(base, str(exported))(input_ids=ids).logits
+        merged_logits = merged(input_ids=ids).logits
+    adapter_effect = (adapted_logits - base_logits).abs().max().item()
+    assert (merged_logits - adapted_logits).abs().max().item() < 1e-3 * max(adapter_effect, 1.0)
+    assert adapter_effect > 1e-3

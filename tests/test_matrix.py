@@ -1,0 +1,250 @@
+"""The family x strategy matrix: every decoder family on every sharding strategy, for real.
+
+One list of families (tests/families.py) and one of strategies; each cell is one `accelerate launch`
+of two CPU ranks over gloo with the shipped config (the observer script only reads state, see
+dist_probe.py), compared with a single-process run on the same global batch. Every cell checks what
+matters for a sharded QLoRA run:
+  * the first losses equal the single process's (same data, seed and global batch);
+  * adapter gradients' optimizer states are split (whole on every rank for ddp);
+  * the adapter reloads in one process with the sharded model's logits, and it matters;
+  * every rank's shard is rank 0's bytes, packed 4-bit data and quantization constants included;
+  * tied embeddings are one parameter and one storage before and after sharding;
+  * checkpointing is non-reentrant (each layer runs twice per micro step);
+  * the memory budget: static components to the byte, activations within 10%, on every rank.
+Each cell records what is 4-bit and what is adapted; test_readme_table.py renders the README's table
+from these records. `-m matrix_smoke` runs one cell per family (each strategy twice).
+"""
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CELL_FACTS, assert_budget_rows, load_probes, probe_launch_command, python, read_metrics, run_command, tail
+from families import BY_NAME, FAMILIES, LAYERS
+from launcher import strategies
+from launcher.config import STRATEGIES
+
+BASE_SHARDED = {"fsdp2", "fsdp1", "zero3"}
+WORLD = 2
+MICRO = 1
+ACCUM = 2  # the sharded runs accumulate; the reference takes the whole global batch at once
+STEPS = 4
+
+
+def cells(refused: bool = False):
+    """The matrix's cells that run (or, with `refused`, those refused before launch), as pytest params."""
+    for i, family in enumerate(FAMILIES):
+        for j, strategy in enumerate(STRATEGIES):
+            if (strategy in family.refused) != refused:
+                continue
+            # A Latin-square diagonal: every family once, every strategy at least twice.
+            marks = [pytest.mark.matrix, *([pytest.mark.matrix_smoke] if j == i % len(STRATEGIES) else [])]
+            yield pytest.param((family.name, strategy), id=f"{family.name}-{strategy}", marks=marks)
+
+
+def train_args(family: str, assets: Path, out: Path, strategy: str, micro: int, accum: int) -> list[str]:
+    return [
+        *BY_NAME[family].run_args,
+        "--model.path", str(assets / "base"),
+        "--data.path", str(assets / "data.jsonl"),
+        "--data.max_seq_len", "64",
+        "--strategy", strategy,
+        "--output_dir", str(out),
+        "--train.micro_batch_size", str(micro),
+        "--train.grad_accum_steps", str(accum),
+        "--train.max_steps", str(STEPS),
+        "--train.lr", "3e-3",
+        "--train.warmup_steps", "1",
+        # Dropout masks differ between two ranks and one process; the losses must not.
+        "--lora.dropout", "0",
+    ]
+
+
+@pytest.fixture(scope="session")
+def references(family_assets, tmp_path_factory):
+    """The unsharded reference of a (family, strategy): one process, the same global batch in one
+    micro batch, with the strategy's dtype policy. Strategies with the same policy share one run."""
+    runs: dict[tuple, Path] = {}
+
+    def get(name: str, strategy: str) -> Path:
+        policy = strategies.get(strategy).dtype_policy(torch.bfloat16, False)
+        if (name, policy) not in runs:
+            root = tmp_path_factory.mktemp(f"{name}-reference")
+            out = root / "run"
+            args = train_args(name, family_assets(name), out, strategy, MICRO * WORLD * ACCUM, 1)
+            proc = run_command([python(), "-m", "launcher", "train", "--nproc", "1", *args], root / "reference.log")
+            assert proc.returncode == 0, tail(root / "reference.log")
+            runs[name, policy] = out
+        return runs[name, policy]
+
+    return get
+
+
+@dataclass
+class Cell:
+    family: str
+    strategy: str
+    out: Path
+    reference: Path
+    probes: list[dict]
+
+    @property
+    def tied(self) -> bool:
+        return BY_NAME[self.family].tied
+
+    def losses(self, out: Path | None = None) -> list[float]:
+        return [r["loss"] for r in read_metrics(out or self.out)]
+
+    def report(self, out: Path | None = None) -> list[dict]:
+        return json.loads((out or self.out).joinpath("shard_report.json").read_text())
+
+
+@pytest.fixture(scope="module", params=list(cells()))
+def cell(request, family_assets, references, tmp_path_factory) -> Cell:
+    name, strategy = request.param
+    reference = references(name, strategy)
+    root = tmp_path_factory.mktemp(f"{name}-{strategy}")
+    out = root / "run"
+    cmd = probe_launch_command(strategy, root / "probe", train_args(name, family_assets(name), out, strategy, MICRO, ACCUM), WORLD)
+    proc = run_command(cmd, root / "launch.log")
+    assert proc.returncode == 0, tail(root / "launch.log")
+    result = Cell(name, strategy, out, reference, load_probes(root / "probe", WORLD))
+    request.config.stash.setdefault(CELL_FACTS, {})[request.param] = facts(result)
+    return result
+
+
+def facts(cell: Cell) -> dict:
+    """What the README table says about a family: its 4-bit layers, its adapted layers, what stays dense."""
+    adapter_config = json.loads((cell.out / "adapter" / "adapter_config.json").read_text())
+    budget = json.loads((cell.out / "memory_budget.json").read_text())["measured"]["ranks"][0]["components"]
+    return {
+        "four_bit": sorted({name.rpartition(".")[2] for name in cell.probes[0]["full_quant_states"]}),
+        "adapted": sorted(adapter_config["target_modules"]) + sorted(adapter_config.get("target_parameters") or []),
+        "dense_experts": budget["experts"] > 0,
+        "tied": cell.probes[0]["tie_before_shard"]["same_parameter"],
+    }
+
+
+def test_losses_match_a_single_process(cell):
+    losses, reference = cell.losses(), cell.losses(cell.reference)
+    assert len(losses) == STEPS and len(reference) == STEPS
+    # Same data, seed and global batch: every step agrees with one unsharded process, so the
+    # adapter updates agree too (a step that went wrong shows in the next loss).
+    assert losses == pytest.approx(reference, abs=2e-3), (losses, reference)
+    assert losses[-1] != losses[0]
+
+
+def test_optimizer_state_is_split(cell):
+    total = cell.report(cell.reference)[0]["optimizer_state_elements_local"]
+    assert total > 0
+    expected = total if cell.strategy == "ddp" else total // WORLD
+    for rank in cell.report():
+        assert rank["optimizer_state_elements_local"] == expected, rank
+        adapter = rank["adapter_elements_total"] if cell.strategy in ("ddp", "zero2") else rank["adapter_elements_total"] // WORLD
+        assert rank["adapter_elements_local"] == adapter, rank
+
+
+def test_adapter_reloads_with_the_trained_logits(cell):
+    from safetensors.torch import load_file
+
+    from launcher.export import ADAPTER_DIR, CHECK_FILE, load_for_inference
+
+    adapter = load_file(cell.out / ADAPTER_DIR / "adapter_model.safetensors")
+    trainable = {name for name, *_ in cell.probes[0]["shards"] if "lora_" in name}
+    assert trainable and set(adapter) == {name.replace(".default.", ".") for name in trainable}
+    assert any(t.abs().max() > 0 for name, t in adapter.items() if "lora_B" in name)
+
+    model = load_for_inference(cell.out)
+    check = load_file(cell.out / CHECK_FILE)
+    with torch.no_grad():
+        logits = model(input_ids=check["input_ids"]).logits.float()
+        with model.disable_adapter():
+            base_logits = model(input_ids=check["input_ids"]).logits.float()
+    diff = (logits - check["logits"]).abs().max().item()
+    without_adapter = (base_logits - check["logits"]).abs().max().item()
+    assert diff <= 1e-4, diff
+    assert without_adapter > 100 * max(diff, 1e-4), without_adapter  # the trained adapter matters
+
+
+def test_every_shard_is_rank0s_bytes(cell):
+    full = cell.probes[0]["full"]
+    covered = defaultdict(int)
+    total_bytes = sum(t.numel() for t in full.values())
+    for rank, probe in enumerate(cell.probes):
+        held_bytes = 0
+        for name, start, full_numel, local, element_size in probe["shards"]:
+            expected = full[name]
+            assert expected.numel() == full_numel * element_size, name
+            valid = max(0, min(local.numel() // element_size, full_numel - start))
+            got = local[: valid * element_size]
+            want = expected[start * element_size : (start + valid) * element_size]
+            assert torch.equal(got, want), f"rank {rank}: {name} differs from rank 0's weights"
+            covered[name] += valid
+            held_bytes += valid * element_size
+            # FSDP2 and ZeRO-3 split every tensor; FSDP1 splits each flattened unit as a whole.
+            if cell.strategy in ("fsdp2", "zero3") and full_numel >= WORLD * 64:
+                assert valid < full_numel, f"rank {rank} holds all of {name}"
+        if cell.strategy in BASE_SHARDED:
+            assert held_bytes <= 1.05 * total_bytes / WORLD, (rank, held_bytes, total_bytes)
+        assert probe["quant_states"].keys() == cell.probes[0]["full_quant_states"].keys()
+        for module, states in probe["quant_states"].items():
+            for key, value in states.items():
+                assert torch.equal(value, cell.probes[0]["full_quant_states"][module][key]), (rank, module, key)
+    copies = 1 if cell.strategy in BASE_SHARDED else WORLD
+    numel_of = {shard[0]: shard[2] for probe in cell.probes for shard in probe["shards"]}
+    assert numel_of.keys() == full.keys()
+    for name in full:
+        assert covered[name] == copies * numel_of[name], name
+
+
+def test_other_ranks_never_hold_the_whole_model(cell):
+    # Before sharding, only the source rank has weight data; the others hold a meta skeleton.
+    assert cell.probes[0]["materialized_bytes_before_shard"] > 0
+    for probe in cell.probes[1:]:
+        assert probe["materialized_bytes_before_shard"] == 0
+
+
+def test_tied_embeddings_stay_one_tensor(cell):
+    for rank, probe in enumerate(cell.probes):
+        # Before sharding the other ranks hold a meta skeleton: one parameter, no storage yet.
+        before = None if rank else cell.tied
+        assert probe["tie_before_shard"] == {"same_parameter": cell.tied, "same_storage": before}, (rank, probe)
+        assert probe["tie_after_shard"] == {"same_parameter": cell.tied, "same_storage": cell.tied}, (rank, probe)
+
+
+def test_checkpointing_is_non_reentrant(cell):
+    for probe in cell.probes:
+        assert "CheckpointFunctionBackward" not in probe["loss_graph_node_types"]
+        # Each decoder layer ran twice per micro step: forward, then recomputed in backward.
+        assert probe["first_step_layer_forward_calls"] == 2 * LAYERS * ACCUM
+
+
+def test_memory_budget_matches_what_each_rank_holds(cell):
+    from launcher.budget import STATIC_COMPONENTS
+
+    for out, world in ((cell.out, WORLD), (cell.reference, 1)):
+        report = json.loads((out / "memory_budget.json").read_text())
+        assert report["predicted"] is not None
+        assert [r["rank"] for r in report["measured"]["ranks"]] == list(range(world))
+        assert {row["component"] for row in report["comparison"]} == set(STATIC_COMPONENTS) | {"activations"}
+        assert_budget_rows(report, (cell.family, cell.strategy, world))
+        for rank in report["measured"]["ranks"]:
+            held = rank["components"]
+            assert held["lora"] > 0 and held["gradients"] > 0 and held["optimizer_states"] > 0 and held["activations"] > 0
+        assert (out / "memory_budget.png").is_file()
+
+
+@pytest.mark.parametrize("cell", list(cells(refused=True)))
+def test_refused_cells_stop_before_any_process_starts(cell, family_assets, tmp_path):
+    name, strategy = cell
+    out = tmp_path / "run"
+    log = tmp_path / "launch.log"
+    proc = run_command([python(), "-m", "launcher", "train", "--nproc", str(WORLD), *train_args(name, family_assets(name), out, strategy, MICRO, ACCUM)], log)
+    text = log.read_text()
+    assert proc.returncode == 2, tail(log)
+    assert f"qlaunch: error: {strategy} cannot run this config" in text and BY_NAME[name].refused[strategy] in text, text
+    assert "Strategies that can:" in text and "rank 0/" not in text and not out.exists(), text
