@@ -53,7 +53,7 @@ def measure(config: Path, strategy: str, world: int) -> dict:
 
 def imports_alone() -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "from launcher import budget, cli"], cwd=REPO, capture_output=True, check=True)
+    subprocess.run([sys.executable, "-c", "from launcher import cli; from launcher.memory import commands"], cwd=REPO, capture_output=True, check=True)
     return time.perf_counter() - start
 
 

@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, Trai
 
 from launcher.config import load_config, parse_overrides
 from launcher.data import collate
-from launcher.memory import gradient_bytes, optimizer_state_bytes
-from launcher.model import DTYPE_BY_NAME
+from launcher.memory.measure import gradient_bytes, optimizer_state_bytes
+from launcher.dtypes import DTYPE_BY_NAME
 from launcher.preflight import load_training_data
 from launcher.strategies import torch_optimizer
 

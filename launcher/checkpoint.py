@@ -30,7 +30,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import strategies
 from .config import ConfigError, RunConfig
+from .strategies import Strategy
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -102,7 +104,7 @@ def read_meta(path: Path) -> dict:
     return json.loads((Path(path) / META).read_text())
 
 
-def resolve_resume(cfg: RunConfig, strategy_name: str, checkpoint_format: str, world_size: int) -> Path | None:
+def resolve_resume(cfg: RunConfig, strategy: Strategy, sharder: Strategy, world_size: int) -> Path | None:
     """The checkpoint to resume from, checked against this run before any process group starts."""
     if not cfg.resume:
         return None
@@ -126,16 +128,16 @@ def resolve_resume(cfg: RunConfig, strategy_name: str, checkpoint_format: str, w
             f"Cannot resume from `{path}`: the run config changed where the checkpoint depends on it ({details}). "
             "Restore those values, or start a new run in another output_dir."
         )
-    if meta["checkpoint_format"] == "deepspeed" and meta["world_size"] != world_size:
+    if not strategies.by_checkpoint_format(meta["checkpoint_format"]).spec.reshardable_checkpoints and meta["world_size"] != world_size:
         raise ConfigError(
             f"Cannot resume from `{path}` on {world_size} ranks: DeepSpeed checkpoints are tied to the world size "
             f"they were written with ({meta['world_size']}). Resume on {meta['world_size']} ranks, or convert it "
             "with DeepSpeed's ds_to_universal."
         )
-    if meta["checkpoint_format"] != checkpoint_format:
+    if meta["checkpoint_format"] != sharder.spec.checkpoint_format:
         raise ConfigError(
             f"Cannot resume from `{path}`: it was written by {meta['strategy']} ({meta['checkpoint_format']} format) "
-            f"and this run uses {strategy_name}. Resume with --strategy {meta['strategy']}."
+            f"and this run uses {strategy.name}. Resume with --strategy {meta['strategy']}."
         )
     return path
 
@@ -205,7 +207,7 @@ def save(cfg: RunConfig, step: int, world_size: int, strategy, model, optimizer,
             "step": step,
             "world_size": world_size,
             "strategy": strategy.name,
-            "checkpoint_format": strategy.checkpoint_format,
+            "checkpoint_format": strategy.spec.checkpoint_format,
             "fingerprint": values,
             "fingerprint_sha256": fingerprint_hash(values),
         }

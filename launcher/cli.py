@@ -1,4 +1,8 @@
-"""Command line: `qlaunch train | demo | verify | budget | plan` (also `python -m launcher ...`)."""
+"""Command line: `qlaunch train | demo | verify | budget | plan` (also `python -m launcher ...`).
+
+Each command imports what it needs when it runs, so that `qlaunch --help` and a wrong flag answer
+without importing torch.
+"""
 
 from __future__ import annotations
 
@@ -128,19 +132,18 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args, extra: list[str]) -> int:
-    from . import launch, preflight, strategies, train
+    from . import launch, preflight, train
 
     overrides = parse_overrides(extra)
     if args.strategy:
         overrides.append(("strategy", args.strategy))
     cfg = load_config(args.config, overrides)
-    # Inside a Slurm allocation the machines come from it (launcher/slurm.py), else this machine alone.
-    machines = None if launch.inside_launcher() else launch.plan(args.nproc)
+    # Inside a Slurm allocation the machines come from it (launcher/launch/slurm.py), else this machine alone.
+    machines = None if launch.inside_launcher() else launch.machines_for(args.nproc)
     if machines is None or machines.num_processes == 1:
         train.run(cfg)
         return 0
-    preflight.check_all(cfg)
-    strategy = strategies.resolve(cfg)
+    strategy = preflight.check_all(cfg)
     forwarded = (["--config", args.config] if args.config else []) + extra + ["--strategy", strategy.name]
     return launch.launch(strategy, machines, forwarded, cfg.dist)
 
@@ -174,15 +177,15 @@ def cmd_merge(args) -> int:
 
 
 def cmd_budget(args) -> int:
-    from . import budget
+    from .memory.commands import budget_command
 
-    return budget.run_command(args)
+    return budget_command(args)
 
 
 def cmd_plan(args) -> int:
-    from . import plan
+    from .memory.commands import plan_command
 
-    return plan.run_command(args)
+    return plan_command(args)
 
 
 def cmd_verify(args) -> int:

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from . import launch, strategies
+from .config import ConfigError, DistConfig
+
 NUM_WORDS = 250
 STRIDE = 7
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -96,9 +99,6 @@ def prepare_demo(workdir: Path, steps: int = DEMO_STEPS) -> Path:
 
 
 def run_demo(output_dir: str | None, strategy: str = "fsdp2", nproc: int = 2, steps: int | None = None) -> int:
-    from . import launch, strategies
-    from .config import ConfigError, DistConfig
-
     workdir = Path(output_dir or f"outputs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     if workdir.exists() and any(workdir.iterdir()):
         raise ConfigError(f"`{workdir}` already exists and is not empty; pick another --output-dir.")

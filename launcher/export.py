@@ -15,6 +15,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import strategies
+from .checkpoint import read_meta
+from .config import ConfigError, load_config
+from .dtypes import DTYPE_BY_NAME
+from .model import load_quantized_base, prepare_for_kbit_training
+from .strategies.cpu import disable_bnb_cpu_repack
+
 ADAPTER_DIR = "adapter"
 CHECK_FILE = "adapter_check.safetensors"
 ADAPTER_NAME = "default"
@@ -58,31 +65,15 @@ def save_adapter(peft_model, full_trainable: dict[str, torch.Tensor], output_dir
 
 def checkpoint_trainable(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """The full adapter weights stored in a training checkpoint, read in one process."""
-    from .checkpoint import read_meta
 
     checkpoint_dir = Path(checkpoint_dir)
-    if read_meta(checkpoint_dir)["checkpoint_format"] == "deepspeed":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        from .strategies import _ZeRO
-
-        return get_fp32_state_dict_from_zero_checkpoint(
-            str(checkpoint_dir / "trainable"), tag=_ZeRO.TAG, exclude_frozen_parameters=True
-        )
-    import tempfile
-
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(str(checkpoint_dir / "trainable"), f"{tmp}/state.pt")
-        return torch.load(f"{tmp}/state.pt", weights_only=False)["model"]
+    reader = strategies.by_checkpoint_format(read_meta(checkpoint_dir)["checkpoint_format"])
+    return reader.read_trainable(checkpoint_dir / "trainable")
 
 
 def export_checkpoint(checkpoint_dir: Path, output: Path, overwrite: bool = False) -> Path:
     """Turns a training checkpoint into a PEFT adapter directory."""
     from peft import LoraConfig
-
-    from .config import ConfigError
 
     output = Path(output)
     if output.exists() and not overwrite:
@@ -94,9 +85,6 @@ def merge_adapter(adapter_dir: Path, output: Path, base_path: str | None = None,
     """Merges an adapter into a 16-bit copy of its base model and saves it with `save_pretrained`."""
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .config import ConfigError
-    from .model import DTYPE_BY_NAME
 
     output = Path(output)
     if output.exists():
@@ -122,16 +110,12 @@ def load_for_inference(output_dir: Path, base_path: str | None = None, adapter_d
     through the standard PEFT API in one process."""
     from peft import PeftModel
 
-    from . import strategies
-    from .config import load_config
-    from .model import disable_cpu_inference_repack, load_quantized_base, prepare_for_kbit_training
-
     cfg = load_config(Path(output_dir) / "run_config.yaml")
     if base_path:
         cfg.model.path = base_path
     policy = strategies.dtype_policy(cfg, strategies.get(cfg.strategy), cfg.train.mixed_precision)
     base = load_quantized_base(cfg, policy)
-    disable_cpu_inference_repack(base)
+    disable_bnb_cpu_repack(base)
     prepare_for_kbit_training(base, policy, gradient_checkpointing=False)
     if torch.cuda.is_available():
         base = base.to("cuda")

@@ -9,16 +9,17 @@ sharding stage (`launcher.sync`, driven by the strategy) then fills each rank's 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 
-from .config import LoraConfig, RunConfig
-from .strategies import DtypePolicy
-
-DTYPE_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from .collectives import broadcast_object, is_source_rank
+from .config import ConfigError, LoraConfig, RunConfig
+from .dtypes import DTYPE_BY_NAME, DtypePolicy
+from .strategies.cpu import disable_bnb_cpu_repack
 
 
 def quantization_config(cfg: RunConfig, policy: DtypePolicy) -> BitsAndBytesConfig:
@@ -39,7 +40,6 @@ class Linear4bitSpec:
     out_features: int
     bias: bool
     packed_shape: tuple[int, ...]
-    quant_state_shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 @dataclass
@@ -49,19 +49,48 @@ class QuantizedLayout:
     linear4bit: dict[str, Linear4bitSpec]
 
 
-def quantized_layout(model: nn.Module) -> QuantizedLayout:
-    specs = {}
-    for name, module in model.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            states = module.weight.quant_state.as_dict(packed=True)
-            specs[name] = Linear4bitSpec(
-                in_features=module.in_features,
-                out_features=module.out_features,
-                bias=module.bias is not None,
-                packed_shape=tuple(module.weight.shape),
-                quant_state_shapes={k: (tuple(v.shape), v.dtype) for k, v in states.items()},
-            )
-    return QuantizedLayout(specs)
+def packed_shape(numel: int, storage: torch.dtype) -> tuple[int, int]:
+    """bitsandbytes packs two 4-bit values per byte into a (bytes / itemsize, 1) tensor of `storage`."""
+    return ((numel + 1) // (storage.itemsize * 2), 1)
+
+
+def quantized_layout(model: nn.Module, storage: torch.dtype) -> QuantizedLayout:
+    """The 4-bit linears of `model` (quantized, or marked for quantization on meta) and their packed shapes."""
+    return QuantizedLayout({
+        name: Linear4bitSpec(
+            in_features=module.in_features,
+            out_features=module.out_features,
+            bias=module.bias is not None,
+            packed_shape=packed_shape(module.in_features * module.out_features, storage),
+        )
+        for name, module in model.named_modules()
+        if isinstance(module, bnb.nn.Linear4bit)
+    })
+
+
+def read_model_config(path: str, trust_remote_code: bool, config_only: bool = False) -> PretrainedConfig:
+    """The model's config, offline: from a directory written by `save_pretrained`, a hub id already in
+    the local cache, or (`config_only`, for the budget, which needs no weights) a config.json file."""
+    wanted = "a directory written by `save_pretrained`" + (" or its config.json (only the config is read)" if config_only else "")
+    if not path:
+        raise ConfigError(f"No model given. Set `model.path` (--model) to {wanted}, or a cached hub id.")
+    local = Path(path).expanduser()
+    if config_only and local.is_file() and local.suffix == ".json":
+        target = str(local)
+    elif local.is_dir() and (local / "config.json").is_file():
+        target = str(local)
+    elif local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ConfigError(f"Model `{path}` not found: no `config.json` there. Set `model.path` to {wanted}.")
+    else:
+        target = path
+    try:
+        return AutoConfig.from_pretrained(target, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"Model `{path}` is not in the local Hugging Face cache and nothing is fetched at run time "
+            f"({type(error).__name__}). Download it first (e.g. `huggingface-cli download {path}`, or only its "
+            f"config.json for the budget) and point `model.path` at {wanted}."
+        ) from error
 
 
 def load_quantized_base(cfg: RunConfig, policy: DtypePolicy) -> PreTrainedModel:
@@ -111,8 +140,6 @@ def apply_quantized_layout(model: PreTrainedModel, cfg: RunConfig, policy: Dtype
             module=linear,
             bnb_quantized=True,
         )
-        # The quantization constants arrive later (`sync.broadcast_quant_states`); their shapes come now.
-        linear._launcher_quant_state_shapes = spec.quant_state_shapes
         if spec.bias:
             linear.bias = nn.Parameter(torch.empty(spec.out_features, dtype=original.bias.dtype, device="meta"))
         setattr(parent, child_name, linear)
@@ -229,33 +256,19 @@ def coverage_notes(model: nn.Module, lora: LoraConfig) -> list[str]:
     return notes
 
 
-def disable_cpu_inference_repack(model: nn.Module) -> None:
-    """CPU shim: bitsandbytes repacks a layer's weight and rewrites its quant state in place on the
-    first CPU forward without grad in eval mode (for an AVX512-BF16 kernel). Under sharding the packed
-    shard and the shared quant state would then disagree, so the trained model never takes that path.
-    The attribute is only read for CPU inputs; CUDA runs are unaffected."""
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-
-
 def load_base(cfg: RunConfig, policy: DtypePolicy) -> PreTrainedModel:
     """Before any plugin exists (so no ZeRO-3 hook changes how transformers builds it): the source
     rank loads and quantizes the checkpoint; every other rank builds the bare tree on meta."""
-    from .sync import is_source_rank
-
     return load_quantized_base(cfg, policy) if is_source_rank() else meta_base(cfg)
 
 
 def build_model(cfg: RunConfig, policy: DtypePolicy, base: PreTrainedModel) -> nn.Module:
     """The LoRA-wrapped 4-bit model, on every rank the same tree: the source rank broadcasts which
     layers it quantized and how, the others rebuild them on meta."""
-    from .sync import broadcast_object, is_source_rank
-
     if is_source_rank():
-        broadcast_object(quantized_layout(base))
+        broadcast_object(quantized_layout(base, policy.quant_storage))
     else:
         apply_quantized_layout(base, cfg, policy, broadcast_object(None))
-    disable_cpu_inference_repack(base)
+    disable_bnb_cpu_repack(base)
     prepare_for_kbit_training(base, policy, cfg.train.gradient_checkpointing)
     return attach_lora(base, cfg.lora, policy, cfg.train.seed)

@@ -1,11 +1,18 @@
-"""Plan: everything that can be wrong with the input is found here, before any process group starts."""
+"""Validate: everything that can be wrong with the input is found here, before any process group starts,
+and what a run resolves once (strategy, world size, precision, resume) becomes one frozen `RunSetup`."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DTYPES, ConfigError, RunConfig
+from . import checkpoint, strategies
+from .accelerator import mixed_precision
+from .config import ConfigError, RunConfig
 from .data import TokenizedData, load_records, record_kind, tokenize
+from .dtypes import DTYPES, MIXED_PRECISIONS, DtypePolicy
+from .model import read_model_config
 
 OUTPUT_MARKERS = ("adapter", "metrics.jsonl")
 
@@ -31,7 +38,7 @@ def check_values(cfg: RunConfig) -> None:
     require(t.warmup_steps >= 0, f"`train.warmup_steps` must be >= 0, got {t.warmup_steps}.")
     require(t.lr > 0, f"`train.lr` must be positive, got {t.lr}.")
     require(t.lr_schedule in ("cosine", "linear", "constant"), f"`train.lr_schedule` is `{t.lr_schedule}`; use cosine, linear or constant.")
-    require(t.mixed_precision in ("auto", "no", "bf16", "fp16"), f"`train.mixed_precision` is `{t.mixed_precision}`; use auto, no, bf16 or fp16.")
+    require(t.mixed_precision in MIXED_PRECISIONS, f"`train.mixed_precision` is `{t.mixed_precision}`; use {', '.join(MIXED_PRECISIONS)}.")
     require(cfg.data.max_seq_len > 1, f"`data.max_seq_len` must be at least 2, got {cfg.data.max_seq_len}.")
     for key in ("timeout_s", "rendezvous_timeout_s"):
         require(getattr(cfg.dist, key) > 0, f"`dist.{key}` must be a positive number of seconds, got {getattr(cfg.dist, key)}.")
@@ -42,24 +49,7 @@ def check_values(cfg: RunConfig) -> None:
 
 
 def check_model(cfg: RunConfig) -> None:
-    from transformers import AutoConfig
-
-    path = cfg.model.path
-    if not path:
-        raise ConfigError("No model given. Set `model.path` to a local directory saved with `save_pretrained` (or a cached hub id).")
-    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
-    if looks_local and not (Path(path).expanduser() / "config.json").is_file():
-        raise ConfigError(
-            f"Model `{path}` not found: no `config.json` in that directory. Set `model.path` to a directory "
-            "written by `save_pretrained` (it holds config.json and the weights)."
-        )
-    try:
-        AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise ConfigError(
-            f"Model `{path}` could not be loaded offline: {error}. Download it first (e.g. `huggingface-cli "
-            "download`) or point `model.path` at a local directory."
-        ) from error
+    read_model_config(cfg.model.path, cfg.model.trust_remote_code)
 
 
 def check_output_dir(cfg: RunConfig) -> None:
@@ -102,13 +92,46 @@ def load_training_data(cfg: RunConfig, world_size: int):
     return tokenizer, data
 
 
-def check_all(cfg: RunConfig) -> None:
-    """Every check that needs no tokenization; `qlaunch train` runs it before starting any process."""
-    from . import strategies
-
+def check_all(cfg: RunConfig) -> strategies.Strategy:
+    """Every check that needs no tokenization; `qlaunch train` runs it before starting any process.
+    Returns the run's strategy."""
     check_values(cfg)
-    strategies.resolve(cfg).check(cfg)
+    strategy = strategies.resolve(cfg)
+    strategies.check(strategy, cfg)
     check_model(cfg)
     check_dataset(cfg)
     if not cfg.resume:  # a resumed run finds its own output there (a requeued job does); the ranks check the checkpoint
         check_output_dir(cfg)
+    return strategy
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What a run resolves once, in every rank, before any process group: the stages take it."""
+
+    cfg: RunConfig
+    """The run config with strategy and mixed precision resolved (a copy; written to run_config.yaml)."""
+    strategy: strategies.Strategy
+    sharder: strategies.Strategy
+    """What shards: the strategy, or nothing on a world of one (the strategy's dtypes stay)."""
+    world: int
+    policy: DtypePolicy
+    resume_from: Path | None
+
+
+def resolve_run(cfg: RunConfig, world: int) -> RunSetup:
+    """Validates `cfg` for a run of `world` ranks and resolves it (the user's `cfg` is left as it was)."""
+    strategy = strategies.resolve(cfg)
+    check_values(cfg)
+    strategies.check(strategy, cfg)
+    check_model(cfg)
+    precision = mixed_precision(cfg.train.mixed_precision)
+    resolved = dataclasses.replace(
+        cfg, strategy=strategy.name, train=dataclasses.replace(cfg.train, mixed_precision=precision)
+    )
+    sharder = strategies.for_world(strategy, world)
+    resume_from = checkpoint.resolve_resume(resolved, strategy, sharder, world)
+    if resume_from is None:
+        check_output_dir(resolved)
+    policy = strategies.dtype_policy(resolved, strategy, precision)
+    return RunSetup(resolved, strategy, sharder, world, policy, resume_from)

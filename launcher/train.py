@@ -1,4 +1,4 @@
-"""The training run, top to bottom: config -> plan -> load & prepare -> shard -> train -> export & report."""
+"""The training run, top to bottom: config -> validate -> load & prepare -> shard -> train -> export & report."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import budget, checkpoint, export, memory, preflight, strategies
+from . import checkpoint, export, preflight, strategies
+from .accelerator import create_accelerator, world_size_from_env
 from .config import RunConfig, dump_config
 from .data import GlobalBatches, TokenizedData, collate, target_tokens
-from .distributed import create_accelerator, resolve_mixed_precision, world_size_from_env
+from .memory.components import parameter_components
+from .memory.measure import MemoryMeter
 from .metrics import MetricsLog
 from .model import build_model, coverage_notes, load_base
 from .preemption import StopSignal
@@ -51,13 +53,13 @@ def lr_lambda(train_cfg, total_steps: int):
     return factor
 
 
-def rank_report(model, optimizer, strategy: strategies.Strategy, sharder: strategies.Strategy, adapter_total: int, peak_device_bytes: int | None) -> dict:
+def rank_report(model, optimizer, setup: preflight.RunSetup, adapter_total: int, peak_device_bytes: int | None) -> dict:
     """What this rank holds after sharding: adapter and optimizer-state elements, for the report."""
-    shards = [s for s in sharder.local_shards(model) if s.trainable]
+    shards = [s for s in setup.sharder.local_shards(model) if s.trainable]
     trainable_local = sum(min(s.local.numel(), s.full_numel - s.start) for s in shards)
     return {
         "rank": dist.get_rank() if dist.is_initialized() else 0,
-        "strategy": strategy.name,
+        "strategy": setup.strategy.name,
         "adapter_elements_total": adapter_total,
         "adapter_elements_local": trainable_local,
         "optimizer_state_elements_local": strategies.optimizer_state_numel(optimizer),
@@ -73,20 +75,10 @@ def run(cfg: RunConfig) -> RunSummary:
         return _run(cfg, stop)
 
 
-def _run(cfg: RunConfig, stop: StopSignal) -> RunSummary:
-    # Plan: validate everything and tokenize before any process group exists.
-    strategy = strategies.resolve(cfg)
-    cfg.strategy = strategy.name
-    world = world_size_from_env()
-    sharder = strategy if world > 1 else strategies.SingleProcess()
-    preflight.check_values(cfg)
-    strategy.check(cfg)
-    preflight.check_model(cfg)
-    cfg.train.mixed_precision = resolve_mixed_precision(cfg, torch.cuda.is_available())
-    resume_from = checkpoint.resolve_resume(cfg, strategy.name, sharder.checkpoint_format, world)
-    if resume_from is None:
-        preflight.check_output_dir(cfg)
-    policy = strategies.dtype_policy(cfg, strategy, cfg.train.mixed_precision)
+def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
+    # Validate and resolve everything, and tokenize, before any process group exists.
+    setup = preflight.resolve_run(user_cfg, world_size_from_env())
+    cfg, world, policy, sharder = setup.cfg, setup.world, setup.policy, setup.sharder
     tokenizer, data = preflight.load_training_data(cfg, world)
     batches = GlobalBatches(len(data), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, world, cfg.train.seed)
     total_steps = cfg.train.max_steps or cfg.train.epochs * batches.steps_per_epoch
@@ -94,7 +86,7 @@ def _run(cfg: RunConfig, stop: StopSignal) -> RunSummary:
     # Load: only the source rank reads and quantizes the checkpoint, in host RAM.
     base = load_base(cfg, policy)
 
-    accelerator = create_accelerator(cfg, strategy)
+    accelerator = create_accelerator(cfg, setup.strategy, cfg.train.mixed_precision)
     rank, main = accelerator.process_index, accelerator.is_main_process
     output_dir = Path(cfg.output_dir)
     if main:
@@ -113,18 +105,18 @@ def _run(cfg: RunConfig, stop: StopSignal) -> RunSummary:
         return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
     adapter_total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    components = budget.parameter_components(model)
+    components = parameter_components(model)
     model, optimizer, base_optimizer = sharder.shard(model, make_optimizer, accelerator)
     scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(cfg.train, total_steps))
-    meter = memory.MemoryMeter(cfg, model, base_optimizer, sharder, output_dir, accelerator.device, components)
+    meter = MemoryMeter(cfg, model, base_optimizer, sharder, output_dir, accelerator.device, components)
 
     torch.manual_seed(cfg.train.seed + rank)  # dropout masks differ across ranks, reproducibly
     peft_config = accelerator.unwrap_model(model).peft_config[export.ADAPTER_NAME]
     start_step = 0
-    if resume_from is not None:
-        start_step = checkpoint.load(resume_from, sharder, model, optimizer, scheduler)
+    if setup.resume_from is not None:
+        start_step = checkpoint.load(setup.resume_from, sharder, model, optimizer, scheduler)
         if main:
-            print(f"Resuming from step {start_step}: {resume_from}", flush=True)
+            print(f"Resuming from step {start_step}: {setup.resume_from}", flush=True)
 
     # Train.
     model.train()
@@ -158,7 +150,7 @@ def _run(cfg: RunConfig, stop: StopSignal) -> RunSummary:
 
     # Export & report.
     meter.finish()
-    report = [rank_report(model, optimizer, strategy, sharder, adapter_total, meter.peak_device_bytes())]
+    report = [rank_report(model, optimizer, setup, adapter_total, meter.peak_device_bytes())]
     if dist.is_initialized():
         mine, report = report[0], [None] * world
         dist.all_gather_object(report, mine)
@@ -183,7 +175,7 @@ def _run(cfg: RunConfig, stop: StopSignal) -> RunSummary:
         seconds=seconds,
         adapter_dir=str(adapter_dir),
         world_size=world,
-        strategy=strategy.name,
+        strategy=setup.strategy.name,
     )
     if main:
         print_summary(summary, output_dir)

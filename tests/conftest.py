@@ -105,7 +105,7 @@ def read_metrics(out: Path) -> list[dict]:
 
 def assert_budget_rows(report: dict, context=None) -> None:
     """Static components predicted to the byte, activations within 10%, on every rank of a memory_budget.json."""
-    from launcher.budget import STATIC_COMPONENTS
+    from launcher.memory.components import STATIC_COMPONENTS
 
     for row in report["comparison"]:
         if row["component"] in STATIC_COMPONENTS:

@@ -18,7 +18,10 @@ import pytest
 import torch
 
 from conftest import assert_budget_rows, run_command, tail
-from launcher import budget, cli, launch, memory, strategies
+from launcher import cli, launch, strategies
+from launcher.memory import components, measure, predict, skeleton
+from launcher.model import packed_shape
+from launcher.strategies import layout
 from launcher.config import DistConfig, load_config
 from families import FAMILIES
 from launcher.demo import build_base_model, write_dataset
@@ -60,7 +63,7 @@ def uneven_run(request, uneven_assets, tmp_path_factory) -> tuple[str, Path, dic
     ], DistConfig())
     proc = run_command(cmd, root / "launch.log")
     assert proc.returncode == 0, tail(root / "launch.log")
-    return strategy, root, json.loads((root / "run" / memory.REPORT_JSON).read_text())
+    return strategy, root, json.loads((root / "run" / measure.REPORT_JSON).read_text())
 
 
 def test_uneven_shards_are_predicted_to_the_byte(uneven_run):
@@ -74,7 +77,7 @@ def test_uneven_shards_are_predicted_to_the_byte(uneven_run):
         assert len({json.dumps(r["components"], sort_keys=True) for r in ranks}) > 1
     log = (root / "launch.log").read_text()
     assert "Memory per rank at the start of training" in log and "Memory per rank after the first step" in log
-    assert (root / "run" / memory.REPORT_PNG).read_bytes().startswith(b"\x89PNG")
+    assert (root / "run" / measure.REPORT_PNG).read_bytes().startswith(b"\x89PNG")
 
 
 # --- Activations, in process, with the probe training uses -------------------------------------
@@ -92,8 +95,8 @@ def shape_dirs(tmp_path_factory) -> dict[str, Path]:
 
 def measure_activations(model, cfg, batch: int, seq: int) -> int:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    _, storages = memory.measure_weights(model, strategies.SingleProcess())
-    probe = memory.FirstStepProbe(model, optimizer, storages)
+    _, storages = measure.measure_weights(model, strategies.SingleProcess())
+    probe = measure.FirstStepProbe(model, optimizer, storages)
     ids = torch.randint(4, 200, (batch, seq))
     loss = model(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids), num_items_in_batch=batch * seq).loss
     loss.backward()
@@ -121,7 +124,7 @@ def assert_activations_match(path: Path, checkpointing: bool) -> None:
     for seq in SEQ_LENS:
         for batch in MICRO_BATCHES:
             cfg = run_config(path, checkpointing, batch, seq)
-            predicted = budget.predict(cfg, budget.Hardware(device="cpu")).ranks[0].components["activations"]
+            predicted = predict.predict(cfg, predict.Hardware(device="cpu")).ranks[0].components["activations"]
             measured = measure_activations(model, cfg, batch, seq)
             assert abs(predicted - measured) <= 0.1 * measured, (path, checkpointing, batch, seq, predicted, measured)
 
@@ -148,12 +151,12 @@ def test_meta_skeleton_is_the_loaded_model(shape_dirs, family_assets, family):
     # of the model training loads and quantizes (tied weights once, biases, experts).
     cfg = run_config(shape_dirs[family] if family in shape_dirs else family_assets(family) / "base", True)
     model = real_model(cfg)
-    predicted = budget.predict(cfg, budget.Hardware(device="cpu"))
-    kinds = budget.parameter_components(model)
+    predicted = predict.predict(cfg, predict.Hardware(device="cpu"))
+    kinds = components.parameter_components(model)
     real = [(n, kinds[n], tuple(p.shape), p.dtype, p.requires_grad) for n, p in model.named_parameters()]
     meta = [(t.name, t.component, t.shape, t.dtype, t.trainable) for t in predicted.model.tensors]
     assert meta == real
-    held, _ = memory.measure_weights(model, strategies.SingleProcess())
+    held, _ = measure.measure_weights(model, strategies.SingleProcess())
     assert predicted.model.quant_state_bytes == held["quant_states"] > 0
     assert predicted.model.buffer_bytes == held["buffers"] > 0
 
@@ -168,22 +171,22 @@ def test_packing_and_quant_constants_follow_bitsandbytes(shape, double_quant, st
     if (numel // 2) % storage.itemsize:
         pytest.skip("bitsandbytes cannot view these packed bytes as this storage dtype")
     packed, state = quantize_4bit(torch.randn(shape, dtype=torch.bfloat16), compress_statistics=double_quant, quant_type="nf4", quant_storage=storage)
-    assert tuple(packed.shape) == budget.packed_shape(numel, storage) and packed.dtype == storage
+    assert tuple(packed.shape) == packed_shape(numel, storage) and packed.dtype == storage
     tensors = {"absmax": state.absmax, "quant_map": state.code}
     if double_quant:
         tensors.update(nested_absmax=state.state2.absmax, nested_quant_map=state.state2.code, offset=state.offset)
-    expected = budget.quant_state_shapes(numel, state.blocksize, double_quant)
+    expected = skeleton.quant_state_shapes(numel, state.blocksize, double_quant)
     assert {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()} == expected
 
 
 def test_flat_split_puts_padding_where_the_libraries_do():
     # Two 5-element pieces aligned to 4 and padded to a multiple of 3: [a a a a a _ _ _ b b b b b _ _] -> 5 per rank.
     pieces = [("lora", 5), ("norms", 5)]
-    parts = [strategies.split_flat(pieces, 4, 4, 3, 3, rank) for rank in range(3)]
+    parts = [layout.split_flat(pieces, 4, 4, 3, 3, rank) for rank in range(3)]
     assert parts[0] == {"shard_padding": 0, "lora": 20, "norms": 0}
     assert parts[1] == {"shard_padding": 12, "lora": 0, "norms": 8}
     assert parts[2] == {"shard_padding": 8, "lora": 0, "norms": 12}
-    assert strategies.chunk_rows(5, 3, 2) == (1, 2) and strategies.chunk_rows(2, 3, 2) == (0, 1)
+    assert layout.chunk_rows(5, 3, 2) == (1, 2) and layout.chunk_rows(2, 3, 2) == (0, 1)
 
 
 # --- qlaunch budget ----------------------------------------------------------------------------
@@ -208,10 +211,10 @@ def test_budget_json_schema_and_sharding_of_a_70b_config(llama_70b, capsys):
     zero3 = budget_json(capsys, *common, "--strategy", "zero3", "--offload")
     for report in (fsdp2, ddp, zero3):
         assert report["schema_version"] == 1 and report["world_size"] == 2 and report["seq_len"] == 2048
-        assert set(report["components"]) == set(budget.COMPONENTS)
+        assert set(report["components"]) == set(components.COMPONENTS)
         assert [r["rank"] for r in report["ranks"]] == [0, 1]
         for rank in report["ranks"]:
-            assert set(rank["components"]) == set(budget.COMPONENTS)
+            assert set(rank["components"]) == set(components.COMPONENTS)
             assert rank["total_bytes"] == sum(rank["components"].values())
             assert rank["headroom_bytes"] == 24 * 2**30 - rank["total_bytes"]
             assert rank["fits"] == (rank["headroom_bytes"] >= 0)

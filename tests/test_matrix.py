@@ -26,7 +26,6 @@ import torch
 from conftest import CELL_FACTS, assert_budget_rows, load_probes, probe_launch_command, python, read_metrics, run_command, tail
 from families import BY_NAME, FAMILIES, LAYERS
 from launcher import strategies
-from launcher.config import STRATEGIES
 
 BASE_SHARDED = {"fsdp2", "fsdp1", "zero3"}
 WORLD = 2
@@ -38,11 +37,11 @@ STEPS = 4
 def cells(refused: bool = False):
     """The matrix's cells that run (or, with `refused`, those refused before launch), as pytest params."""
     for i, family in enumerate(FAMILIES):
-        for j, strategy in enumerate(STRATEGIES):
+        for j, strategy in enumerate(strategies.NAMES):
             if (strategy in family.refused) != refused:
                 continue
             # A Latin-square diagonal: every family once, every strategy at least twice.
-            marks = [pytest.mark.matrix, *([pytest.mark.matrix_smoke] if j == i % len(STRATEGIES) else [])]
+            marks = [pytest.mark.matrix, *([pytest.mark.matrix_smoke] if j == i % len(strategies.NAMES) else [])]
             yield pytest.param((family.name, strategy), id=f"{family.name}-{strategy}", marks=marks)
 
 
@@ -224,7 +223,7 @@ def test_checkpointing_is_non_reentrant(cell):
 
 
 def test_memory_budget_matches_what_each_rank_holds(cell):
-    from launcher.budget import STATIC_COMPONENTS
+    from launcher.memory.components import STATIC_COMPONENTS
 
     for out, world in ((cell.out, WORLD), (cell.reference, 1)):
         report = json.loads((out / "memory_budget.json").read_text())

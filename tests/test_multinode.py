@@ -9,7 +9,7 @@ import torch
 
 from conftest import REPO, python, read_metrics, start_command, tail, wait_for
 from launcher.launch import free_port
-from launcher.preemption import is_running
+from launcher.launch.supervise import is_running
 
 
 def test_two_accelerate_launches_with_machine_ranks_0_and_1_form_one_run(demo_assets, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import load_probes, probe_launch_command, python, read_metrics, run_command, start_command, tail, wait_for
-from launcher.config import STRATEGIES
+from launcher.strategies import NAMES as STRATEGIES
 
 K = 6
 RECORDS = 40  # global batch 4: 10 optimizer steps per epoch

@@ -13,7 +13,7 @@ import yaml
 
 from conftest import REPO
 from launcher import strategies
-from launcher.config import STRATEGIES
+from launcher.strategies import NAMES as STRATEGIES
 
 ACCELERATE_CONFIGS = sorted((REPO / "accelerate_configs").rglob("*.yaml"))
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
@@ -33,8 +33,8 @@ def launch_env(config: Path, extra: list[str]) -> dict[str, str]:
 
 
 def test_every_shipped_file_is_covered():
-    single = {REPO / "accelerate_configs" / strategies.get(s).accelerate_config for s in STRATEGIES}
-    multi = {REPO / "accelerate_configs" / "multinode" / strategies.get(s).accelerate_config for s in STRATEGIES}
+    single = {REPO / "accelerate_configs" / strategies.get(s).spec.accelerate_config for s in STRATEGIES}
+    multi = {REPO / "accelerate_configs" / "multinode" / strategies.get(s).spec.accelerate_config for s in STRATEGIES}
     assert set(ACCELERATE_CONFIGS) == single | multi
     referenced = {
         REPO / yaml.safe_load(path.read_text())["deepspeed_config"]["deepspeed_config_file"]
@@ -50,7 +50,7 @@ def test_config_selects_its_strategy(strategy, multinode, monkeypatch):
     folder = REPO / "accelerate_configs" / ("multinode" if multinode else "")
     extra = ["--num_processes", "4", "--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "10.1.2.3"] if multinode else []
     monkeypatch.chdir(REPO)
-    env = launch_env(folder / strategies.get(strategy).accelerate_config, extra)
+    env = launch_env(folder / strategies.get(strategy).spec.accelerate_config, extra)
     for key in list(__import__("os").environ):
         if key.startswith(("ACCELERATE_", "FSDP_")):
             monkeypatch.delenv(key)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CPU_ENV, REPO, python, read_metrics
-from launcher import slurm
+from launcher.launch import slurm
 from slurm_cluster import SlurmCluster, install, wait_until
 
 SCRIPTS = REPO / "slurm"

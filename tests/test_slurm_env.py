@@ -9,9 +9,10 @@ import subprocess
 import pytest
 
 from conftest import REPO
-from launcher import cli, launch, slurm, strategies
+from launcher import cli, launch, strategies
+from launcher.launch import slurm
 from launcher.config import DistConfig
-from launcher.slurm import SlurmError
+from launcher.launch.slurm import SlurmError
 
 
 @pytest.mark.parametrize("nodelist,nodes", [

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ConfigError
+from ..config import ConfigError
 
 FP32 = 4
 INDEX = 8

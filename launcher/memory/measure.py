@@ -23,8 +23,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import budget
-from .strategies import Strategy, clean_fqn
+from ..config import ConfigError
+from ..strategies import Strategy, clean_fqn
+from .components import COMPONENTS, WEIGHT_COMPONENTS, parameter_components
+from .predict import Budget, Hardware, predict
+from .report import plot_stacked, rank_groups, render_table
+from .sizes import format_bytes
+from .skeleton import ModelCache
 
 REPORT_JSON = "memory_budget.json"
 REPORT_PNG = "memory_budget.png"
@@ -92,8 +97,8 @@ def measure_weights(model: nn.Module, sharder: Strategy, kinds: dict[str, str] |
     """This rank's weight components in bytes, and the storages (data pointers) that hold them.
     `kinds`: each parameter's component, read before sharding (FSDP1 and ZeRO-3 flatten parameters,
     so their shapes no longer say what they are); default: read off `model`."""
-    kinds = kinds or budget.parameter_components(model)
-    held = dict.fromkeys(budget.WEIGHT_COMPONENTS, 0)
+    kinds = kinds or parameter_components(model)
+    held = dict.fromkeys(WEIGHT_COMPONENTS, 0)
     storages = StorageTally()
     for shard in sharder.local_shards(model):
         valid = max(0, min(shard.local.numel(), shard.full_numel - shard.start))
@@ -243,24 +248,24 @@ class MemoryMeter:
         self.cuda = CudaPeaks(optimizer) if device.type == "cuda" else None
         self.main = not dist.is_initialized() or dist.get_rank() == 0
         world = dist.get_world_size() if dist.is_initialized() else 1
-        self.hardware = budget.Hardware(world_size=world, device=device.type)
-        self.model_cache: budget.ModelCache | None = None
+        self.hardware = Hardware(world_size=world, device=device.type)
+        self.model_cache: ModelCache | None = None
         self.predicted = self._predict() if self.main else None
         measured = _gather(self.weights)
         if self.predicted:
-            print(self.table(self.predicted, measured, budget.WEIGHT_COMPONENTS, "at the start of training"), flush=True)
+            print(self.table(self.predicted, measured, WEIGHT_COMPONENTS, "at the start of training"), flush=True)
 
     def peak_device_bytes(self) -> int | None:
         """This rank's peak CUDA allocation so far (None on CPU)."""
         return self.cuda.peak_allocated() if self.cuda else None
 
-    def _predict(self, activation_shape: tuple[int, int] | None = None) -> budget.Budget | None:
+    def _predict(self, activation_shape: tuple[int, int] | None = None) -> Budget | None:
         # The report must never stop training: a model the budget cannot predict gets a note instead.
         try:
             # The end-of-training prediction reuses the model described at the start.
-            self.model_cache = self.model_cache or budget.ModelCache(self.cfg)
-            return budget.predict(self.cfg, self.hardware, activation_shape=activation_shape, cache=self.model_cache)
-        except budget.ConfigError as error:
+            self.model_cache = self.model_cache or ModelCache(self.cfg)
+            return predict(self.cfg, self.hardware, activation_shape=activation_shape, cache=self.model_cache)
+        except ConfigError as error:
             print(f"Memory budget: no prediction for this model ({error}); measuring only.", flush=True)
             return None
 
@@ -270,7 +275,7 @@ class MemoryMeter:
         if not self.main:
             return
         measured = [r["components"] for r in ranks]
-        names = [n for n in budget.COMPONENTS if n in measured[0]]
+        names = [n for n in COMPONENTS if n in measured[0]]
         configured = (self.cfg.train.micro_batch_size, self.cfg.data.max_seq_len)
         shape = self.probe.activation_shape or configured
         if self.predicted and shape != configured:  # the longest micro batch was shorter than max_seq_len
@@ -295,15 +300,15 @@ class MemoryMeter:
         print(self.table(self.predicted, measured, names, f"after the first step (micro batch {shape[0]} x {shape[1]} tokens)"), flush=True)
         if self.cuda:
             total = self.predicted.ranks[0].total_bytes - self.predicted.ranks[0].components["runtime"]
-            print(f"torch.cuda on rank 0: peak allocated {budget.format_bytes(ranks[0]['cuda']['peak_allocated_bytes'])}, "
-                  f"peak reserved {budget.format_bytes(ranks[0]['cuda']['peak_reserved_bytes'])}; predicted total without "
-                  f"the runtime allowance {budget.format_bytes(total)}.", flush=True)
+            print(f"torch.cuda on rank 0: peak allocated {format_bytes(ranks[0]['cuda']['peak_allocated_bytes'])}, "
+                  f"peak reserved {format_bytes(ranks[0]['cuda']['peak_reserved_bytes'])}; predicted total without "
+                  f"the runtime allowance {format_bytes(total)}.", flush=True)
         self.plot(measured, names)
 
     @staticmethod
-    def table(predicted: budget.Budget, measured: list[dict[str, int]], names, when: str) -> str:
+    def table(predicted: Budget, measured: list[dict[str, int]], names, when: str) -> str:
         columns = [{n: (predicted.ranks[r].components[n], m[n]) for n in names} for r, m in enumerate(measured)]
-        groups = budget.rank_groups(columns)
+        groups = rank_groups(columns)
         header = ["component"] + [f"{g}: predicted / measured (error)" for g, _ in groups]
         rows = []
         for name in names:
@@ -311,17 +316,17 @@ class MemoryMeter:
             for _, r in groups:
                 p, m = columns[r][name]
                 err = error_pct(p, m)
-                cells.append(f"{budget.format_bytes(p)} / {budget.format_bytes(m)} ({'n/a' if err is None else f'{err:+.2f}%'})")
+                cells.append(f"{format_bytes(p)} / {format_bytes(m)} ({'n/a' if err is None else f'{err:+.2f}%'})")
             rows.append([name] + cells)
-        return f"\nMemory per rank {when}, {predicted.strategy} on {len(measured)} rank(s):\n" + budget.render_table(header, rows)
+        return f"\nMemory per rank {when}, {predicted.strategy} on {len(measured)} rank(s):\n" + render_table(header, rows)
 
     def plot(self, measured: list[dict[str, int]], names) -> None:
         bars = []
         for r, m in enumerate(measured):
             bars += [(f"rank {r} predicted", {n: self.predicted.ranks[r].components[n] for n in names}), (f"rank {r} measured", {n: m[n] for n in names})]
         try:
-            budget.plot_stacked(self.output_dir / REPORT_PNG, bars, f"{self.predicted.strategy}: predicted vs measured per rank")
-        except budget.ConfigError as missing:
+            plot_stacked(self.output_dir / REPORT_PNG, bars, f"{self.predicted.strategy}: predicted vs measured per rank")
+        except ConfigError as missing:
             print(f"Not plotting {REPORT_PNG}: {missing}", flush=True)
 
 

@@ -13,8 +13,8 @@ import re
 import subprocess
 from typing import Callable, Mapping
 
-from .config import ConfigError
-from .launch import Machines, default_nproc
+from ..config import ConfigError
+from .machines import Machines, default_nproc
 
 PORT_BASE = 20000
 PORT_SPAN = 10000

@@ -1,0 +1,51 @@
+"""The Accelerator of a run: Accelerate's own on CUDA, the CPU shim's elsewhere.
+
+On CUDA this is a plain `Accelerator(...)` with the strategy's plugin: Accelerate picks NCCL and runs
+its FSDP or DeepSpeed path. On a machine without CUDA a distributed run gets the CPU Accelerator of
+launcher.strategies.cpu, marked with the strategy's plugin, so `accelerator.prepare` runs the same code.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+from .config import RunConfig
+from .dtypes import resolve_mixed_precision
+from .strategies import Strategy
+from .strategies.cpu import cpu_accelerator
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def mixed_precision(requested: str) -> str:
+    """`train.mixed_precision` on this machine, "auto" resolved (launcher.dtypes.resolve_mixed_precision)."""
+    cuda = torch.cuda.is_available()
+    return resolve_mixed_precision(requested, cuda, os.environ.get("ACCELERATE_MIXED_PRECISION"), cuda and torch.cuda.is_bf16_supported())
+
+
+def this_rank_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def create_accelerator(cfg: RunConfig, strategy: Strategy, mixed_precision: str) -> Accelerator:
+    distributed = world_size_from_env() > 1
+    plugins = strategy.plugins(cfg, this_rank_device()) if distributed else {}
+    kwargs = dict(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        step_scheduler_with_optimizer=False,
+        # Every collective, the first and barriers included, fails after this: a rank that stops taking part ends the run.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s))],
+    )
+    if torch.cuda.is_available() or not distributed:
+        return Accelerator(**kwargs, **plugins)
+    return cpu_accelerator(kwargs, lambda accelerator: strategy.install_on_cpu(accelerator, plugins))

@@ -1,0 +1,88 @@
+"""In front of the ranks: what `qlaunch train` keeps of the ranks it started, through their status folder.
+
+Each rank writes its pid there, `done-<rank>` when it ends as planned, and `preempted` when it stopped
+for a preemption (launcher.preemption). accelerate launch and torchrun ignore SIGUSR2 and SIGTERM;
+qlaunch passes a signal sent to it alone on to the pids, exits with the preemption status (torchrun
+reports any rank's non-zero exit as 1), and once a rank has ended without finishing it kills the
+others: a hung rank would not end on torchrun's SIGTERM (its handler only sets the flag) but 30 s later.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from ..preemption import MARKER, SIGNALS, STATUS_DIR_ENV
+
+
+class Ranks:
+    """In `qlaunch train`, around `accelerate launch`: the ranks it started, through their status folder."""
+
+    def __init__(self, status_dir: Path):
+        self.status_dir = status_dir
+        self.env = {STATUS_DIR_ENV: str(status_dir)}
+        self._previous: dict = {}
+
+    @staticmethod
+    def ignore_in_child() -> None:
+        """For `accelerate launch` (and the torchrun inside it); the ranks set their own handlers."""
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def __enter__(self) -> Ranks:
+        self._previous = {sig: signal.signal(sig, self._forward) for sig in SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _pids(self) -> dict[int, int]:
+        pids = {}
+        for pid_file in self.status_dir.glob("pid-*"):
+            try:
+                pids[int(pid_file.name[4:])] = int(pid_file.read_text())
+            except ValueError:
+                pass  # being written
+        return pids
+
+    def _forward(self, signum, frame) -> None:
+        self.signal_all(signum)
+
+    def signal_all(self, signum: int) -> None:
+        for pid in self._pids().values():
+            if is_running(pid):
+                os.kill(pid, signum)
+
+    def started(self) -> bool:
+        return any(self.status_dir.glob("pid-*"))
+
+    def failed(self) -> list[int]:
+        """Ranks that ended without finishing (an error, a timeout, a kill)."""
+        return [r for r, pid in self._pids().items() if not (self.status_dir / f"done-{r}").exists() and not is_running(pid)]
+
+    def watch(self, process, interval: float = 0.2) -> int:
+        """Waits for `accelerate launch`; once a rank has failed, kills the others so that the run ends now."""
+        while process.poll() is None:
+            time.sleep(interval)
+            if self.failed():
+                self.signal_all(signal.SIGKILL)
+        return process.returncode
+
+    def preempted_at(self) -> int | None:
+        marker = self.status_dir / MARKER
+        return int(marker.read_text()) if marker.is_file() else None
+
+
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    except PermissionError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"

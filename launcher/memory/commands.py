@@ -1,0 +1,132 @@
+"""`qlaunch budget` and `qlaunch plan`: their flags onto the run config and the hardware, and their output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import ConfigError, RunConfig, load_config
+from .planner import candidates, ranking_key
+from .predict import DEFAULT_RUNTIME_OVERHEAD, Hardware, predict
+from .report import plot, render, render_table, require_matplotlib
+from .sizes import format_bytes, parse_bytes
+
+
+def request_from_args(args) -> tuple[RunConfig, Hardware]:
+    """`qlaunch budget` / `qlaunch plan` flags onto the run config (flags override --config) and the hardware."""
+    overrides = [
+        (key, value)
+        for key, value in (
+            ("model.path", args.model),
+            ("strategy", getattr(args, "strategy", None)),
+            ("data.max_seq_len", args.seq_len),
+            ("train.micro_batch_size", getattr(args, "micro_batch", None)),
+            ("lora.r", args.lora_r),
+            ("lora.target_modules", _targets(args.lora_targets)),
+            ("train.gradient_checkpointing", False if getattr(args, "no_checkpointing", False) else None),
+        )
+        if value is not None
+    ]
+    cfg = load_config(args.config, overrides)
+    nodes = args.nodes or 1
+    if args.world_size is not None and args.gpus_per_node is not None and args.world_size != nodes * args.gpus_per_node:
+        raise ConfigError(
+            f"--world-size {args.world_size} disagrees with --nodes {nodes} x --gpus-per-node {args.gpus_per_node}. "
+            "Give one of the two."
+        )
+    world = args.world_size if args.world_size is not None else nodes * (args.gpus_per_node or 1)
+    hardware = Hardware(
+        world_size=world,
+        nodes=nodes,
+        gpu_memory=parse_bytes(args.gpu_memory, "--gpu-memory") if args.gpu_memory else None,
+        runtime_overhead=parse_bytes(args.runtime_overhead, "--runtime-overhead") if args.runtime_overhead else DEFAULT_RUNTIME_OVERHEAD,
+        optimizer=getattr(args, "optimizer", "adamw"),
+        offload=getattr(args, "offload", False),
+    )
+    return cfg, hardware
+
+
+def _targets(text: str | None) -> list[str] | str | None:
+    if text is None or text == "all-linear":
+        return text
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def budget_command(args) -> int:
+    """`qlaunch budget`: the table (or JSON), and the plot if asked."""
+    cfg, hardware = request_from_args(args)
+    if args.plot:
+        require_matplotlib()  # fail before the work, not after
+    result = predict(cfg, hardware)
+    print(json.dumps(result.to_json(), indent=2) if args.json else render(result))
+    if args.plot:
+        plot(result, Path(args.plot))
+        if not args.json:
+            print(f"\nPlot: {args.plot}")
+    return 0
+
+
+def run_arguments(args) -> list[str]:
+    """`qlaunch train` arguments for what `qlaunch plan` was told about the run."""
+    model = args.model[: -len("/config.json")] if args.model and args.model.endswith("/config.json") else args.model
+    given = [("--config", args.config), ("--model.path", model), ("--data.max_seq_len", args.seq_len),
+             ("--lora.r", args.lora_r), ("--lora.target_modules", f"[{args.lora_targets}]" if args.lora_targets else None)]
+    found = [f"{flag} {value}" for flag, value in given if value is not None]
+    return found if args.config else found + ["--data.path DATA"]
+
+
+def plan_command(args) -> int:
+    """`qlaunch plan`: the configurations that fit, fastest first, and the command for the best."""
+    cfg, hardware = request_from_args(args)
+    if hardware.gpu_memory is None:
+        raise ConfigError("`qlaunch plan` needs --gpu-memory (memory per GPU, e.g. 24GiB or 80GB) to decide what fits.")
+    if not 0 <= args.margin < 1:
+        raise ConfigError(f"--margin is the fraction of GPU memory kept free, between 0 and 1; got {args.margin}.")
+    limit = int(hardware.gpu_memory * (1 - args.margin))
+    found = candidates(cfg, hardware)
+    fitting = sorted((c for c in found if c.fits(limit)), key=ranking_key)
+    if args.json:
+        print(json.dumps({
+            "gpu_memory_bytes": hardware.gpu_memory,
+            "limit_bytes": limit,
+            "world_size": hardware.world_size,
+            "nodes": hardware.nodes,
+            "candidates": [
+                {
+                    "strategy": c.strategy, "micro_batch": c.micro_batch, "gradient_checkpointing": c.checkpointing,
+                    "offload": c.offload, "peak_bytes": c.peak_bytes, "fits": c.fits(limit),
+                    "estimated_tokens_per_s": round(c.tokens_per_s, 1),
+                }
+                for c in sorted(found, key=lambda c: (not c.fits(limit), -c.tokens_per_s))
+            ],
+            "recommended": None if not fitting else {
+                "strategy": fitting[0].strategy, "micro_batch": fitting[0].micro_batch,
+                "gradient_checkpointing": fitting[0].checkpointing, "offload": fitting[0].offload,
+                "command": fitting[0].launch_command(run_arguments(args)),
+            },
+        }, indent=2))
+        return 0
+    print(
+        f"Plan for {cfg.model.path} on {hardware.world_size} GPU(s) of {format_bytes(hardware.gpu_memory)} "
+        f"({hardware.nodes} node(s)), {cfg.data.max_seq_len} tokens per sequence, LoRA r={cfg.lora.r}; a configuration "
+        f"fits when its fullest rank needs at most {format_bytes(limit)} ({args.margin:.0%} kept free)."
+    )
+    if not fitting:
+        smallest = min(found, key=lambda c: c.peak_bytes)
+        print(
+            f"\nNothing fits. The smallest configuration ({smallest.strategy}, micro batch {smallest.micro_batch}, "
+            f"checkpointing {'on' if smallest.checkpointing else 'off'}{', offload' if smallest.offload else ''}) needs {format_bytes(smallest.peak_bytes)} per rank: "
+            "use more GPUs, larger GPUs, or a shorter sequence length."
+        )
+        return 0
+    rows = [
+        [str(i + 1), c.strategy, str(c.micro_batch), "on" if c.checkpointing else "off", "yes" if c.offload else "no",
+         format_bytes(c.peak_bytes), format_bytes(hardware.gpu_memory - c.peak_bytes), f"{c.tokens_per_s:,.0f}"]
+        for i, c in enumerate(fitting[:15])
+    ]
+    header = ["#", "strategy", "micro batch", "checkpointing", "offload", "fullest rank", "headroom", "est. tokens/s"]
+    print("\n" + render_table(header, rows))
+    print(f"\n{len(fitting)} of {len(found)} configurations fit" + (" (15 fastest shown)." if len(fitting) > 15 else "."))
+    best = fitting[0]
+    print(f"\nLaunch: {best.launch_command(run_arguments(args))}")
+    return 0

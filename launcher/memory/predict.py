@@ -1,0 +1,177 @@
+"""Prediction: the bytes of every component on every rank, from the run config and the hardware alone.
+
+Static components (weights, quantization constants, LoRA, gradients, master copies, optimizer
+states) are exact to the byte: the strategy says what each rank holds of every tensor of the meta
+skeleton (launcher.memory.skeleton). Activations follow what each part of each decoder layer saves
+(launcher.memory.activations). Gathered parameters, communication buckets and the runtime allowance
+are estimates from the libraries' documented behaviour: see README, "Memory budget".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import strategies
+from ..config import ConfigError, RunConfig
+from ..dtypes import AUTOCAST_DTYPES, resolve_mixed_precision
+from .activations import ActivationDtypes, activation_bytes
+from .components import COMPONENTS, OFFLOADED_COMPONENTS
+from .skeleton import ModelCache, ModelSpec
+
+DEFAULT_RUNTIME_OVERHEAD = 1 << 30
+"""CUDA context (~0.5 GiB with lazy module loading), NCCL's own buffers and allocator slack."""
+OPTIMIZERS = ("adamw",)
+
+
+@dataclass
+class Hardware:
+    """What the budget needs beyond the run config: where and how the run is laid out."""
+
+    world_size: int = 1
+    nodes: int = 1
+    gpu_memory: int | None = None
+    """Bytes per device; None: say nothing about fitting."""
+    runtime_overhead: int = DEFAULT_RUNTIME_OVERHEAD
+    device: str = "cuda"
+    """cuda, or cpu for runs measured on CPU (no runtime allowance, CPU dropout masks, no autocast)."""
+    optimizer: str = "adamw"
+    offload: bool = False
+    """DeepSpeed's offload_optimizer: gradients, master copies and optimizer states live in host RAM."""
+
+
+def validate(cfg: RunConfig, hardware: Hardware) -> strategies.Strategy:
+    """The run's strategy, or a ConfigError for input the budget cannot predict."""
+    strategy = strategies.get(cfg.strategy or strategies.DEFAULT)
+    strategies.check(strategy, cfg)
+    if hardware.world_size < 1 or hardware.nodes < 1 or hardware.world_size % hardware.nodes:
+        raise ConfigError(
+            f"World size {hardware.world_size} on {hardware.nodes} node(s) is not a whole number of GPUs per node. "
+            "Give --world-size (total GPUs), or --nodes with --gpus-per-node."
+        )
+    if hardware.optimizer not in OPTIMIZERS:
+        raise ConfigError(
+            f"Optimizer `{hardware.optimizer}` is not one the launcher trains with; it runs torch AdamW "
+            f"(choose one of: {', '.join(OPTIMIZERS)})."
+        )
+    if hardware.offload and not strategy.spec.offloads_optimizer:
+        offloading = " or ".join(n for n in strategies.NAMES if strategies.get(n).spec.offloads_optimizer)
+        raise ConfigError(
+            f"--offload models DeepSpeed's offload_optimizer (set it in ds_configs/zero*.json); the launcher's "
+            f"{strategy.name} configuration does not offload. Use --strategy {offloading}, or drop --offload."
+        )
+    if cfg.train.micro_batch_size < 1 or cfg.data.max_seq_len < 1 or cfg.lora.r < 1:
+        raise ConfigError("Micro batch, sequence length and LoRA rank must be positive integers.")
+    return strategy
+
+
+@dataclass
+class RankBudget:
+    rank: int
+    components: dict[str, int]
+    host_components: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.components.values())
+
+
+@dataclass
+class Budget:
+    cfg: RunConfig
+    hardware: Hardware
+    strategy: str
+    mixed_precision: str
+    model_params: int
+    model: ModelSpec
+    ranks: list[RankBudget]
+
+    def headroom(self, rank: RankBudget) -> int | None:
+        return None if self.hardware.gpu_memory is None else self.hardware.gpu_memory - rank.total_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        if self.hardware.gpu_memory is None:
+            return None
+        return all(self.headroom(r) >= 0 for r in self.ranks)
+
+    def to_json(self) -> dict:
+        h, cfg = self.hardware, self.cfg
+        return {
+            "schema_version": 1,
+            "model": cfg.model.path,
+            "model_parameters": self.model_params,
+            "strategy": self.strategy,
+            "world_size": h.world_size,
+            "nodes": h.nodes,
+            "gpus_per_node": h.world_size // h.nodes,
+            "micro_batch": cfg.train.micro_batch_size,
+            "seq_len": cfg.data.max_seq_len,
+            "gradient_checkpointing": cfg.train.gradient_checkpointing,
+            "mixed_precision": self.mixed_precision,
+            "device": h.device,
+            "optimizer": h.optimizer,
+            "offload": h.offload,
+            "lora": {"r": cfg.lora.r, "target_modules": cfg.lora.target_modules},
+            "gpu_memory_bytes": h.gpu_memory,
+            "runtime_overhead_bytes": h.runtime_overhead if h.device == "cuda" else 0,
+            "components": COMPONENTS,
+            "ranks": [
+                {
+                    "rank": r.rank,
+                    "components": r.components,
+                    "host_components": r.host_components,
+                    "total_bytes": r.total_bytes,
+                    "headroom_bytes": self.headroom(r),
+                    "fits": None if self.headroom(r) is None else self.headroom(r) >= 0,
+                }
+                for r in self.ranks
+            ],
+            "fits": self.fits,
+        }
+
+
+def predict(cfg: RunConfig, hardware: Hardware, activation_shape: tuple[int, int] | None = None, cache: ModelCache | None = None) -> Budget:
+    """Bytes per component on every rank. `activation_shape` (batch, seq) replaces the config's micro
+    batch and max_seq_len for the activations (training compares with the batch it measured)."""
+    strategy = validate(cfg, hardware)
+    world = hardware.world_size
+    mixed = resolve_mixed_precision(cfg.train.mixed_precision, cuda=hardware.device == "cuda")
+    autocast = AUTOCAST_DTYPES.get(mixed)
+    policy = strategies.dtype_policy(cfg, strategy, mixed)
+    # One process runs without any sharder, as training does.
+    sharder = strategies.for_world(strategy, world)
+    stored = sharder.stored_policy(policy, autocast)
+    compute = sharder.compute_policy(policy, autocast)
+    spec = (cache or ModelCache(cfg)).describe(cfg, stored)
+    if spec.shape is None:
+        raise ConfigError(spec.unmodelled)
+    d = ActivationDtypes(
+        # Gemma's norms return their input's dtype; the others promote it with their weight's.
+        stream=compute.dense if spec.shape.gemma_norms else torch.promote_types(compute.norm, compute.dense),
+        dense=compute.dense, adapter=compute.adapter, experts=compute.experts,
+        autocast=autocast, device=hardware.device,
+    )
+    batch, seq = activation_shape or (cfg.train.micro_batch_size, cfg.data.max_seq_len)
+    hidden = spec.config.hidden_size
+    shared = {
+        **activation_bytes(spec.shape, batch, seq, cfg.train.gradient_checkpointing, d, sharder.linear_saves_input),
+        "gathered_params": sharder.gathered_bytes(spec.tensors, compute, world, hidden),
+        "comm_buckets": sharder.bucket_bytes(spec.trainable, autocast or compute.adapter, world, hidden),
+        "runtime": hardware.runtime_overhead if hardware.device == "cuda" else 0,
+    }
+    ranks = []
+    for rank in range(world):
+        components = dict.fromkeys(COMPONENTS, 0)
+        components.update(sharder.held_weights(spec.tensors, world, rank))
+        components.update(quant_states=spec.quant_state_bytes, buffers=spec.buffer_bytes)
+        components.update(sharder.held_optimizer(spec.trainable, world, rank))
+        components.update(shared)
+        host = {}
+        if hardware.offload:
+            host = {name: components[name] for name in OFFLOADED_COMPONENTS}
+            components.update(dict.fromkeys(OFFLOADED_COMPONENTS, 0))
+        ranks.append(RankBudget(rank, components, host))
+    parameters = sum(t.numel for t in spec.tensors if t.component != "base_4bit") + spec.quantized_elements
+    return Budget(cfg, hardware, strategy.name, mixed, parameters, spec, ranks)

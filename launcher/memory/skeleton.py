@@ -1,0 +1,196 @@
+"""The model on the meta device, built the way ranks without weights build it in training, and what
+the prediction reads off it: every tensor with its shape, dtype and component, the quantization
+constants, the buffers, and the decoder layers as the activation model sees them.
+
+transformers' bitsandbytes quantizer replaces the same linears with 4-bit ones as in from_pretrained
+(it keeps lm_head and tied weights unquantized), the packed shapes and quantization constants follow
+bitsandbytes' blockwise rules, then the same k-bit preparation and peft LoRA. So every element count
+is exact for any model size, without weights or a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+from ..config import ConfigError, RunConfig
+from ..dtypes import DtypePolicy
+from ..model import (
+    apply_quantized_layout,
+    attach_lora,
+    meta_base,
+    prepare_for_kbit_training,
+    quantization_config,
+    quantized_layout,
+    read_model_config,
+)
+from ..strategies.layout import TensorSpec
+from .activations import LoraSite, ModelShape, describe_layer
+from .components import parameter_component
+
+
+def quant_state_shapes(numel: int, blocksize: int, double_quant: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The tensors a bitsandbytes 4-bit QuantState keeps for a weight of `numel` elements: one fp32
+    absmax per block; with double quantization those become uint8, quantized in blocks of 256 with
+    an fp32 absmax each, a 256-entry fp32 code and an fp32 offset; plus the 16-entry fp32 quant map."""
+    blocks = -(-numel // blocksize)
+    if not double_quant:
+        return {"absmax": ((blocks,), torch.float32), "quant_map": ((16,), torch.float32)}
+    return {
+        "absmax": ((blocks,), torch.uint8),
+        "quant_map": ((16,), torch.float32),
+        "nested_absmax": ((-(-blocks // 256),), torch.float32),
+        "nested_quant_map": ((256,), torch.float32),
+        "offset": ((), torch.float32),
+    }
+
+
+def build_skeleton(cfg: RunConfig, policy: DtypePolicy, config) -> nn.Module:
+    """The LoRA-wrapped 4-bit model on the meta device, built like a rank without weights builds it."""
+    with torch.random.fork_rng(devices=[]), _without_zero3_init(), warnings.catch_warnings():
+        # attach_lora seeds the generator (forked here); transformers' renaming notices are not for this output.
+        warnings.simplefilter("ignore", FutureWarning)
+        return _build_skeleton(cfg, policy, config)
+
+
+@contextlib.contextmanager
+def _without_zero3_init():
+    """Inside a ZeRO-3 run transformers builds every model under deepspeed.zero.Init, which partitions
+    it with collectives; the skeleton is a plain meta model that one rank builds alone."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
+def _build_skeleton(cfg: RunConfig, policy: DtypePolicy, config) -> nn.Module:
+    from transformers.quantizers import AutoHfQuantizer
+
+    base = meta_base(cfg, config)
+    # transformers' own replacement decides which linears become 4-bit, as in from_pretrained.
+    AutoHfQuantizer.from_config(quantization_config(cfg, policy)).preprocess_model(base, device_map={"": "cpu"})
+    apply_quantized_layout(base, cfg, policy, quantized_layout(base, policy.quant_storage))
+    prepare_for_kbit_training(base, policy, cfg.train.gradient_checkpointing)
+    with torch.device("meta"):  # peft would otherwise create and initialise every adapter in host RAM
+        return attach_lora(base, cfg.lora, policy, cfg.train.seed)
+
+
+@dataclass
+class ModelSpec:
+    """Everything the prediction needs from the skeleton."""
+
+    name: str
+    tensors: list[TensorSpec]
+    quant_state_bytes: int
+    buffer_bytes: int
+    quantized_elements: int
+    """Weights stored in 4 bits (unpacked count): the matmul work per token is about twice this."""
+    config: object
+    shape: ModelShape | None
+    """What the activations depend on; None with `unmodelled` saying why."""
+    unmodelled: str = ""
+
+    @property
+    def trainable(self) -> list[TensorSpec]:
+        return [t for t in self.tensors if t.trainable]
+
+
+def describe_model(cfg: RunConfig, policy: DtypePolicy, config) -> ModelSpec:
+    skeleton = build_skeleton(cfg, policy, config)
+    base = skeleton.get_base_model()
+    layer_classes = set(getattr(base, "_no_split_modules", None) or ())
+    modules = dict(skeleton.named_modules())
+    layers = [name for name, m in modules.items() if type(m).__name__ in layer_classes]
+
+    def layer_of(module_name: str) -> str:
+        return next((layer for layer in layers if module_name.startswith(layer + ".")), "")
+
+    tensors = []
+    for name, param in skeleton.named_parameters():
+        module_name, _, local = name.rpartition(".")
+        tensors.append(TensorSpec(
+            name=name,
+            component=parameter_component(modules[module_name], local, param),
+            shape=tuple(param.shape),
+            dtype=param.dtype,
+            trainable=param.requires_grad,
+            module=module_name,
+            layer=layer_of(module_name),
+        ))
+    quant_bytes, quantized = 0, 0
+    for module in modules.values():
+        if isinstance(module, bnb.nn.Linear4bit):
+            numel = module.in_features * module.out_features
+            quantized += numel
+            for shape, dtype in quant_state_shapes(numel, module.weight.blocksize, cfg.quant.double_quant).values():
+                quant_bytes += math.prod(shape) * dtype.itemsize
+    buffers = {id(b): b for b in skeleton.buffers()}.values()
+    try:
+        shape, unmodelled = model_shape(base, modules, layers, layer_of), ""
+    except ConfigError as error:
+        shape, unmodelled = None, str(error)
+    return ModelSpec(
+        name=cfg.model.path,
+        tensors=tensors,
+        quant_state_bytes=quant_bytes,
+        buffer_bytes=sum(b.numel() * b.element_size() for b in buffers),
+        quantized_elements=quantized,
+        config=config,
+        shape=shape,
+        unmodelled=unmodelled,
+    )
+
+
+def model_shape(base, modules: dict[str, nn.Module], layers: list[str], layer_of) -> ModelShape:
+    """The decoder layers and head of the skeleton, as the activation model reads them."""
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    config = base.config
+    if not layers:
+        raise ConfigError(f"`{type(config).__name__}` declares no decoder layer class; activations are not modelled for it.")
+
+    def site(module) -> LoraSite:
+        dropout = module.lora_dropout["default"]
+        return LoraSite(module.in_features, module.out_features, module.r["default"], getattr(dropout, "p", 0.0))
+
+    specs = []
+    for index, layer in enumerate(layers):
+        inside = {name[len(layer) + 1:]: m for name, m in modules.items() if name.startswith(layer + ".")}
+        lora = {name: site(m) for name, m in inside.items() if isinstance(m, LoraLayer) and not isinstance(m, ParamWrapper)}
+        experts = {m.parameter_name: m.r["default"] for m in inside.values() if isinstance(m, ParamWrapper)}
+        names = {name.replace(".base_layer", "") for name in inside}  # an adapted parameter wraps its module
+        specs.append(describe_layer(config, names, lora, experts, config._attn_implementation, index))
+    norms = [m for m in modules.values() if type(m).__name__.endswith("RMSNorm")]
+    rotary = [name for name, _ in base.named_buffers() if name.endswith("inv_freq") and "original" not in name]
+    return ModelShape(
+        layers=specs,
+        vocab=config.vocab_size,
+        gemma_norms=any(type(m).__name__.startswith("Gemma") for m in norms),
+        final_softcap=bool(getattr(config, "final_logit_softcapping", None)),
+        rotary_sets=max(1, len(rotary)),
+        lora_on_head=next((site(m) for name, m in modules.items() if isinstance(m, LoraLayer) and not layer_of(name)), None),
+    )
+
+
+class ModelCache:
+    """The model's config, and the model described per storage dtypes: predictions that share the
+    model, quantization and LoRA settings (qlaunch plan) build each skeleton once."""
+
+    def __init__(self, cfg: RunConfig):
+        self.config = read_model_config(cfg.model.path, cfg.model.trust_remote_code, config_only=True)
+        self.specs: dict[DtypePolicy, ModelSpec] = {}
+
+    def describe(self, cfg: RunConfig, stored: DtypePolicy) -> ModelSpec:
+        if stored not in self.specs:
+            self.specs[stored] = describe_model(cfg, stored, self.config)
+        return self.specs[stored]

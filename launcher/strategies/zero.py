@@ -1,0 +1,80 @@
+"""What DeepSpeed ZeRO-2 and ZeRO-3 share: the plugin, the CPU shim, checkpoints, fp32 partitions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..config import ConfigError
+from ..resources import shipped_dir
+from . import cpu, handoff
+from .base import Strategy
+from .layout import fp32_partition
+
+CHECKPOINT_TAG = "zero"
+
+
+class ZeRO(Strategy):
+    stage: ClassVar[int]
+
+    def plugins(self, cfg, device):
+        from accelerate.utils import DeepSpeedPlugin
+
+        # zero3_init_flag off: transformers never builds a quantized model under zero.Init; this
+        # launcher partitions it module by module instead (ZeRO3.before_prepare).
+        plugin = DeepSpeedPlugin(zero3_init_flag=False)
+        ds = plugin.deepspeed_config
+        # The run config is the single source of these values; the shipped JSON says "auto".
+        ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+        ds["gradient_accumulation_steps"] = cfg.train.grad_accum_steps
+        ds["gradient_clipping"] = cfg.train.max_grad_norm
+        ds.pop("train_batch_size", None)
+        if ds.get("zero_optimization", {}).get("stage") != self.stage:
+            raise ConfigError(
+                f"The DeepSpeed config says ZeRO stage {ds.get('zero_optimization', {}).get('stage')} but the "
+                f"strategy is {self.name}. Use ds_configs/{self.spec.deepspeed_config} or set the matching strategy."
+            )
+        return {"deepspeed_plugin": plugin}
+
+    def install_on_cpu(self, accelerator, plugins):
+        cpu.mark_deepspeed(accelerator, plugins["deepspeed_plugin"])
+
+    def save_trainable(self, model, optimizer, directory):
+        # DeepSpeed's own format: each rank writes its optimizer partition. Its `latest` file is not
+        # written: checkpoint.py names a checkpoint only after every rank has finished.
+        with handoff.quant_states_hidden_from_state_dict(model):
+            model.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False, exclude_frozen_parameters=True)
+
+    def load_trainable(self, model, optimizer, directory):
+        path, _ = model.load_checkpoint(
+            str(directory), tag=CHECKPOINT_TAG, load_module_strict=False, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}.")
+
+    def read_trainable(self, directory: Path):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)
+
+    def shipped_zero_config(self) -> dict[str, Any]:
+        """The `zero_optimization` section of the shipped DeepSpeed config for this stage."""
+        return json.loads((shipped_dir("ds_configs") / self.spec.deepspeed_config).read_text())["zero_optimization"]
+
+    def stored_policy(self, policy, mixed_precision):
+        # Under bf16/fp16 DeepSpeed casts every parameter to that dtype (it keeps fp32 master copies).
+        return policy if mixed_precision is None else policy.cast_to(mixed_precision)
+
+    def bucket_bytes(self, trainable, grad_dtype, world, hidden_size):
+        # The contiguous reduce bucket, allocated whole at the first backward; Accelerate fills "auto"
+        # with hidden_size squared.
+        size = self.shipped_zero_config().get("reduce_bucket_size", "auto")
+        return (hidden_size * hidden_size if size == "auto" else int(size)) * grad_dtype.itemsize
+
+    def held_optimizer(self, trainable, world, rank):
+        return fp32_partition(self.partition_numel(trainable, world, rank))
+
+    def partition_numel(self, trainable, world: int, rank: int) -> int:
+        """Trainable elements in this rank's fp32 partition, padding included."""
+        raise NotImplementedError

@@ -1,0 +1,96 @@
+"""The package's shape, read from the source: no import cycle, no module over 400 lines, and no
+strategy name tested outside launcher/strategies/ (everything else asks the strategy)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from launcher.strategies import NAMES
+
+PACKAGE = Path(__file__).resolve().parents[2] / "launcher"
+MAX_LINES = 400
+
+
+def module_of(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_of(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The package's modules that `path` imports, at any depth of the code (function bodies included)."""
+    this = module_of(path)
+    package = this if path.name == "__init__.py" else this.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            # `from pkg import sub` imports the submodule; `from pkg import name` reads pkg itself.
+            found |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names}
+    return {name for name in found if name in MODULES and name != this}
+
+
+def test_no_import_cycle():
+    graph = {name: imported_modules(path) for name, path in MODULES.items()}
+    state: dict[str, str] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        state[name] = "open"
+        for target in sorted(graph[name]):
+            if state.get(target) == "open":
+                cycle = trail[trail.index(target):] + [target] if target in trail else [name, target]
+                pytest.fail(f"import cycle: {' -> '.join(cycle)}")
+            if target not in state:
+                visit(target, trail + [target])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_modules_stay_small(name):
+    lines = len(MODULES[name].read_text().splitlines())
+    assert lines <= MAX_LINES, f"{name} has {lines} lines; split it by job"
+
+
+def strategy_tests(tree: ast.AST) -> list[str]:
+    """Comparisons with a strategy name, and `.startswith` with a prefix of one."""
+    def names_in(node) -> list[str]:
+        if isinstance(node, ast.Constant) and node.value in NAMES:
+            return [node.value]
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return [n for element in node.elts for n in names_in(element)]
+        return []
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            found += [n for side in (node.left, *node.comparators) for n in names_in(side)]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "startswith":
+            found += [
+                arg.value for arg in node.args
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and any(n.startswith(arg.value) for n in NAMES)
+            ]
+    return found
+
+
+def test_no_strategy_name_is_tested_outside_strategies():
+    outside = {name: path for name, path in MODULES.items() if not name.startswith("launcher.strategies")}
+    offenders = {name: found for name, path in outside.items() if (found := strategy_tests(ast.parse(path.read_text())))}
+    assert not offenders, f"ask the strategy (its spec or a hook) instead of testing its name: {offenders}"
+
+
+def test_the_checks_see_what_they_look_for():
+    # The rules above would pass on anything if the parsing were wrong.
+    assert strategy_tests(ast.parse('if s.name.startswith("zero") or s in ("fsdp1", "x"): pass')) == ["zero", "fsdp1"]
+    assert imported_modules(PACKAGE / "train.py") >= {"launcher.preflight", "launcher.checkpoint", "launcher.memory.measure"}
