@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # of torch>=2.13 into the venv first and this step keeps it.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test install matrix-table
+.PHONY: demo test test-fast lint format install matrix-table
 
 install: $(VENV)/.installed
 
@@ -19,10 +19,22 @@ demo: install
 	$(VENV)/bin/qlaunch demo
 
 # The Slurm tests need Debian's slurmctld, slurmd and munge: installed here (apt-get) if missing.
-test: install
-	python3 tests/slurm_cluster.py install
+test: install lint
+	python3 tests/support/slurm_cluster.py install
 	$(PY) -m pytest
+
+# The unit tests only (in process, no launches): the fast loop while editing.
+test-fast: install
+	$(PY) -m pytest tests/unit -q
+
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 # Runs the family x strategy matrix and rewrites README.md's table from its results.
 matrix-table: install
-	QLAUNCH_WRITE_README=1 $(PY) -m pytest tests/test_matrix.py tests/test_readme_table.py
+	QLAUNCH_WRITE_README=1 $(PY) -m pytest tests/integration/test_matrix.py tests/integration/test_readme_table.py

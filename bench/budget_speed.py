@@ -17,20 +17,50 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-05, "tie_word_embeddings": False}
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-05,
+    "tie_word_embeddings": False,
+}
 CONFIGS = {
     "Llama-2-70B": {
-        **LLAMA, "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64, "num_hidden_layers": 80,
-        "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 4096, "rope_theta": 10000.0,
+        **LLAMA,
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_attention_heads": 64,
+        "num_hidden_layers": 80,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
     },
     "Llama-3.1-405B": {
-        **LLAMA, "hidden_size": 16384, "intermediate_size": 53248, "num_attention_heads": 128, "num_hidden_layers": 126,
-        "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072, "rope_theta": 500000.0,
-        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        **LLAMA,
+        "hidden_size": 16384,
+        "intermediate_size": 53248,
+        "num_attention_heads": 128,
+        "num_hidden_layers": 126,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "max_position_embeddings": 131072,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
     },
 }
-RUNS = [("Llama-2-70B", "fsdp2", 2), ("Llama-2-70B", "zero3", 2), ("Llama-3.1-405B", "fsdp2", 8), ("Llama-3.1-405B", "zero3", 16)]
+RUNS = [
+    ("Llama-2-70B", "fsdp2", 2),
+    ("Llama-2-70B", "zero3", 2),
+    ("Llama-3.1-405B", "fsdp2", 8),
+    ("Llama-3.1-405B", "zero3", 16),
+]
 
 
 def measure(config: Path, strategy: str, world: int) -> dict:
@@ -47,27 +77,40 @@ def measure(config: Path, strategy: str, world: int) -> dict:
     wall = time.perf_counter() - start
     rss_kb = int(next(line.split()[1] for line in proc.stderr.splitlines() if line.startswith("MAXRSS_KB")))
     report = json.loads(proc.stdout)
-    return {"wall_s": wall, "peak_rss_mib": rss_kb / 1024, "total_gib": report["ranks"][0]["total_bytes"] / 2**30,
-            "params_b": report["model_parameters"] / 1e9}
+    return {
+        "wall_s": wall,
+        "peak_rss_mib": rss_kb / 1024,
+        "total_gib": report["ranks"][0]["total_bytes"] / 2**30,
+        "params_b": report["model_parameters"] / 1e9,
+    }
 
 
 def imports_alone() -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "from launcher import cli; from launcher.memory import commands"], cwd=REPO, capture_output=True, check=True)
+    subprocess.run(
+        [sys.executable, "-c", "from launcher import cli; from launcher.memory import commands"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    )
     return time.perf_counter() - start
 
 
 def main() -> None:
     print(f"python {sys.version.split()[0]}, one process per budget (interpreter start and imports included)")
     print(f"starting python and importing the launcher alone takes {imports_alone():.1f} s\n")
-    print(f"{'model':<16}{'params':>9}{'strategy':>10}{'ranks':>7}{'wall s':>9}{'peak RSS MiB':>14}{'rank 0 needs':>14}")
+    print(
+        f"{'model':<16}{'params':>9}{'strategy':>10}{'ranks':>7}{'wall s':>9}{'peak RSS MiB':>14}{'rank 0 needs':>14}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for name, strategy, world in RUNS:
             config = Path(tmp) / name / "config.json"
             config.parent.mkdir(exist_ok=True)
             config.write_text(json.dumps(CONFIGS[name]))
             m = measure(config, strategy, world)
-            print(f"{name:<16}{m['params_b']:>8.1f}B{strategy:>10}{world:>7}{m['wall_s']:>9.1f}{m['peak_rss_mib']:>14.0f}{m['total_gib']:>10.1f} GiB")
+            print(
+                f"{name:<16}{m['params_b']:>8.1f}B{strategy:>10}{world:>7}{m['wall_s']:>9.1f}{m['peak_rss_mib']:>14.0f}{m['total_gib']:>10.1f} GiB"
+            )
 
 
 if __name__ == "__main__":

@@ -48,7 +48,9 @@ def run_logged(cmd: list[str], log: Path) -> float:
     with log.open("w") as f:
         code = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
     if code != 0:
-        errors = [line.strip() for line in log.read_text().splitlines() if "Error:" in line and "ChildFailedError" not in line]
+        errors = [
+            line.strip() for line in log.read_text().splitlines() if "Error:" in line and "ChildFailedError" not in line
+        ]
         raise RunFailed(f"exit status {code}: {errors[-1] if errors else 'no error line'} (log: {log})")
     return started
 
@@ -58,8 +60,10 @@ class RunFailed(RuntimeError):
 
 
 def run_launcher(strategy: str, run_yaml: Path, out: Path, train_args: list[str]) -> dict:
-    started = run_logged(accelerate(strategy, ENTRY, ["--config", str(run_yaml), "--output_dir", str(out), *train_args]),
-                         out.with_suffix(".log"))
+    started = run_logged(
+        accelerate(strategy, ENTRY, ["--config", str(run_yaml), "--output_dir", str(out), *train_args]),
+        out.with_suffix(".log"),
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     report = json.loads((out / "shard_report.json").read_text())
     budget = json.loads((out / "memory_budget.json").read_text())
@@ -69,19 +73,26 @@ def run_launcher(strategy: str, run_yaml: Path, out: Path, train_args: list[str]
         "tokens_per_s": steady_tokens / (records[-1]["unix_time"] - records[0]["unix_time"]),
         "first_step_s": records[0]["unix_time"] - started,
         "final_loss": records[-1]["loss"],
-        "ranks": [{
-            "peak_host_rss_mib": r["peak_host_rss_bytes"] / MIB,
-            "peak_device_mib": r["peak_device_bytes"] / MIB if r["peak_device_bytes"] is not None else None,
-            "optimizer_state_mib": measured[r["rank"]]["optimizer_states"] / MIB,
-            "grad_mib": measured[r["rank"]]["gradients"] / MIB,
-            "budget_error_pct": max(abs(row["error_pct"]) for row in budget["comparison"] if row["rank"] == r["rank"]),
-        } for r in report],
+        "ranks": [
+            {
+                "peak_host_rss_mib": r["peak_host_rss_bytes"] / MIB,
+                "peak_device_mib": r["peak_device_bytes"] / MIB if r["peak_device_bytes"] is not None else None,
+                "optimizer_state_mib": measured[r["rank"]]["optimizer_states"] / MIB,
+                "grad_mib": measured[r["rank"]]["gradients"] / MIB,
+                "budget_error_pct": max(
+                    abs(row["error_pct"]) for row in budget["comparison"] if row["rank"] == r["rank"]
+                ),
+            }
+            for r in report
+        ],
     }
 
 
 def run_peer(strategy: str, run_yaml: Path, out: Path, train_args: list[str]) -> dict:
-    started = run_logged(accelerate(strategy, ("bench/peer_train.py",), [str(out), "--config", str(run_yaml), *train_args]),
-                         out.with_suffix(".log"))
+    started = run_logged(
+        accelerate(strategy, ("bench/peer_train.py",), [str(out), "--config", str(run_yaml), *train_args]),
+        out.with_suffix(".log"),
+    )
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
     times = ranks[0]["step_unix_times"]
     steady_tokens = sum(sum(r["step_tokens"][1:]) for r in ranks)
@@ -90,13 +101,16 @@ def run_peer(strategy: str, run_yaml: Path, out: Path, train_args: list[str]) ->
         "first_step_s": times[0] - started,
         "final_loss": ranks[0]["final_loss"],
         "distributed_type": ranks[0]["distributed_type"],
-        "ranks": [{
-            "peak_host_rss_mib": r["peak_host_rss_bytes"] / MIB,
-            "peak_device_mib": r["peak_device_bytes"] / MIB if r["peak_device_bytes"] is not None else None,
-            "optimizer_state_mib": r["optimizer_state_bytes"] / MIB,
-            "grad_mib": r["grad_bytes"] / MIB,
-            "budget_error_pct": None,
-        } for r in ranks],
+        "ranks": [
+            {
+                "peak_host_rss_mib": r["peak_host_rss_bytes"] / MIB,
+                "peak_device_mib": r["peak_device_bytes"] / MIB if r["peak_device_bytes"] is not None else None,
+                "optimizer_state_mib": r["optimizer_state_bytes"] / MIB,
+                "grad_mib": r["grad_bytes"] / MIB,
+                "budget_error_pct": None,
+            }
+            for r in ranks
+        ],
     }
 
 
@@ -119,25 +133,39 @@ def table(results: dict) -> str:
             continue
         for rank in range(WORLD):
             per_rank = [run["ranks"][rank] for run in runs]
-            lines.append("| " + " | ".join([
-                strategy, tool, str(rank),
-                summarize([r["tokens_per_s"] for r in runs]) if rank == 0 else "",
-                summarize([r["first_step_s"] for r in runs]) if rank == 0 else "",
-                summarize([r["peak_host_rss_mib"] for r in per_rank]),
-                summarize([r["peak_device_mib"] for r in per_rank]),
-                summarize([r["grad_mib"] for r in per_rank]),
-                summarize([r["optimizer_state_mib"] for r in per_rank]),
-                summarize([r["final_loss"] for r in runs]) if rank == 0 else "",
-                summarize([r["budget_error_pct"] for r in per_rank]),
-            ]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        strategy,
+                        tool,
+                        str(rank),
+                        summarize([r["tokens_per_s"] for r in runs]) if rank == 0 else "",
+                        summarize([r["first_step_s"] for r in runs]) if rank == 0 else "",
+                        summarize([r["peak_host_rss_mib"] for r in per_rank]),
+                        summarize([r["peak_device_mib"] for r in per_rank]),
+                        summarize([r["grad_mib"] for r in per_rank]),
+                        summarize([r["optimizer_state_mib"] for r in per_rank]),
+                        summarize([r["final_loss"] for r in runs]) if rank == 0 else "",
+                        summarize([r["budget_error_pct"] for r in per_rank]),
+                    ]
+                )
+                + " |"
+            )
     return "\n".join(lines)
 
 
 def machine() -> str:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, {gpu}; torch {torch.__version__}, Python {platform.python_version()}"
@@ -145,7 +173,9 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--strategies", default="ddp,fsdp2,zero2,zero3,fsdp1", help="comma-separated (default: all five)")
+    parser.add_argument(
+        "--strategies", default="ddp,fsdp2,zero2,zero3,fsdp1", help="comma-separated (default: all five)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--micro-batch", type=int, default=4)
@@ -154,8 +184,16 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="qlaunch-bench-"))
     run_yaml = prepare_demo(work / "assets")
-    train_args = ["--train.max_steps", str(args.steps), "--train.micro_batch_size", str(args.micro_batch),
-                  "--train.log_interval", "1", "--lora.dropout", "0.05"]
+    train_args = [
+        "--train.max_steps",
+        str(args.steps),
+        "--train.micro_batch_size",
+        str(args.micro_batch),
+        "--train.log_interval",
+        "1",
+        "--lora.dropout",
+        "0.05",
+    ]
     results: dict[tuple[str, str], list[dict]] = {}
     tools = {"qlaunch": run_launcher, "peer (Trainer+peft)": run_peer}
     failed: dict[tuple[str, str], str] = {}
@@ -175,7 +213,8 @@ def main() -> None:
 
     notes = [
         f"peer under {strategy}: Accelerate ran it as {runs[0]['distributed_type']}"
-        for (strategy, tool), runs in results.items() if runs and "distributed_type" in runs[0]
+        for (strategy, tool), runs in results.items()
+        if runs and "distributed_type" in runs[0]
     ] + [f"{tool} under {strategy} failed, {error}" for (strategy, tool), error in failed.items()]
     report = (
         f"### {time.strftime('%Y-%m-%d %H:%M')} — {args.repeats} repeats, {args.steps} steps, micro batch "

@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, Trai
 
 from launcher.config import load_config, parse_overrides
 from launcher.data import collate
-from launcher.memory.measure import gradient_bytes, optimizer_state_bytes
 from launcher.dtypes import DTYPE_BY_NAME
+from launcher.memory.measure import gradient_bytes, optimizer_state_bytes
 from launcher.preflight import load_training_data
 from launcher.strategies import torch_optimizer
 
@@ -79,11 +79,20 @@ model = AutoModelForCausalLM.from_pretrained(
     dtype=compute_dtype,
     device_map={"": int(os.environ.get("LOCAL_RANK", "0")) if cuda else "cpu"},
 )
-model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
-model = get_peft_model(model, LoraConfig(
-    r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-    target_modules=cfg.lora.target_modules, bias="none", task_type="CAUSAL_LM",
-))
+model = prepare_model_for_kbit_training(
+    model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+)
+model = get_peft_model(
+    model,
+    LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    ),
+)
 measure = Measure()
 trainer = Trainer(
     model=model,
@@ -117,14 +126,18 @@ trainer.train()
 
 losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
 RESULT_DIR.mkdir(parents=True, exist_ok=True)
-(RESULT_DIR / f"rank{RANK}.json").write_text(json.dumps({
-    "rank": RANK,
-    "distributed_type": str(trainer.accelerator.distributed_type),
-    "step_unix_times": measure.step_times,
-    "step_tokens": step_tokens[: len(measure.step_times)],
-    "final_loss": losses[-1] if losses else None,
-    "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-    "grad_bytes": measure.grad_bytes,
-    "optimizer_state_bytes": optimizer_state_bytes(torch_optimizer(trainer.optimizer)),
-}))
+(RESULT_DIR / f"rank{RANK}.json").write_text(
+    json.dumps(
+        {
+            "rank": RANK,
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "step_unix_times": measure.step_times,
+            "step_tokens": step_tokens[: len(measure.step_times)],
+            "final_loss": losses[-1] if losses else None,
+            "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "grad_bytes": measure.grad_bytes,
+            "optimizer_state_bytes": optimizer_state_bytes(torch_optimizer(trainer.optimizer)),
+        }
+    )
+)

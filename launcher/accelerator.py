@@ -27,7 +27,9 @@ def world_size_from_env() -> int:
 def mixed_precision(requested: str) -> str:
     """`train.mixed_precision` on this machine, "auto" resolved (launcher.dtypes.resolve_mixed_precision)."""
     cuda = torch.cuda.is_available()
-    return resolve_mixed_precision(requested, cuda, os.environ.get("ACCELERATE_MIXED_PRECISION"), cuda and torch.cuda.is_bf16_supported())
+    return resolve_mixed_precision(
+        requested, cuda, os.environ.get("ACCELERATE_MIXED_PRECISION"), cuda and torch.cuda.is_bf16_supported()
+    )
 
 
 def this_rank_device() -> torch.device:

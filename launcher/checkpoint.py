@@ -43,10 +43,18 @@ TMP_PREFIX = ".tmp-"
 # Keys that may change between a run and its resumption: how long to train, how often to log or
 # save, where to write. Everything else changes what the checkpoint means.
 RESUMABLE_CHANGES = {
-    "train.max_steps", "train.epochs", "train.log_interval",
-    "checkpoint.every_steps", "checkpoint.keep_last",
-    "dist.timeout_s", "dist.rendezvous_timeout_s", "dist.preempt_exit_code",
-    "output_dir", "overwrite_output_dir", "resume", "strategy",
+    "train.max_steps",
+    "train.epochs",
+    "train.log_interval",
+    "checkpoint.every_steps",
+    "checkpoint.keep_last",
+    "dist.timeout_s",
+    "dist.rendezvous_timeout_s",
+    "dist.preempt_exit_code",
+    "output_dir",
+    "overwrite_output_dir",
+    "resume",
+    "strategy",
 }
 
 
@@ -128,7 +136,10 @@ def resolve_resume(cfg: RunConfig, strategy: Strategy, sharder: Strategy, world_
             f"Cannot resume from `{path}`: the run config changed where the checkpoint depends on it ({details}). "
             "Restore those values, or start a new run in another output_dir."
         )
-    if not strategies.by_checkpoint_format(meta["checkpoint_format"]).spec.reshardable_checkpoints and meta["world_size"] != world_size:
+    if (
+        not strategies.by_checkpoint_format(meta["checkpoint_format"]).spec.reshardable_checkpoints
+        and meta["world_size"] != world_size
+    ):
         raise ConfigError(
             f"Cannot resume from `{path}` on {world_size} ranks: DeepSpeed checkpoints are tied to the world size "
             f"they were written with ({meta['world_size']}). Resume on {meta['world_size']} ranks, or convert it "

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="run config YAML (see README); flags override it")
     train.add_argument("--strategy", help="fsdp2 (default), fsdp1, zero2, zero3 or ddp")
     train.add_argument(
-        "--nproc", type=int,
+        "--nproc",
+        type=int,
         help="processes (GPUs) to start; default: all GPUs, 1 without CUDA. Inside a Slurm allocation: per node, default its GPUs",
     )
 
@@ -58,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
 
     export = commands.add_parser("export", help="turn a training checkpoint into a PEFT adapter directory")
-    export.add_argument("checkpoint", help="a checkpoints/step-NNNNNN directory, or a run's output directory (its latest checkpoint)")
+    export.add_argument(
+        "checkpoint", help="a checkpoints/step-NNNNNN directory, or a run's output directory (its latest checkpoint)"
+    )
     export.add_argument("--output", help="adapter directory to write (default: <run>/export-step-NNNNNN)")
     export.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
@@ -68,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--base", help="base model directory (default: the one recorded in the adapter)")
     merge.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
 
-    verify = commands.add_parser("verify", help="reload a run's adapter in one process and compare its logits with training's")
+    verify = commands.add_parser(
+        "verify", help="reload a run's adapter in one process and compare its logits with training's"
+    )
     verify.add_argument("output_dir")
     verify.add_argument("--tolerance", type=float, default=1e-2, help="max |logit difference| accepted (default 1e-2)")
 
@@ -84,8 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--strategy", help="fsdp2 (default), fsdp1, zero2, zero3 or ddp")
     budget.add_argument("--micro-batch", type=int, help="sequences per micro batch (train.micro_batch_size)")
     budget.add_argument("--no-checkpointing", action="store_true", help="without gradient checkpointing")
-    budget.add_argument("--optimizer", default="adamw", help="the optimizer training runs: adamw (default, the only one)")
-    budget.add_argument("--offload", action="store_true", help="DeepSpeed offload_optimizer (zero2, zero3): optimizer state in host RAM")
+    budget.add_argument(
+        "--optimizer", default="adamw", help="the optimizer training runs: adamw (default, the only one)"
+    )
+    budget.add_argument(
+        "--offload", action="store_true", help="DeepSpeed offload_optimizer (zero2, zero3): optimizer state in host RAM"
+    )
     budget.add_argument("--json", action="store_true", help="print JSON instead of the table")
     budget.add_argument("--plot", metavar="FILE.png", help="also draw stacked bars per rank (needs matplotlib)")
 
@@ -120,7 +129,9 @@ Examples:
 def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `budget` and `plan`; each overrides the same key of the run config."""
     parser.add_argument("--config", help="run config YAML; the flags below override it")
-    parser.add_argument("--model", help="local model directory, its config.json, or a hub id already in the local cache")
+    parser.add_argument(
+        "--model", help="local model directory, its config.json, or a hub id already in the local cache"
+    )
     parser.add_argument("--world-size", type=int, help="total number of GPUs (ranks)")
     parser.add_argument("--nodes", type=int, help="number of nodes (default 1)")
     parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (with --nodes, instead of --world-size)")
@@ -128,7 +139,9 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-r", type=int, help="LoRA rank (lora.r)")
     parser.add_argument("--lora-targets", help="comma-separated module names, or all-linear (lora.target_modules)")
     parser.add_argument("--gpu-memory", help="memory per GPU, e.g. 24GiB or 80GB; says whether the run fits")
-    parser.add_argument("--runtime-overhead", help="allowance for the CUDA context, NCCL and allocator slack (default 1GiB)")
+    parser.add_argument(
+        "--runtime-overhead", help="allowance for the CUDA context, NCCL and allocator slack (default 1GiB)"
+    )
 
 
 def cmd_train(args, extra: list[str]) -> int:
@@ -206,8 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return cmd_train(args, extra)
         handler = {
-            "demo": cmd_demo, "export": cmd_export, "merge": cmd_merge, "verify": cmd_verify,
-            "budget": cmd_budget, "plan": cmd_plan,
+            "demo": cmd_demo,
+            "export": cmd_export,
+            "merge": cmd_merge,
+            "verify": cmd_verify,
+            "budget": cmd_budget,
+            "plan": cmd_plan,
         }[args.command]
         return handler(args)
     except ConfigError as error:

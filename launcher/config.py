@@ -47,7 +47,7 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: Union[list[str], str] = "all-linear"
+    target_modules: list[str] | str = "all-linear"
     """Module names (or all-linear: every nn.Linear but the output layer). MoE experts are not modules."""
     target_parameters: list[str] = field(default_factory=list)
     """Parameters to adapt directly, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj] for fused MoE
@@ -151,13 +151,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return tp(value)
         except ValueError:
             pass
-    elif tp is bool and isinstance(value, bool):
-        return value
-    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+    elif tp is bool and isinstance(value, bool) or tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     elif tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
-    raise ConfigError(f"`{where}` must be {_type_name(tp)}, got {value!r}. Fix the value in the YAML or on the command line.")
+    raise ConfigError(
+        f"`{where}` must be {_type_name(tp)}, got {value!r}. Fix the value in the YAML or on the command line."
+    )
 
 
 # Names users bring from transformers' Trainer and peft, mapped to ours for "did you mean".

@@ -37,13 +37,17 @@ def load_records(cfg: DataConfig):
     import datasets
 
     if not Path(cfg.path).exists():
-        raise ConfigError(f"Dataset `{cfg.path}` does not exist. Set `data.path` to a local json, jsonl, parquet or text file.")
+        raise ConfigError(
+            f"Dataset `{cfg.path}` does not exist. Set `data.path` to a local json, jsonl, parquet or text file."
+        )
     fmt = dataset_format(cfg)
     datasets.disable_progress_bars()
     try:
         return datasets.load_dataset(fmt, data_files=str(cfg.path), split="train")
     except Exception as error:  # datasets raises many kinds; all mean the file is unreadable as `fmt`
-        raise ConfigError(f"Could not read `{cfg.path}` as {fmt}: {error}. Check the file or set `data.format`.") from error
+        raise ConfigError(
+            f"Could not read `{cfg.path}` as {fmt}: {error}. Check the file or set `data.format`."
+        ) from error
 
 
 def record_kind(columns: list[str], cfg: DataConfig) -> str:
@@ -97,6 +101,12 @@ def target_tokens(labels: list[int]) -> int:
     return sum(t != IGNORE_INDEX for t in labels[1:])
 
 
+@lru_cache(maxsize=2)
+def epoch_permutation(num_samples: int, seed: int) -> list[int]:
+    """The sample order of one epoch (cached: every micro step of the epoch asks for it)."""
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 class GlobalBatches:
     """Which samples each rank sees at each optimizer step; pure function of the seed and the step.
 
@@ -110,15 +120,10 @@ class GlobalBatches:
         self.global_batch = micro * accum * world
         self.steps_per_epoch = num_samples // self.global_batch
 
-    @lru_cache(maxsize=2)
-    def _permutation(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_samples, generator=generator).tolist()
-
     def step_samples(self, step: int) -> list[int]:
         epoch, within = divmod(step, self.steps_per_epoch)
         start = within * self.global_batch
-        return self._permutation(epoch)[start : start + self.global_batch]
+        return epoch_permutation(self.num_samples, self.seed + epoch)[start : start + self.global_batch]
 
     def rank_micro_batches(self, step: int, rank: int) -> list[list[int]]:
         samples = self.step_samples(step)

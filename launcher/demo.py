@@ -3,7 +3,7 @@
 Nothing is downloaded. The base has random weights (saved with `save_pretrained`, loaded back
 through `from_pretrained` in 4-bit like any checkpoint); the data is a token-to-next-token mapping
 (each token is followed by token + 7), which LoRA adapters on a frozen random base learn within a
-few dozen steps (see ../shared/notes/cpu-distributed.md).
+few dozen steps (see docs/cpu-distributed.md).
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def build_tokenizer():
     )
 
 
-def build_base_model(path: Path, layers: int = 4, hidden: int = 256, seed: int = 0, heads: int = 4, kv_heads: int = 4) -> Path:
+def build_base_model(
+    path: Path, layers: int = 4, hidden: int = 256, seed: int = 0, heads: int = 4, kv_heads: int = 4
+) -> Path:
     """A random-weight Llama and its tokenizer, written with `save_pretrained` (kv_heads < heads: grouped-query attention)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -106,4 +108,6 @@ def run_demo(output_dir: str | None, strategy: str = "fsdp2", nproc: int = 2, st
     run_yaml = prepare_demo(workdir, steps or DEMO_STEPS)
     print(f"Training with {strategy} on {nproc} rank(s): {run_yaml}", flush=True)
     machines = launch.Machines.local(nproc)
-    return launch.launch(strategies.get(strategy), machines, ["--config", str(run_yaml), "--strategy", strategy], DistConfig())
+    return launch.launch(
+        strategies.get(strategy), machines, ["--config", str(run_yaml), "--strategy", strategy], DistConfig()
+    )

@@ -28,7 +28,13 @@ class DtypePolicy:
 
     def of(self, component: str) -> torch.dtype | None:
         """The dtype of a frozen or adapter weight by its budget component (None: packed 4-bit bytes)."""
-        return {"norms": self.norm, "frozen_dense": self.dense, "lora": self.adapter, "biases": self.bias, "experts": self.experts}.get(component)
+        return {
+            "norms": self.norm,
+            "frozen_dense": self.dense,
+            "lora": self.adapter,
+            "biases": self.bias,
+            "experts": self.experts,
+        }.get(component)
 
     def cast_to(self, dtype: torch.dtype) -> DtypePolicy:
         """Every weight but the packed 4-bit bytes in `dtype` (what a mixed-precision cast of all parameters does)."""
@@ -44,7 +50,9 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MIXED_PRECISIONS = ("auto", "no", *AUTOCAST_DTYPES)
 
 
-def resolve_mixed_precision(requested: str, cuda: bool, launched: str | None = None, bf16_supported: bool = True) -> str:
+def resolve_mixed_precision(
+    requested: str, cuda: bool, launched: str | None = None, bf16_supported: bool = True
+) -> str:
     """`train.mixed_precision` as a run uses it: "auto" is what `accelerate launch` asked for (`launched`)
     on CUDA, else bf16 where the GPU supports it and fp16 where not; on CPU no autocast."""
     if requested != "auto":

@@ -53,7 +53,9 @@ def write_peft_adapter(final: Path, peft_config, full_trainable: dict[str, torch
 
     def write(tmp: Path) -> None:
         peft_config.save_pretrained(tmp)
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors", metadata={"format": "pt"}
+        )
 
     write_atomically(Path(final), write)
     return Path(final)
@@ -65,7 +67,6 @@ def save_adapter(peft_model, full_trainable: dict[str, torch.Tensor], output_dir
 
 def checkpoint_trainable(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """The full adapter weights stored in a training checkpoint, read in one process."""
-
     checkpoint_dir = Path(checkpoint_dir)
     reader = strategies.by_checkpoint_format(read_meta(checkpoint_dir)["checkpoint_format"])
     return reader.read_trainable(checkpoint_dir / "trainable")
@@ -78,7 +79,9 @@ def export_checkpoint(checkpoint_dir: Path, output: Path, overwrite: bool = Fals
     output = Path(output)
     if output.exists() and not overwrite:
         raise ConfigError(f"`{output}` already exists; choose another --output or pass --overwrite.")
-    return write_peft_adapter(output, LoraConfig.from_pretrained(str(checkpoint_dir)), checkpoint_trainable(checkpoint_dir))
+    return write_peft_adapter(
+        output, LoraConfig.from_pretrained(str(checkpoint_dir)), checkpoint_trainable(checkpoint_dir)
+    )
 
 
 def merge_adapter(adapter_dir: Path, output: Path, base_path: str | None = None, dtype: str = "bfloat16") -> Path:
@@ -102,7 +105,10 @@ def merge_adapter(adapter_dir: Path, output: Path, base_path: str | None = None,
 
 
 def save_check(output_dir: Path, input_ids: torch.Tensor, logits: torch.Tensor) -> None:
-    save_file({"input_ids": input_ids.cpu().contiguous(), "logits": logits.float().cpu().contiguous()}, Path(output_dir) / CHECK_FILE)
+    save_file(
+        {"input_ids": input_ids.cpu().contiguous(), "logits": logits.float().cpu().contiguous()},
+        Path(output_dir) / CHECK_FILE,
+    )
 
 
 def load_for_inference(output_dir: Path, base_path: str | None = None, adapter_dir: Path | None = None):

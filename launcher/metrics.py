@@ -16,7 +16,9 @@ class MetricsLog:
         self.records: list[dict] = []
         if enabled:
             self._keep_up_to(first_step)
-        self.bar = tqdm(total=total_steps, initial=first_step, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_steps, initial=first_step, desc="train", unit="step", disable=not enabled, dynamic_ncols=True
+        )
         self._started = time.perf_counter()
 
     def _keep_up_to(self, step: int) -> None:
@@ -34,7 +36,9 @@ class MetricsLog:
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        self.bar.set_postfix(
+            loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+        )
 
     def advance(self) -> None:
         self.bar.update(1)

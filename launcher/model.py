@@ -56,28 +56,36 @@ def packed_shape(numel: int, storage: torch.dtype) -> tuple[int, int]:
 
 def quantized_layout(model: nn.Module, storage: torch.dtype) -> QuantizedLayout:
     """The 4-bit linears of `model` (quantized, or marked for quantization on meta) and their packed shapes."""
-    return QuantizedLayout({
-        name: Linear4bitSpec(
-            in_features=module.in_features,
-            out_features=module.out_features,
-            bias=module.bias is not None,
-            packed_shape=packed_shape(module.in_features * module.out_features, storage),
-        )
-        for name, module in model.named_modules()
-        if isinstance(module, bnb.nn.Linear4bit)
-    })
+    return QuantizedLayout(
+        {
+            name: Linear4bitSpec(
+                in_features=module.in_features,
+                out_features=module.out_features,
+                bias=module.bias is not None,
+                packed_shape=packed_shape(module.in_features * module.out_features, storage),
+            )
+            for name, module in model.named_modules()
+            if isinstance(module, bnb.nn.Linear4bit)
+        }
+    )
 
 
 def read_model_config(path: str, trust_remote_code: bool, config_only: bool = False) -> PretrainedConfig:
     """The model's config, offline: from a directory written by `save_pretrained`, a hub id already in
     the local cache, or (`config_only`, for the budget, which needs no weights) a config.json file."""
-    wanted = "a directory written by `save_pretrained`" + (" or its config.json (only the config is read)" if config_only else "")
+    wanted = "a directory written by `save_pretrained`" + (
+        " or its config.json (only the config is read)" if config_only else ""
+    )
     if not path:
         raise ConfigError(f"No model given. Set `model.path` (--model) to {wanted}, or a cached hub id.")
     local = Path(path).expanduser()
-    if config_only and local.is_file() and local.suffix == ".json":
-        target = str(local)
-    elif local.is_dir() and (local / "config.json").is_file():
+    if (
+        config_only
+        and local.is_file()
+        and local.suffix == ".json"
+        or local.is_dir()
+        and (local / "config.json").is_file()
+    ):
         target = str(local)
     elif local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise ConfigError(f"Model `{path}` not found: no `config.json` there. Set `model.path` to {wanted}.")
@@ -115,7 +123,9 @@ def meta_base(cfg: RunConfig, config: PretrainedConfig | None = None) -> PreTrai
         )
 
 
-def apply_quantized_layout(model: PreTrainedModel, cfg: RunConfig, policy: DtypePolicy, layout: QuantizedLayout) -> None:
+def apply_quantized_layout(
+    model: PreTrainedModel, cfg: RunConfig, policy: DtypePolicy, layout: QuantizedLayout
+) -> None:
     """Turns a meta `meta_base` into the source rank's quantized tree (still on the meta device)."""
     for name, spec in layout.linear4bit.items():
         parent_name, _, child_name = name.rpartition(".")
@@ -194,7 +204,9 @@ def assert_non_reentrant(model: nn.Module) -> None:
             continue
         found += 1
         if getattr(func, "keywords", {}).get("use_reentrant", True) is not False:
-            raise RuntimeError(f"{type(module).__name__} uses reentrant gradient checkpointing; this launcher never does.")
+            raise RuntimeError(
+                f"{type(module).__name__} uses reentrant gradient checkpointing; this launcher never does."
+            )
     if not found:
         raise RuntimeError("Gradient checkpointing was requested but no layer of the model supports it.")
 
@@ -207,7 +219,13 @@ def linear_target_names(model: nn.Module) -> list[str]:
     supports no LoRA dropout and makes the router trainable. Experts are adapted only when asked for,
     through `lora.target_parameters`."""
     output = model.get_output_embeddings()
-    return sorted({name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not output})
+    return sorted(
+        {
+            name.rpartition(".")[2]
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module is not output
+        }
+    )
 
 
 def attach_lora(model: PreTrainedModel, lora: LoraConfig, policy: DtypePolicy, seed: int) -> nn.Module:
@@ -243,7 +261,12 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, policy: DtypePolicy, s
 def coverage_notes(model: nn.Module, lora: LoraConfig) -> list[str]:
     """What a user should know about how this model is quantized and adapted (printed at start)."""
     notes = []
-    experts = [p for m in model.modules() for n, p in m.named_parameters(recurse=False) if not p.requires_grad and frozen_component(m, n, p) == "experts"]
+    experts = [
+        p
+        for m in model.modules()
+        for n, p in m.named_parameters(recurse=False)
+        if not p.requires_grad and frozen_component(m, n, p) == "experts"
+    ]
     if experts:
         count = sum(p.numel() for p in experts)
         notes.append(
@@ -252,7 +275,9 @@ def coverage_notes(model: nn.Module, lora: LoraConfig) -> list[str]:
             + ("" if lora.target_parameters else " They are not adapted; lora.target_parameters adapts them.")
         )
     if lora.target_parameters and lora.dropout:
-        notes.append(f"lora.dropout {lora.dropout} applies to the adapted modules; peft has no dropout on adapted parameters.")
+        notes.append(
+            f"lora.dropout {lora.dropout} applies to the adapted modules; peft has no dropout on adapted parameters."
+        )
     return notes
 
 

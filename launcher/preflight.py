@@ -23,7 +23,10 @@ def check_values(cfg: RunConfig) -> None:
             raise ConfigError(message)
 
     require(cfg.quant.type in ("nf4", "fp4"), f"`quant.type` is `{cfg.quant.type}`; use nf4 or fp4.")
-    require(cfg.quant.compute_dtype in DTYPES, f"`quant.compute_dtype` is `{cfg.quant.compute_dtype}`; use one of {', '.join(DTYPES)}.")
+    require(
+        cfg.quant.compute_dtype in DTYPES,
+        f"`quant.compute_dtype` is `{cfg.quant.compute_dtype}`; use one of {', '.join(DTYPES)}.",
+    )
     require(
         cfg.quant.storage_dtype in ("auto",) + DTYPES,
         f"`quant.storage_dtype` is `{cfg.quant.storage_dtype}`; use auto or one of {', '.join(DTYPES)}.",
@@ -37,11 +40,20 @@ def check_values(cfg: RunConfig) -> None:
     require(t.max_steps >= 0, f"`train.max_steps` must be 0 (use epochs) or positive, got {t.max_steps}.")
     require(t.warmup_steps >= 0, f"`train.warmup_steps` must be >= 0, got {t.warmup_steps}.")
     require(t.lr > 0, f"`train.lr` must be positive, got {t.lr}.")
-    require(t.lr_schedule in ("cosine", "linear", "constant"), f"`train.lr_schedule` is `{t.lr_schedule}`; use cosine, linear or constant.")
-    require(t.mixed_precision in MIXED_PRECISIONS, f"`train.mixed_precision` is `{t.mixed_precision}`; use {', '.join(MIXED_PRECISIONS)}.")
+    require(
+        t.lr_schedule in ("cosine", "linear", "constant"),
+        f"`train.lr_schedule` is `{t.lr_schedule}`; use cosine, linear or constant.",
+    )
+    require(
+        t.mixed_precision in MIXED_PRECISIONS,
+        f"`train.mixed_precision` is `{t.mixed_precision}`; use {', '.join(MIXED_PRECISIONS)}.",
+    )
     require(cfg.data.max_seq_len > 1, f"`data.max_seq_len` must be at least 2, got {cfg.data.max_seq_len}.")
     for key in ("timeout_s", "rendezvous_timeout_s"):
-        require(getattr(cfg.dist, key) > 0, f"`dist.{key}` must be a positive number of seconds, got {getattr(cfg.dist, key)}.")
+        require(
+            getattr(cfg.dist, key) > 0,
+            f"`dist.{key}` must be a positive number of seconds, got {getattr(cfg.dist, key)}.",
+        )
     require(
         3 <= cfg.dist.preempt_exit_code <= 125,
         f"`dist.preempt_exit_code` must be in 3..125 (1 and 2 mean errors, above 125 the shell's own), got {cfg.dist.preempt_exit_code}.",

@@ -125,7 +125,9 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
     window_tokens, window_start = 0, time.perf_counter()
     total_tokens = 0
     for step in range(start_step, total_steps):
-        loss_sum, step_targets, step_tokens = train_step(cfg, model, optimizer, accelerator, batches, data, tokenizer, step, rank)
+        loss_sum, step_targets, step_tokens = train_step(
+            cfg, model, optimizer, accelerator, batches, data, tokenizer, step, rank
+        )
         scheduler.step()
         window_tokens += step_tokens
         total_tokens += step_tokens
@@ -135,8 +137,11 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
             now = time.perf_counter()
             losses.append(loss)
             metrics.log(
-                step=step + 1, loss=loss, lr=scheduler.get_last_lr()[0],
-                tokens=window_tokens, tokens_per_s=window_tokens / (now - window_start),
+                step=step + 1,
+                loss=loss,
+                lr=scheduler.get_last_lr()[0],
+                tokens=window_tokens,
+                tokens_per_s=window_tokens / (now - window_start),
             )
             window_tokens, window_start = 0, now
         every = cfg.checkpoint.every_steps
@@ -183,7 +188,9 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
     return summary
 
 
-def train_step(cfg, model, optimizer, accelerator, batches: GlobalBatches, data: TokenizedData, tokenizer, step: int, rank: int):
+def train_step(
+    cfg, model, optimizer, accelerator, batches: GlobalBatches, data: TokenizedData, tokenizer, step: int, rank: int
+):
     """One optimizer step over this rank's micro batches. The loss is normalized by the target tokens
     of the whole global batch, so the summed gradient equals a single process's on the same batch."""
     step_samples = batches.step_samples(step)

@@ -37,18 +37,29 @@ ENTRY = ("-m", "launcher", "train")
 TORCHRUN_ENV = {"PET_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT"}
 
 
-def accelerate_command(strategy: Strategy, machines: Machines, train_args: list[str], dist: DistConfig, entry=ENTRY) -> list[str]:
+def accelerate_command(
+    strategy: Strategy, machines: Machines, train_args: list[str], dist: DistConfig, entry=ENTRY
+) -> list[str]:
     configs = shipped_dir("accelerate_configs")
     config = (configs / "multinode" if machines.num_machines > 1 else configs) / strategy.spec.accelerate_config
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(config),
-        "--num_processes", str(machines.num_processes),
-        "--num_machines", str(machines.num_machines),
-        "--machine_rank", str(machines.machine_rank),
-        "--main_process_ip", machines.head_address,
-        "--main_process_port", str(machines.port),
-        "--rdzv_conf", f"timeout={dist.rendezvous_timeout_s}",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--num_processes",
+        str(machines.num_processes),
+        "--num_machines",
+        str(machines.num_machines),
+        "--machine_rank",
+        str(machines.machine_rank),
+        "--main_process_ip",
+        machines.head_address,
+        "--main_process_port",
+        str(machines.port),
+        "--rdzv_conf",
+        f"timeout={dist.rendezvous_timeout_s}",
     ]
     if strategy.spec.deepspeed_config:
         cmd += ["--deepspeed_config_file", str(shipped_dir("ds_configs") / strategy.spec.deepspeed_config)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import subprocess
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from ..config import ConfigError
 from .machines import Machines, default_nproc
@@ -113,7 +113,9 @@ def procs_per_node(env: Mapping[str, str], nproc: int | None, num_nodes: int) ->
     if env.get("SLURM_GPUS_PER_NODE") and on_node >= 0:
         wanted = _gpu_count(env["SLURM_GPUS_PER_NODE"], "SLURM_GPUS_PER_NODE")
         if wanted != on_node:
-            raise SlurmError(f"This node has {on_node} GPUs but the job asked for {wanted} per node (SLURM_GPUS_PER_NODE).")
+            raise SlurmError(
+                f"This node has {on_node} GPUs but the job asked for {wanted} per node (SLURM_GPUS_PER_NODE)."
+            )
     if env.get("SLURM_GPUS") and num_nodes > 1:
         total = _gpu_count(env["SLURM_GPUS"], "SLURM_GPUS")
         if total % num_nodes or (on_node >= 0 and on_node != total // num_nodes):
@@ -127,11 +129,15 @@ def procs_per_node(env: Mapping[str, str], nproc: int | None, num_nodes: int) ->
             raise SlurmError(f"--nproc (processes per node) must be at least 1, got {nproc}.")
         return nproc
     if on_node == 0:
-        raise SlurmError("This node has no GPUs in the job (SLURM_GPUS_ON_NODE=0). Ask for --gpus-per-node, or pass --nproc.")
+        raise SlurmError(
+            "This node has no GPUs in the job (SLURM_GPUS_ON_NODE=0). Ask for --gpus-per-node, or pass --nproc."
+        )
     return on_node if on_node > 0 else default_nproc()
 
 
-def machines(env: Mapping[str, str], nproc: int | None = None, address_of: Callable[[str], str] = node_address) -> Machines:
+def machines(
+    env: Mapping[str, str], nproc: int | None = None, address_of: Callable[[str], str] = node_address
+) -> Machines:
     """This node's part of the run, from the environment of its srun task (or the batch shell of a one-node job)."""
     job_id = _int(env, "SLURM_JOB_ID")
     in_step = "SLURM_STEP_ID" in env

@@ -9,6 +9,7 @@ others: a hung rank would not end on torchrun's SIGTERM (its handler only sets t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -42,10 +43,8 @@ class Ranks:
     def _pids(self) -> dict[int, int]:
         pids = {}
         for pid_file in self.status_dir.glob("pid-*"):
-            try:
+            with contextlib.suppress(ValueError):  # a pid file being written
                 pids[int(pid_file.name[4:])] = int(pid_file.read_text())
-            except ValueError:
-                pass  # being written
         return pids
 
     def _forward(self, signum, frame) -> None:
@@ -61,7 +60,9 @@ class Ranks:
 
     def failed(self) -> list[int]:
         """Ranks that ended without finishing (an error, a timeout, a kill)."""
-        return [r for r, pid in self._pids().items() if not (self.status_dir / f"done-{r}").exists() and not is_running(pid)]
+        return [
+            r for r, pid in self._pids().items() if not (self.status_dir / f"done-{r}").exists() and not is_running(pid)
+        ]
 
     def watch(self, process, interval: float = 0.2) -> int:
         """Waits for `accelerate launch`; once a rank has failed, kills the others so that the run ends now."""

@@ -211,7 +211,10 @@ class LayerSaves:
         self.total += pairs * (3 * layer.intermediate + layer.hidden) * e + pairs * FP32
         # An adapted expert weight is W + scaling * B @ A per expert, made by peft in W's dtype at every
         # forward (baddbmm keeps both factors); the grouped matmul keeps it whole, and its input.
-        widths = {"gate_up_proj": (layer.hidden, 2 * layer.intermediate), "down_proj": (layer.intermediate, layer.hidden)}
+        widths = {
+            "gate_up_proj": (layer.hidden, 2 * layer.intermediate),
+            "down_proj": (layer.intermediate, layer.hidden),
+        }
         for name, r in layer.expert_lora.items():
             width_in, width_out = widths[name]
             self.total += layer.experts * (width_in * width_out + (width_in + width_out) * r) * e + pairs * width_in * e
@@ -233,12 +236,16 @@ class LayerSaves:
         return self.total
 
 
-def layer_saved_bytes(layer: LayerSpec, shape: ModelShape, batch: int, seq: int, input_grad: bool, d: ActivationDtypes) -> int:
+def layer_saved_bytes(
+    layer: LayerSpec, shape: ModelShape, batch: int, seq: int, input_grad: bool, d: ActivationDtypes
+) -> int:
     """Bytes one decoder layer saves for backward. `input_grad`: whether its input requires grad."""
     return LayerSaves(layer, shape, batch, seq, d).run(input_grad)
 
 
-def activation_bytes(shape: ModelShape, batch: int, seq: int, checkpointing: bool, d: ActivationDtypes, linear_saves_input: bool) -> dict[str, int]:
+def activation_bytes(
+    shape: ModelShape, batch: int, seq: int, checkpointing: bool, d: ActivationDtypes, linear_saves_input: bool
+) -> dict[str, int]:
     """activations (saved for backward by one micro batch), recompute, logits_backward."""
     tokens, vocab = batch * seq, shape.vocab
     first = shape.layers[0]
@@ -292,26 +299,41 @@ def norm_positions(names: set[str]) -> dict[str, bool]:
     return found
 
 
-def describe_layer(config, module_names: set[str], lora: dict[str, LoraSite], expert_lora: dict[str, int], attention: str, index: int) -> LayerSpec:
+def describe_layer(
+    config, module_names: set[str], lora: dict[str, LoraSite], expert_lora: dict[str, int], attention: str, index: int
+) -> LayerSpec:
     """A LayerSpec from a layer's module names (relative to the layer) and the model config."""
     hidden, heads = config.hidden_size, config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     layer_types = getattr(config, "layer_types", None)
-    sliding = layer_types[index] == "sliding_attention" if layer_types else getattr(config, "sliding_window", None) is not None
+    sliding = (
+        layer_types[index] == "sliding_attention"
+        if layer_types
+        else getattr(config, "sliding_window", None) is not None
+    )
     if "mlp.experts" in module_names:
         if any(name.startswith("mlp.shared_expert") for name in module_names):
-            raise ConfigError(f"`{type(config).__name__}` has shared experts beside its routed ones; activations are not modelled for them.")
+            raise ConfigError(
+                f"`{type(config).__name__}` has shared experts beside its routed ones; activations are not modelled for them."
+            )
         if set(expert_lora) - {"gate_up_proj", "down_proj"}:
-            raise ConfigError(f"Activations are modelled for adapted expert weights gate_up_proj and down_proj, not {sorted(expert_lora)}.")
+            raise ConfigError(
+                f"Activations are modelled for adapted expert weights gate_up_proj and down_proj, not {sorted(expert_lora)}."
+            )
         mlp, inter = "moe", getattr(config, "moe_intermediate_size", None) or config.intermediate_size
-    elif {"mlp.down_proj"} <= module_names and ({"mlp.gate_proj", "mlp.up_proj"} <= module_names or "mlp.gate_up_proj" in module_names):
+    elif {"mlp.down_proj"} <= module_names and (
+        {"mlp.gate_proj", "mlp.up_proj"} <= module_names or "mlp.gate_up_proj" in module_names
+    ):
         mlp, inter = "dense", config.intermediate_size
     else:
         raise ConfigError(
             f"Activations are modelled for decoder layers with a gated MLP (gate/up/down projections) or routed "
             f"experts; `{type(config).__name__}` has neither. Static components could be predicted, activations not."
         )
-    if not ({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"} <= module_names or "self_attn.qkv_proj" in module_names):
+    if not (
+        {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"} <= module_names
+        or "self_attn.qkv_proj" in module_names
+    ):
         raise ConfigError(f"`{type(config).__name__}` has no q/k/v projections that activations are modelled for.")
     return LayerSpec(
         hidden=hidden,

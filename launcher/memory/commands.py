@@ -39,7 +39,9 @@ def request_from_args(args) -> tuple[RunConfig, Hardware]:
         world_size=world,
         nodes=nodes,
         gpu_memory=parse_bytes(args.gpu_memory, "--gpu-memory") if args.gpu_memory else None,
-        runtime_overhead=parse_bytes(args.runtime_overhead, "--runtime-overhead") if args.runtime_overhead else DEFAULT_RUNTIME_OVERHEAD,
+        runtime_overhead=parse_bytes(args.runtime_overhead, "--runtime-overhead")
+        if args.runtime_overhead
+        else DEFAULT_RUNTIME_OVERHEAD,
         optimizer=getattr(args, "optimizer", "adamw"),
         offload=getattr(args, "offload", False),
     )
@@ -69,8 +71,13 @@ def budget_command(args) -> int:
 def run_arguments(args) -> list[str]:
     """`qlaunch train` arguments for what `qlaunch plan` was told about the run."""
     model = args.model[: -len("/config.json")] if args.model and args.model.endswith("/config.json") else args.model
-    given = [("--config", args.config), ("--model.path", model), ("--data.max_seq_len", args.seq_len),
-             ("--lora.r", args.lora_r), ("--lora.target_modules", f"[{args.lora_targets}]" if args.lora_targets else None)]
+    given = [
+        ("--config", args.config),
+        ("--model.path", model),
+        ("--data.max_seq_len", args.seq_len),
+        ("--lora.r", args.lora_r),
+        ("--lora.target_modules", f"[{args.lora_targets}]" if args.lora_targets else None),
+    ]
     found = [f"{flag} {value}" for flag, value in given if value is not None]
     return found if args.config else found + ["--data.path DATA"]
 
@@ -86,25 +93,38 @@ def plan_command(args) -> int:
     found = candidates(cfg, hardware)
     fitting = sorted((c for c in found if c.fits(limit)), key=ranking_key)
     if args.json:
-        print(json.dumps({
-            "gpu_memory_bytes": hardware.gpu_memory,
-            "limit_bytes": limit,
-            "world_size": hardware.world_size,
-            "nodes": hardware.nodes,
-            "candidates": [
+        print(
+            json.dumps(
                 {
-                    "strategy": c.strategy, "micro_batch": c.micro_batch, "gradient_checkpointing": c.checkpointing,
-                    "offload": c.offload, "peak_bytes": c.peak_bytes, "fits": c.fits(limit),
-                    "estimated_tokens_per_s": round(c.tokens_per_s, 1),
-                }
-                for c in sorted(found, key=lambda c: (not c.fits(limit), -c.tokens_per_s))
-            ],
-            "recommended": None if not fitting else {
-                "strategy": fitting[0].strategy, "micro_batch": fitting[0].micro_batch,
-                "gradient_checkpointing": fitting[0].checkpointing, "offload": fitting[0].offload,
-                "command": fitting[0].launch_command(run_arguments(args)),
-            },
-        }, indent=2))
+                    "gpu_memory_bytes": hardware.gpu_memory,
+                    "limit_bytes": limit,
+                    "world_size": hardware.world_size,
+                    "nodes": hardware.nodes,
+                    "candidates": [
+                        {
+                            "strategy": c.strategy,
+                            "micro_batch": c.micro_batch,
+                            "gradient_checkpointing": c.checkpointing,
+                            "offload": c.offload,
+                            "peak_bytes": c.peak_bytes,
+                            "fits": c.fits(limit),
+                            "estimated_tokens_per_s": round(c.tokens_per_s, 1),
+                        }
+                        for c in sorted(found, key=lambda c: (not c.fits(limit), -c.tokens_per_s))
+                    ],
+                    "recommended": None
+                    if not fitting
+                    else {
+                        "strategy": fitting[0].strategy,
+                        "micro_batch": fitting[0].micro_batch,
+                        "gradient_checkpointing": fitting[0].checkpointing,
+                        "offload": fitting[0].offload,
+                        "command": fitting[0].launch_command(run_arguments(args)),
+                    },
+                },
+                indent=2,
+            )
+        )
         return 0
     print(
         f"Plan for {cfg.model.path} on {hardware.world_size} GPU(s) of {format_bytes(hardware.gpu_memory)} "
@@ -120,13 +140,23 @@ def plan_command(args) -> int:
         )
         return 0
     rows = [
-        [str(i + 1), c.strategy, str(c.micro_batch), "on" if c.checkpointing else "off", "yes" if c.offload else "no",
-         format_bytes(c.peak_bytes), format_bytes(hardware.gpu_memory - c.peak_bytes), f"{c.tokens_per_s:,.0f}"]
+        [
+            str(i + 1),
+            c.strategy,
+            str(c.micro_batch),
+            "on" if c.checkpointing else "off",
+            "yes" if c.offload else "no",
+            format_bytes(c.peak_bytes),
+            format_bytes(hardware.gpu_memory - c.peak_bytes),
+            f"{c.tokens_per_s:,.0f}",
+        ]
         for i, c in enumerate(fitting[:15])
     ]
     header = ["#", "strategy", "micro batch", "checkpointing", "offload", "fullest rank", "headroom", "est. tokens/s"]
     print("\n" + render_table(header, rows))
-    print(f"\n{len(fitting)} of {len(found)} configurations fit" + (" (15 fastest shown)." if len(fitting) > 15 else "."))
+    print(
+        f"\n{len(fitting)} of {len(found)} configurations fit" + (" (15 fastest shown)." if len(fitting) > 15 else ".")
+    )
     best = fitting[0]
     print(f"\nLaunch: {best.launch_command(run_arguments(args))}")
     return 0

@@ -28,7 +28,17 @@ COMPONENTS = {
     "comm_buckets": "gradient communication buffers (DDP buckets, ZeRO reduce bucket, FSDP reduce-scatter input)",
     "runtime": "CUDA context, NCCL buffers and allocator slack (an allowance, --runtime-overhead)",
 }
-WEIGHT_COMPONENTS = ("base_4bit", "quant_states", "frozen_dense", "experts", "biases", "norms", "buffers", "lora", "shard_padding")
+WEIGHT_COMPONENTS = (
+    "base_4bit",
+    "quant_states",
+    "frozen_dense",
+    "experts",
+    "biases",
+    "norms",
+    "buffers",
+    "lora",
+    "shard_padding",
+)
 STATIC_COMPONENTS = WEIGHT_COMPONENTS + OPTIMIZER_STATE_COMPONENTS
 ESTIMATED_COMPONENTS = ("gathered_params", "comm_buckets", "runtime")
 OFFLOADED_COMPONENTS = OPTIMIZER_STATE_COMPONENTS

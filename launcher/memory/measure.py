@@ -93,7 +93,9 @@ def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
     return tensors
 
 
-def measure_weights(model: nn.Module, sharder: Strategy, kinds: dict[str, str] | None = None) -> tuple[dict[str, int], set[int]]:
+def measure_weights(
+    model: nn.Module, sharder: Strategy, kinds: dict[str, str] | None = None
+) -> tuple[dict[str, int], set[int]]:
     """This rank's weight components in bytes, and the storages (data pointers) that hold them.
     `kinds`: each parameter's component, read before sharding (FSDP1 and ZeRO-3 flatten parameters,
     so their shapes no longer say what they are); default: read off `model`."""
@@ -241,7 +243,16 @@ def error_pct(predicted: int, measured: int) -> float | None:
 class MemoryMeter:
     """This rank's measurement, and on rank 0 the prediction next to it (see the module docstring)."""
 
-    def __init__(self, cfg, model: nn.Module, optimizer: torch.optim.Optimizer, sharder: Strategy, output_dir, device: torch.device, kinds: dict[str, str]):
+    def __init__(
+        self,
+        cfg,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        sharder: Strategy,
+        output_dir,
+        device: torch.device,
+        kinds: dict[str, str],
+    ):
         self.cfg, self.output_dir = cfg, Path(output_dir)
         self.weights, storages = measure_weights(model, sharder, kinds)
         self.probe = FirstStepProbe(model, optimizer, storages)
@@ -271,7 +282,9 @@ class MemoryMeter:
 
     def finish(self) -> None:
         """Gathers every rank's measurement (a collective); rank 0 prints and writes the report."""
-        ranks = _gather({"components": {**self.weights, **self.probe.measured}, "cuda": self.cuda.report() if self.cuda else None})
+        ranks = _gather(
+            {"components": {**self.weights, **self.probe.measured}, "cuda": self.cuda.report() if self.cuda else None}
+        )
         if not self.main:
             return
         measured = [r["components"] for r in ranks]
@@ -284,25 +297,48 @@ class MemoryMeter:
             "schema_version": 1,
             "activation_shape": list(shape),
             "predicted": self.predicted.to_json() if self.predicted else None,
-            "measured": {"ranks": [
-                {"rank": r, "components": {n: m[n] for n in names}, "total_bytes": sum(m[n] for n in names), "cuda": ranks[r]["cuda"]}
+            "measured": {
+                "ranks": [
+                    {
+                        "rank": r,
+                        "components": {n: m[n] for n in names},
+                        "total_bytes": sum(m[n] for n in names),
+                        "cuda": ranks[r]["cuda"],
+                    }
+                    for r, m in enumerate(measured)
+                ]
+            },
+            "comparison": []
+            if not self.predicted
+            else [
+                {
+                    "rank": r,
+                    "component": n,
+                    "predicted": self.predicted.ranks[r].components[n],
+                    "measured": m[n],
+                    "error_pct": error_pct(self.predicted.ranks[r].components[n], m[n]),
+                }
                 for r, m in enumerate(measured)
-            ]},
-            "comparison": [] if not self.predicted else [
-                {"rank": r, "component": n, "predicted": self.predicted.ranks[r].components[n], "measured": m[n],
-                 "error_pct": error_pct(self.predicted.ranks[r].components[n], m[n])}
-                for r, m in enumerate(measured) for n in names
+                for n in names
             ],
         }
         (self.output_dir / REPORT_JSON).write_text(json.dumps(report, indent=2))
         if not self.predicted:
             return
-        print(self.table(self.predicted, measured, names, f"after the first step (micro batch {shape[0]} x {shape[1]} tokens)"), flush=True)
+        print(
+            self.table(
+                self.predicted, measured, names, f"after the first step (micro batch {shape[0]} x {shape[1]} tokens)"
+            ),
+            flush=True,
+        )
         if self.cuda:
             total = self.predicted.ranks[0].total_bytes - self.predicted.ranks[0].components["runtime"]
-            print(f"torch.cuda on rank 0: peak allocated {format_bytes(ranks[0]['cuda']['peak_allocated_bytes'])}, "
-                  f"peak reserved {format_bytes(ranks[0]['cuda']['peak_reserved_bytes'])}; predicted total without "
-                  f"the runtime allowance {format_bytes(total)}.", flush=True)
+            print(
+                f"torch.cuda on rank 0: peak allocated {format_bytes(ranks[0]['cuda']['peak_allocated_bytes'])}, "
+                f"peak reserved {format_bytes(ranks[0]['cuda']['peak_reserved_bytes'])}; predicted total without "
+                f"the runtime allowance {format_bytes(total)}.",
+                flush=True,
+            )
         self.plot(measured, names)
 
     @staticmethod
@@ -318,14 +354,21 @@ class MemoryMeter:
                 err = error_pct(p, m)
                 cells.append(f"{format_bytes(p)} / {format_bytes(m)} ({'n/a' if err is None else f'{err:+.2f}%'})")
             rows.append([name] + cells)
-        return f"\nMemory per rank {when}, {predicted.strategy} on {len(measured)} rank(s):\n" + render_table(header, rows)
+        return f"\nMemory per rank {when}, {predicted.strategy} on {len(measured)} rank(s):\n" + render_table(
+            header, rows
+        )
 
     def plot(self, measured: list[dict[str, int]], names) -> None:
         bars = []
         for r, m in enumerate(measured):
-            bars += [(f"rank {r} predicted", {n: self.predicted.ranks[r].components[n] for n in names}), (f"rank {r} measured", {n: m[n] for n in names})]
+            bars += [
+                (f"rank {r} predicted", {n: self.predicted.ranks[r].components[n] for n in names}),
+                (f"rank {r} measured", {n: m[n] for n in names}),
+            ]
         try:
-            plot_stacked(self.output_dir / REPORT_PNG, bars, f"{self.predicted.strategy}: predicted vs measured per rank")
+            plot_stacked(
+                self.output_dir / REPORT_PNG, bars, f"{self.predicted.strategy}: predicted vs measured per rank"
+            )
         except ConfigError as missing:
             print(f"Not plotting {REPORT_PNG}: {missing}", flush=True)
 

@@ -59,9 +59,13 @@ class Candidate:
                 f"-m launcher train {' '.join(run_args + choice)}"
             )
         else:
-            line = f"qlaunch train {' '.join(run_args + choice)} --strategy {self.strategy} --nproc {hardware.world_size}"
+            line = (
+                f"qlaunch train {' '.join(run_args + choice)} --strategy {self.strategy} --nproc {hardware.world_size}"
+            )
         if self.offload:
-            line += f"   (with offload_optimizer set in ds_configs/{strategies.get(self.strategy).spec.deepspeed_config})"
+            line += (
+                f"   (with offload_optimizer set in ds_configs/{strategies.get(self.strategy).spec.deepspeed_config})"
+            )
         return line
 
 
@@ -102,9 +106,13 @@ def candidates(cfg: RunConfig, hardware: Hardware) -> list[Candidate]:
                     run = dataclasses.replace(
                         cfg,
                         strategy=strategy,
-                        train=dataclasses.replace(cfg.train, micro_batch_size=micro, gradient_checkpointing=checkpointing),
+                        train=dataclasses.replace(
+                            cfg.train, micro_batch_size=micro, gradient_checkpointing=checkpointing
+                        ),
                     )
                     result = predict(run, dataclasses.replace(hardware, offload=offload), cache=cache)
                     peak = max(r.total_bytes for r in result.ranks)
-                    found.append(Candidate(strategy, micro, checkpointing, offload, result, peak, estimated_tokens_per_s(result)))
+                    found.append(
+                        Candidate(strategy, micro, checkpointing, offload, result, peak, estimated_tokens_per_s(result))
+                    )
     return found

@@ -132,7 +132,9 @@ class Budget:
         }
 
 
-def predict(cfg: RunConfig, hardware: Hardware, activation_shape: tuple[int, int] | None = None, cache: ModelCache | None = None) -> Budget:
+def predict(
+    cfg: RunConfig, hardware: Hardware, activation_shape: tuple[int, int] | None = None, cache: ModelCache | None = None
+) -> Budget:
     """Bytes per component on every rank. `activation_shape` (batch, seq) replaces the config's micro
     batch and max_seq_len for the activations (training compares with the batch it measured)."""
     strategy = validate(cfg, hardware)
@@ -150,8 +152,11 @@ def predict(cfg: RunConfig, hardware: Hardware, activation_shape: tuple[int, int
     d = ActivationDtypes(
         # Gemma's norms return their input's dtype; the others promote it with their weight's.
         stream=compute.dense if spec.shape.gemma_norms else torch.promote_types(compute.norm, compute.dense),
-        dense=compute.dense, adapter=compute.adapter, experts=compute.experts,
-        autocast=autocast, device=hardware.device,
+        dense=compute.dense,
+        adapter=compute.adapter,
+        experts=compute.experts,
+        autocast=autocast,
+        device=hardware.device,
     )
     batch, seq = activation_shape or (cfg.train.micro_batch_size, cfg.data.max_seq_len)
     hidden = spec.config.hidden_size

@@ -22,7 +22,12 @@ def rank_groups(columns: list[dict[str, object]]) -> list[tuple[str, int]]:
 
 def render_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in [header] + rows]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in [header] + rows
+    ]
     return "\n".join(lines)
 
 
@@ -40,7 +45,9 @@ def render(budget: Budget) -> str:
     rows = [[name] + [format_bytes(columns[i][name]) for _, i in groups] for name in names]
     rows.append(["total"] + [format_bytes(budget.ranks[i].total_bytes) for _, i in groups])
     host_names = sorted({k for r in budget.ranks for k in r.host_components})
-    rows += [[f"host RAM: {n}"] + [format_bytes(budget.ranks[i].host_components[n]) for _, i in groups] for n in host_names]
+    rows += [
+        [f"host RAM: {n}"] + [format_bytes(budget.ranks[i].host_components[n]) for _, i in groups] for n in host_names
+    ]
     if h.gpu_memory is not None:
         rows.append(["GPU memory"] + [format_bytes(h.gpu_memory)] * len(groups))
         rows.append(["headroom"] + [format_bytes(budget.headroom(budget.ranks[i])) for _, i in groups])
@@ -48,8 +55,11 @@ def render(budget: Budget) -> str:
     if budget.fits is not None:
         worst = min(budget.ranks, key=lambda r: budget.headroom(r))
         verdict = "FITS" if budget.fits else "DOES NOT FIT"
-        lines += ["", f"{verdict}: the fullest rank ({worst.rank}) needs {format_bytes(worst.total_bytes)} of "
-                  f"{format_bytes(h.gpu_memory)} ({format_bytes(budget.headroom(worst))} headroom)."]
+        lines += [
+            "",
+            f"{verdict}: the fullest rank ({worst.rank}) needs {format_bytes(worst.total_bytes)} of "
+            f"{format_bytes(h.gpu_memory)} ({format_bytes(budget.headroom(worst))} headroom).",
+        ]
     return "\n".join(lines)
 
 
@@ -79,7 +89,7 @@ def plot_stacked(path: Path, bars: list[tuple[str, dict[str, int]]], title: str,
     for i, name in enumerate(names):
         heights = [b.get(name, 0) / scale for _, b in bars]
         ax.bar(range(len(bars)), heights, bottom=bottoms, label=name, color=colors[i % len(colors)])
-        bottoms = [x + y for x, y in zip(bottoms, heights)]
+        bottoms = [x + y for x, y in zip(bottoms, heights, strict=True)]
     if limit is not None:
         ax.axhline(limit / scale, color="black", linestyle="--", label="GPU memory")
     ax.set_xticks(range(len(bars)), [label for label, _ in bars], rotation=30 if len(bars) > 6 else 0)

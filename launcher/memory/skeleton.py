@@ -35,7 +35,9 @@ from .activations import LoraSite, ModelShape, describe_layer
 from .components import parameter_component
 
 
-def quant_state_shapes(numel: int, blocksize: int, double_quant: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def quant_state_shapes(
+    numel: int, blocksize: int, double_quant: bool
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The tensors a bitsandbytes 4-bit QuantState keeps for a weight of `numel` elements: one fp32
     absmax per block; with double quantization those become uint8, quantized in blocks of 256 with
     an fp32 absmax each, a 256-entry fp32 code and an fp32 offset; plus the 16-entry fp32 quant map."""
@@ -118,15 +120,17 @@ def describe_model(cfg: RunConfig, policy: DtypePolicy, config) -> ModelSpec:
     tensors = []
     for name, param in skeleton.named_parameters():
         module_name, _, local = name.rpartition(".")
-        tensors.append(TensorSpec(
-            name=name,
-            component=parameter_component(modules[module_name], local, param),
-            shape=tuple(param.shape),
-            dtype=param.dtype,
-            trainable=param.requires_grad,
-            module=module_name,
-            layer=layer_of(module_name),
-        ))
+        tensors.append(
+            TensorSpec(
+                name=name,
+                component=parameter_component(modules[module_name], local, param),
+                shape=tuple(param.shape),
+                dtype=param.dtype,
+                trainable=param.requires_grad,
+                module=module_name,
+                layer=layer_of(module_name),
+            )
+        )
     quant_bytes, quantized = 0, 0
     for module in modules.values():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -157,7 +161,9 @@ def model_shape(base, modules: dict[str, nn.Module], layers: list[str], layer_of
 
     config = base.config
     if not layers:
-        raise ConfigError(f"`{type(config).__name__}` declares no decoder layer class; activations are not modelled for it.")
+        raise ConfigError(
+            f"`{type(config).__name__}` declares no decoder layer class; activations are not modelled for it."
+        )
 
     def site(module) -> LoraSite:
         dropout = module.lora_dropout["default"]
@@ -165,8 +171,10 @@ def model_shape(base, modules: dict[str, nn.Module], layers: list[str], layer_of
 
     specs = []
     for index, layer in enumerate(layers):
-        inside = {name[len(layer) + 1:]: m for name, m in modules.items() if name.startswith(layer + ".")}
-        lora = {name: site(m) for name, m in inside.items() if isinstance(m, LoraLayer) and not isinstance(m, ParamWrapper)}
+        inside = {name[len(layer) + 1 :]: m for name, m in modules.items() if name.startswith(layer + ".")}
+        lora = {
+            name: site(m) for name, m in inside.items() if isinstance(m, LoraLayer) and not isinstance(m, ParamWrapper)
+        }
         experts = {m.parameter_name: m.r["default"] for m in inside.values() if isinstance(m, ParamWrapper)}
         names = {name.replace(".base_layer", "") for name in inside}  # an adapted parameter wraps its module
         specs.append(describe_layer(config, names, lora, experts, config._attn_implementation, index))
@@ -178,7 +186,9 @@ def model_shape(base, modules: dict[str, nn.Module], layers: list[str], layer_of
         gemma_norms=any(type(m).__name__.startswith("Gemma") for m in norms),
         final_softcap=bool(getattr(config, "final_logit_softcapping", None)),
         rotary_sets=max(1, len(rotary)),
-        lora_on_head=next((site(m) for name, m in modules.items() if isinstance(m, LoraLayer) and not layer_of(name)), None),
+        lora_on_head=next(
+            (site(m) for name, m in modules.items() if isinstance(m, LoraLayer) and not layer_of(name)), None
+        ),
     )
 
 

@@ -23,8 +23,22 @@ from .zero2 import ZeRO2
 from .zero3 import ZeRO3
 
 __all__ = [
-    "BY_NAME", "DEFAULT", "NAMES", "LocalShard", "by_checkpoint_format", "SingleProcess", "Strategy", "StrategySpec", "check", "clean_fqn", "dtype_policy",
-    "for_world", "get", "optimizer_state_numel", "resolve", "torch_optimizer",
+    "BY_NAME",
+    "DEFAULT",
+    "NAMES",
+    "LocalShard",
+    "by_checkpoint_format",
+    "SingleProcess",
+    "Strategy",
+    "StrategySpec",
+    "check",
+    "clean_fqn",
+    "dtype_policy",
+    "for_world",
+    "get",
+    "optimizer_state_numel",
+    "resolve",
+    "torch_optimizer",
 ]
 
 BY_NAME: dict[str, type[Strategy]] = {cls.spec.name: cls for cls in (FSDP2, FSDP1, ZeRO2, ZeRO3, DDP)}

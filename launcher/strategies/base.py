@@ -15,9 +15,10 @@ The defaults describe one whole copy on every rank, which is what one process an
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -65,7 +66,7 @@ def clean_fqn(name: str) -> str:
     from torch.distributed.fsdp._common_utils import FSDP_WRAPPED_MODULE
 
     name = name.replace(f"{FSDP_WRAPPED_MODULE}.", "")
-    return name[len("module."):] if name.startswith("module.") else name
+    return name[len("module.") :] if name.startswith("module.") else name
 
 
 def module_path(root: nn.Module, target: nn.Module) -> str:
@@ -118,8 +119,12 @@ class Strategy:
         # the fp32 activations) and fp32 without it, where lm_head must match the fp32 hidden states.
         dense = compute_dtype if mixed_precision else torch.float32
         return DtypePolicy(
-            quant_storage=compute_dtype, norm=torch.float32, dense=dense, adapter=torch.float32,
-            bias=compute_dtype, experts=compute_dtype,
+            quant_storage=compute_dtype,
+            norm=torch.float32,
+            dense=dense,
+            adapter=torch.float32,
+            bias=compute_dtype,
+            experts=compute_dtype,
         )
 
     def plugins(self, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
@@ -182,8 +187,10 @@ class Strategy:
         state = self._trainable_state(model, optimizer)
         dcp.load(state, checkpoint_id=str(directory))
         set_state_dict(
-            model, torch_optimizer(optimizer),
-            model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+            model,
+            torch_optimizer(optimizer),
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
             options=StateDictOptions(strict=False),
         )
 

@@ -8,8 +8,13 @@ from .base import Strategy, StrategySpec
 
 class DDP(Strategy):
     spec = StrategySpec(
-        name="ddp", accelerate_config="ddp.yaml", deepspeed_config=None, checkpoint_format="dcp",
-        reshardable_checkpoints=True, shards_base=False, shards_adapter_state=False,
+        name="ddp",
+        accelerate_config="ddp.yaml",
+        deepspeed_config=None,
+        checkpoint_format="dcp",
+        reshardable_checkpoints=True,
+        shards_base=False,
+        shards_adapter_state=False,
     )
 
     def before_prepare(self, model, accelerator):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -14,8 +14,13 @@ from .layout import ADAM_STATES, TensorSpec, add, root_and_two_layers, split_fla
 
 class FSDP1(Strategy):
     spec = StrategySpec(
-        name="fsdp1", accelerate_config="fsdp1.yaml", deepspeed_config=None, checkpoint_format="dcp",
-        reshardable_checkpoints=True, shards_base=True, shards_adapter_state=True,
+        name="fsdp1",
+        accelerate_config="fsdp1.yaml",
+        deepspeed_config=None,
+        checkpoint_format="dcp",
+        reshardable_checkpoints=True,
+        shards_base=True,
+        shards_adapter_state=True,
     )
     # FSDP1 replaces the parameters with flat ones: the optimizer is built on the wrapped model.
     optimizer_after_wrap = True
@@ -92,7 +97,7 @@ class FSDP1(Strategy):
             if handle is None:
                 continue
             flat = handle.flat_param
-            for fqn, info, numel in zip(flat._fqns, flat._shard_param_infos, flat._numels):
+            for fqn, info, numel in zip(flat._fqns, flat._shard_param_infos, flat._numels, strict=True):
                 if not info.in_shard:
                     continue
                 name = clean_fqn(module_path(model, unit._fsdp_wrapped_module) + fqn)
@@ -123,7 +128,9 @@ class FSDP1(Strategy):
     def held_optimizer(self, trainable, world, rank):
         held = super().held_optimizer(trainable, world, rank)
         # AdamW's moments are `zeros_like` each parameter's view into the local flat shard.
-        held["optimizer_states"] = ADAM_STATES * sum(part.get("lora", 0) for part in self._flat_parts(trainable, world, rank))
+        held["optimizer_states"] = ADAM_STATES * sum(
+            part.get("lora", 0) for part in self._flat_parts(trainable, world, rank)
+        )
         return held
 
     def gathered_bytes(self, tensors, compute, world, hidden_size):

@@ -12,8 +12,13 @@ from .layout import ADAM_STATES, TensorSpec, add, chunk_rows, root_and_two_layer
 
 class FSDP2(Strategy):
     spec = StrategySpec(
-        name="fsdp2", accelerate_config="fsdp2.yaml", deepspeed_config=None, checkpoint_format="dcp",
-        reshardable_checkpoints=True, shards_base=True, shards_adapter_state=True,
+        name="fsdp2",
+        accelerate_config="fsdp2.yaml",
+        deepspeed_config=None,
+        checkpoint_format="dcp",
+        reshardable_checkpoints=True,
+        shards_base=True,
+        shards_adapter_state=True,
     )
 
     def plugins(self, cfg, device):
@@ -72,7 +77,10 @@ class FSDP2(Strategy):
         held: dict[str, int] = {"shard_padding": 0}
         for t in tensors:
             rows, stored, row_numel = self._rows(t, world, rank)
-            add(held, {t.component: rows * row_numel * t.itemsize, "shard_padding": (stored - rows) * row_numel * t.itemsize})
+            add(
+                held,
+                {t.component: rows * row_numel * t.itemsize, "shard_padding": (stored - rows) * row_numel * t.itemsize},
+            )
         return held
 
     def held_gradients(self, trainable, world, rank):

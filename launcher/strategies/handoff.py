@@ -10,8 +10,8 @@ tied weights one tensor throughout.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import bitsandbytes as bnb
 import torch
@@ -32,14 +32,18 @@ def broadcast_quant_states(model: nn.Module, device: torch.device) -> None:
     source = is_source_rank()
     shapes = broadcast_object(
         [{k: (tuple(v.shape), v.dtype) for k, v in m.weight.quant_state.as_dict(packed=True).items()} for m in layers]
-        if source else None
+        if source
+        else None
     )
     device_for_comm = comm_device(device)
-    for module, module_shapes in zip(layers, shapes):
+    for module, module_shapes in zip(layers, shapes, strict=True):
         if source:
             packed = {k: v.to(device_for_comm) for k, v in module.weight.quant_state.as_dict(packed=True).items()}
         else:
-            packed = {k: torch.empty(shape, dtype=dtype, device=device_for_comm) for k, (shape, dtype) in module_shapes.items()}
+            packed = {
+                k: torch.empty(shape, dtype=dtype, device=device_for_comm)
+                for k, (shape, dtype) in module_shapes.items()
+            }
         if distributed():
             for key in sorted(packed):
                 broadcast_tensor_(packed[key])

@@ -7,8 +7,8 @@ gradient and optimizer state a rank holds (padding included); these are the buil
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -52,7 +52,9 @@ def chunk_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
     return max(0, min(per_rank, rows - rank * per_rank)), per_rank
 
 
-def split_flat(pieces: list[tuple[str, int]], itemsize: int, align: int, pad_to: int, world: int, rank: int) -> dict[str, int]:
+def split_flat(
+    pieces: list[tuple[str, int]], itemsize: int, align: int, pad_to: int, world: int, rank: int
+) -> dict[str, int]:
     """Bytes per component that `rank` holds of one flat buffer built from `pieces` (component,
     elements): each piece starts at a multiple of `align` elements, the whole is padded to a multiple
     of `pad_to`, then cut into `world` equal parts. Gaps count as "shard_padding"."""

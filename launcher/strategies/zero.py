@@ -56,7 +56,9 @@ class ZeRO(Strategy):
     def read_trainable(self, directory: Path):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)
+        return get_fp32_state_dict_from_zero_checkpoint(
+            str(directory), tag=CHECKPOINT_TAG, exclude_frozen_parameters=True
+        )
 
     def shipped_zero_config(self) -> dict[str, Any]:
         """The `zero_optimization` section of the shipped DeepSpeed config for this stage."""

@@ -10,8 +10,14 @@ from .zero import ZeRO
 
 class ZeRO2(ZeRO):
     spec = StrategySpec(
-        name="zero2", accelerate_config="zero2.yaml", deepspeed_config="zero2.json", checkpoint_format="deepspeed",
-        reshardable_checkpoints=False, shards_base=False, shards_adapter_state=True, offloads_optimizer=True,
+        name="zero2",
+        accelerate_config="zero2.yaml",
+        deepspeed_config="zero2.json",
+        checkpoint_format="deepspeed",
+        reshardable_checkpoints=False,
+        shards_base=False,
+        shards_adapter_state=True,
+        offloads_optimizer=True,
     )
     stage = 2
 
@@ -32,7 +38,9 @@ class ZeRO2(ZeRO):
         held = whole(tensors)
         # The trainable parameters become views of one flat buffer, whole on every rank.
         if trainable:
-            held["shard_padding"] = (self._flat(trainable, world)[0] - sum(t.numel for t in trainable)) * trainable[0].itemsize
+            held["shard_padding"] = (self._flat(trainable, world)[0] - sum(t.numel for t in trainable)) * trainable[
+                0
+            ].itemsize
         return held
 
     def partition_numel(self, trainable, world, rank):

@@ -12,8 +12,14 @@ from .zero import ZeRO
 
 class ZeRO3(ZeRO):
     spec = StrategySpec(
-        name="zero3", accelerate_config="zero3.yaml", deepspeed_config="zero3.json", checkpoint_format="deepspeed",
-        reshardable_checkpoints=False, shards_base=True, shards_adapter_state=True, offloads_optimizer=True,
+        name="zero3",
+        accelerate_config="zero3.yaml",
+        deepspeed_config="zero3.json",
+        checkpoint_format="deepspeed",
+        reshardable_checkpoints=False,
+        shards_base=True,
+        shards_adapter_state=True,
+        offloads_optimizer=True,
     )
     stage = 3
     linear_saves_input = True

@@ -46,7 +46,7 @@ def test_no_import_cycle():
         state[name] = "open"
         for target in sorted(graph[name]):
             if state.get(target) == "open":
-                cycle = trail[trail.index(target):] + [target] if target in trail else [name, target]
+                cycle = trail[trail.index(target) :] + [target] if target in trail else [name, target]
                 pytest.fail(f"import cycle: {' -> '.join(cycle)}")
             if target not in state:
                 visit(target, trail + [target])
@@ -65,6 +65,7 @@ def test_modules_stay_small(name):
 
 def strategy_tests(tree: ast.AST) -> list[str]:
     """Comparisons with a strategy name, and `.startswith` with a prefix of one."""
+
     def names_in(node) -> list[str]:
         if isinstance(node, ast.Constant) and node.value in NAMES:
             return [node.value]
@@ -78,19 +79,28 @@ def strategy_tests(tree: ast.AST) -> list[str]:
             found += [n for side in (node.left, *node.comparators) for n in names_in(side)]
         elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "startswith":
             found += [
-                arg.value for arg in node.args
-                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and any(n.startswith(arg.value) for n in NAMES)
+                arg.value
+                for arg in node.args
+                if isinstance(arg, ast.Constant)
+                and isinstance(arg.value, str)
+                and any(n.startswith(arg.value) for n in NAMES)
             ]
     return found
 
 
 def test_no_strategy_name_is_tested_outside_strategies():
     outside = {name: path for name, path in MODULES.items() if not name.startswith("launcher.strategies")}
-    offenders = {name: found for name, path in outside.items() if (found := strategy_tests(ast.parse(path.read_text())))}
+    offenders = {
+        name: found for name, path in outside.items() if (found := strategy_tests(ast.parse(path.read_text())))
+    }
     assert not offenders, f"ask the strategy (its spec or a hook) instead of testing its name: {offenders}"
 
 
 def test_the_checks_see_what_they_look_for():
     # The rules above would pass on anything if the parsing were wrong.
     assert strategy_tests(ast.parse('if s.name.startswith("zero") or s in ("fsdp1", "x"): pass')) == ["zero", "fsdp1"]
-    assert imported_modules(PACKAGE / "train.py") >= {"launcher.preflight", "launcher.checkpoint", "launcher.memory.measure"}
+    assert imported_modules(PACKAGE / "train.py") >= {
+        "launcher.preflight",
+        "launcher.checkpoint",
+        "launcher.memory.measure",
+    }

@@ -14,8 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_probes, probe_launch_command, python, read_metrics, run_command, start_command, tail, wait_for
 from launcher.strategies import NAMES as STRATEGIES
+from support.launches import (
+    load_probes,
+    probe_launch_command,
+    python,
+    read_metrics,
+    run_command,
+    start_command,
+    tail,
+    wait_for,
+)
 
 K = 6
 RECORDS = 40  # global batch 4: 10 optimizer steps per epoch
@@ -31,15 +40,24 @@ def small_data(demo_assets, tmp_path_factory) -> Path:
 
 def args(demo_assets, data: Path, out: Path, strategy: str, steps: int, *extra: str) -> list[str]:
     return [
-        "--config", str(demo_assets / "run.yaml"),
-        "--strategy", strategy,
-        "--data.path", str(data),
-        "--output_dir", str(out),
-        "--train.micro_batch_size", "2",
-        "--train.max_steps", str(steps),
-        "--train.warmup_steps", "2",
-        "--lora.dropout", "0.1",
-        "--checkpoint.every_steps", str(K),
+        "--config",
+        str(demo_assets / "run.yaml"),
+        "--strategy",
+        strategy,
+        "--data.path",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--train.micro_batch_size",
+        "2",
+        "--train.max_steps",
+        str(steps),
+        "--train.warmup_steps",
+        "2",
+        "--lora.dropout",
+        "0.1",
+        "--checkpoint.every_steps",
+        str(K),
         *extra,
     ]
 
@@ -75,7 +93,9 @@ def resumed(request, uninterrupted, demo_assets, small_data):
     strategy = request.param
     root = uninterrupted(strategy)
     checkpoint = root / "A" / "checkpoints" / f"step-{K:06d}"
-    proc, log = launch(strategy, root, "B", args(demo_assets, small_data, root / "B", strategy, 2 * K, "--resume", str(checkpoint)))
+    proc, log = launch(
+        strategy, root, "B", args(demo_assets, small_data, root / "B", strategy, 2 * K, "--resume", str(checkpoint))
+    )
     assert proc.returncode == 0, tail(log)
     assert f"Resuming from step {K}" in log.read_text()
     return strategy, root, checkpoint
@@ -91,7 +111,7 @@ def test_resumed_losses_equal_the_uninterrupted_run(resumed):
 
 def test_resumed_ranks_see_the_same_batches_across_the_epoch_boundary(resumed):
     _, root, _ = resumed
-    for rank, (a, b) in enumerate(zip(load_probes(root / "A"), load_probes(root / "B"))):
+    for rank, (a, b) in enumerate(zip(load_probes(root / "A"), load_probes(root / "B"), strict=True)):
         assert sorted(b["batches"]) == list(range(K, 2 * K))
         for step in range(K, 2 * K):
             assert b["batches"][step] == a["batches"][step], (rank, step)
@@ -112,7 +132,7 @@ def test_checkpoint_holds_only_trainable_state(resumed):
         from torch.distributed.checkpoint import FileSystemReader
 
         keys = FileSystemReader(str(trainable)).read_metadata().state_dict_metadata
-        names = [k[len("model."):] for k in keys if k.startswith("model.")]
+        names = [k[len("model.") :] for k in keys if k.startswith("model.")]
         optimizer_params = {k.split(".", 2)[2].rsplit(".", 1)[0] for k in keys if k.startswith("optimizer.state.")}
         assert optimizer_params == set(names)
     assert len(names) == lora_params
@@ -149,7 +169,10 @@ def test_without_rng_restore_the_resume_check_fails(uninterrupted, demo_assets, 
     a_root = uninterrupted(strategy)
     checkpoint = a_root / "A" / "checkpoints" / f"step-{K:06d}"
     proc, log = launch(
-        strategy, tmp_path, "C", args(demo_assets, small_data, tmp_path / "C", strategy, 2 * K, "--resume", str(checkpoint)),
+        strategy,
+        tmp_path,
+        "C",
+        args(demo_assets, small_data, tmp_path / "C", strategy, 2 * K, "--resume", str(checkpoint)),
         env={"PROBE_SKIP_RNG_RESTORE": "1"},
     )
     assert proc.returncode == 0, tail(log)
@@ -159,16 +182,29 @@ def test_without_rng_restore_the_resume_check_fails(uninterrupted, demo_assets, 
     # A DCP checkpoint reshards: the 2-rank step-K checkpoint loads into one process unchanged.
     single = tmp_path / "single"
     proc = run_command(
-        [python(), "-m", "launcher", "train", "--nproc", "1", *args(demo_assets, small_data, single, strategy, K, "--resume", str(checkpoint))],
+        [
+            python(),
+            "-m",
+            "launcher",
+            "train",
+            "--nproc",
+            "1",
+            *args(demo_assets, small_data, single, strategy, K, "--resume", str(checkpoint)),
+        ],
         tmp_path / "single.log",
     )
     assert proc.returncode == 0, tail(tmp_path / "single.log")
     exported = tmp_path / "exported"
-    proc = run_command([python(), "-m", "launcher", "export", str(checkpoint), "--output", str(exported)], tmp_path / "export.log")
+    proc = run_command(
+        [python(), "-m", "launcher", "export", str(checkpoint), "--output", str(exported)], tmp_path / "export.log"
+    )
     assert proc.returncode == 0, tail(tmp_path / "export.log")
     from safetensors.torch import load_file
 
-    resharded, saved = load_file(single / "adapter" / "adapter_model.safetensors"), load_file(exported / "adapter_model.safetensors")
+    resharded, saved = (
+        load_file(single / "adapter" / "adapter_model.safetensors"),
+        load_file(exported / "adapter_model.safetensors"),
+    )
     assert resharded.keys() == saved.keys()
     assert all(torch.equal(resharded[k], saved[k]) for k in saved)
 
@@ -200,7 +236,9 @@ def test_killed_rank_ends_the_job_and_auto_resume_continues(demo_assets, small_d
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(demo_assets, small_data, tmp_path):
     strategy, steps, out = "zero2", 12, tmp_path / "run"
-    train_args = args(demo_assets, small_data, out, strategy, steps, "--checkpoint.every_steps", "3", "--checkpoint.keep_last", "1")
+    train_args = args(
+        demo_assets, small_data, out, strategy, steps, "--checkpoint.every_steps", "3", "--checkpoint.keep_last", "1"
+    )
     proc, log = launch(strategy, tmp_path, "killed", train_args, env={"PROBE_KILL_DURING_SAVE": "1:6"})
     assert proc.returncode != 0
     checkpoints = out / "checkpoints"
@@ -218,9 +256,14 @@ def test_resume_refuses_what_would_change_its_meaning(demo_assets, small_data, t
     from launcher import cli
 
     out = tmp_path / "run"
-    proc = run_command([python(), "-m", "launcher", "train", "--nproc", "1", *args(demo_assets, small_data, out, "fsdp2", 3)], tmp_path / "a.log")
+    proc = run_command(
+        [python(), "-m", "launcher", "train", "--nproc", "1", *args(demo_assets, small_data, out, "fsdp2", 3)],
+        tmp_path / "a.log",
+    )
     assert proc.returncode == 0, tail(tmp_path / "a.log")
-    code = cli.main(["train", "--nproc", "1", *args(demo_assets, small_data, out, "fsdp2", 6, "--resume", "auto", "--lora.r", "8")])
+    code = cli.main(
+        ["train", "--nproc", "1", *args(demo_assets, small_data, out, "fsdp2", 6, "--resume", "auto", "--lora.r", "8")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "lora.r: 16 -> 8" in err and "Cannot resume" in err
 
@@ -234,10 +277,17 @@ def test_deepspeed_checkpoint_on_another_world_size_is_refused(demo_assets, smal
     cfg.train.mixed_precision = "no"
     written = tmp_path / "run" / "checkpoints" / "step-000003"
     written.mkdir(parents=True)
-    (written / "meta.json").write_text(json.dumps({
-        "step": 3, "world_size": 2, "strategy": "zero2", "checkpoint_format": "deepspeed",
-        "fingerprint": checkpoint.fingerprint(cfg),
-    }))
+    (written / "meta.json").write_text(
+        json.dumps(
+            {
+                "step": 3,
+                "world_size": 2,
+                "strategy": "zero2",
+                "checkpoint_format": "deepspeed",
+                "fingerprint": checkpoint.fingerprint(cfg),
+            }
+        )
+    )
     code = cli.main(["train", "--nproc", "1", *train_args, "--resume", "auto"])
     err = capsys.readouterr().err
     assert code == 2 and "DeepSpeed checkpoints are tied to the world size they were written with (2)" in err

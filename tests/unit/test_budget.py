@@ -1,14 +1,9 @@
-"""The memory budget: static components exact to the byte, activations within 10%, and the commands.
+"""The memory budget in process: static components exact to the byte, activations within 10%, the commands.
 
-Real launches: every sharding strategy on 3 CPU ranks with a model whose shapes do not split evenly
-(so every kind of padding appears and the last rank differs), grouped-query attention, checkpointing
-off, LoRA dropout on and two micro batches per step. The training run itself writes
-memory_budget.json (predicted vs measured per rank); the test reads it. test_strategies.py checks
-the same on the demo model at world sizes 1 and 2, with checkpointing on.
-
-In process: activations across sequence lengths x micro batches x checkpointing x two model shapes,
+Activations across sequence lengths x micro batches x checkpointing x two model shapes,
 measured by the same probe training uses; the meta skeleton against the real loaded model; the
 4-bit packing and quantization constants against bitsandbytes; `qlaunch budget` and `qlaunch plan`.
+Real launches check the same per rank: integration/test_budget_launch.py and test_matrix.py.
 """
 
 import json
@@ -17,72 +12,36 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_budget_rows, run_command, tail
-from launcher import cli, launch, strategies
+from launcher import cli, strategies
+from launcher.config import load_config
+from launcher.demo import build_base_model
 from launcher.memory import components, measure, predict, skeleton
 from launcher.model import packed_shape
 from launcher.strategies import layout
-from launcher.config import DistConfig, load_config
-from families import FAMILIES
-from launcher.demo import build_base_model, write_dataset
+from support.families import FAMILIES
 
-UNEVEN_WORLD = 3
-SHARDING = ["fsdp2", "fsdp1", "zero2", "zero3"]
 LLAMA_2_70B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
-    "num_attention_heads": 64, "num_hidden_layers": 80, "num_key_value_heads": 8, "vocab_size": 32000,
-    "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_attention_heads": 64,
+    "num_hidden_layers": 80,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
 }
-
-
-@pytest.fixture(scope="module")
-def uneven_assets(tmp_path_factory) -> Path:
-    """hidden 100, 5 heads of 20, 1 kv head, LoRA r=5: rows and flat sizes that 3 ranks cannot split evenly."""
-    root = tmp_path_factory.mktemp("uneven")
-    build_base_model(root / "base", layers=2, hidden=100, heads=5, kv_heads=1)
-    write_dataset(root / "data.jsonl", records=64, words=30)
-    return root
-
-
-@pytest.fixture(scope="module", params=SHARDING)
-def uneven_run(request, uneven_assets, tmp_path_factory) -> tuple[str, Path, dict]:
-    strategy = request.param
-    root = tmp_path_factory.mktemp(f"uneven-{strategy}")
-    # The command `qlaunch train` itself runs: the shipped accelerate (and DeepSpeed) config for the strategy.
-    cmd = launch.accelerate_command(strategies.get(strategy), launch.Machines.local(UNEVEN_WORLD), [
-        "--model.path", str(uneven_assets / "base"),
-        "--data.path", str(uneven_assets / "data.jsonl"),
-        "--strategy", strategy,
-        "--output_dir", str(root / "run"),
-        "--lora.r", "5",
-        "--lora.dropout", "0.05",
-        "--train.gradient_checkpointing", "false",
-        "--train.micro_batch_size", "3",
-        "--train.grad_accum_steps", "2",
-        "--train.max_steps", "1",
-    ], DistConfig())
-    proc = run_command(cmd, root / "launch.log")
-    assert proc.returncode == 0, tail(root / "launch.log")
-    return strategy, root, json.loads((root / "run" / measure.REPORT_JSON).read_text())
-
-
-def test_uneven_shards_are_predicted_to_the_byte(uneven_run):
-    strategy, root, report = uneven_run
-    ranks = report["measured"]["ranks"]
-    assert len(ranks) == UNEVEN_WORLD
-    assert_budget_rows(report, strategy)
-    # The shapes were chosen so that padding appears and, where tensors are split, ranks differ.
-    assert any(r["components"]["shard_padding"] > 0 for r in ranks), ranks
-    if strategy != "zero2":
-        assert len({json.dumps(r["components"], sort_keys=True) for r in ranks}) > 1
-    log = (root / "launch.log").read_text()
-    assert "Memory per rank at the start of training" in log and "Memory per rank after the first step" in log
-    assert (root / "run" / measure.REPORT_PNG).read_bytes().startswith(b"\x89PNG")
 
 
 # --- Activations, in process, with the probe training uses -------------------------------------
 
-SHAPES = {"llama-mha": dict(layers=3, hidden=128, heads=4, kv_heads=4), "llama-gqa": dict(layers=2, hidden=192, heads=6, kv_heads=2)}
+SHAPES = {
+    "llama-mha": dict(layers=3, hidden=128, heads=4, kv_heads=4),
+    "llama-gqa": dict(layers=2, hidden=192, heads=6, kv_heads=2),
+}
 SEQ_LENS = (16, 80)
 MICRO_BATCHES = (1, 3)
 
@@ -106,10 +65,18 @@ def measure_activations(model, cfg, batch: int, seq: int) -> int:
 
 
 def run_config(path: Path, checkpointing: bool, batch: int = 1, seq: int = 16):
-    return load_config(None, [
-        ("model.path", str(path)), ("strategy", "ddp"), ("lora.dropout", 0.05), ("train.mixed_precision", "no"),
-        ("train.gradient_checkpointing", checkpointing), ("train.micro_batch_size", batch), ("data.max_seq_len", seq),
-    ])
+    return load_config(
+        None,
+        [
+            ("model.path", str(path)),
+            ("strategy", "ddp"),
+            ("lora.dropout", 0.05),
+            ("train.mixed_precision", "no"),
+            ("train.gradient_checkpointing", checkpointing),
+            ("train.micro_batch_size", batch),
+            ("data.max_seq_len", seq),
+        ],
+    )
 
 
 def real_model(cfg):
@@ -170,7 +137,12 @@ def test_packing_and_quant_constants_follow_bitsandbytes(shape, double_quant, st
     numel = shape[0] * shape[1]
     if (numel // 2) % storage.itemsize:
         pytest.skip("bitsandbytes cannot view these packed bytes as this storage dtype")
-    packed, state = quantize_4bit(torch.randn(shape, dtype=torch.bfloat16), compress_statistics=double_quant, quant_type="nf4", quant_storage=storage)
+    packed, state = quantize_4bit(
+        torch.randn(shape, dtype=torch.bfloat16),
+        compress_statistics=double_quant,
+        quant_type="nf4",
+        quant_storage=storage,
+    )
     assert tuple(packed.shape) == packed_shape(numel, storage) and packed.dtype == storage
     tensors = {"absmax": state.absmax, "quant_map": state.code}
     if double_quant:
@@ -232,11 +204,24 @@ def test_budget_json_schema_and_sharding_of_a_70b_config(llama_70b, capsys):
 
 def test_budget_table_flags_override_the_run_config_and_plot(shape_dirs, tmp_path, capsys):
     run_yaml = tmp_path / "run.yaml"
-    run_yaml.write_text(f"model: {{path: {shape_dirs['llama-gqa']}}}\nlora: {{r: 8}}\ndata: {{max_seq_len: 128}}\nstrategy: zero3\n")
+    run_yaml.write_text(
+        f"model: {{path: {shape_dirs['llama-gqa']}}}\nlora: {{r: 8}}\ndata: {{max_seq_len: 128}}\nstrategy: zero3\n"
+    )
     report = budget_json(capsys, "--config", str(run_yaml), "--seq-len", "256", "--nodes", "2", "--gpus-per-node", "2")
-    assert (report["seq_len"], report["lora"]["r"], report["strategy"], report["world_size"], report["nodes"]) == (256, 8, "zero3", 4, 2)
+    assert (report["seq_len"], report["lora"]["r"], report["strategy"], report["world_size"], report["nodes"]) == (
+        256,
+        8,
+        "zero3",
+        4,
+        2,
+    )
     plot = tmp_path / "budget.png"
-    assert cli.main(["budget", "--config", str(run_yaml), "--world-size", "3", "--gpu-memory", "80GB", "--plot", str(plot)]) == 0
+    assert (
+        cli.main(
+            ["budget", "--config", str(run_yaml), "--world-size", "3", "--gpu-memory", "80GB", "--plot", str(plot)]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "Memory budget per rank" in table and "ranks 0-1" in table and "rank 2" in table and "FITS" in table
     assert plot.read_bytes().startswith(b"\x89PNG")
@@ -245,7 +230,18 @@ def test_budget_table_flags_override_the_run_config_and_plot(shape_dirs, tmp_pat
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("gpt2") / "config.json"
-    path.write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 100}))
+    path.write_text(
+        json.dumps(
+            {
+                "architectures": ["GPT2LMHeadModel"],
+                "model_type": "gpt2",
+                "n_embd": 64,
+                "n_head": 4,
+                "n_layer": 2,
+                "vocab_size": 100,
+            }
+        )
+    )
     return path
 
 
@@ -254,14 +250,17 @@ def test_architectures_outside_the_activation_model_are_refused(gpt2, capsys):
     assert "Activations are modelled for decoder layers with a gated MLP" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--model", "some-org/not-downloaded-model"], r"not in the local Hugging Face cache.*config.json"),
-    (["--strategy", "zero4"], r"Unknown strategy `zero4`"),
-    (["--gpu-memory", "lots"], r"--gpu-memory `lots` is not a size"),
-    (["--strategy", "fsdp2", "--offload"], r"--offload models DeepSpeed's offload_optimizer"),
-    (["--world-size", "4", "--nodes", "2", "--gpus-per-node", "3"], r"disagrees"),
-    (["--optimizer", "sgd"], r"Optimizer `sgd`"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "some-org/not-downloaded-model"], r"not in the local Hugging Face cache.*config.json"),
+        (["--strategy", "zero4"], r"Unknown strategy `zero4`"),
+        (["--gpu-memory", "lots"], r"--gpu-memory `lots` is not a size"),
+        (["--strategy", "fsdp2", "--offload"], r"--offload models DeepSpeed's offload_optimizer"),
+        (["--world-size", "4", "--nodes", "2", "--gpus-per-node", "3"], r"disagrees"),
+        (["--optimizer", "sgd"], r"Optimizer `sgd`"),
+    ],
+)
 def test_budget_bad_input_gets_one_clear_error(llama_70b, capsys, args, message):
     import re
 
@@ -274,7 +273,17 @@ def test_budget_bad_input_gets_one_clear_error(llama_70b, capsys, args, message)
 
 
 def test_plan_keeps_what_fits_and_recommends_the_fastest(shape_dirs, capsys):
-    base = ["plan", "--model", str(shape_dirs["llama-mha"]), "--world-size", "2", "--seq-len", "64", "--runtime-overhead", "0"]
+    base = [
+        "plan",
+        "--model",
+        str(shape_dirs["llama-mha"]),
+        "--world-size",
+        "2",
+        "--seq-len",
+        "64",
+        "--runtime-overhead",
+        "0",
+    ]
     assert cli.main([*base, "--gpu-memory", "12MiB", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     fits = [c for c in report["candidates"] if c["fits"]]
@@ -282,9 +291,16 @@ def test_plan_keeps_what_fits_and_recommends_the_fastest(shape_dirs, capsys):
     for c in report["candidates"]:
         assert c["fits"] == (c["peak_bytes"] <= report["limit_bytes"])
     best = report["recommended"]
-    chosen = next(c for c in fits if all(c[k] == best[k] for k in ("strategy", "micro_batch", "gradient_checkpointing", "offload")))
+    chosen = next(
+        c
+        for c in fits
+        if all(c[k] == best[k] for k in ("strategy", "micro_batch", "gradient_checkpointing", "offload"))
+    )
     assert chosen["estimated_tokens_per_s"] >= 0.99 * max(c["estimated_tokens_per_s"] for c in fits)
-    assert f"--strategy {best['strategy']}" in best["command"] and f"--train.micro_batch_size {best['micro_batch']}" in best["command"]
+    assert (
+        f"--strategy {best['strategy']}" in best["command"]
+        and f"--train.micro_batch_size {best['micro_batch']}" in best["command"]
+    )
     assert cli.main([*base, "--gpu-memory", "1MiB"]) == 0
     assert "Nothing fits" in capsys.readouterr().out
 

@@ -1,6 +1,6 @@
-"""A real two-node Slurm cluster on this host, for the tests (the recipe in ../shared/notes/local-slurm.md).
+"""A real two-node Slurm cluster on this host, for the tests (the recipe in docs/local-slurm.md).
 
-    python3 tests/slurm_cluster.py install    # apt-get Debian's slurmctld, slurmd, slurm-client, munge if missing
+    python3 tests/support/slurm_cluster.py install    # apt-get Debian's slurmctld, slurmd, slurm-client, munge if missing
 
 `SlurmCluster.start()` writes its own munge key and slurm.conf under a new temporary folder, starts
 munged, slurmctld and two slurmd (nodes n1 and n2 on this host: one CPU each, and two placeholder
@@ -11,6 +11,7 @@ started, by their pid files. Standard library only: .ci/run calls it before the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -74,7 +75,9 @@ class SlurmCluster:
     def start(cls) -> SlurmCluster:
         missing = [name for name in DAEMONS + CLIENTS if not which(name)]
         if missing:
-            raise RuntimeError(f"Slurm programs not found: {', '.join(missing)} (python3 tests/slurm_cluster.py install)")
+            raise RuntimeError(
+                f"Slurm programs not found: {', '.join(missing)} (python3 tests/support/slurm_cluster.py install)"
+            )
         root = Path(tempfile.mkdtemp(prefix="qlaunch-slurm-"))
         root.chmod(0o755)
         cluster = cls(root)
@@ -102,8 +105,13 @@ class SlurmCluster:
         self.munge_socket = munge / "munge.socket"
         self._daemon(
             [
-                "munged", "--force", f"--socket={self.munge_socket}", f"--key-file={key}",
-                f"--log-file={munge / 'munged.log'}", f"--pid-file={munge / 'munged.pid'}", f"--seed-file={munge / 'munged.seed'}",
+                "munged",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--log-file={munge / 'munged.log'}",
+                f"--pid-file={munge / 'munged.pid'}",
+                f"--seed-file={munge / 'munged.seed'}",
             ],
             munge / "munged.pid",
         )
@@ -160,17 +168,25 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def _nodes_idle(self) -> bool:
         shown = self.run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False).stdout.split()
-        return dict(zip(shown[::2], shown[1::2])) == {node: "idle" for node in NODES}
+        return dict(zip(shown[::2], shown[1::2], strict=False)) == {node: "idle" for node in NODES}
 
-    def run(self, command: list[str], check: bool = True, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-        result = subprocess.run(command, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=60, **kwargs)
+    def run(
+        self, command: list[str], check: bool = True, env: dict | None = None, **kwargs
+    ) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            command, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=60, **kwargs
+        )
         if check and result.returncode != 0:
             raise RuntimeError(f"`{' '.join(command)}` failed ({result.returncode}): {result.stderr.strip()}")
         return result
 
     def submit(self, script: Path, args: list[str], options: list[str], env: dict, cwd: Path) -> int:
         """`sbatch OPTIONS SCRIPT ARGS` from `cwd`, with `env` added to this process's environment (sbatch passes it on)."""
-        return int(self.run(["sbatch", "--parsable", *options, str(script), *args], env=env, cwd=cwd).stdout.strip().split(";")[0])
+        return int(
+            self.run(["sbatch", "--parsable", *options, str(script), *args], env=env, cwd=cwd)
+            .stdout.strip()
+            .split(";")[0]
+        )
 
     def job(self, job_id: int) -> dict[str, str]:
         shown = self.run(["scontrol", "show", "job", "-o", str(job_id)]).stdout
@@ -180,7 +196,12 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self.run(["scancel", f"--signal={name}", "--batch", str(job_id)])
 
     def wait_for(self, job_id: int, states: set[str], timeout: float) -> dict[str, str]:
-        return wait_until(lambda: (info := self.job(job_id))["JobState"] in states and info, timeout, f"job {job_id} to reach {states}", 0.5)
+        return wait_until(
+            lambda: (info := self.job(job_id))["JobState"] in states and info,
+            timeout,
+            f"job {job_id} to reach {states}",
+            0.5,
+        )
 
     def log_tails(self, chars: int = 3000) -> str:
         logs = sorted(self.root.glob("log/*.log")) + sorted(self.root.glob("munge/*.log"))
@@ -192,10 +213,12 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             jobs = self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.split()
             if jobs:
                 self.run(["scancel", *jobs], check=False)
-                try:
-                    wait_until(lambda: not self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.strip(), 30, "jobs to end")
-                except TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):
+                    wait_until(
+                        lambda: not self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.strip(),
+                        30,
+                        "jobs to end",
+                    )
         for pid_file in reversed(self.pid_files):
             _stop_pid(pid_file)
         shutil.rmtree(self.root, ignore_errors=True)

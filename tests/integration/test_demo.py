@@ -1,6 +1,6 @@
 """The README's first command: the embedded default trains for real on 2 CPU ranks with FSDP2."""
 
-from conftest import python, read_metrics, run_command, tail
+from support.launches import python, read_metrics, run_command, tail
 
 
 def test_demo_trains_and_summarizes(tmp_path):

@@ -13,9 +13,9 @@ Phi-3's fused projections, and fused 3D expert weights (MoE).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from launcher.demo import write_dataset
 
@@ -85,18 +85,31 @@ def _mistral(tokens):
 def _gemma2(tokens):
     from transformers import Gemma2Config
 
-    return Gemma2Config(**_common(
-        tokens, head_dim=24, query_pre_attn_scalar=24, sliding_window=16, tie_word_embeddings=True,
-        attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-    ))
+    return Gemma2Config(
+        **_common(
+            tokens,
+            head_dim=24,
+            query_pre_attn_scalar=24,
+            sliding_window=16,
+            tie_word_embeddings=True,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+        )
+    )
 
 
 def _gemma3(tokens):
     from transformers import Gemma3TextConfig
 
-    return Gemma3TextConfig(**_common(
-        tokens, head_dim=24, query_pre_attn_scalar=24, sliding_window=16, tie_word_embeddings=True,
-    ))
+    return Gemma3TextConfig(
+        **_common(
+            tokens,
+            head_dim=24,
+            query_pre_attn_scalar=24,
+            sliding_window=16,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 def _phi3(tokens):
@@ -114,10 +127,17 @@ def _mixtral(tokens):
 def _qwen3_moe(tokens):
     from transformers import Qwen3MoeConfig
 
-    return Qwen3MoeConfig(**_common(
-        tokens, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-        decoder_sparse_step=1, tie_word_embeddings=False,
-    ))
+    return Qwen3MoeConfig(
+        **_common(
+            tokens,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=64,
+            decoder_sparse_step=1,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 FAMILIES = [
@@ -132,7 +152,10 @@ FAMILIES = [
     Family("mixtral", "MoE: 4 experts, top-2, fused 3D expert weights", _mixtral, moe=True),
     Family("qwen3-moe", "MoE: 4 experts, top-2, q/k norms", _qwen3_moe, moe=True),
     Family(
-        "mixtral-experts", "Mixtral with the experts adapted too (`lora.target_parameters`)", _mixtral, moe=True,
+        "mixtral-experts",
+        "Mixtral with the experts adapted too (`lora.target_parameters`)",
+        _mixtral,
+        moe=True,
         run_args=("--lora.target_parameters", "[mlp.experts.gate_up_proj, mlp.experts.down_proj]"),
         refused={"fsdp1": "reads the adapter weights outside their modules' forward"},
     ),
@@ -153,11 +176,16 @@ def build_tokenizer(texts: list[str]):
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=VOCAB,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     core.train_from_iterator(texts, trainer)
     bos = core.token_to_id("<s>")
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
@@ -169,7 +197,9 @@ def build_family(family: Family, root: Path, seed: int = 0) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     data = write_dataset(root / "data.jsonl", records=64, words=30)
     tokenizer = build_tokenizer(corpus(data))
-    tokens = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    tokens = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(family.config(tokens))
     model.to(torch.bfloat16).save_pretrained(root / "base")

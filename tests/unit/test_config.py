@@ -7,8 +7,12 @@ from launcher.config import ConfigError, RunConfig, load_config, parse_overrides
 
 def test_yaml_and_overrides_map_onto_the_typed_config(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("model:\n  path: m\ntrain:\n  lr: 1e-4\n  max_steps: 5\nlora:\n  target_modules: [q_proj, v_proj]\n")
-    cfg = load_config(path, parse_overrides(["--train.lr", "3e-3", "--lora.r=8", "--strategy", "zero3", "--data.max-seq-len", "128"]))
+    path.write_text(
+        "model:\n  path: m\ntrain:\n  lr: 1e-4\n  max_steps: 5\nlora:\n  target_modules: [q_proj, v_proj]\n"
+    )
+    cfg = load_config(
+        path, parse_overrides(["--train.lr", "3e-3", "--lora.r=8", "--strategy", "zero3", "--data.max-seq-len", "128"])
+    )
     assert isinstance(cfg, RunConfig)
     assert cfg.train.lr == 3e-3 and isinstance(cfg.train.lr, float)
     assert cfg.train.max_steps == 5

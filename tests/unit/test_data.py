@@ -36,11 +36,14 @@ def test_text_records_train_on_every_token_and_are_truncated(tmp_path, tokenizer
     assert len(data.input_ids[0]) == 16 and data.labels[0] == data.input_ids[0]
 
 
-@pytest.mark.parametrize("suffix,writer", [
-    (".parquet", lambda p, rows: __import__("pandas").DataFrame(rows).to_parquet(p)),
-    (".txt", lambda p, rows: p.write_text("\n".join(r["text"] for r in rows) + "\n")),
-    (".json", lambda p, rows: p.write_text(json.dumps(rows))),
-])
+@pytest.mark.parametrize(
+    "suffix,writer",
+    [
+        (".parquet", lambda p, rows: __import__("pandas").DataFrame(rows).to_parquet(p)),
+        (".txt", lambda p, rows: p.write_text("\n".join(r["text"] for r in rows) + "\n")),
+        (".json", lambda p, rows: p.write_text(json.dumps(rows))),
+    ],
+)
 def test_local_formats(tmp_path, tokenizer, suffix, writer):
     path = tmp_path / f"data{suffix}"
     writer(path, [{"text": "t1 t2 t3"}, {"text": "t4 t5"}])
@@ -50,7 +53,9 @@ def test_local_formats(tmp_path, tokenizer, suffix, writer):
 
 def test_missing_fields_name_what_is_there_and_the_fix(tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"question": "a", "answer": "b"}])
-    with pytest.raises(ConfigError, match=r"has fields \['answer', 'question'\].*`text`.*`prompt` and `completion`.*data.text_field"):
+    with pytest.raises(
+        ConfigError, match=r"has fields \['answer', 'question'\].*`text`.*`prompt` and `completion`.*data.text_field"
+    ):
         record_kind(load_records(DataConfig(path=str(path))).column_names, DataConfig(path=str(path)))
 
 
@@ -58,7 +63,10 @@ def test_sampler_is_deterministic_and_world_size_invariant():
     two_ranks = GlobalBatches(100, micro=2, accum=3, world=2, seed=7)
     one_rank = GlobalBatches(100, micro=4, accum=3, world=1, seed=7)
     for step in range(2 * two_ranks.steps_per_epoch + 1):  # crosses two epoch boundaries
-        merged = [a + b for a, b in zip(two_ranks.rank_micro_batches(step, 0), two_ranks.rank_micro_batches(step, 1))]
+        merged = [
+            a + b
+            for a, b in zip(two_ranks.rank_micro_batches(step, 0), two_ranks.rank_micro_batches(step, 1), strict=True)
+        ]
         assert merged == one_rank.rank_micro_batches(step, 0)
     assert GlobalBatches(100, 2, 3, 2, seed=7).step_samples(5) == two_ranks.step_samples(5)
     assert GlobalBatches(100, 2, 3, 2, seed=8).step_samples(5) != two_ranks.step_samples(5)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
 from launcher import strategies
 from launcher.strategies import NAMES as STRATEGIES
+from support.launches import REPO
 
 ACCELERATE_CONFIGS = sorted((REPO / "accelerate_configs").rglob("*.yaml"))
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
@@ -48,7 +48,11 @@ def test_every_shipped_file_is_covered():
 @pytest.mark.parametrize("multinode", [False, True], ids=["single-node", "multi-node"])
 def test_config_selects_its_strategy(strategy, multinode, monkeypatch):
     folder = REPO / "accelerate_configs" / ("multinode" if multinode else "")
-    extra = ["--num_processes", "4", "--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "10.1.2.3"] if multinode else []
+    extra = (
+        ["--num_processes", "4", "--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "10.1.2.3"]
+        if multinode
+        else []
+    )
     monkeypatch.chdir(REPO)
     env = launch_env(folder / strategies.get(strategy).spec.accelerate_config, extra)
     for key in list(__import__("os").environ):

@@ -1,6 +1,6 @@
 """One rank of a real `launcher train` run, with observers attached (started by accelerate launch).
 
-    accelerate launch --config_file accelerate_configs/X.yaml tests/dist_probe.py PROBE_DIR -- <train args>
+    accelerate launch --config_file accelerate_configs/X.yaml tests/support/dist_probe.py PROBE_DIR -- <train args>
 
 It runs exactly `launcher.cli.main(["train", ...])`. The observers only read state and write it to
 PROBE_DIR/rank<R>.pt for the tests (PROBE_DIR/pid-rank<R> holds each rank's pid while it runs):
@@ -28,8 +28,8 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 from accelerate import Accelerator
-
 from graph_utils import graph_node_types
+
 from launcher import checkpoint, cli, strategies, train
 
 PROBE_DIR = Path(sys.argv[1])
@@ -125,7 +125,7 @@ def kill_during_save(original):
 
     def save_trainable(self, model, optimizer, directory):
         original(self, model, optimizer, directory)
-        if RANK == kill_rank and checkpoint.step_name(kill_step) in str(directory):
+        if kill_rank == RANK and checkpoint.step_name(kill_step) in str(directory):
             os.kill(os.getpid(), signal.SIGKILL)
 
     return save_trainable

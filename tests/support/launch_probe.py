@@ -1,6 +1,6 @@
-"""`qlaunch train` itself (launcher.cli), with tests/dist_probe.py as each rank's program.
+"""`qlaunch train` itself (launcher.cli), with tests/support/dist_probe.py as each rank's program.
 
-    python tests/launch_probe.py PROBE_DIR NPROC -- <train args>
+python tests/support/launch_probe.py PROBE_DIR NPROC -- <train args>
 """
 
 import functools

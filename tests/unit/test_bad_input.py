@@ -13,15 +13,23 @@ def train(capsys, *args) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--strategy", "zero4"], r"Unknown strategy `zero4`. Choose one of: fsdp2, fsdp1, zero2, zero3, ddp"),
-    (["--model.path", "/nonexistent/model"], r"Model `/nonexistent/model` not found.*Set `model.path` to a directory"),
-    (["--train.lrr", "1e-4"], r"Unknown config key `train.lrr`. Did you mean `train.lr`\?"),
-    (["--lora.r", "0"], r"`lora.r` must be a positive integer, got 0"),
-    (["--data.path", "/nonexistent/data.jsonl"], r"Dataset `/nonexistent/data.jsonl` does not exist"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--strategy", "zero4"], r"Unknown strategy `zero4`. Choose one of: fsdp2, fsdp1, zero2, zero3, ddp"),
+        (
+            ["--model.path", "/nonexistent/model"],
+            r"Model `/nonexistent/model` not found.*Set `model.path` to a directory",
+        ),
+        (["--train.lrr", "1e-4"], r"Unknown config key `train.lrr`. Did you mean `train.lr`\?"),
+        (["--lora.r", "0"], r"`lora.r` must be a positive integer, got 0"),
+        (["--data.path", "/nonexistent/data.jsonl"], r"Dataset `/nonexistent/data.jsonl` does not exist"),
+    ],
+)
 def test_bad_input_fails_before_launch(demo_assets, tmp_path, capsys, no_launch, extra, message):
-    code, err = train(capsys, "--config", str(demo_assets / "run.yaml"), "--nproc", "2", "--output_dir", str(tmp_path / "out"), *extra)
+    code, err = train(
+        capsys, "--config", str(demo_assets / "run.yaml"), "--nproc", "2", "--output_dir", str(tmp_path / "out"), *extra
+    )
     assert code == 2
     assert __import__("re").search(message, err), err
     assert not dist.is_initialized()

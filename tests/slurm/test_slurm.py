@@ -1,4 +1,4 @@
-"""The slurm/ scripts under a real Slurm: a two-node cluster on this host (tests/slurm_cluster.py).
+"""The slurm/ scripts under a real Slurm: a two-node cluster on this host (tests/support/slurm_cluster.py).
 
 Jobs are submitted with the real sbatch and train the embedded model on CPU ranks: two single-node
 jobs at once (2 ranks each), then a two-node job (1 rank per node) that gets the preemption warning
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CPU_ENV, REPO, python, read_metrics
 from launcher.launch import slurm
-from slurm_cluster import SlurmCluster, install, wait_until
+from support.launches import CPU_ENV, REPO, python, read_metrics
+from support.slurm_cluster import SlurmCluster, install, wait_until
 
 SCRIPTS = REPO / "slurm"
 STEPS = 30
@@ -62,7 +62,9 @@ def single_node_jobs(cluster, demo_assets, tmp_path_factory):
     jobs = {}
     for name in ("a", "b"):
         options = ["--gpus-per-node=2", f"--output={root / name}.out"]
-        jobs[cluster.submit(SCRIPTS / "single_node.sbatch", train_args(demo_assets, root / name), options, JOB_ENV, root)] = root / name
+        jobs[
+            cluster.submit(SCRIPTS / "single_node.sbatch", train_args(demo_assets, root / name), options, JOB_ENV, root)
+        ] = root / name
     started = time.monotonic()
     both_running = False
     while True:
@@ -78,7 +80,7 @@ def single_node_jobs(cluster, demo_assets, tmp_path_factory):
 
 def test_single_node_script_trains_on_two_ranks(single_node_jobs):
     jobs, _ = single_node_jobs
-    for job, (out, info, output) in jobs.items():
+    for out, info, output in jobs.values():
         assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), output[-3000:]
         node = info["NodeList"]
         assert ranks_started(output) == {(0, node), (1, node)}
@@ -102,9 +104,19 @@ def preempted_job(cluster, demo_assets, tmp_path_factory, single_node_jobs):
     """The two-node script (1 rank per node) gets the warning signal mid-run (after the single-node jobs: both nodes needed)."""
     root = tmp_path_factory.mktemp("slurm-multi")
     out, log = root / "run", root / "job.out"
-    job = cluster.submit(SCRIPTS / "multi_node.sbatch", train_args(demo_assets, out), ["--gpus-per-node=1", f"--output={log}"], JOB_ENV, root)
+    job = cluster.submit(
+        SCRIPTS / "multi_node.sbatch",
+        train_args(demo_assets, out),
+        ["--gpus-per-node=1", f"--output={log}"],
+        JOB_ENV,
+        root,
+    )
     started = time.monotonic()
-    wait_until(lambda: len(read_metrics(out)) >= PREEMPT_AFTER or cluster.job(job)["JobState"] in FINAL, 600, "training to start")
+    wait_until(
+        lambda: len(read_metrics(out)) >= PREEMPT_AFTER or cluster.job(job)["JobState"] in FINAL,
+        600,
+        "training to start",
+    )
     cluster.signal_batch(job, "USR2")  # as Slurm's --signal=B:USR2@... does before the time limit
     info = cluster.wait_for(job, FINAL, 600)
     print(f"preempted two-node job: {time.monotonic() - started:.1f} s")
@@ -118,13 +130,18 @@ def test_two_node_script_trains_on_both_nodes(preempted_job):
     # Each node derived its own machine rank; both found the head's NodeAddr through scontrol.
     port = slurm.port_for_job(job)
     for rank, node in ((0, "n1"), (1, "n2")):
-        assert f"Slurm job {job}, node {node}: machine {rank} of 2, 1 rank(s) each, 2 in all; head n1 at 127.0.0.1:{port}" in output
+        assert (
+            f"Slurm job {job}, node {node}: machine {rank} of 2, 1 rank(s) each, 2 in all; head n1 at 127.0.0.1:{port}"
+            in output
+        )
     assert_trained(out, output)
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes_without_a_jump(preempted_job, single_node_jobs):
     job, out, info, output = preempted_job
-    stopped = int(re.search(r"Stopped after step (\d+) on SIGUSR2: the checkpoint is complete; exit status 85", output)[1])
+    stopped = int(
+        re.search(r"Stopped after step (\d+) on SIGUSR2: the checkpoint is complete; exit status 85", output)[1]
+    )
     assert PREEMPT_AFTER <= stopped < STEPS
     assert f"requeueing job {job}" in output
     assert info["Restarts"] == "1"
@@ -142,8 +159,18 @@ def test_preempted_job_checkpoints_requeues_and_resumes_without_a_jump(preempted
 def test_a_cancelled_job_checkpoints_and_is_not_requeued(cluster, demo_assets, tmp_path):
     """`scancel` sends SIGTERM to every process of the job: one rank (in qlaunch's own process) checkpoints, stays stopped."""
     out, log = tmp_path / "run", tmp_path / "job.out"
-    job = cluster.submit(SCRIPTS / "single_node.sbatch", train_args(demo_assets, out), ["--gpus-per-node=1", f"--output={log}"], JOB_ENV, tmp_path)
-    wait_until(lambda: len(read_metrics(out)) >= PREEMPT_AFTER or cluster.job(job)["JobState"] in FINAL, 600, "training to start")
+    job = cluster.submit(
+        SCRIPTS / "single_node.sbatch",
+        train_args(demo_assets, out),
+        ["--gpus-per-node=1", f"--output={log}"],
+        JOB_ENV,
+        tmp_path,
+    )
+    wait_until(
+        lambda: len(read_metrics(out)) >= PREEMPT_AFTER or cluster.job(job)["JobState"] in FINAL,
+        600,
+        "training to start",
+    )
     cluster.run(["scancel", str(job)])
     info = cluster.wait_for(job, FINAL, 120)
     output = log.read_text()
@@ -173,13 +200,31 @@ def test_rendezvous_failures_end_with_a_clear_message_in_time(case, cluster, dem
     job, port = free_job_port()
     rank = 1 if case == "head unreachable" else 0
     env = dict(
-        cluster.env, **CPU_ENV, PYTHONPATH=str(REPO),
-        SLURM_JOB_ID=str(job), SLURM_JOB_NODELIST="n[1-2]", SLURM_NNODES="2", SLURM_STEP_ID="0",
-        SLURM_STEP_NODELIST="n[1-2]", SLURM_STEP_NUM_NODES="2", SLURM_STEP_NUM_TASKS="2",
-        SLURM_NODEID=str(rank), SLURMD_NODENAME=f"n{rank + 1}",
+        cluster.env,
+        **CPU_ENV,
+        PYTHONPATH=str(REPO),
+        SLURM_JOB_ID=str(job),
+        SLURM_JOB_NODELIST="n[1-2]",
+        SLURM_NNODES="2",
+        SLURM_STEP_ID="0",
+        SLURM_STEP_NODELIST="n[1-2]",
+        SLURM_STEP_NUM_NODES="2",
+        SLURM_STEP_NUM_TASKS="2",
+        SLURM_NODEID=str(rank),
+        SLURMD_NODENAME=f"n{rank + 1}",
     )
-    cmd = [python(), "-m", "launcher", "train", "--config", str(demo_assets / "run.yaml"), "--output_dir", str(tmp_path / "out"),
-           "--dist.rendezvous_timeout_s", str(timeout)]
+    cmd = [
+        python(),
+        "-m",
+        "launcher",
+        "train",
+        "--config",
+        str(demo_assets / "run.yaml"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--dist.rendezvous_timeout_s",
+        str(timeout),
+    ]
     with socket.socket() as taken:
         if case == "port taken":
             taken.bind(("127.0.0.1", port))

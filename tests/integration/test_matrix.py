@@ -1,6 +1,6 @@
 """The family x strategy matrix: every decoder family on every sharding strategy, for real.
 
-One list of families (tests/families.py) and one of strategies; each cell is one `accelerate launch`
+One list of families (tests/support/families.py) and one of strategies; each cell is one `accelerate launch`
 of two CPU ranks over gloo with the shipped config (the observer script only reads state, see
 dist_probe.py), compared with a single-process run on the same global batch. Every cell checks what
 matters for a sharded QLoRA run:
@@ -23,9 +23,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CELL_FACTS, assert_budget_rows, load_probes, probe_launch_command, python, read_metrics, run_command, tail
-from families import BY_NAME, FAMILIES, LAYERS
 from launcher import strategies
+from support.families import BY_NAME, FAMILIES, LAYERS
+from support.launches import (
+    assert_budget_rows,
+    load_probes,
+    probe_launch_command,
+    python,
+    read_metrics,
+    run_command,
+    tail,
+)
+from support.matrix import CELL_FACTS
 
 BASE_SHARDED = {"fsdp2", "fsdp1", "zero3"}
 WORLD = 2
@@ -48,18 +57,29 @@ def cells(refused: bool = False):
 def train_args(family: str, assets: Path, out: Path, strategy: str, micro: int, accum: int) -> list[str]:
     return [
         *BY_NAME[family].run_args,
-        "--model.path", str(assets / "base"),
-        "--data.path", str(assets / "data.jsonl"),
-        "--data.max_seq_len", "64",
-        "--strategy", strategy,
-        "--output_dir", str(out),
-        "--train.micro_batch_size", str(micro),
-        "--train.grad_accum_steps", str(accum),
-        "--train.max_steps", str(STEPS),
-        "--train.lr", "3e-3",
-        "--train.warmup_steps", "1",
+        "--model.path",
+        str(assets / "base"),
+        "--data.path",
+        str(assets / "data.jsonl"),
+        "--data.max_seq_len",
+        "64",
+        "--strategy",
+        strategy,
+        "--output_dir",
+        str(out),
+        "--train.micro_batch_size",
+        str(micro),
+        "--train.grad_accum_steps",
+        str(accum),
+        "--train.max_steps",
+        str(STEPS),
+        "--train.lr",
+        "3e-3",
+        "--train.warmup_steps",
+        "1",
         # Dropout masks differ between two ranks and one process; the losses must not.
-        "--lora.dropout", "0",
+        "--lora.dropout",
+        "0",
     ]
 
 
@@ -108,7 +128,9 @@ def cell(request, family_assets, references, tmp_path_factory) -> Cell:
     reference = references(name, strategy)
     root = tmp_path_factory.mktemp(f"{name}-{strategy}")
     out = root / "run"
-    cmd = probe_launch_command(strategy, root / "probe", train_args(name, family_assets(name), out, strategy, MICRO, ACCUM), WORLD)
+    cmd = probe_launch_command(
+        strategy, root / "probe", train_args(name, family_assets(name), out, strategy, MICRO, ACCUM), WORLD
+    )
     proc = run_command(cmd, root / "launch.log")
     assert proc.returncode == 0, tail(root / "launch.log")
     result = Cell(name, strategy, out, reference, load_probes(root / "probe", WORLD))
@@ -143,7 +165,11 @@ def test_optimizer_state_is_split(cell):
     expected = total if cell.strategy == "ddp" else total // WORLD
     for rank in cell.report():
         assert rank["optimizer_state_elements_local"] == expected, rank
-        adapter = rank["adapter_elements_total"] if cell.strategy in ("ddp", "zero2") else rank["adapter_elements_total"] // WORLD
+        adapter = (
+            rank["adapter_elements_total"]
+            if cell.strategy in ("ddp", "zero2")
+            else rank["adapter_elements_total"] // WORLD
+        )
         assert rank["adapter_elements_local"] == adapter, rank
 
 
@@ -233,7 +259,9 @@ def test_memory_budget_matches_what_each_rank_holds(cell):
         assert_budget_rows(report, (cell.family, cell.strategy, world))
         for rank in report["measured"]["ranks"]:
             held = rank["components"]
-            assert held["lora"] > 0 and held["gradients"] > 0 and held["optimizer_states"] > 0 and held["activations"] > 0
+            assert (
+                held["lora"] > 0 and held["gradients"] > 0 and held["optimizer_states"] > 0 and held["activations"] > 0
+            )
         assert (out / "memory_budget.png").is_file()
 
 
@@ -242,8 +270,21 @@ def test_refused_cells_stop_before_any_process_starts(cell, family_assets, tmp_p
     name, strategy = cell
     out = tmp_path / "run"
     log = tmp_path / "launch.log"
-    proc = run_command([python(), "-m", "launcher", "train", "--nproc", str(WORLD), *train_args(name, family_assets(name), out, strategy, MICRO, ACCUM)], log)
+    proc = run_command(
+        [
+            python(),
+            "-m",
+            "launcher",
+            "train",
+            "--nproc",
+            str(WORLD),
+            *train_args(name, family_assets(name), out, strategy, MICRO, ACCUM),
+        ],
+        log,
+    )
     text = log.read_text()
     assert proc.returncode == 2, tail(log)
-    assert f"qlaunch: error: {strategy} cannot run this config" in text and BY_NAME[name].refused[strategy] in text, text
+    assert f"qlaunch: error: {strategy} cannot run this config" in text and BY_NAME[name].refused[strategy] in text, (
+        text
+    )
     assert "Strategies that can:" in text and "rank 0/" not in text and not out.exists(), text
