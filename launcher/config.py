@@ -1,6 +1,7 @@
-"""The run config: one typed object, filled from a YAML file and `--section.key value` overrides.
+"""The run config: one typed, frozen object, filled from a YAML file and `--section.key value` overrides.
 
-Every stage of a run reads this object and nothing else. Unknown keys and values of the wrong
+Every stage of a run reads this object and nothing else; what a run resolves (the strategy, mixed
+precision) makes a new one (launcher.preflight.RunSetup), so no stage changes what another reads. Unknown keys and values of the wrong
 type are rejected here, with the fix in the message, before any process group exists.
 """
 
@@ -24,14 +25,14 @@ class ConfigError(ValueError):
     """A problem with the user's input, with the fix in the message."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     path: str = ""
     """Local directory saved with `save_pretrained`, or a hub id already in the local cache."""
     trust_remote_code: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantConfig:
     type: str = "nf4"
     """nf4 or fp4."""
@@ -42,7 +43,7 @@ class QuantConfig:
     """dtype the packed 4-bit bytes are stored as; auto picks what the strategy can shard."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraConfig:
     r: int = 16
     alpha: int = 32
@@ -54,7 +55,7 @@ class LoraConfig:
     experts (peft's target_parameters). peft has no dropout there: lora.dropout then applies to the modules only."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     path: str = ""
     format: str = "auto"
@@ -65,7 +66,7 @@ class DataConfig:
     max_seq_len: int = 512
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     micro_batch_size: int = 1
     grad_accum_steps: int = 1
@@ -86,7 +87,7 @@ class TrainConfig:
     """auto (bf16 on CUDA, none on CPU), no, bf16 or fp16."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = 0
     """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
@@ -94,7 +95,7 @@ class CheckpointConfig:
     """Complete checkpoints to keep; older ones are removed only after a newer one is complete."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistConfig:
     timeout_s: int = 1800
     """Collective timeout: a rank that stops taking part (hung or gone) fails the run after this many seconds."""
@@ -104,7 +105,7 @@ class DistConfig:
     """Exit status of a run stopped by SIGUSR2 or SIGTERM after a complete checkpoint; the slurm/ scripts requeue on it."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)

@@ -116,9 +116,7 @@ def load_for_inference(output_dir: Path, base_path: str | None = None, adapter_d
     through the standard PEFT API in one process."""
     from peft import PeftModel
 
-    cfg = load_config(Path(output_dir) / "run_config.yaml")
-    if base_path:
-        cfg.model.path = base_path
+    cfg = load_config(Path(output_dir) / "run_config.yaml", [("model.path", base_path)] if base_path else ())
     policy = strategies.dtype_policy(cfg, strategies.get(cfg.strategy), cfg.train.mixed_precision)
     base = load_quantized_base(cfg, policy)
     disable_bnb_cpu_repack(base)

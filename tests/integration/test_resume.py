@@ -273,8 +273,7 @@ def test_deepspeed_checkpoint_on_another_world_size_is_refused(demo_assets, smal
     from launcher.config import load_config, parse_overrides
 
     train_args = args(demo_assets, small_data, tmp_path / "run", "zero2", 6)
-    cfg = load_config(train_args[1], parse_overrides(train_args[2:]))
-    cfg.train.mixed_precision = "no"
+    cfg = load_config(train_args[1], parse_overrides(train_args[2:]) + [("train.mixed_precision", "no")])
     written = tmp_path / "run" / "checkpoints" / "step-000003"
     written.mkdir(parents=True)
     (written / "meta.json").write_text(

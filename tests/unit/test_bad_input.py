@@ -1,5 +1,6 @@
 """Bad input: a clear error naming the problem and the fix, before any process group or launch."""
 
+import dataclasses
 import json
 
 import pytest
@@ -72,7 +73,7 @@ def test_auto_resume_without_checkpoint_restarts_only_an_unfinished_run(demo_ass
             preflight.check_output_dir(cfg)
     else:
         preflight.check_output_dir(cfg)
-    cfg.resume = ""
+    cfg = dataclasses.replace(cfg, resume="")
     with pytest.raises(ConfigError, match="already holds a run"):
         preflight.check_output_dir(cfg)
 
