@@ -1,13 +1,12 @@
 """The README's first command: the embedded default trains for real on 2 CPU ranks with FSDP2."""
 
-from support.launches import python, read_metrics, run_command, tail
+from support.launches import qlaunch, read_metrics
 
 
 def test_demo_trains_and_summarizes(tmp_path):
     out = tmp_path / "demo"
     log = tmp_path / "demo.log"
-    proc = run_command([python(), "-m", "launcher", "demo", "--output-dir", str(out), "--steps", "80"], log)
-    assert proc.returncode == 0, tail(log)
+    qlaunch(log, "demo", "--output-dir", str(out), "--steps", "80")
     text = log.read_text(errors="replace")
     assert "Done: 80 steps" in text and "on 2 rank(s) with fsdp2" in text
     assert f"Adapter (PEFT format): {out / 'run' / 'adapter'}" in text

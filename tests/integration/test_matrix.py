@@ -29,7 +29,7 @@ from support.launches import (
     assert_budget_rows,
     load_probes,
     probe_launch_command,
-    python,
+    qlaunch,
     read_metrics,
     run_command,
     tail,
@@ -95,8 +95,7 @@ def references(family_assets, tmp_path_factory):
             root = tmp_path_factory.mktemp(f"{name}-reference")
             out = root / "run"
             args = train_args(name, family_assets(name), out, strategy, MICRO * WORLD * ACCUM, 1)
-            proc = run_command([python(), "-m", "launcher", "train", "--nproc", "1", *args], root / "reference.log")
-            assert proc.returncode == 0, tail(root / "reference.log")
+            qlaunch(root / "reference.log", "train", "--nproc", "1", *args)
             runs[name, policy] = out
         return runs[name, policy]
 
@@ -270,20 +269,15 @@ def test_refused_cells_stop_before_any_process_starts(cell, family_assets, tmp_p
     name, strategy = cell
     out = tmp_path / "run"
     log = tmp_path / "launch.log"
-    proc = run_command(
-        [
-            python(),
-            "-m",
-            "launcher",
-            "train",
-            "--nproc",
-            str(WORLD),
-            *train_args(name, family_assets(name), out, strategy, MICRO, ACCUM),
-        ],
+    qlaunch(
         log,
+        "train",
+        "--nproc",
+        str(WORLD),
+        *train_args(name, family_assets(name), out, strategy, MICRO, ACCUM),
+        expect=2,
     )
     text = log.read_text()
-    assert proc.returncode == 2, tail(log)
     assert f"qlaunch: error: {strategy} cannot run this config" in text and BY_NAME[name].refused[strategy] in text, (
         text
     )

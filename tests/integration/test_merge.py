@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from support.launches import python, run_command, tail
+from support.launches import qlaunch
 
 
 def test_merged_model_matches_base_plus_adapter(demo_assets, tmp_path):
@@ -11,33 +11,15 @@ def test_merged_model_matches_base_plus_adapter(demo_assets, tmp_path):
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"
-    proc = run_command(
-        [
-            python(),
-            "-m",
-            "launcher",
-            "train",
-            "--nproc",
-            "1",
-            "--config",
-            str(demo_assets / "run.yaml"),
-            "--output_dir",
-            str(run),
-            "--train.max_steps",
-            "15",
-        ],
+    qlaunch(
         tmp_path / "train.log",
+        *("train", "--nproc", "1", "--config", str(demo_assets / "run.yaml"), "--output_dir", str(run)),
+        *("--train.max_steps", "15"),
     )
-    assert proc.returncode == 0, tail(tmp_path / "train.log")
     merged_dir = tmp_path / "merged"
-    proc = run_command(
-        [python(), "-m", "launcher", "merge", str(run / "adapter"), "--output", str(merged_dir)], tmp_path / "merge.log"
-    )
-    assert proc.returncode == 0, tail(tmp_path / "merge.log")
-    proc = run_command(
-        [python(), "-m", "launcher", "merge", str(run / "adapter"), "--output", str(merged_dir)], tmp_path / "again.log"
-    )
-    assert proc.returncode == 2 and "already exists" in (tmp_path / "again.log").read_text()
+    qlaunch(tmp_path / "merge.log", "merge", str(run / "adapter"), "--output", str(merged_dir))
+    qlaunch(tmp_path / "again.log", "merge", str(run / "adapter"), "--output", str(merged_dir), expect=2)
+    assert "already exists" in (tmp_path / "again.log").read_text()
 
     ids = torch.tensor([[1, 10, 17, 24, 31, 38, 45, 52]])
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16)
@@ -63,50 +45,21 @@ def test_export_and_merge_round_trip_of_tied_and_moe_families(family, strategy, 
     from transformers import AutoModelForCausalLM
 
     assets, run = family_assets(family), tmp_path / "run"
-    proc = run_command(
-        [
-            python(),
-            "-m",
-            "launcher",
-            "train",
-            "--nproc",
-            "2",
-            "--strategy",
-            strategy,
-            "--model.path",
-            str(assets / "base"),
-            "--data.path",
-            str(assets / "data.jsonl"),
-            "--data.max_seq_len",
-            "64",
-            "--output_dir",
-            str(run),
-            "--train.max_steps",
-            "4",
-            "--train.lr",
-            "3e-3",
-            "--checkpoint.every_steps",
-            "4",
-        ],
+    qlaunch(
         tmp_path / "train.log",
+        *("train", "--nproc", "2", "--strategy", strategy, "--output_dir", str(run)),
+        *("--model.path", str(assets / "base"), "--data.path", str(assets / "data.jsonl"), "--data.max_seq_len", "64"),
+        *("--train.max_steps", "4", "--train.lr", "3e-3", "--checkpoint.every_steps", "4"),
     )
-    assert proc.returncode == 0, tail(tmp_path / "train.log")
     exported = tmp_path / "exported"
-    proc = run_command(
-        [python(), "-m", "launcher", "export", str(run), "--output", str(exported)], tmp_path / "export.log"
-    )
-    assert proc.returncode == 0, tail(tmp_path / "export.log")
+    qlaunch(tmp_path / "export.log", "export", str(run), "--output", str(exported))
     trained, restored = (load_file(d / "adapter_model.safetensors") for d in (run / "adapter", exported))
     assert trained.keys() == restored.keys() and all(
         torch.equal(trained[k], restored[k].to(trained[k].dtype)) for k in trained
     )
 
     merged_dir = tmp_path / "merged"
-    proc = run_command(
-        [python(), "-m", "launcher", "merge", str(exported), "--output", str(merged_dir), "--dtype", "float32"],
-        tmp_path / "merge.log",
-    )
-    assert proc.returncode == 0, tail(tmp_path / "merge.log")
+    qlaunch(tmp_path / "merge.log", "merge", str(exported), "--output", str(merged_dir), "--dtype", "float32")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(assets / "base", dtype=torch.float32)
     tied = base.config.tie_word_embeddings

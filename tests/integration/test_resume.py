@@ -18,7 +18,7 @@ from launcher.strategies import NAMES as STRATEGIES
 from support.launches import (
     load_probes,
     probe_launch_command,
-    python,
+    qlaunch,
     read_metrics,
     run_command,
     start_command,
@@ -149,8 +149,7 @@ def test_export_round_trip(resumed):
     _, root, _ = resumed
     out = root / "A"
     exported = root / "exported"
-    proc = run_command([python(), "-m", "launcher", "export", str(out), "--output", str(exported)], root / "export.log")
-    assert proc.returncode == 0, tail(root / "export.log")
+    qlaunch(root / "export.log", "export", str(out), "--output", str(exported))
     gathered = load_file(out / ADAPTER_DIR / "adapter_model.safetensors")
     restored = load_file(exported / "adapter_model.safetensors")
     assert restored.keys() == gathered.keys() and len(restored) == 56
@@ -181,24 +180,12 @@ def test_without_rng_restore_the_resume_check_fails(uninterrupted, demo_assets, 
 
     # A DCP checkpoint reshards: the 2-rank step-K checkpoint loads into one process unchanged.
     single = tmp_path / "single"
-    proc = run_command(
-        [
-            python(),
-            "-m",
-            "launcher",
-            "train",
-            "--nproc",
-            "1",
-            *args(demo_assets, small_data, single, strategy, K, "--resume", str(checkpoint)),
-        ],
+    qlaunch(
         tmp_path / "single.log",
+        *("train", "--nproc", "1", *args(demo_assets, small_data, single, strategy, K, "--resume", str(checkpoint))),
     )
-    assert proc.returncode == 0, tail(tmp_path / "single.log")
     exported = tmp_path / "exported"
-    proc = run_command(
-        [python(), "-m", "launcher", "export", str(checkpoint), "--output", str(exported)], tmp_path / "export.log"
-    )
-    assert proc.returncode == 0, tail(tmp_path / "export.log")
+    qlaunch(tmp_path / "export.log", "export", str(checkpoint), "--output", str(exported))
     from safetensors.torch import load_file
 
     resharded, saved = (
@@ -256,11 +243,7 @@ def test_resume_refuses_what_would_change_its_meaning(demo_assets, small_data, t
     from launcher import cli
 
     out = tmp_path / "run"
-    proc = run_command(
-        [python(), "-m", "launcher", "train", "--nproc", "1", *args(demo_assets, small_data, out, "fsdp2", 3)],
-        tmp_path / "a.log",
-    )
-    assert proc.returncode == 0, tail(tmp_path / "a.log")
+    qlaunch(tmp_path / "a.log", "train", "--nproc", "1", *args(demo_assets, small_data, out, "fsdp2", 3))
     code = cli.main(
         ["train", "--nproc", "1", *args(demo_assets, small_data, out, "fsdp2", 6, "--resume", "auto", "--lora.r", "8")]
     )

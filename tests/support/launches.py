@@ -81,3 +81,12 @@ def assert_budget_rows(report: dict, context=None) -> None:
             assert row["predicted"] == row["measured"], (context, row)
         else:
             assert abs(row["error_pct"]) <= 10, (context, row)
+
+
+def qlaunch(log: Path, *args: str, expect: int | None = 0, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m launcher ARGS` from the repo root with its output in `log`; fails the test with the
+    log's end unless it exits with `expect` (None: any status)."""
+    proc = run_command([python(), "-m", "launcher", *args], log, env=env)
+    if expect is not None:
+        assert proc.returncode == expect, tail(log)
+    return proc
