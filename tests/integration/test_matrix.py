@@ -142,7 +142,10 @@ def facts(cell: Cell) -> dict:
     adapter_config = json.loads((cell.out / "adapter" / "adapter_config.json").read_text())
     budget = json.loads((cell.out / "memory_budget.json").read_text())["measured"]["ranks"][0]["components"]
     return {
-        "four_bit": sorted({name.rpartition(".")[2] for name in cell.probes[0]["full_quant_states"]}),
+        # peft wraps each adapted 4-bit linear: `...q_proj.base_layer` is q_proj.
+        "four_bit": sorted(
+            {name.removesuffix(".base_layer").rpartition(".")[2] for name in cell.probes[0]["full_quant_states"]}
+        ),
         "adapted": sorted(adapter_config["target_modules"]) + sorted(adapter_config.get("target_parameters") or []),
         "dense_experts": budget["experts"] > 0,
         "tied": cell.probes[0]["tie_before_shard"]["same_parameter"],
