@@ -15,6 +15,7 @@ Each cell records what is 4-bit and what is adapted; test_readme_table.py render
 from these records. `-m matrix_smoke` runs one cell per family (each strategy twice).
 """
 
+import contextlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -86,7 +87,12 @@ def train_args(family: str, assets: Path, out: Path, strategy: str, micro: int, 
 @pytest.fixture(scope="session")
 def references(family_assets, tmp_path_factory):
     """The unsharded reference of a (family, strategy): one process, the same global batch in one
-    micro batch, with the strategy's dtype policy. Strategies with the same policy share one run."""
+    micro batch, with the strategy's dtype policy; strategies with the same policy share one run.
+    It is `qlaunch train` on one process, run in this process (`train.run`, as `--nproc 1` does),
+    which saves an interpreter start and the imports for each of them."""
+    from launcher import train
+    from launcher.config import load_config, parse_overrides
+
     runs: dict[tuple, Path] = {}
 
     def get(name: str, strategy: str) -> Path:
@@ -95,7 +101,12 @@ def references(family_assets, tmp_path_factory):
             root = tmp_path_factory.mktemp(f"{name}-reference")
             out = root / "run"
             args = train_args(name, family_assets(name), out, strategy, MICRO * WORLD * ACCUM, 1)
-            qlaunch(root / "reference.log", "train", "--nproc", "1", *args)
+            with (
+                (root / "reference.log").open("w") as log,
+                contextlib.redirect_stdout(log),
+                contextlib.redirect_stderr(log),
+            ):
+                train.run(load_config(None, parse_overrides(args)))
             runs[name, policy] = out
         return runs[name, policy]
 
