@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from .config import RunConfig
+from .config import DistConfig, TrainConfig
 from .dtypes import resolve_mixed_precision
 from .strategies import Strategy
 from .strategies.cpu import cpu_accelerator
@@ -38,15 +38,16 @@ def this_rank_device() -> torch.device:
     return torch.device("cpu")
 
 
-def create_accelerator(cfg: RunConfig, strategy: Strategy, mixed_precision: str) -> Accelerator:
+def create_accelerator(strategy: Strategy, train: TrainConfig, dist: DistConfig) -> Accelerator:
+    """The run's Accelerator; `train.mixed_precision` is already resolved (see `mixed_precision`)."""
     distributed = world_size_from_env() > 1
-    plugins = strategy.plugins(cfg, this_rank_device()) if distributed else {}
+    plugins = strategy.plugins(train, this_rank_device()) if distributed else {}
     kwargs = dict(
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        mixed_precision=train.mixed_precision,
+        gradient_accumulation_steps=train.grad_accum_steps,
         step_scheduler_with_optimizer=False,
         # Every collective, the first and barriers included, fails after this: a rank that stops taking part ends the run.
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=dist.timeout_s))],
     )
     if torch.cuda.is_available() or not distributed:
         return Accelerator(**kwargs, **plugins)

@@ -118,7 +118,7 @@ def load_for_inference(output_dir: Path, base_path: str | None = None, adapter_d
 
     cfg = load_config(Path(output_dir) / "run_config.yaml", [("model.path", base_path)] if base_path else ())
     policy = strategies.dtype_policy(cfg, strategies.get(cfg.strategy), cfg.train.mixed_precision)
-    base = load_quantized_base(cfg, policy)
+    base = load_quantized_base(cfg.model, cfg.quant, policy)
     disable_bnb_cpu_repack(base)
     prepare_for_kbit_training(base, policy, gradient_checkpointing=False)
     if torch.cuda.is_available():

@@ -17,17 +17,17 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 
 from .collectives import broadcast_object, is_source_rank
-from .config import ConfigError, LoraConfig, RunConfig
+from .config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from .dtypes import DTYPE_BY_NAME, DtypePolicy
 from .strategies.cpu import disable_bnb_cpu_repack
 
 
-def quantization_config(cfg: RunConfig, policy: DtypePolicy) -> BitsAndBytesConfig:
+def quantization_config(quant: QuantConfig, policy: DtypePolicy) -> BitsAndBytesConfig:
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=cfg.quant.type,
-        bnb_4bit_use_double_quant=cfg.quant.double_quant,
-        bnb_4bit_compute_dtype=DTYPE_BY_NAME[cfg.quant.compute_dtype],
+        bnb_4bit_quant_type=quant.type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPE_BY_NAME[quant.compute_dtype],
         bnb_4bit_quant_storage=policy.quant_storage,
     )
 
@@ -101,30 +101,30 @@ def read_model_config(path: str, trust_remote_code: bool, config_only: bool = Fa
         ) from error
 
 
-def load_quantized_base(cfg: RunConfig, policy: DtypePolicy) -> PreTrainedModel:
+def load_quantized_base(model: ModelConfig, quant: QuantConfig, policy: DtypePolicy) -> PreTrainedModel:
     """Reads the checkpoint through `from_pretrained` and quantizes it in host RAM (source rank only)."""
     return AutoModelForCausalLM.from_pretrained(
-        cfg.model.path,
-        quantization_config=quantization_config(cfg, policy),
-        dtype=DTYPE_BY_NAME[cfg.quant.compute_dtype],
+        model.path,
+        quantization_config=quantization_config(quant, policy),
+        dtype=DTYPE_BY_NAME[quant.compute_dtype],
         device_map={"": "cpu"},
-        trust_remote_code=cfg.model.trust_remote_code,
+        trust_remote_code=model.trust_remote_code,
     )
 
 
-def meta_base(cfg: RunConfig, config: PretrainedConfig | None = None) -> PreTrainedModel:
+def meta_base(model: ModelConfig, quant: QuantConfig, config: PretrainedConfig | None = None) -> PreTrainedModel:
     """The model's unquantized module tree on the meta device: shapes and dtypes, no data (from
-    `config` when given, else from the config at `cfg.model.path`)."""
+    `config` when given, else from the config at `model.path`)."""
     if config is None:
-        config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(
-            config, dtype=DTYPE_BY_NAME[cfg.quant.compute_dtype], trust_remote_code=cfg.model.trust_remote_code
+            config, dtype=DTYPE_BY_NAME[quant.compute_dtype], trust_remote_code=model.trust_remote_code
         )
 
 
 def apply_quantized_layout(
-    model: PreTrainedModel, cfg: RunConfig, policy: DtypePolicy, layout: QuantizedLayout
+    model: PreTrainedModel, quant: QuantConfig, policy: DtypePolicy, layout: QuantizedLayout
 ) -> None:
     """Turns a meta `meta_base` into the source rank's quantized tree (still on the meta device)."""
     for name, spec in layout.linear4bit.items():
@@ -135,17 +135,17 @@ def apply_quantized_layout(
             spec.in_features,
             spec.out_features,
             bias=spec.bias,
-            compute_dtype=DTYPE_BY_NAME[cfg.quant.compute_dtype],
-            compress_statistics=cfg.quant.double_quant,
-            quant_type=cfg.quant.type,
+            compute_dtype=DTYPE_BY_NAME[quant.compute_dtype],
+            compress_statistics=quant.double_quant,
+            quant_type=quant.type,
             quant_storage=policy.quant_storage,
             device="meta",
         )
         linear.weight = bnb.nn.Params4bit(
             torch.empty(spec.packed_shape, dtype=policy.quant_storage, device="meta"),
             requires_grad=False,
-            compress_statistics=cfg.quant.double_quant,
-            quant_type=cfg.quant.type,
+            compress_statistics=quant.double_quant,
+            quant_type=quant.type,
             quant_storage=policy.quant_storage,
             module=linear,
             bnb_quantized=True,
@@ -281,19 +281,21 @@ def coverage_notes(model: nn.Module, lora: LoraConfig) -> list[str]:
     return notes
 
 
-def load_base(cfg: RunConfig, policy: DtypePolicy) -> PreTrainedModel:
+def load_base(model: ModelConfig, quant: QuantConfig, policy: DtypePolicy) -> PreTrainedModel:
     """Before any plugin exists (so no ZeRO-3 hook changes how transformers builds it): the source
     rank loads and quantizes the checkpoint; every other rank builds the bare tree on meta."""
-    return load_quantized_base(cfg, policy) if is_source_rank() else meta_base(cfg)
+    return load_quantized_base(model, quant, policy) if is_source_rank() else meta_base(model, quant)
 
 
-def build_model(cfg: RunConfig, policy: DtypePolicy, base: PreTrainedModel) -> nn.Module:
+def build_model(
+    base: PreTrainedModel, quant: QuantConfig, lora: LoraConfig, train: TrainConfig, policy: DtypePolicy
+) -> nn.Module:
     """The LoRA-wrapped 4-bit model, on every rank the same tree: the source rank broadcasts which
     layers it quantized and how, the others rebuild them on meta."""
     if is_source_rank():
         broadcast_object(quantized_layout(base, policy.quant_storage))
     else:
-        apply_quantized_layout(base, cfg, policy, broadcast_object(None))
+        apply_quantized_layout(base, quant, policy, broadcast_object(None))
     disable_bnb_cpu_repack(base)
-    prepare_for_kbit_training(base, policy, cfg.train.gradient_checkpointing)
-    return attach_lora(base, cfg.lora, policy, cfg.train.seed)
+    prepare_for_kbit_training(base, policy, train.gradient_checkpointing)
+    return attach_lora(base, lora, policy, train.seed)

@@ -84,9 +84,9 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
     total_steps = cfg.train.max_steps or cfg.train.epochs * batches.steps_per_epoch
 
     # Load: only the source rank reads and quantizes the checkpoint, in host RAM.
-    base = load_base(cfg, policy)
+    base = load_base(cfg.model, cfg.quant, policy)
 
-    accelerator = create_accelerator(cfg, setup.strategy, cfg.train.mixed_precision)
+    accelerator = create_accelerator(setup.strategy, cfg.train, cfg.dist)
     rank, main = accelerator.process_index, accelerator.is_main_process
     output_dir = Path(cfg.output_dir)
     if main:
@@ -94,7 +94,7 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
         dump_config(cfg, output_dir / "run_config.yaml")
 
     # Prepare: k-bit preparation and LoRA (the other ranks build a meta skeleton first).
-    model = build_model(cfg, policy, base)
+    model = build_model(base, cfg.quant, cfg.lora, cfg.train, policy)
     if main:
         for note in coverage_notes(model, cfg.lora):
             print(f"qlaunch: {note}", flush=True)
@@ -126,7 +126,7 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
     total_tokens = 0
     for step in range(start_step, total_steps):
         loss_sum, step_targets, step_tokens = train_step(
-            cfg, model, optimizer, accelerator, batches, data, tokenizer, step, rank
+            model, optimizer, accelerator, batches, data, tokenizer, step, rank, cfg.train.max_grad_norm
         )
         scheduler.step()
         window_tokens += step_tokens
@@ -189,7 +189,15 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
 
 
 def train_step(
-    cfg, model, optimizer, accelerator, batches: GlobalBatches, data: TokenizedData, tokenizer, step: int, rank: int
+    model,
+    optimizer,
+    accelerator,
+    batches: GlobalBatches,
+    data: TokenizedData,
+    tokenizer,
+    step: int,
+    rank: int,
+    max_grad_norm: float,
 ):
     """One optimizer step over this rank's micro batches. The loss is normalized by the target tokens
     of the whole global batch, so the summed gradient equals a single process's on the same batch."""
@@ -204,8 +212,8 @@ def train_step(
         with accelerator.accumulate(model):
             loss = model(**batch, num_items_in_batch=num_items).loss
             accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+            if accelerator.sync_gradients and max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
         loss_sum += loss.detach().float() * num_items

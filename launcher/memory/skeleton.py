@@ -78,10 +78,10 @@ def _without_zero3_init():
 def _build_skeleton(cfg: RunConfig, policy: DtypePolicy, config) -> nn.Module:
     from transformers.quantizers import AutoHfQuantizer
 
-    base = meta_base(cfg, config)
+    base = meta_base(cfg.model, cfg.quant, config)
     # transformers' own replacement decides which linears become 4-bit, as in from_pretrained.
-    AutoHfQuantizer.from_config(quantization_config(cfg, policy)).preprocess_model(base, device_map={"": "cpu"})
-    apply_quantized_layout(base, cfg, policy, quantized_layout(base, policy.quant_storage))
+    AutoHfQuantizer.from_config(quantization_config(cfg.quant, policy)).preprocess_model(base, device_map={"": "cpu"})
+    apply_quantized_layout(base, cfg.quant, policy, quantized_layout(base, policy.quant_storage))
     prepare_for_kbit_training(base, policy, cfg.train.gradient_checkpointing)
     with torch.device("meta"):  # peft would otherwise create and initialise every adapter in host RAM
         return attach_lora(base, cfg.lora, policy, cfg.train.seed)

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import RunConfig
+from ..config import RunConfig, TrainConfig
 from ..dtypes import DtypePolicy
 from . import handoff
 from .layout import ADAM_STATES, TensorSpec, whole
@@ -127,7 +127,7 @@ class Strategy:
             experts=compute_dtype,
         )
 
-    def plugins(self, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    def plugins(self, train: TrainConfig, device: torch.device) -> dict[str, Any]:
         """Keyword arguments for `Accelerator(...)`: the plugin this strategy runs under, if any."""
         return {}
 

@@ -43,7 +43,7 @@ class FSDP1(Strategy):
         # bf16 compute comes from autocast and from the 4-bit compute dtype instead.
         return DtypePolicy.uniform(torch.float32)
 
-    def plugins(self, cfg, device):
+    def plugins(self, train, device):
         from accelerate.utils import FullyShardedDataParallelPlugin
         from torch.distributed.fsdp import MixedPrecision
 

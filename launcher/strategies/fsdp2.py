@@ -21,7 +21,7 @@ class FSDP2(Strategy):
         shards_adapter_state=True,
     )
 
-    def plugins(self, cfg, device):
+    def plugins(self, train, device):
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         # Accelerate's own low-memory loading skips models with 4-bit weights; after_prepare does it.

@@ -18,7 +18,7 @@ CHECKPOINT_TAG = "zero"
 class ZeRO(Strategy):
     stage: ClassVar[int]
 
-    def plugins(self, cfg, device):
+    def plugins(self, train, device):
         from accelerate.utils import DeepSpeedPlugin
 
         # zero3_init_flag off: transformers never builds a quantized model under zero.Init; this
@@ -26,9 +26,9 @@ class ZeRO(Strategy):
         plugin = DeepSpeedPlugin(zero3_init_flag=False)
         ds = plugin.deepspeed_config
         # The run config is the single source of these values; the shipped JSON says "auto".
-        ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
-        ds["gradient_accumulation_steps"] = cfg.train.grad_accum_steps
-        ds["gradient_clipping"] = cfg.train.max_grad_norm
+        ds["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+        ds["gradient_accumulation_steps"] = train.grad_accum_steps
+        ds["gradient_clipping"] = train.max_grad_norm
         ds.pop("train_batch_size", None)
         if ds.get("zero_optimization", {}).get("stage") != self.stage:
             raise ConfigError(

@@ -108,8 +108,8 @@ def backward(self, loss, **kwargs):
 original_train_step = train.train_step
 
 
-def train_step(cfg, model, optimizer, accelerator, batches, data, tokenizer, step, rank):
-    result = original_train_step(cfg, model, optimizer, accelerator, batches, data, tokenizer, step, rank)
+def train_step(model, optimizer, accelerator, batches, data, tokenizer, step, rank, max_grad_norm):
+    result = original_train_step(model, optimizer, accelerator, batches, data, tokenizer, step, rank, max_grad_norm)
     observed.setdefault("first_step_layer_forward_calls", observed["layer_forward_calls"])
     observed["batches"][step] = batches.rank_micro_batches(step, rank)
     time.sleep(float(os.environ.get("PROBE_STEP_SLEEP", "0")))

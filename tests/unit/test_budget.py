@@ -83,7 +83,8 @@ def real_model(cfg):
     from launcher.model import build_model, load_quantized_base
 
     policy = strategies.dtype_policy(cfg, strategies.get(cfg.strategy), "no")
-    return build_model(cfg, policy, load_quantized_base(cfg, policy)).train()
+    base = load_quantized_base(cfg.model, cfg.quant, policy)
+    return build_model(base, cfg.quant, cfg.lora, cfg.train, policy).train()
 
 
 def assert_activations_match(path: Path, checkpointing: bool) -> None:
