@@ -2,7 +2,9 @@
 
 Dropout is on, so the RNG states matter; the dataset is small (10 steps an epoch) so the resumed
 half crosses an epoch boundary. Run A trains 2k steps in one go, saving at step k; run B is a fresh
-launch resuming from A's step-k checkpoint into its own output directory.
+launch resuming from A's step-k checkpoint into its own output directory. Each strategy resumes a
+different model family (RESUME_FAMILY), so tied embeddings, biases and adapted MoE experts go
+through a checkpoint too; the kill tests use the demo's Llama.
 """
 
 import json
@@ -14,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from launcher import strategies
 from launcher.strategies import NAMES as STRATEGIES
+from support.families import BY_NAME
 from support.launches import (
     load_probes,
     probe_launch_command,
@@ -27,21 +31,42 @@ from support.launches import (
 )
 
 K = 6
+RESUME_FAMILY = {
+    "fsdp2": "qwen2",
+    "fsdp1": "gemma2",
+    "zero2": "qwen3-moe",
+    "zero3": "mixtral-experts",
+    "ddp": "llama-tied",
+}
 RECORDS = 40  # global batch 4: 10 optimizer steps per epoch
 
 
 @pytest.fixture(scope="module")
 def small_data(demo_assets, tmp_path_factory) -> Path:
-    lines = (demo_assets / "data.jsonl").read_text().splitlines()[:RECORDS]
-    path = tmp_path_factory.mktemp("data") / "small.jsonl"
-    path.write_text("\n".join(lines) + "\n")
+    return first_records(demo_assets / "data.jsonl", tmp_path_factory.mktemp("data") / "small.jsonl")
+
+
+def first_records(data: Path, path: Path) -> Path:
+    path.write_text("\n".join(data.read_text().splitlines()[:RECORDS]) + "\n")
     return path
 
 
 def args(demo_assets, data: Path, out: Path, strategy: str, steps: int, *extra: str) -> list[str]:
+    """A run of the demo's model (its run.yaml) on `data`."""
+    return ["--config", str(demo_assets / "run.yaml"), *common_args(data, out, strategy, steps, *extra)]
+
+
+def family_args(assets: Path, family: str, out: Path, strategy: str, steps: int, *extra: str) -> list[str]:
+    """A run of a support/families.py model (built in `assets`) on its first RECORDS records."""
+    data = assets / "small.jsonl"
+    if not data.is_file():
+        first_records(assets / "data.jsonl", data)
+    model = ["--model.path", str(assets / "base"), *BY_NAME[family].run_args]
+    return [*model, *common_args(data, out, strategy, steps, *extra)]
+
+
+def common_args(data: Path, out: Path, strategy: str, steps: int, *extra: str) -> list[str]:
     return [
-        "--config",
-        str(demo_assets / "run.yaml"),
         "--strategy",
         strategy,
         "--data.path",
@@ -73,14 +98,15 @@ def launch(strategy, root: Path, name: str, train_args, env=None):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(demo_assets, small_data, tmp_path_factory):
-    """Run A of a strategy, launched once and shared: 2k steps in one go, saving at step k. Returns its root."""
+def uninterrupted(family_assets, tmp_path_factory):
+    """Run A of a strategy on its RESUME_FAMILY, launched once and shared: 2k steps in one go, saving
+    at step k. Returns its root."""
     roots: dict[str, Path] = {}
 
     def run_a(strategy: str) -> Path:
         if strategy not in roots:
             root = tmp_path_factory.mktemp(f"resume-{strategy}")
-            proc, log = launch(strategy, root, "A", args(demo_assets, small_data, root / "A", strategy, 2 * K))
+            proc, log = launch(strategy, root, "A", resume_args(family_assets, root / "A", strategy, 2 * K))
             assert proc.returncode == 0, tail(log)
             roots[strategy] = root
         return roots[strategy]
@@ -88,13 +114,18 @@ def uninterrupted(demo_assets, small_data, tmp_path_factory):
     return run_a
 
 
-@pytest.fixture(scope="module", params=STRATEGIES)
-def resumed(request, uninterrupted, demo_assets, small_data):
+def resume_args(family_assets, out: Path, strategy: str, steps: int, *extra: str) -> list[str]:
+    family = RESUME_FAMILY[strategy]
+    return family_args(family_assets(family), family, out, strategy, steps, *extra)
+
+
+@pytest.fixture(scope="module", params=STRATEGIES, ids=[f"{s}-{RESUME_FAMILY[s]}" for s in STRATEGIES])
+def resumed(request, uninterrupted, family_assets):
     strategy = request.param
     root = uninterrupted(strategy)
     checkpoint = root / "A" / "checkpoints" / f"step-{K:06d}"
     proc, log = launch(
-        strategy, root, "B", args(demo_assets, small_data, root / "B", strategy, 2 * K, "--resume", str(checkpoint))
+        strategy, root, "B", resume_args(family_assets, root / "B", strategy, 2 * K, "--resume", str(checkpoint))
     )
     assert proc.returncode == 0, tail(log)
     assert f"Resuming from step {K}" in log.read_text()
@@ -121,10 +152,12 @@ def test_resumed_ranks_see_the_same_batches_across_the_epoch_boundary(resumed):
 
 
 def test_checkpoint_holds_only_trainable_state(resumed):
+    from safetensors.torch import load_file
+
     strategy, root, checkpoint = resumed
-    lora_params = 2 * 7 * 4  # lora_A and lora_B on the 7 linear layers of 4 decoder layers
+    adapter_tensors = len(load_file(root / "A" / "adapter" / "adapter_model.safetensors"))
     trainable = checkpoint / "trainable"
-    if strategy.startswith("zero"):
+    if strategies.get(strategy).spec.checkpoint_format == "deepspeed":
         model_states = sorted((trainable / "zero").glob("*model_states.pt"))  # ZeRO-3 writes one per rank
         assert model_states
         names = list(torch.load(model_states[0], weights_only=False)["module"])
@@ -135,7 +168,7 @@ def test_checkpoint_holds_only_trainable_state(resumed):
         names = [k[len("model.") :] for k in keys if k.startswith("model.")]
         optimizer_params = {k.split(".", 2)[2].rsplit(".", 1)[0] for k in keys if k.startswith("optimizer.state.")}
         assert optimizer_params == set(names)
-    assert len(names) == lora_params
+    assert len(names) == adapter_tensors
     assert all(".lora_A." in n or ".lora_B." in n for n in names)
     total = sum(f.stat().st_size for f in trainable.rglob("*") if f.is_file())
     assert total < 20 * 1024 * 1024  # adapters and their Adam state, not the base
@@ -152,7 +185,7 @@ def test_export_round_trip(resumed):
     qlaunch(root / "export.log", "export", str(out), "--output", str(exported))
     gathered = load_file(out / ADAPTER_DIR / "adapter_model.safetensors")
     restored = load_file(exported / "adapter_model.safetensors")
-    assert restored.keys() == gathered.keys() and len(restored) == 56
+    assert restored.keys() == gathered.keys() and len(restored) > 0
     for name, tensor in gathered.items():
         assert torch.equal(restored[name], tensor), name
     model = load_for_inference(out, adapter_dir=exported)
@@ -162,7 +195,7 @@ def test_export_round_trip(resumed):
     assert (logits - check["logits"]).abs().max().item() <= 1e-4
 
 
-def test_without_rng_restore_the_resume_check_fails(uninterrupted, demo_assets, small_data, tmp_path):
+def test_without_rng_restore_the_resume_check_fails(uninterrupted, family_assets, tmp_path):
     """Negative control: the exact-resume check above can fail."""
     strategy = "fsdp2"
     a_root = uninterrupted(strategy)
@@ -171,7 +204,7 @@ def test_without_rng_restore_the_resume_check_fails(uninterrupted, demo_assets, 
         strategy,
         tmp_path,
         "C",
-        args(demo_assets, small_data, tmp_path / "C", strategy, 2 * K, "--resume", str(checkpoint)),
+        resume_args(family_assets, tmp_path / "C", strategy, 2 * K, "--resume", str(checkpoint)),
         env={"PROBE_SKIP_RNG_RESTORE": "1"},
     )
     assert proc.returncode == 0, tail(log)
@@ -182,7 +215,7 @@ def test_without_rng_restore_the_resume_check_fails(uninterrupted, demo_assets, 
     single = tmp_path / "single"
     qlaunch(
         tmp_path / "single.log",
-        *("train", "--nproc", "1", *args(demo_assets, small_data, single, strategy, K, "--resume", str(checkpoint))),
+        *("train", "--nproc", "1", *resume_args(family_assets, single, strategy, K, "--resume", str(checkpoint))),
     )
     exported = tmp_path / "exported"
     qlaunch(tmp_path / "export.log", "export", str(checkpoint), "--output", str(exported))
