@@ -1,44 +1,49 @@
-"""Preemption: SIGUSR2 (Slurm's warning before the time limit) or SIGTERM stops a run at a step boundary.
+"""Preemption in a rank: a stop signal (launcher/signals.py) stops the run where every rank agrees.
 
-In each rank, `StopSignal`'s handler only sets a flag. At every step boundary `agreed()` all-reduces
-the flag (one collective), so every rank stops after the same step; train.py then writes a complete
-checkpoint and `exit()` ends the rank with `dist.preempt_exit_code` (85 unless configured).
-`--resume auto` continues from that checkpoint; the slurm/ scripts requeue the job on that status.
+`agreed()` all-reduces "did any rank get a stop signal" (one collective), so every rank stops at the
+same point: after a step (train.py then writes a complete checkpoint first), or before training when
+the signal came during start-up (rendezvous, loading, sharding: nothing new to save). Once the last
+step is done a signal is only noted: the run finishes and exits 0. `--resume auto` continues from
+the last complete checkpoint; the slurm/ scripts requeue the job on `dist.preempt_exit_code` (85).
 
-Each rank writes its pid to the status folder of `qlaunch train` (launcher.launch.supervise), and
-`done-<rank>` when it ends as planned, `preempted` when it stopped for a preemption.
+Under `qlaunch train` each rank writes its pid to the wrapper's status folder (launch/supervise.py),
+`done-<rank>` when it ends as planned and `preempted-<rank>` (what stopped it, and where) when it
+stopped for a preemption; it then exits 0, so torchrun does not report a planned stop as a failure, and the
+wrapper exits with the preemption status and one line. Under a plain `accelerate launch` the rank
+itself exits with the preemption status.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import signal
 import socket
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+from . import signals
+
 STATUS_DIR_ENV = "QLAUNCH_STATUS_DIR"
-MARKER = "preempted"
+MARKER = "preempted-{rank}"
 
 
 class StopSignal:
-    """In a rank, while training: SIGUSR2 and SIGTERM ask the run to stop at the next step boundary."""
+    """In a rank, from the start of `train.run`: stop signals stop the run where every rank agrees."""
 
     def __init__(self, exit_code: int):
         self.exit_code = exit_code
-        self.received: int | None = None
         self.rank = int(os.environ.get("RANK", "0"))
         status_dir = os.environ.get(STATUS_DIR_ENV)
         self.status_dir = Path(status_dir) if status_dir else None
-        self._previous: dict = {}
+        self._stack = ExitStack()
 
     def __enter__(self) -> StopSignal:
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+        self._stack.enter_context(signals.listening())
         if self.status_dir:
             (self.status_dir / f"pid-{self.rank}").write_text(str(os.getpid()))
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
@@ -51,8 +56,7 @@ class StopSignal:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self._stack.close()
         if exc_type is None:
             self._finished()
 
@@ -60,28 +64,45 @@ class StopSignal:
         if self.status_dir:
             (self.status_dir / f"done-{self.rank}").touch()
 
-    def _handle(self, signum, frame) -> None:
-        self.received = signum  # only a flag: the training loop acts on it at the next step boundary
-
     def agreed(self, device: torch.device) -> bool:
-        """Whether any rank got a stop signal. A collective: every rank calls it after the same step."""
-        flag = torch.tensor([0.0 if self.received is None else 1.0], device=device)
+        """Whether any rank got a stop signal. A collective: every rank calls it at the same point."""
+        flag = torch.tensor([0.0 if signals.received() is None else 1.0], device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def exit(self, step: int) -> NoReturn:
-        """Ends this rank once the checkpoint of `step` is complete."""
-        if self.status_dir:
-            (self.status_dir / MARKER).write_text(str(step))
+    def stop_before_training(self, device: torch.device) -> None:
+        """During start-up, where every rank passes: ends every rank now if any got a stop signal."""
+        if self.agreed(device):
+            self.exit(None)
+
+    def exit(self, step: int | None) -> NoReturn:
+        """Ends this rank after a preemption: once the checkpoint of `step` is complete, or (None) before
+        training began, with nothing new to save."""
+        cause = signals.name(signals.received())
         self._finished()
-        if self.rank == 0:
-            cause = signal.Signals(self.received).name if self.received else "a signal to another rank"
-            print(
-                f"Stopped after step {step} on {cause}: the checkpoint is complete; exit status {self.exit_code}. "
-                "Run again with `--resume auto` to continue.",
-                flush=True,
-            )
+        if self.status_dir:
+            (self.status_dir / MARKER.format(rank=self.rank)).write_text(json.dumps({"step": step, "signal": cause}))
+        elif self.rank == 0:
+            print(stop_message(step, cause, self.exit_code), flush=True)
         if dist.is_initialized():
             dist.destroy_process_group()
-        raise SystemExit(self.exit_code)
+        raise SystemExit(0 if self.status_dir else self.exit_code)
+
+
+def stop_message(step: int | None, cause: str, exit_code: int) -> str:
+    if step is None:
+        done = f"Stopped before training on {cause}: nothing new to checkpoint"
+    else:
+        done = f"Stopped after step {step} on {cause}: the checkpoint is complete"
+    return f"{done}; exit status {exit_code}. Run again with `--resume auto` to continue."
+
+
+def read_marker(status_dir: Path) -> dict | None:
+    """What stopped the ranks of a wrapper's status folder, if they stopped for a preemption: the step
+    they agreed on, and the signal one of them got (else they stopped for another node's)."""
+    stops = [json.loads(path.read_text()) for path in sorted(status_dir.glob(MARKER.format(rank="*")))]
+    if not stops:
+        return None
+    got = [s for s in stops if s["signal"] != signals.name(None)]
+    return (got or stops)[0]

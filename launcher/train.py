@@ -70,7 +70,7 @@ def rank_report(model, optimizer, setup: preflight.RunSetup, adapter_total: int,
 
 
 def run(cfg: RunConfig) -> RunSummary:
-    # From here on SIGUSR2 and SIGTERM only set a flag; the loop stops at a step boundary (preemption.py).
+    # SIGUSR2 and SIGTERM only set a flag: the run stops where every rank agrees (preemption.py).
     with StopSignal(cfg.dist.preempt_exit_code) as stop:
         return _run(cfg, stop)
 
@@ -87,6 +87,7 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
     base = load_base(cfg.model, cfg.quant, policy)
 
     accelerator = create_accelerator(setup.strategy, cfg.train, cfg.dist)
+    stop.stop_before_training(accelerator.device)  # a signal during start-up: every rank ends here, nothing to save
     rank, main = accelerator.process_index, accelerator.is_main_process
     output_dir = Path(cfg.output_dir)
     if main:
@@ -119,6 +120,7 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
             print(f"Resuming from step {start_step}: {setup.resume_from}", flush=True)
 
     # Train.
+    stop.stop_before_training(accelerator.device)
     model.train()
     metrics = MetricsLog(output_dir, total_steps, enabled=main, first_step=start_step)
     losses, started = [], time.perf_counter()

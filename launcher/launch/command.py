@@ -15,7 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .. import signals
 from ..config import DistConfig
+from ..preemption import stop_message
 from ..resources import shipped_dir
 from ..strategies import Strategy
 from . import slurm
@@ -70,16 +72,17 @@ def launch(strategy: Strategy, machines: Machines, train_args: list[str], dist: 
     """Runs this machine's `accelerate launch`; returns its exit status (dist.preempt_exit_code after a preemption stop)."""
     cmd = accelerate_command(strategy, machines, train_args, dist, entry)
     print(f"qlaunch: {machines.describe()}", flush=True)
+    if signals.received() is not None and machines.num_machines == 1:
+        # Nothing started yet and no other machine waits for this one: stop now. (With several machines
+        # every node starts, and the ranks agree to stop before training: no node waits for a missing peer.)
+        print(f"qlaunch: {stop_message(None, signals.name(signals.received()), dist.preempt_exit_code)}", flush=True)
+        return dist.preempt_exit_code
     with tempfile.TemporaryDirectory(prefix="qlaunch-") as status_dir, Ranks(Path(status_dir)) as ranks:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **TORCHRUN_ENV, **ranks.env)
         code = ranks.watch(subprocess.Popen(cmd, env=env, preexec_fn=Ranks.ignore_in_child))
-        stopped_at = ranks.preempted_at()
-        if stopped_at is not None:
-            print(
-                f"qlaunch: the run stopped at step {stopped_at} for a preemption, with a complete checkpoint; "
-                f"exit status {dist.preempt_exit_code} (`--resume auto` continues)",
-                flush=True,
-            )
+        stopped = ranks.preempted()
+        if stopped is not None:
+            print(f"qlaunch: {stop_message(stopped['step'], stopped['signal'], dist.preempt_exit_code)}", flush=True)
             return dist.preempt_exit_code
         if code != 0 and not ranks.started() and machines.num_machines > 1:
             print(

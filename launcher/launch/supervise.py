@@ -1,10 +1,11 @@
 """In front of the ranks: what `qlaunch train` keeps of the ranks it started, through their status folder.
 
-Each rank writes its pid there, `done-<rank>` when it ends as planned, and `preempted` when it stopped
+Each rank writes its pid there, `done-<rank>` when it ends as planned, and `preempted-<rank>` when it stopped
 for a preemption (launcher.preemption). accelerate launch and torchrun ignore SIGUSR2 and SIGTERM;
-qlaunch passes a signal sent to it alone on to the pids, exits with the preemption status (torchrun
-reports any rank's non-zero exit as 1), and once a rank has ended without finishing it kills the
-others: a hung rank would not end on torchrun's SIGTERM (its handler only sets the flag) but 30 s later.
+qlaunch records them from its first moment (launcher.signals) and passes them on to every rank, also
+to ranks that register after the signal came (still importing, say), exits with the preemption status
+(torchrun reports any rank's non-zero exit as 1), and once a rank has ended without finishing it kills
+the others: a hung rank would not end on torchrun's SIGTERM (its handler only sets the flag) but 30 s later.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import signal
 import time
 from pathlib import Path
 
-from ..preemption import MARKER, SIGNALS, STATUS_DIR_ENV
+from .. import signals
+from ..preemption import STATUS_DIR_ENV, read_marker
 
 
 class Ranks:
@@ -24,21 +26,22 @@ class Ranks:
     def __init__(self, status_dir: Path):
         self.status_dir = status_dir
         self.env = {STATUS_DIR_ENV: str(status_dir)}
-        self._previous: dict = {}
+        self._signalled: set[int] = set()
+        self._stack = contextlib.ExitStack()
 
     @staticmethod
     def ignore_in_child() -> None:
         """For `accelerate launch` (and the torchrun inside it); the ranks set their own handlers."""
-        for sig in SIGNALS:
+        for sig in signals.SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
 
     def __enter__(self) -> Ranks:
-        self._previous = {sig: signal.signal(sig, self._forward) for sig in SIGNALS}
+        self._stack.enter_context(signals.listening())
+        self._stack.enter_context(signals.on_signal(self.signal_all))
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self._stack.close()
 
     def _pids(self) -> dict[int, int]:
         pids = {}
@@ -47,13 +50,17 @@ class Ranks:
                 pids[int(pid_file.name[4:])] = int(pid_file.read_text())
         return pids
 
-    def _forward(self, signum, frame) -> None:
-        self.signal_all(signum)
-
     def signal_all(self, signum: int) -> None:
         for pid in self._pids().values():
             if is_running(pid):
                 os.kill(pid, signum)
+                self._signalled.add(pid)
+
+    def _pass_on_pending(self) -> None:
+        """A stop signal that came before some ranks registered reaches them once they have."""
+        pending = signals.received()
+        if pending is not None and any(pid not in self._signalled for pid in self._pids().values()):
+            self.signal_all(pending)
 
     def started(self) -> bool:
         return any(self.status_dir.glob("pid-*"))
@@ -68,13 +75,14 @@ class Ranks:
         """Waits for `accelerate launch`; once a rank has failed, kills the others so that the run ends now."""
         while process.poll() is None:
             time.sleep(interval)
+            self._pass_on_pending()
             if self.failed():
                 self.signal_all(signal.SIGKILL)
         return process.returncode
 
-    def preempted_at(self) -> int | None:
-        marker = self.status_dir / MARKER
-        return int(marker.read_text()) if marker.is_file() else None
+    def preempted(self) -> dict | None:
+        """{"step": the checkpointed step or None, "signal": ...} when the ranks stopped for a preemption."""
+        return read_marker(self.status_dir)
 
 
 def is_running(pid: int) -> bool:

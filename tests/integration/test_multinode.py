@@ -135,10 +135,11 @@ def test_sigterm_to_qlaunch_checkpoints_and_exits_with_the_preemption_status(dem
     assert proc.wait(timeout=120) == 99, tail(log)
     text = log.read_text()
     stopped = int(
-        re.search(r"Stopped after step (\d+) on SIGTERM: the checkpoint is complete; exit status 99", text)[1]
+        re.search(r"qlaunch: Stopped after step (\d+) on SIGTERM: the checkpoint is complete; exit status 99", text)[1]
     )
     assert 4 <= stopped < steps
-    assert f"qlaunch: the run stopped at step {stopped} for a preemption" in text
+    # A planned stop reads as one: the ranks exit 0 to torchrun, which reports nothing; qlaunch says it once.
+    assert text.count("Stopped after step") == 1 and "Traceback" not in text and "ChildFailedError" not in text
     checkpoint = out / "checkpoints" / f"step-{stopped:06d}"
     assert (out / "checkpoints" / "latest").read_text() == checkpoint.name
     assert json.loads((checkpoint / "meta.json").read_text())["step"] == stopped

@@ -1,12 +1,15 @@
 """The slurm/ scripts under a real Slurm: a two-node cluster on this host (tests/support/slurm_cluster.py).
 
 Jobs are submitted with the real sbatch and train the embedded model on CPU ranks: two single-node
-jobs at once (2 ranks each), then a two-node job (1 rank per node) that gets the preemption warning
-mid-run, checkpoints, requeues itself and resumes. The single-node jobs train the same config, so
-their losses are the reference the resumed two-node run must follow step for step.
+jobs at once (2 ranks each), then a two-node job (1 rank per node) that gets a stop signal in another
+phase at each of its four starts (loading, mid-training to one node, a checkpoint save, the export),
+requeues itself and resumes. The single-node jobs train the same config, so their losses are the
+reference the resumed two-node run must follow step for step.
 """
 
+import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -21,6 +24,8 @@ from support.slurm_cluster import SlurmCluster, install, wait_until
 SCRIPTS = REPO / "slurm"
 STEPS = 30
 PREEMPT_AFTER = 6  # steps logged before the warning signal is sent
+EVERY = 5  # checkpoint.every_steps of the preempted two-node job
+HOLD_HOOK = REPO / "tests" / "support" / "hold"  # holds a phase of a run open (see its sitecustomize.py)
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
 # sbatch passes the submitting environment on: the scripts run this checkout with this interpreter.
 JOB_ENV = dict(CPU_ENV, PYTHONPATH=str(REPO), QLAUNCH_PYTHON=python())
@@ -101,26 +106,68 @@ def test_two_single_node_jobs_run_at_once_on_their_own_ports(single_node_jobs):
 
 @pytest.fixture(scope="module")
 def preempted_job(cluster, demo_assets, tmp_path_factory, single_node_jobs):
-    """The two-node script (1 rank per node) gets the warning signal mid-run (after the single-node jobs: both nodes needed)."""
+    """The two-node script (1 rank per node; after the single-node jobs: both nodes needed), one job
+    that gets a stop signal in another phase at each of its four starts. support/hold/ holds each phase
+    open until every rank has received the signal, so it lands there, not by timing:
+      1. during model loading, to the batch script (as Slurm's --signal=B:USR2@...): stops before training;
+      2. mid-training, to node n2's qlaunch alone: both nodes stop after the same step, with a checkpoint;
+      3. during a checkpoint save: the save completes, the run stops after the next step;
+      4. after the last step, during the export: noted; the run finishes and the job completes.
+    Starts 1-3 end with the preemption status, and the script requeues the job each time."""
     root = tmp_path_factory.mktemp("slurm-multi")
-    out, log = root / "run", root / "job.out"
-    job = cluster.submit(
-        SCRIPTS / "multi_node.sbatch",
-        train_args(demo_assets, out),
-        ["--gpus-per-node=1", f"--output={log}"],
-        JOB_ENV,
-        root,
-    )
+    out, log, hold = root / "run", root / "job.out", root / "hold"
+    hold.mkdir()
+    env = dict(JOB_ENV, PYTHONPATH=f"{REPO}{os.pathsep}{HOLD_HOOK}", QLAUNCH_HOLD_DIR=str(hold))
+    args = [*train_args(demo_assets, out), "--checkpoint.every_steps", str(EVERY)]
+
+    def signal_while_held(phase: str, ranks: tuple[int, ...]) -> None:
+        wait_until(lambda: all((hold / f"held-{phase}-{r}").exists() for r in ranks), 600, f"ranks {ranks} in {phase}")
+        cluster.signal_batch(job, "USR2")
+        wait_until(lambda: all((hold / f"signalled-{phase}-{r}").exists() for r in ranks), 60, f"the signal in {phase}")
+        (hold / f"hold-{phase}").unlink()
+
+    def wait_for_start(n: int) -> None:
+        wait_until(lambda: f"start {n}" in log.read_text(), 600, f"start {n}")
+
     started = time.monotonic()
-    wait_until(
-        lambda: len(read_metrics(out)) >= PREEMPT_AFTER or cluster.job(job)["JobState"] in FINAL,
-        600,
-        "training to start",
-    )
-    cluster.signal_batch(job, "USR2")  # as Slurm's --signal=B:USR2@... does before the time limit
+    (hold / "hold-load").touch()
+    job = cluster.submit(SCRIPTS / "multi_node.sbatch", args, ["--gpus-per-node=1", f"--output={log}"], env, root)
+    signal_while_held("load", (0, 1))
+    wait_for_start(2)
+    wait_until(lambda: len(read_metrics(out)) >= PREEMPT_AFTER, 600, "training in start 2")
+    os.kill(qlaunch_pid(job, "n2"), signal.SIGUSR2)
+    wait_for_start(3)
+    (hold / "hold-checkpoint").touch()
+    signal_while_held("checkpoint", (0, 1))
+    wait_for_start(4)
+    (hold / "hold-export").touch()
+    signal_while_held("export", (0,))
     info = cluster.wait_for(job, FINAL, 600)
-    print(f"preempted two-node job: {time.monotonic() - started:.1f} s")
+    print(f"two-node job, four starts: {time.monotonic() - started:.1f} s")
     return job, out, info, log.read_text()
+
+
+def qlaunch_pid(job: int, node: str) -> int:
+    """The pid of `qlaunch train` (the wrapper, not a rank) of `job` on `node` (every node is this host)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
+            cmdline = (proc / "cmdline").read_text().split("\0")
+        except OSError:
+            continue
+        if (
+            environ.get("SLURM_JOB_ID") == str(job)
+            and environ.get("SLURMD_NODENAME") == node
+            and "LOCAL_RANK" not in environ
+            and cmdline[1:4] == ["-m", "launcher", "train"]
+        ):
+            return int(proc.name)
+    raise AssertionError(f"no qlaunch train of job {job} on {node}")
+
+
+def starts(output: str) -> list[str]:
+    """The job log, one part per start of the job."""
+    return re.split(r"^qlaunch: job \d+ on \S+, start \d+$", output, flags=re.M)[1:]
 
 
 def test_two_node_script_trains_on_both_nodes(preempted_job):
@@ -137,17 +184,26 @@ def test_two_node_script_trains_on_both_nodes(preempted_job):
     assert_trained(out, output)
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes_without_a_jump(preempted_job, single_node_jobs):
+def test_a_signal_in_any_phase_ends_as_planned_and_the_job_completes(preempted_job, single_node_jobs):
     job, out, info, output = preempted_job
-    stopped = int(
-        re.search(r"Stopped after step (\d+) on SIGUSR2: the checkpoint is complete; exit status 85", output)[1]
-    )
-    assert PREEMPT_AFTER <= stopped < STEPS
-    assert f"requeueing job {job}" in output
-    assert info["Restarts"] == "1"
-    assert f"qlaunch: job {job} on n[1-2], start 2" in output
-    assert f"Resuming from step {stopped}: {out / 'checkpoints' / f'step-{stopped:06d}'}" in output
-    assert (out / "checkpoints" / f"step-{stopped:06d}" / "meta.json").is_file()  # the preemption's, kept (keep_last 2)
+    assert info["Restarts"] == "3", output[-3000:]
+    loading, mid_training, saving, exporting = starts(output)
+    stopped_before = "qlaunch: Stopped before training on SIGUSR2: nothing new to checkpoint; exit status 85."
+    assert loading.count(stopped_before) == 2  # one line per node
+    # The signal reached n2 alone; n1 stopped after the same step because the ranks agreed.
+    step = int(re.search(r"qlaunch: Stopped after step (\d+) on SIGUSR2: the checkpoint is complete", mid_training)[1])
+    assert PREEMPT_AFTER <= step < STEPS
+    assert f"qlaunch: Stopped after step {step} on a signal to another rank: the checkpoint is complete" in mid_training
+    assert f"Resuming from step {step}: {out / 'checkpoints' / f'step-{step:06d}'}" in saving
+    # The held save completed; the run stopped one step later with its own checkpoint.
+    stopped = int(re.search(r"qlaunch: Stopped after step (\d+) on SIGUSR2: the checkpoint is complete", saving)[1])
+    assert (stopped - 1) % EVERY == 0 and stopped > step
+    assert f"Resuming from step {stopped}" in exporting
+    assert f"Done: {STEPS} steps" in exporting
+    for part in (loading, mid_training, saving):
+        assert f"requeueing job {job}" in part
+    # A planned stop reads as one: no Python traceback, no torchrun failure report.
+    assert "Traceback" not in output and "ChildFailedError" not in output, output[-3000:]
     # Every step logged once, and each loss the one the uninterrupted single-node runs logged.
     reference = {r["step"]: r["loss"] for r in read_metrics(next(iter(single_node_jobs[0].values()))[0])}
     resumed = {r["step"]: r["loss"] for r in read_metrics(out)}

@@ -1,0 +1,65 @@
+"""Stop requests: SIGUSR2 (Slurm's warning before the time limit) and SIGTERM, from a process's first moment.
+
+A `qlaunch train` process (the wrapper in front of the ranks, or a rank) records these signals from
+the moment `python -m launcher train` starts until it exits: a signal is never fatal, whatever phase
+the run is in (imports, rendezvous, loading, training, the final checkpoint, export, teardown). What a
+recorded signal does is decided by whoever is listening: the wrapper passes it on to its ranks
+(launch/supervise.py); a rank stops at the next point where every rank agrees (preemption.py); once
+the last step is done it is noted and ignored, and the run ends as finished.
+
+Standard library only: it is installed before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Callable, Iterator
+
+SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+_received: list[int] = []
+_listeners: list[Callable[[int], None]] = []
+
+
+def _record(signum, frame) -> None:
+    _received.append(signum)
+    for listener in list(_listeners):
+        listener(signum)
+
+
+def listen() -> None:
+    """Records stop signals in this process from now until it exits (its entry point calls this)."""
+    for sig in SIGNALS:
+        signal.signal(sig, _record)
+
+
+@contextlib.contextmanager
+def listening() -> Iterator[None]:
+    """Records stop signals inside the block and puts back the handlers found, for callers in a process
+    that is not qlaunch's own (tests running a command in process)."""
+    previous = {sig: signal.signal(sig, _record) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def on_signal(listener: Callable[[int], None]) -> Iterator[None]:
+    """Calls `listener(signum)` for each stop signal that arrives inside the block."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
+
+def received() -> int | None:
+    """The first stop signal this process got, if any."""
+    return _received[0] if _received else None
+
+
+def name(signum: int | None) -> str:
+    return signal.Signals(signum).name if signum else "a signal to another rank"

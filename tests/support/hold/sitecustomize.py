@@ -1,0 +1,62 @@
+"""Holds a phase of a run open, so that a test's signal lands there and not by timing.
+
+Python imports this module at start-up in every process whose PYTHONPATH holds this folder (the
+signal tests put it there; nothing else does). While the file $QLAUNCH_HOLD_DIR/hold-<phase> exists,
+a rank that reaches <phase> writes $QLAUNCH_HOLD_DIR/held-<phase>-<rank> (its pid), and
+signalled-<phase>-<rank> once it has received a stop signal, and waits until the file is removed.
+Phases: `load` (train.load_base), `checkpoint` (checkpoint.save), `export` (export.save_adapter, after
+the last step). It changes nothing else: the functions are the launcher's own.
+"""
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+HOLD_DIR = os.environ.get("QLAUNCH_HOLD_DIR")
+
+
+def held(phase: str, function):
+    def wrapper(*args, **kwargs):
+        from launcher import signals
+
+        hold, rank = Path(HOLD_DIR) / f"hold-{phase}", os.environ.get("RANK", "0")
+        if hold.exists():
+            (Path(HOLD_DIR) / f"held-{phase}-{rank}").write_text(str(os.getpid()))
+            while hold.exists():
+                if signals.received() is not None:
+                    (Path(HOLD_DIR) / f"signalled-{phase}-{rank}").touch()
+                time.sleep(0.05)
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def hold_phases(train) -> None:
+    train.load_base = held("load", train.load_base)
+    train.checkpoint.save = held("checkpoint", train.checkpoint.save)
+    train.export.save_adapter = held("export", train.export.save_adapter)
+
+
+class HoldAfterImport(importlib.abc.MetaPathFinder):
+    """Wraps the phases of `launcher.train` as soon as it is imported."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "launcher.train":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run_module = spec.loader.exec_module
+
+        def exec_module(module):
+            run_module(module)
+            hold_phases(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if HOLD_DIR:
+    sys.meta_path.insert(0, HoldAfterImport())
