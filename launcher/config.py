@@ -63,6 +63,10 @@ class DataConfig:
     text_field: str = "text"
     prompt_field: str = "prompt"
     completion_field: str = "completion"
+    messages_field: str = "messages"
+    """Chat records: a list of {"role", "content"} messages; the loss covers the assistant turns."""
+    chat_template: str = ""
+    """A Jinja chat template, or a file holding one, for a tokenizer without one (or to replace it)."""
     max_seq_len: int = 512
 
 

@@ -1,7 +1,8 @@
 """Data: local json / jsonl / parquet / text through `datasets`, tokenized, sampled deterministically.
 
-Records hold either `text` (loss on every token) or `prompt` + `completion` (loss on the completion
-only). Sampling is a pure function of (seed, optimizer step): every rank can compute which samples
+Records hold `text` (loss on every token), `messages` (a chat rendered with the tokenizer's chat
+template, loss on the assistant turns: chat.py), or `prompt` + `completion` (loss on the completion
+only; both may be message lists, then rendered as one chat with the loss on the completion's turns). Sampling is a pure function of (seed, optimizer step): every rank can compute which samples
 every other rank sees, so a 2-rank run and a 1-process run with the same global batch see the
 same data, and a resumed run continues exactly where it stopped.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .chat import assistant_turns, check_messages, tokenize_chat, use_chat_template
 from .config import ConfigError, DataConfig
 
 FORMAT_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
@@ -51,15 +53,17 @@ def load_records(cfg: DataConfig):
 
 
 def record_kind(columns: list[str], cfg: DataConfig) -> str:
-    """'text' or 'prompt_completion', or a ConfigError naming the fields that are missing."""
+    """'text', 'messages' or 'prompt_completion', or a ConfigError naming the fields that are missing."""
     if cfg.text_field in columns:
         return "text"
+    if cfg.messages_field in columns:
+        return "messages"
     if cfg.prompt_field in columns and cfg.completion_field in columns:
         return "prompt_completion"
     raise ConfigError(
-        f"Dataset `{cfg.path}` has fields {sorted(columns)}, but each record needs `{cfg.text_field}`, or "
-        f"`{cfg.prompt_field}` and `{cfg.completion_field}`. Rename the fields in the data or set "
-        "`data.text_field` / `data.prompt_field` / `data.completion_field`."
+        f"Dataset `{cfg.path}` has fields {sorted(columns)}, but each record needs `{cfg.text_field}`, "
+        f"`{cfg.messages_field}`, or `{cfg.prompt_field}` and `{cfg.completion_field}`. Rename the fields in the "
+        "data or set `data.text_field` / `data.messages_field` / `data.prompt_field` / `data.completion_field`."
     )
 
 
@@ -76,12 +80,19 @@ class TokenizedData:
 
 def tokenize(records, tokenizer, cfg: DataConfig) -> TokenizedData:
     kind = record_kind(records.column_names, cfg)
+    chat = kind == "messages" or (
+        kind == "prompt_completion" and len(records) > 0 and isinstance(records[0][cfg.prompt_field], list)
+    )
+    if chat:
+        use_chat_template(tokenizer, cfg)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     input_ids, labels, dropped = [], [], 0
-    for record in records:
+    for index, record in enumerate(records):
         if kind == "text":
             ids = tokenizer(record[cfg.text_field])["input_ids"] + eos
             target = list(ids)
+        elif chat:
+            ids, target = chat_record(tokenizer, record, kind, cfg, f"Dataset `{cfg.path}`, record {index}")
         else:
             prompt = tokenizer(record[cfg.prompt_field])["input_ids"]
             completion = tokenizer(record[cfg.completion_field], add_special_tokens=False)["input_ids"] + eos
@@ -94,6 +105,22 @@ def tokenize(records, tokenizer, cfg: DataConfig) -> TokenizedData:
         input_ids.append(ids)
         labels.append(target)
     return TokenizedData(input_ids, labels, dropped)
+
+
+def chat_record(tokenizer, record: dict, kind: str, cfg: DataConfig, where: str) -> tuple[list[int], list[int]]:
+    """A chat record's ids and labels: the assistant turns of `messages`, or every turn of `completion`."""
+    if kind == "messages":
+        messages = record[cfg.messages_field]
+        check_messages(messages, where)
+        targets = assistant_turns(messages)
+    else:
+        prompt, completion = record[cfg.prompt_field], record[cfg.completion_field]
+        check_messages(prompt, f"{where}, `{cfg.prompt_field}`")
+        check_messages(completion, f"{where}, `{cfg.completion_field}`")
+        messages = prompt + completion
+        targets = list(range(len(prompt), len(messages)))
+    ids, in_target = tokenize_chat(tokenizer, messages, targets, where)
+    return ids, [token if keep else IGNORE_INDEX for token, keep in zip(ids, in_target, strict=True)]
 
 
 def target_tokens(labels: list[int]) -> int:

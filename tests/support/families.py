@@ -163,6 +163,13 @@ FAMILIES = [
 BY_NAME = {f.name: f for f in FAMILIES}
 
 
+# A chat template for these tokenizers (<s> and </s> are special tokens): each turn is "<s>ROLE\nCONTENT</s>\n".
+TURNS_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
 def corpus(data_path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in data_path.read_text().splitlines()]
 

@@ -7,6 +7,8 @@ import pytest
 from launcher.config import ConfigError, DataConfig
 from launcher.data import IGNORE_INDEX, GlobalBatches, collate, load_records, record_kind, tokenize
 from launcher.demo import build_tokenizer
+from support.families import TURNS_TEMPLATE
+from support.families import build_tokenizer as build_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +84,72 @@ def test_collate_pads_with_ignored_labels(tmp_path):
     assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]]
     assert batch["labels"].tolist() == [[1, 5, 6], [IGNORE_INDEX, 7, IGNORE_INDEX]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+CHAT = [
+    {"role": "system", "content": "You answer in few words."},
+    {"role": "user", "content": "What is two and two?"},
+    {"role": "assistant", "content": "Four."},
+    {"role": "user", "content": "And three and three?"},
+    {"role": "assistant", "content": "Six, as it was before."},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    texts = [m["content"] for m in CHAT] + ["system user assistant"] * 4
+    return build_bpe_tokenizer(texts)
+
+
+def target_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """The contiguous runs of target tokens."""
+    runs, previous = [], False
+    for token, label in zip(ids, labels, strict=True):
+        if label != IGNORE_INDEX:
+            assert label == token
+            if not previous:
+                runs.append([])
+            runs[-1].append(token)
+        previous = label != IGNORE_INDEX
+    return runs
+
+
+def test_chat_records_train_on_every_assistant_turn_and_nothing_else(tmp_path, chat_tokenizer):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
+    cfg = DataConfig(path=str(path), chat_template=TURNS_TEMPLATE)
+    records = load_records(cfg)
+    assert record_kind(records.column_names, cfg) == "messages"
+    data = tokenize(records, chat_tokenizer, cfg)
+    ids, labels = data.input_ids[0], data.labels[0]
+    rendered = chat_tokenizer.apply_chat_template(CHAT, tokenize=False)
+    assert ids == chat_tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    # Token by token: the targets are each assistant turn's words and its closing </s>, in order.
+    expected = [chat_tokenizer(f"{m['content']}</s>\n", add_special_tokens=False)["input_ids"] for m in CHAT[2::2]]
+    assert target_runs(ids, labels) == expected
+
+
+def test_conversational_prompt_completion_trains_on_the_completion_turns(tmp_path, chat_tokenizer):
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": CHAT[:4], "completion": CHAT[4:]}])
+    cfg = DataConfig(path=str(path), chat_template=TURNS_TEMPLATE)
+    data = tokenize(load_records(cfg), chat_tokenizer, cfg)
+    expected = [chat_tokenizer(f"{CHAT[4]['content']}</s>\n", add_special_tokens=False)["input_ids"]]
+    assert target_runs(data.input_ids[0], data.labels[0]) == expected  # the prompt's assistant turn is context
+
+
+def test_chat_data_without_a_template_or_with_an_unstable_one_is_refused(tmp_path, chat_tokenizer):
+    import copy
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
+    tokenizer = copy.deepcopy(chat_tokenizer)
+    tokenizer.chat_template = None
+    with pytest.raises(ConfigError, match="has no chat template. Set `data.chat_template`"):
+        tokenize(load_records(DataConfig(path=str(path))), tokenizer, DataConfig(path=str(path)))
+    # Renders only the last assistant turn in full, as templates that drop earlier reasoning do.
+    unstable = (
+        "{% for m in messages %}<s>{{ m['role'] }}\n"
+        "{% if m['role'] == 'assistant' and not loop.last %}...{% else %}{{ m['content'] }}{% endif %}</s>\n"
+        "{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    )
+    cfg = DataConfig(path=str(path), chat_template=unstable)
+    with pytest.raises(ConfigError, match="record 0: the chat template renders turn 2 differently"):
+        tokenize(load_records(cfg), tokenizer, cfg)

@@ -1,0 +1,33 @@
+"""Chat data for real: multi-turn `messages` records, rendered on every rank with the chat template
+the run config names, train a family's model on 2 ranks (tests/unit/test_data.py checks the assistant
+mask token by token)."""
+
+import json
+
+from support.families import TURNS_TEMPLATE, corpus
+from support.launches import qlaunch, read_metrics
+
+
+def test_chat_records_train_with_the_configured_template_on_two_ranks(family_assets, tmp_path):
+    assets = family_assets("qwen3")
+    texts = corpus(assets / "data.jsonl")
+    chats = []
+    for first, second in zip(texts[::2], texts[1::2], strict=False):
+        words = first.split() + second.split()
+        turns = [" ".join(words[i : i + 8]) for i in range(0, 32, 8)]
+        roles = ["user", "assistant", "user", "assistant"]
+        chats.append({"messages": [{"role": r, "content": t} for r, t in zip(roles, turns, strict=True)]})
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(chat) + "\n" for chat in chats))
+    template = tmp_path / "turns.jinja"
+    template.write_text(TURNS_TEMPLATE)
+    out, steps = tmp_path / "run", 3
+    qlaunch(
+        tmp_path / "train.log",
+        *("train", "--nproc", "2", "--strategy", "zero3", "--model.path", str(assets / "base")),
+        *("--data.path", str(data), "--data.chat_template", str(template), "--data.max_seq_len", "96"),
+        *("--train.max_steps", str(steps), "--output_dir", str(out)),
+    )
+    losses = [r["loss"] for r in read_metrics(out)]
+    assert len(losses) == steps and all(0 < loss < 20 for loss in losses), losses
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
