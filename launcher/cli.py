@@ -1,4 +1,4 @@
-"""Command line: `qlaunch train | demo | verify | budget | plan` (also `python -m launcher ...`).
+"""Command line: `qlaunch train | data | demo | export | merge | verify | budget | plan` (also `python -m launcher ...`).
 
 Each command imports what it needs when it runs, so that `qlaunch --help` and a wrong flag answer
 without importing torch.
@@ -48,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="processes (GPUs) to start; default: all GPUs, 1 without CUDA. Inside a Slurm allocation: per node, default its GPUs",
     )
+
+    data = commands.add_parser(
+        "data",
+        help="show what the data pipeline feeds the run: records, tokens, masking, padding, samples",
+        description="Read and tokenize the run's dataset as training does, without training: records kept and "
+        "dropped, tokens and target tokens, padding, and samples with the part the loss ignores in [[...]].",
+    )
+    data.add_argument("--config", help="run config YAML; --section.key VALUE flags override it, as for train")
+    data.add_argument("--samples", type=int, default=3, help="samples to show (default 3)")
+    data.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     demo = commands.add_parser(
         "demo",
@@ -161,6 +171,13 @@ def cmd_train(args, extra: list[str]) -> int:
     return launch.launch(strategy, machines, forwarded, cfg.dist)
 
 
+def cmd_data(args, extra: list[str]) -> int:
+    from . import data_report
+
+    data_report.run(load_config(args.config, parse_overrides(extra)), args.samples, args.json)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from . import demo
 
@@ -213,11 +230,13 @@ def cmd_verify(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "train":
+    if extra and args.command not in ("train", "data"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "train":
             return cmd_train(args, extra)
+        if args.command == "data":
+            return cmd_data(args, extra)
         handler = {
             "demo": cmd_demo,
             "export": cmd_export,

@@ -73,6 +73,8 @@ class TokenizedData:
     labels: list[list[int]]
     dropped: int
     """Records left with no target token after truncation."""
+    truncated: int = 0
+    """Records cut at data.max_seq_len (kept if a target token is left)."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -86,7 +88,7 @@ def tokenize(records, tokenizer, cfg: DataConfig) -> TokenizedData:
     if chat:
         use_chat_template(tokenizer, cfg)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    input_ids, labels, dropped = [], [], 0
+    input_ids, labels, dropped, truncated = [], [], 0, 0
     for index, record in enumerate(records):
         if kind == "text":
             ids = tokenizer(record[cfg.text_field])["input_ids"] + eos
@@ -98,13 +100,14 @@ def tokenize(records, tokenizer, cfg: DataConfig) -> TokenizedData:
             completion = tokenizer(record[cfg.completion_field], add_special_tokens=False)["input_ids"] + eos
             ids = prompt + completion
             target = [IGNORE_INDEX] * len(prompt) + completion
+        truncated += len(ids) > cfg.max_seq_len
         ids, target = ids[: cfg.max_seq_len], target[: cfg.max_seq_len]
         if sum(t != IGNORE_INDEX for t in target[1:]) == 0:
             dropped += 1
             continue
         input_ids.append(ids)
         labels.append(target)
-    return TokenizedData(input_ids, labels, dropped)
+    return TokenizedData(input_ids, labels, dropped, truncated)
 
 
 def chat_record(tokenizer, record: dict, kind: str, cfg: DataConfig, where: str) -> tuple[list[int], list[int]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import checkpoint, strategies
 from .accelerator import mixed_precision
-from .config import ConfigError, RunConfig
+from .config import ConfigError, ModelConfig, RunConfig
 from .data import TokenizedData, load_records, record_kind, tokenize
 from .dtypes import DTYPES, MIXED_PRECISIONS, DtypePolicy
 from .model import read_model_config
@@ -85,13 +85,18 @@ def check_dataset(cfg: RunConfig) -> None:
     record_kind(load_records(cfg.data).column_names, cfg.data)
 
 
-def load_training_data(cfg: RunConfig, world_size: int):
-    """The tokenizer and the tokenized dataset, checked to fill at least one optimizer step."""
+def load_tokenizer(model: ModelConfig):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_training_data(cfg: RunConfig, world_size: int):
+    """The tokenizer and the tokenized dataset, checked to fill at least one optimizer step."""
+    tokenizer = load_tokenizer(cfg.model)
     data: TokenizedData = tokenize(load_records(cfg.data), tokenizer, cfg.data)
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
     if len(data) < global_batch:

@@ -153,3 +153,29 @@ def test_chat_data_without_a_template_or_with_an_unstable_one_is_refused(tmp_pat
     cfg = DataConfig(path=str(path), chat_template=unstable)
     with pytest.raises(ConfigError, match="record 0: the chat template renders turn 2 differently"):
         tokenize(load_records(cfg), tokenizer, cfg)
+
+
+def test_qlaunch_data_shows_counts_masking_and_padding(tmp_path, chat_tokenizer, capsys):
+    from launcher import cli
+
+    chat_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    long = {"messages": [{"role": "user", "content": "two " * 150}, {"role": "assistant", "content": "Four."}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, {"messages": CHAT[:3]}, long])
+    args = ["--model.path", str(tmp_path / "tokenizer"), "--data.path", str(path), "--data.max_seq_len", "96"]
+    template = tmp_path / "turns.jinja"
+    template.write_text(TURNS_TEMPLATE)
+    assert cli.main(["data", *args, "--data.chat_template", str(template), "--json", "--samples", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    # The long record's only assistant turn lies past max_seq_len: dropped, and said why.
+    assert (summary["records_read"], summary["records_kept"]) == (3, 2)
+    assert summary["records_dropped_no_target_within_max_seq_len"] == 1 and summary["records_truncated"] == 1
+    assert [[s["text"] for s in sample if s["loss"]] for sample in summary["samples"]] == [
+        ["Four.</s>\n", "Six, as it was before.</s>\n"],
+        ["Four.</s>\n"],
+    ]
+    assert 0 < summary["target_tokens"] < summary["tokens"] and 0 < summary["padding_efficiency"] <= 1
+
+    assert cli.main(["data", *args, "--data.chat_template", str(template)]) == 0
+    text = capsys.readouterr().out
+    assert "[[<s>system\nYou answer in few words.</s>\n<s>user\nWhat is two and two?</s>\n<s>assistant\n]]Four." in text
+    assert "3 read, 2 kept, 1 dropped (no target token within max_seq_len 96), 1 truncated" in text
