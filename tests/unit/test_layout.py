@@ -57,6 +57,15 @@ def test_no_import_cycle():
             visit(name, [name])
 
 
+# What every stage may import without pulling in another stage (signals: before anything heavy).
+LEAF_MODULES = ["launcher.config", "launcher.dtypes", "launcher.resources", "launcher.collectives", "launcher.signals"]
+
+
+@pytest.mark.parametrize("name", LEAF_MODULES)
+def test_leaf_modules_import_nothing_from_the_package(name):
+    assert imported_modules(MODULES[name]) <= {"launcher"}, imported_modules(MODULES[name])
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_modules_stay_small(name):
     lines = len(MODULES[name].read_text().splitlines())
