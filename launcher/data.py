@@ -1,8 +1,10 @@
 """Data: local json / jsonl / parquet / text through `datasets`, tokenized, sampled deterministically.
 
 Records hold `text` (loss on every token), `messages` (a chat rendered with the tokenizer's chat
-template, loss on the assistant turns: chat.py), or `prompt` + `completion` (loss on the completion
-only; both may be message lists, then rendered as one chat with the loss on the completion's turns). Sampling is a pure function of (seed, optimizer step): every rank can compute which samples
+template, loss on the assistant turns: chat.py), `prompt` + `completion` (loss on the completion
+only; both may be message lists, then rendered as one chat with the loss on the completion's turns),
+or `input_ids` already tokenized (with `labels`, -100 where the loss ignores a token, or the loss on
+every token). Sampling is a pure function of (seed, optimizer step): every rank can compute which samples
 every other rank sees, so a 2-rank run and a 1-process run with the same global batch see the
 same data, and a resumed run continues exactly where it stopped.
 """
@@ -56,14 +58,17 @@ def record_kind(columns: list[str], cfg: DataConfig) -> str:
     """'text', 'messages' or 'prompt_completion', or a ConfigError naming the fields that are missing."""
     if cfg.text_field in columns:
         return "text"
+    if "input_ids" in columns:
+        return "tokens"
     if cfg.messages_field in columns:
         return "messages"
     if cfg.prompt_field in columns and cfg.completion_field in columns:
         return "prompt_completion"
     raise ConfigError(
         f"Dataset `{cfg.path}` has fields {sorted(columns)}, but each record needs `{cfg.text_field}`, "
-        f"`{cfg.messages_field}`, or `{cfg.prompt_field}` and `{cfg.completion_field}`. Rename the fields in the "
-        "data or set `data.text_field` / `data.messages_field` / `data.prompt_field` / `data.completion_field`."
+        f"`{cfg.messages_field}`, `{cfg.prompt_field}` and `{cfg.completion_field}`, or `input_ids`. Rename the "
+        "fields in the data or set `data.text_field` / `data.messages_field` / `data.prompt_field` / "
+        "`data.completion_field`."
     )
 
 
@@ -93,6 +98,8 @@ def tokenize(records, tokenizer, cfg: DataConfig) -> TokenizedData:
         if kind == "text":
             ids = tokenizer(record[cfg.text_field])["input_ids"] + eos
             target = list(ids)
+        elif kind == "tokens":
+            ids, target = tokenized_record(record, len(tokenizer), f"Dataset `{cfg.path}`, record {index}")
         elif chat:
             ids, target = chat_record(tokenizer, record, kind, cfg, f"Dataset `{cfg.path}`, record {index}")
         else:
@@ -108,6 +115,18 @@ def tokenize(records, tokenizer, cfg: DataConfig) -> TokenizedData:
         input_ids.append(ids)
         labels.append(target)
     return TokenizedData(input_ids, labels, dropped, truncated)
+
+
+def tokenized_record(record: dict, vocab: int, where: str) -> tuple[list[int], list[int]]:
+    """A pre-tokenized record as it is: its `labels` if given, else the loss on every token."""
+    ids, labels = record["input_ids"], record.get("labels")
+    if labels is None:
+        labels = list(ids)
+    if len(labels) != len(ids):
+        raise ConfigError(f"{where}: `labels` has {len(labels)} entries for {len(ids)} `input_ids`.")
+    if ids and not 0 <= min(ids) <= max(ids) < vocab:
+        raise ConfigError(f"{where}: `input_ids` holds ids outside the tokenizer's vocabulary (0..{vocab - 1}).")
+    return list(ids), list(labels)
 
 
 def chat_record(tokenizer, record: dict, kind: str, cfg: DataConfig, where: str) -> tuple[list[int], list[int]]:

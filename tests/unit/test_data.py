@@ -179,3 +179,16 @@ def test_qlaunch_data_shows_counts_masking_and_padding(tmp_path, chat_tokenizer,
     text = capsys.readouterr().out
     assert "[[<s>system\nYou answer in few words.</s>\n<s>user\nWhat is two and two?</s>\n<s>assistant\n]]Four." in text
     assert "3 read, 2 kept, 1 dropped (no target token within max_seq_len 96), 1 truncated" in text
+
+
+def test_pre_tokenized_records_are_taken_as_they_are(tmp_path, tokenizer):
+    records = [{"input_ids": [1, 5, 6, 7], "labels": [IGNORE_INDEX, IGNORE_INDEX, 6, 7]}, {"input_ids": [1, 8, 9]}]
+    path = write_jsonl(tmp_path / "tokens.jsonl", records)
+    cfg = DataConfig(path=str(path))
+    data = tokenize(load_records(cfg), tokenizer, cfg)
+    assert data.input_ids == [[1, 5, 6, 7], [1, 8, 9]]
+    assert data.labels == [[IGNORE_INDEX, IGNORE_INDEX, 6, 7], [1, 8, 9]]  # no labels: the loss on every token
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"input_ids": [1, len(tokenizer)]}])
+    with pytest.raises(ConfigError, match="record 0: `input_ids` holds ids outside the tokenizer's vocabulary"):
+        tokenize(load_records(DataConfig(path=str(bad))), tokenizer, DataConfig(path=str(bad)))
