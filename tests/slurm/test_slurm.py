@@ -2,8 +2,8 @@
 
 Jobs are submitted with the real sbatch and train the embedded model on CPU ranks: two single-node
 jobs at once (2 ranks each), then a two-node job (1 rank per node) that gets a stop signal in another
-phase at each of its four starts (loading, mid-training to one node, a checkpoint save, the export),
-requeues itself and resumes. The single-node jobs train the same config, so their losses are the
+phase at each of its four starts (before the ranks exist, mid-training to one node, a checkpoint
+save, the export), requeues itself and resumes. The single-node jobs train the same config, so their losses are the
 reference the resumed two-node run must follow step for step.
 """
 
@@ -109,7 +109,8 @@ def preempted_job(cluster, demo_assets, tmp_path_factory, single_node_jobs):
     """The two-node script (1 rank per node; after the single-node jobs: both nodes needed), one job
     that gets a stop signal in another phase at each of its four starts. support/hold/ holds each phase
     open until every rank has received the signal, so it lands there, not by timing:
-      1. during model loading, to the batch script (as Slurm's --signal=B:USR2@...): stops before training;
+      1. before any rank exists, to the batch script (as Slurm's --signal=B:USR2@...); the ranks get it
+         once they have started, are held in model loading until they have, and stop before training;
       2. mid-training, to node n2's qlaunch alone: both nodes stop after the same step, with a checkpoint;
       3. during a checkpoint save: the save completes, the run stops after the next step;
       4. after the last step, during the export: noted; the run finishes and the job completes.
@@ -120,19 +121,22 @@ def preempted_job(cluster, demo_assets, tmp_path_factory, single_node_jobs):
     env = dict(JOB_ENV, PYTHONPATH=f"{REPO}{os.pathsep}{HOLD_HOOK}", QLAUNCH_HOLD_DIR=str(hold))
     args = [*train_args(demo_assets, out), "--checkpoint.every_steps", str(EVERY)]
 
-    def signal_while_held(phase: str, ranks: tuple[int, ...]) -> None:
-        wait_until(lambda: all((hold / f"held-{phase}-{r}").exists() for r in ranks), 600, f"ranks {ranks} in {phase}")
-        cluster.signal_batch(job, "USR2")
-        wait_until(lambda: all((hold / f"signalled-{phase}-{r}").exists() for r in ranks), 60, f"the signal in {phase}")
+    def signal_while_held(phase: str, held_by: tuple, send: bool = True) -> None:
+        wait_until(lambda: all((hold / f"held-{phase}-{w}").exists() for w in held_by), 600, f"{held_by} in {phase}")
+        if send:
+            cluster.signal_batch(job, "USR2")
+        wait_until(lambda: all((hold / f"signalled-{phase}-{w}").exists() for w in held_by), 60, f"signal in {phase}")
         (hold / f"hold-{phase}").unlink()
 
     def wait_for_start(n: int) -> None:
         wait_until(lambda: f"start {n}" in log.read_text(), 600, f"start {n}")
 
     started = time.monotonic()
+    (hold / "hold-launch").touch()
     (hold / "hold-load").touch()
     job = cluster.submit(SCRIPTS / "multi_node.sbatch", args, ["--gpus-per-node=1", f"--output={log}"], env, root)
-    signal_while_held("load", (0, 1))
+    signal_while_held("launch", ("n1", "n2"))
+    signal_while_held("load", (0, 1), send=False)
     wait_for_start(2)
     wait_until(lambda: len(read_metrics(out)) >= PREEMPT_AFTER, 600, "training in start 2")
     os.kill(qlaunch_pid(job, "n2"), signal.SIGUSR2)

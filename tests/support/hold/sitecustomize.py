@@ -2,10 +2,12 @@
 
 Python imports this module at start-up in every process whose PYTHONPATH holds this folder (the
 signal tests put it there; nothing else does). While the file $QLAUNCH_HOLD_DIR/hold-<phase> exists,
-a rank that reaches <phase> writes $QLAUNCH_HOLD_DIR/held-<phase>-<rank> (its pid), and
-signalled-<phase>-<rank> once it has received a stop signal, and waits until the file is removed.
-Phases: `load` (train.load_base), `checkpoint` (checkpoint.save), `export` (export.save_adapter, after
-the last step). It changes nothing else: the functions are the launcher's own.
+a process that reaches <phase> writes $QLAUNCH_HOLD_DIR/held-<phase>-<who> (its pid), and
+signalled-<phase>-<who> once it has received a stop signal, and waits until the file is removed.
+<who> is a rank's RANK, or the Slurm node name of `qlaunch train` in front of the ranks. Phases:
+`launch` (qlaunch train, before it starts accelerate launch: no rank exists yet), `load`
+(train.load_base), `checkpoint` (checkpoint.save), `export` (export.save_adapter, after the last
+step). It changes nothing else: the functions are the launcher's own.
 """
 
 import importlib.abc
@@ -22,12 +24,12 @@ def held(phase: str, function):
     def wrapper(*args, **kwargs):
         from launcher import signals
 
-        hold, rank = Path(HOLD_DIR) / f"hold-{phase}", os.environ.get("RANK", "0")
+        hold, who = Path(HOLD_DIR) / f"hold-{phase}", os.environ.get("RANK") or os.environ.get("SLURMD_NODENAME", "0")
         if hold.exists():
-            (Path(HOLD_DIR) / f"held-{phase}-{rank}").write_text(str(os.getpid()))
+            (Path(HOLD_DIR) / f"held-{phase}-{who}").write_text(str(os.getpid()))
             while hold.exists():
                 if signals.received() is not None:
-                    (Path(HOLD_DIR) / f"signalled-{phase}-{rank}").touch()
+                    (Path(HOLD_DIR) / f"signalled-{phase}-{who}").touch()
                 time.sleep(0.05)
         return function(*args, **kwargs)
 
@@ -35,6 +37,9 @@ def held(phase: str, function):
 
 
 def hold_phases(train) -> None:
+    import launcher.launch
+
+    launcher.launch.launch = held("launch", launcher.launch.launch)
     train.load_base = held("load", train.load_base)
     train.checkpoint.save = held("checkpoint", train.checkpoint.save)
     train.export.save_adapter = held("export", train.export.save_adapter)
