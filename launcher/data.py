@@ -55,7 +55,7 @@ def load_records(cfg: DataConfig):
 
 
 def record_kind(columns: list[str], cfg: DataConfig) -> str:
-    """'text', 'messages' or 'prompt_completion', or a ConfigError naming the fields that are missing."""
+    """'text', 'tokens', 'messages' or 'prompt_completion', or a ConfigError naming the fields that are missing."""
     if cfg.text_field in columns:
         return "text"
     if "input_ids" in columns:
@@ -109,7 +109,7 @@ def tokenize(records, tokenizer, cfg: DataConfig) -> TokenizedData:
             target = [IGNORE_INDEX] * len(prompt) + completion
         truncated += len(ids) > cfg.max_seq_len
         ids, target = ids[: cfg.max_seq_len], target[: cfg.max_seq_len]
-        if sum(t != IGNORE_INDEX for t in target[1:]) == 0:
+        if target_tokens(target) == 0:
             dropped += 1
             continue
         input_ids.append(ids)

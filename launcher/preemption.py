@@ -79,7 +79,7 @@ class StopSignal:
     def exit(self, step: int | None) -> NoReturn:
         """Ends this rank after a preemption: once the checkpoint of `step` is complete, or (None) before
         training began, with nothing new to save."""
-        cause = signals.name(signals.received())
+        cause = signals.received_name()
         self._finished()
         if self.status_dir:
             (self.status_dir / MARKER.format(rank=self.rank)).write_text(json.dumps({"step": step, "signal": cause}))
@@ -90,7 +90,9 @@ class StopSignal:
         raise SystemExit(0 if self.status_dir else self.exit_code)
 
 
-def stop_message(step: int | None, cause: str, exit_code: int) -> str:
+def stop_message(step: int | None, signal_name: str | None, exit_code: int) -> str:
+    """What a preemption stop did; `signal_name` None: this rank stopped for another rank's signal."""
+    cause = signal_name or "a signal to another rank"
     if step is None:
         done = f"Stopped before training on {cause}: nothing new to checkpoint"
     else:
@@ -104,5 +106,5 @@ def read_marker(status_dir: Path) -> dict | None:
     stops = [json.loads(path.read_text()) for path in sorted(status_dir.glob(MARKER.format(rank="*")))]
     if not stops:
         return None
-    got = [s for s in stops if s["signal"] != signals.name(None)]
+    got = [s for s in stops if s["signal"]]
     return (got or stops)[0]

@@ -61,5 +61,7 @@ def received() -> int | None:
     return _received[0] if _received else None
 
 
-def name(signum: int | None) -> str:
-    return signal.Signals(signum).name if signum else "a signal to another rank"
+def received_name() -> str | None:
+    """The name of the first stop signal this process got (SIGUSR2, SIGTERM), if any."""
+    signum = received()
+    return signal.Signals(signum).name if signum else None

@@ -75,7 +75,7 @@ def launch(strategy: Strategy, machines: Machines, train_args: list[str], dist: 
     if signals.received() is not None and machines.num_machines == 1:
         # Nothing started yet and no other machine waits for this one: stop now. (With several machines
         # every node starts, and the ranks agree to stop before training: no node waits for a missing peer.)
-        print(f"qlaunch: {stop_message(None, signals.name(signals.received()), dist.preempt_exit_code)}", flush=True)
+        print(f"qlaunch: {stop_message(None, signals.received_name(), dist.preempt_exit_code)}", flush=True)
         return dist.preempt_exit_code
     with tempfile.TemporaryDirectory(prefix="qlaunch-") as status_dir, Ranks(Path(status_dir)) as ranks:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **TORCHRUN_ENV, **ranks.env)

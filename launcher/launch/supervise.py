@@ -81,7 +81,7 @@ class Ranks:
         return process.returncode
 
     def preempted(self) -> dict | None:
-        """{"step": the checkpointed step or None, "signal": ...} when the ranks stopped for a preemption."""
+        """{"step": the checkpointed step or None, "signal": a rank's signal name or None} after a preemption stop."""
         return read_marker(self.status_dir)
 
 
