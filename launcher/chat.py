@@ -14,18 +14,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ConfigError, DataConfig
+from .config import ConfigError
 
 
-def use_chat_template(tokenizer, cfg: DataConfig) -> None:
+def use_chat_template(tokenizer, chat_template: str, data_path: str) -> None:
     """Puts `data.chat_template` (a template, or a file holding one) on the tokenizer; refuses a tokenizer
     with no template when none is given."""
-    if cfg.chat_template:
-        path = Path(cfg.chat_template)
-        tokenizer.chat_template = path.read_text() if path.is_file() else cfg.chat_template
+    if chat_template:
+        path = Path(chat_template)
+        tokenizer.chat_template = path.read_text() if path.is_file() else chat_template
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
-            f"Dataset `{cfg.path}` holds chat messages, but the tokenizer at `model.path` has no chat template. "
+            f"Dataset `{data_path}` holds chat messages, but the tokenizer at `model.path` has no chat template. "
             "Set `data.chat_template` to a Jinja chat template (or a file holding one), e.g. the one of the "
             "instruct model this base belongs to."
         )

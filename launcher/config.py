@@ -56,7 +56,9 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataSource:
+    """One dataset file and how to read its records."""
+
     path: str = ""
     format: str = "auto"
     """auto (from the file ending), json, jsonl, parquet or text."""
@@ -65,9 +67,35 @@ class DataConfig:
     completion_field: str = "completion"
     messages_field: str = "messages"
     """Chat records: a list of {"role", "content"} messages; the loss covers the assistant turns."""
+    weight: float = 1.0
+    """Samples drawn from this source per epoch, as a multiple of its records (2: each twice, 0.5: a seeded half)."""
+
+
+@dataclass(frozen=True)
+class DataConfig(DataSource):
+    """`path` and the fields above describe a single dataset; `datasets` lists several instead."""
+
+    datasets: list[DataSource] = field(default_factory=list)
+    """Several sources, each with its own path, format, fields and weight, mixed deterministically from the seed."""
     chat_template: str = ""
     """A Jinja chat template, or a file holding one, for a tokenizer without one (or to replace it)."""
     max_seq_len: int = 512
+    packing: bool = False
+    """Pack samples into rows of max_seq_len tokens; positions restart and attention stops at each sample's start."""
+    eval_path: str = ""
+    """A held-out dataset (read with the fields above) for the eval loss."""
+    eval_fraction: float = 0.0
+    """Or: this fraction of each source's samples, held out from training by the seed."""
+    cache_dir: str = ""
+    """Where tokenized data is kept between runs (empty: $QLAUNCH_DATA_CACHE, else ~/.cache/qlaunch/data)."""
+
+    def sources(self) -> list[DataSource]:
+        if self.datasets:
+            return list(self.datasets)
+        return [DataSource(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DataSource)})]
+
+    def eval_source(self) -> DataSource:
+        return dataclasses.replace(self.sources()[0], path=self.eval_path, format="auto", weight=1.0)
 
 
 @dataclass(frozen=True)
@@ -82,6 +110,8 @@ class TrainConfig:
     """Optimizer steps; 0 means run `epochs` full passes."""
     epochs: int = 1
     seed: int = 0
+    eval_every_steps: int = 0
+    """Eval loss every N optimizer steps (and at the end) when the data has an eval split; 0: at the end only."""
     log_interval: int = 1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -147,7 +177,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 continue
     elif typing.get_origin(tp) is list:
         if isinstance(value, (list, tuple)):
-            return [_coerce(item, typing.get_args(tp)[0], where) for item in value]
+            return [_coerce(item, typing.get_args(tp)[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    elif dataclasses.is_dataclass(tp):
+        return _build(tp, {} if value is None else value, f"{where}.")
     elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     elif tp in (int, float) and isinstance(value, str):
@@ -204,11 +236,7 @@ def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
         key = str(key).replace("-", "_")
         if key not in known:
             raise _unknown_key(key, known, where)
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            values[key] = _build(tp, value or {}, f"{where}{key}.")
-        else:
-            values[key] = _coerce(value, tp, f"{where}{key}")
+        values[key] = _coerce(value, hints[key], f"{where}{key}")
     return cls(**values)
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 
+from .batches import GlobalBatches, Rows
 from .config import RunConfig
-from .data import IGNORE_INDEX, GlobalBatches, TokenizedData, load_records, target_tokens, tokenize
+from .data import IGNORE_INDEX
 from .preflight import load_tokenizer
+from .tokenized import load_tokenized
 
 
 def segments(ids: list[int], labels: list[int], tokenizer) -> list[dict]:
@@ -25,46 +27,64 @@ def segments(ids: list[int], labels: list[int], tokenizer) -> list[dict]:
     return [{"loss": loss, "text": tokenizer.decode(tokens)} for loss, tokens in runs]
 
 
-def padding_efficiency(data: TokenizedData, micro_batch_size: int, seed: int) -> float:
-    """Real tokens over padded ones, across one epoch's micro batches as the sampler draws them."""
-    batches = GlobalBatches(len(data), micro_batch_size, 1, 1, seed)
+def row_efficiency(rows: Rows, micro_batch_size: int, seed: int) -> float:
+    """Real tokens over the tokens the model runs (padding included), across one epoch's micro batches."""
+    batches = GlobalBatches(len(rows), micro_batch_size, 1, 1, seed)
     real = padded = 0
     for step in range(batches.steps_per_epoch):
-        lengths = [len(data.input_ids[i]) for i in batches.step_samples(step)]
+        lengths = [rows.row_length(r) for r in batches.step_samples(step)]
         real, padded = real + sum(lengths), padded + max(lengths) * len(lengths)
     return real / padded if padded else 0.0
 
 
 def report(cfg: RunConfig, samples: int) -> dict:
     tokenizer = load_tokenizer(cfg.model)
-    records = load_records(cfg.data)
-    data = tokenize(records, tokenizer, cfg.data)
-    tokens = sum(len(ids) for ids in data.input_ids)
-    targets = sum(target_tokens(labels) for labels in data.labels)
+    train, held_out = load_tokenized(cfg.data, tokenizer, cfg.train.seed)
+    rows = Rows(train, cfg.data.packing, cfg.data.max_seq_len)
     return {
-        "path": cfg.data.path,
-        "records_read": len(records),
-        "records_kept": len(data),
-        "records_dropped_no_target_within_max_seq_len": data.dropped,
-        "records_truncated": data.truncated,
+        "sources": [
+            {
+                "path": s.source.path,
+                "weight": s.source.weight,
+                "records_read": s.records,
+                "records_kept": len(s.table),
+                "records_dropped_no_target_within_max_seq_len": s.dropped,
+                "records_truncated": s.truncated,
+                "cache": s.cache_dir,
+                "cache_hit": s.cache_hit,
+            }
+            for s in train.sources
+        ],
         "max_seq_len": cfg.data.max_seq_len,
-        "tokens": tokens,
-        "target_tokens": targets,
+        "train_samples": len(train),
+        "eval_samples": len(held_out) if held_out is not None else 0,
+        "tokens": int(train.lengths.sum()),
+        "target_tokens": int(train.targets.sum()),
+        "packing": cfg.data.packing,
+        "rows": len(rows),
         "micro_batch_size": cfg.train.micro_batch_size,
-        "padding_efficiency": round(padding_efficiency(data, cfg.train.micro_batch_size, cfg.train.seed), 4),
-        "samples": [segments(data.input_ids[i], data.labels[i], tokenizer) for i in range(min(samples, len(data)))],
+        "row_efficiency": round(row_efficiency(rows, cfg.train.micro_batch_size, cfg.train.seed), 4),
+        "samples": [segments(*train.sample(i), tokenizer) for i in range(min(samples, len(train)))],
     }
 
 
 def render(summary: dict) -> str:
-    lines = [
-        f"Data: {summary['path']}",
-        f"  records: {summary['records_read']:,} read, {summary['records_kept']:,} kept, "
-        f"{summary['records_dropped_no_target_within_max_seq_len']:,} dropped (no target token within "
-        f"max_seq_len {summary['max_seq_len']}), {summary['records_truncated']:,} truncated",
+    lines = []
+    for s in summary["sources"]:
+        lines += [
+            f"Data: {s['path']} (weight {s['weight']:g}; {'read from' if s['cache_hit'] else 'tokenized into'} "
+            f"the cache {s['cache']})",
+            f"  records: {s['records_read']:,} read, {s['records_kept']:,} kept, "
+            f"{s['records_dropped_no_target_within_max_seq_len']:,} dropped (no target token within max_seq_len "
+            f"{summary['max_seq_len']}), {s['records_truncated']:,} truncated",
+        ]
+    layout = "packed into" if summary["packing"] else "in"
+    lines += [
+        f"Training samples: {summary['train_samples']:,} ({summary['eval_samples']:,} held out for eval)",
         f"  tokens: {summary['tokens']:,}, of which the loss covers {summary['target_tokens']:,} "
         f"({summary['target_tokens'] / max(1, summary['tokens']):.1%})",
-        f"  padding: micro batches of {summary['micro_batch_size']} are {summary['padding_efficiency']:.1%} real tokens",
+        f"  rows: {layout} {summary['rows']:,} rows; micro batches of {summary['micro_batch_size']} are "
+        f"{summary['row_efficiency']:.1%} real tokens",
     ]
     for n, sample in enumerate(summary["samples"]):
         lines.append(f"\nSample {n} (the loss ignores the parts in [[...]]):")

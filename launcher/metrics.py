@@ -36,9 +36,10 @@ class MetricsLog:
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        self.bar.set_postfix(
-            loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
-        )
+        shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+        if "eval_loss" in record:
+            shown["eval_loss"] = f"{record['eval_loss']:.4f}"
+        self.bar.set_postfix(shown)
 
     def advance(self) -> None:
         self.bar.update(1)

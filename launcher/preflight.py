@@ -9,19 +9,22 @@ from pathlib import Path
 
 from . import checkpoint, strategies
 from .accelerator import mixed_precision
-from .config import ConfigError, ModelConfig, RunConfig
-from .data import TokenizedData, load_records, record_kind, tokenize
+from .batches import Rows
+from .config import ConfigError, DataConfig, ModelConfig, RunConfig
+from .data import load_records, record_kind
 from .dtypes import DTYPES, MIXED_PRECISIONS, DtypePolicy
 from .model import read_model_config
+from .tokenized import load_tokenized
 
 OUTPUT_MARKERS = ("adapter", "metrics.jsonl")
 
 
-def check_values(cfg: RunConfig) -> None:
-    def require(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
 
+
+def check_values(cfg: RunConfig) -> None:
     require(cfg.quant.type in ("nf4", "fp4"), f"`quant.type` is `{cfg.quant.type}`; use nf4 or fp4.")
     require(
         cfg.quant.compute_dtype in DTYPES,
@@ -48,7 +51,8 @@ def check_values(cfg: RunConfig) -> None:
         t.mixed_precision in MIXED_PRECISIONS,
         f"`train.mixed_precision` is `{t.mixed_precision}`; use {', '.join(MIXED_PRECISIONS)}.",
     )
-    require(cfg.data.max_seq_len > 1, f"`data.max_seq_len` must be at least 2, got {cfg.data.max_seq_len}.")
+    require(t.eval_every_steps >= 0, f"`train.eval_every_steps` must be >= 0, got {t.eval_every_steps}.")
+    check_data_values(cfg.data)
     for key in ("timeout_s", "rendezvous_timeout_s"):
         require(
             getattr(cfg.dist, key) > 0,
@@ -57,6 +61,23 @@ def check_values(cfg: RunConfig) -> None:
     require(
         3 <= cfg.dist.preempt_exit_code <= 125,
         f"`dist.preempt_exit_code` must be in 3..125 (1 and 2 mean errors, above 125 the shell's own), got {cfg.dist.preempt_exit_code}.",
+    )
+
+
+def check_data_values(d: DataConfig) -> None:
+    require(d.max_seq_len > 1, f"`data.max_seq_len` must be at least 2, got {d.max_seq_len}.")
+    require(
+        not (d.datasets and d.path),
+        "Both `data.path` and `data.datasets` are set. Use `data.path` for one dataset, or list every dataset "
+        "(this one too) under `data.datasets`.",
+    )
+    for i, source in enumerate(d.datasets):
+        require(source.weight > 0, f"`data.datasets[{i}].weight` must be positive, got {source.weight}.")
+    require(0 <= d.eval_fraction < 1, f"`data.eval_fraction` must be in [0, 1), got {d.eval_fraction}.")
+    require(
+        not (d.eval_path and d.eval_fraction),
+        "Both `data.eval_path` and `data.eval_fraction` are set: evaluate on a held-out file, or hold out a "
+        "fraction of the training data, not both.",
     )
 
 
@@ -81,8 +102,10 @@ def check_output_dir(cfg: RunConfig) -> None:
 
 
 def check_dataset(cfg: RunConfig) -> None:
-    """Reads the records and checks their fields (cheap: no tokenizer)."""
-    record_kind(load_records(cfg.data).column_names, cfg.data)
+    """Reads the records of every source and checks their fields (cheap: no tokenizer)."""
+    sources = cfg.data.sources() + ([cfg.data.eval_source()] if cfg.data.eval_path else [])
+    for source in sources:
+        record_kind(load_records(source).column_names, source)
 
 
 def load_tokenizer(model: ModelConfig):
@@ -95,18 +118,22 @@ def load_tokenizer(model: ModelConfig):
 
 
 def load_training_data(cfg: RunConfig, world_size: int):
-    """The tokenizer and the tokenized dataset, checked to fill at least one optimizer step."""
+    """The tokenizer and the rows to train on (and to evaluate on, or None), checked to fill at least one
+    optimizer step."""
     tokenizer = load_tokenizer(cfg.model)
-    data: TokenizedData = tokenize(load_records(cfg.data), tokenizer, cfg.data)
+    train_data, eval_data = load_tokenized(cfg.data, tokenizer, cfg.train.seed)
+    rows = Rows(train_data, cfg.data.packing, cfg.data.max_seq_len)
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
-    if len(data) < global_batch:
+    if len(rows) < global_batch:
+        dropped = ", ".join(f"{s.dropped} of {s.records} in `{s.source.path}`" for s in train_data.sources)
         raise ConfigError(
-            f"Dataset `{cfg.data.path}` has {len(data)} usable records ({data.dropped} dropped: no target token "
-            f"within data.max_seq_len={cfg.data.max_seq_len}), but one optimizer step needs {global_batch} "
+            f"The training data makes {len(rows)} rows (records dropped, with no target token within "
+            f"data.max_seq_len={cfg.data.max_seq_len}: {dropped}), but one optimizer step needs {global_batch} "
             f"(micro_batch_size {cfg.train.micro_batch_size} x grad_accum_steps {cfg.train.grad_accum_steps} x "
             f"{world_size} ranks). Add data or lower the batch settings."
         )
-    return tokenizer, data
+    eval_rows = Rows(eval_data, cfg.data.packing, cfg.data.max_seq_len) if eval_data is not None else None
+    return tokenizer, rows, eval_rows
 
 
 def check_all(cfg: RunConfig) -> strategies.Strategy:

@@ -14,8 +14,9 @@ import torch.distributed as dist
 
 from . import checkpoint, export, preflight, strategies
 from .accelerator import create_accelerator, world_size_from_env
+from .batches import GlobalBatches, Rows
 from .config import RunConfig, dump_config
-from .data import GlobalBatches, TokenizedData, collate, target_tokens
+from .evaluate import eval_loss
 from .memory.components import parameter_components
 from .memory.measure import MemoryMeter
 from .metrics import MetricsLog
@@ -35,6 +36,7 @@ class RunSummary:
     adapter_dir: str
     world_size: int
     strategy: str
+    eval_loss: float | None = None
 
 
 def lr_lambda(train_cfg, total_steps: int):
@@ -79,8 +81,8 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
     # Validate and resolve everything, and tokenize, before any process group exists.
     setup = preflight.resolve_run(user_cfg, world_size_from_env())
     cfg, world, policy, sharder = setup.cfg, setup.world, setup.policy, setup.sharder
-    tokenizer, data = preflight.load_training_data(cfg, world)
-    batches = GlobalBatches(len(data), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, world, cfg.train.seed)
+    tokenizer, rows, eval_rows = preflight.load_training_data(cfg, world)
+    batches = GlobalBatches(len(rows), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, world, cfg.train.seed)
     total_steps = cfg.train.max_steps or cfg.train.epochs * batches.steps_per_epoch
 
     # Load: only the source rank reads and quantizes the checkpoint, in host RAM.
@@ -125,25 +127,33 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
     metrics = MetricsLog(output_dir, total_steps, enabled=main, first_step=start_step)
     losses, started = [], time.perf_counter()
     window_tokens, window_start = 0, time.perf_counter()
-    total_tokens = 0
+    total_tokens, last_eval = 0, None
     for step in range(start_step, total_steps):
         loss_sum, step_targets, step_tokens = train_step(
-            model, optimizer, accelerator, batches, data, tokenizer, step, rank, cfg.train.max_grad_norm
+            model, optimizer, accelerator, batches, rows, tokenizer, step, rank, cfg.train.max_grad_norm
         )
         scheduler.step()
         window_tokens += step_tokens
         total_tokens += step_tokens
         metrics.advance()
-        if (step + 1) % cfg.train.log_interval == 0 or step + 1 == total_steps:
+        last = step + 1 == total_steps
+        every_eval = cfg.train.eval_every_steps
+        evaluate = eval_rows is not None and (last or (every_eval > 0 and (step + 1) % every_eval == 0))
+        if (step + 1) % cfg.train.log_interval == 0 or last or evaluate:
             loss = accelerator.reduce(loss_sum, "sum").item() / step_targets
-            now = time.perf_counter()
             losses.append(loss)
+            extra = {}
+            if evaluate:
+                last_eval = eval_loss(model, accelerator, eval_rows, cfg.train.micro_batch_size, tokenizer.pad_token_id)
+                extra["eval_loss"] = last_eval
+            now = time.perf_counter()
             metrics.log(
                 step=step + 1,
                 loss=loss,
                 lr=scheduler.get_last_lr()[0],
                 tokens=window_tokens,
                 tokens_per_s=window_tokens / (now - window_start),
+                **extra,
             )
             window_tokens, window_start = 0, now
         every = cfg.checkpoint.every_steps
@@ -165,7 +175,7 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
         (output_dir / "shard_report.json").write_text(json.dumps(report, indent=2))
     unwrapped = accelerator.unwrap_model(model)
     full_trainable = sharder.gather_trainable(unwrapped)
-    check_ids = torch.tensor([data.input_ids[0][:CHECK_TOKENS]], device=accelerator.device)
+    check_ids = torch.tensor([rows.data.sample(0)[0][:CHECK_TOKENS]], device=accelerator.device)
     model.eval()
     with torch.no_grad():
         check_logits = model(input_ids=check_ids).logits
@@ -183,6 +193,7 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
         adapter_dir=str(adapter_dir),
         world_size=world,
         strategy=setup.strategy.name,
+        eval_loss=last_eval,
     )
     if main:
         print_summary(summary, output_dir)
@@ -195,7 +206,7 @@ def train_step(
     optimizer,
     accelerator,
     batches: GlobalBatches,
-    data: TokenizedData,
+    rows: Rows,
     tokenizer,
     step: int,
     rank: int,
@@ -204,15 +215,15 @@ def train_step(
     """One optimizer step over this rank's micro batches. The loss is normalized by the target tokens
     of the whole global batch, so the summed gradient equals a single process's on the same batch."""
     step_samples = batches.step_samples(step)
-    step_targets = sum(target_tokens(data.labels[i]) for i in step_samples)
-    step_tokens = sum(len(data.input_ids[i]) for i in step_samples)
+    step_targets = rows.targets(step_samples)
+    step_tokens = rows.tokens(step_samples)
     # DP averaging divides by the world size and accumulation by its step count: undo both here.
     num_items = step_targets / (batches.world * batches.accum)
     loss_sum = torch.zeros((), device=accelerator.device)
     for indices in batches.rank_micro_batches(step, rank):
-        batch = {k: v.to(accelerator.device) for k, v in collate(data, indices, tokenizer.pad_token_id).items()}
+        batch = {k: v.to(accelerator.device) for k, v in rows.collate(indices, tokenizer.pad_token_id).items()}
         with accelerator.accumulate(model):
-            loss = model(**batch, num_items_in_batch=num_items).loss
+            loss = model(**batch, num_items_in_batch=num_items, use_cache=False).loss
             accelerator.backward(loss)
             if accelerator.sync_gradients and max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -225,7 +236,9 @@ def train_step(
 def print_summary(s: RunSummary, output_dir: Path) -> None:
     print(
         f"\nDone: {s.steps} steps in {s.seconds:.1f} s on {s.world_size} rank(s) with {s.strategy}; "
-        f"loss {s.first_loss:.4f} -> {s.last_loss:.4f}; {s.tokens_per_s:,.0f} tokens/s.\n"
+        f"loss {s.first_loss:.4f} -> {s.last_loss:.4f}"
+        + (f", eval loss {s.eval_loss:.4f}" if s.eval_loss is not None else "")
+        + f"; {s.tokens_per_s:,.0f} tokens/s.\n"
         f"Adapter (PEFT format): {s.adapter_dir}\n"
         f"Metrics: {output_dir / 'metrics.jsonl'}   Check it reloads: qlaunch verify {output_dir}",
         flush=True,

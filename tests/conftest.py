@@ -31,6 +31,17 @@ def pytest_runtest_makereport(item, call):
         item.config.stash.setdefault(CELL_OUTCOMES, {}).setdefault(cell, []).append(report.passed)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory) -> Path:
+    """Tokenized data is cached for the session in a folder of its own, never in the user's ~/.cache;
+    launches inherit it."""
+    import os
+
+    path = tmp_path_factory.mktemp("data-cache")
+    os.environ["QLAUNCH_DATA_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory) -> Path:
     """The demo's base model (random Llama, saved with save_pretrained), tokenizer and data."""

@@ -4,8 +4,10 @@ import json
 
 import pytest
 
+from launcher.batches import GlobalBatches
 from launcher.config import ConfigError, DataConfig
-from launcher.data import IGNORE_INDEX, GlobalBatches, collate, load_records, record_kind, tokenize
+from launcher.data import IGNORE_INDEX, load_records, record_kind
+from launcher.data import tokenize as tokenize_records
 from launcher.demo import build_tokenizer
 from support.families import TURNS_TEMPLATE
 from support.families import build_tokenizer as build_bpe_tokenizer
@@ -16,6 +18,12 @@ def tokenizer():
     return build_tokenizer()
 
 
+def tokenize(records, tokenizer, cfg: DataConfig):
+    """Token ids and labels of each kept record, tokenized in memory as the cache does on disk."""
+    table = tokenize_records(records, tokenizer, cfg.sources()[0], cfg)
+    return table["input_ids"][:], table["labels"][:]
+
+
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -23,8 +31,10 @@ def write_jsonl(path, records):
 
 def test_prompt_completion_puts_loss_on_the_completion_only(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "t1 t2 t3", "completion": "t4 t5"}])
-    data = tokenize(load_records(DataConfig(path=str(path))), tokenizer, DataConfig(path=str(path)))
-    ids, labels = data.input_ids[0], data.labels[0]
+    ids, labels = (
+        column[0]
+        for column in tokenize(load_records(DataConfig(path=str(path))), tokenizer, DataConfig(path=str(path)))
+    )
     prompt_len = 1 + 3  # <s> and three words
     assert ids[-1] == tokenizer.eos_token_id
     assert labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
@@ -34,8 +44,8 @@ def test_prompt_completion_puts_loss_on_the_completion_only(tmp_path, tokenizer)
 def test_text_records_train_on_every_token_and_are_truncated(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": " ".join(f"t{i}" for i in range(50))}])
     cfg = DataConfig(path=str(path), max_seq_len=16)
-    data = tokenize(load_records(cfg), tokenizer, cfg)
-    assert len(data.input_ids[0]) == 16 and data.labels[0] == data.input_ids[0]
+    input_ids, labels = tokenize(load_records(cfg), tokenizer, cfg)
+    assert len(input_ids[0]) == 16 and labels[0] == input_ids[0]
 
 
 @pytest.mark.parametrize(
@@ -50,7 +60,7 @@ def test_local_formats(tmp_path, tokenizer, suffix, writer):
     path = tmp_path / f"data{suffix}"
     writer(path, [{"text": "t1 t2 t3"}, {"text": "t4 t5"}])
     cfg = DataConfig(path=str(path))
-    assert len(tokenize(load_records(cfg), tokenizer, cfg)) == 2
+    assert len(tokenize(load_records(cfg), tokenizer, cfg)[0]) == 2
 
 
 def test_missing_fields_name_what_is_there_and_the_fix(tmp_path):
@@ -74,16 +84,6 @@ def test_sampler_is_deterministic_and_world_size_invariant():
     assert GlobalBatches(100, 2, 3, 2, seed=8).step_samples(5) != two_ranks.step_samples(5)
     epoch = [i for s in range(two_ranks.steps_per_epoch) for i in two_ranks.step_samples(s)]
     assert len(set(epoch)) == len(epoch) == two_ranks.steps_per_epoch * 12  # no sample twice in an epoch
-
-
-def test_collate_pads_with_ignored_labels(tmp_path):
-    from launcher.data import TokenizedData
-
-    data = TokenizedData([[1, 5, 6], [1, 7]], [[1, 5, 6], [IGNORE_INDEX, 7]], dropped=0)
-    batch = collate(data, [0, 1], pad_id=0)
-    assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]]
-    assert batch["labels"].tolist() == [[1, 5, 6], [IGNORE_INDEX, 7, IGNORE_INDEX]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
 
 
 CHAT = [
@@ -119,8 +119,7 @@ def test_chat_records_train_on_every_assistant_turn_and_nothing_else(tmp_path, c
     cfg = DataConfig(path=str(path), chat_template=TURNS_TEMPLATE)
     records = load_records(cfg)
     assert record_kind(records.column_names, cfg) == "messages"
-    data = tokenize(records, chat_tokenizer, cfg)
-    ids, labels = data.input_ids[0], data.labels[0]
+    ids, labels = (column[0] for column in tokenize(records, chat_tokenizer, cfg))
     rendered = chat_tokenizer.apply_chat_template(CHAT, tokenize=False)
     assert ids == chat_tokenizer(rendered, add_special_tokens=False)["input_ids"]
     # Token by token: the targets are each assistant turn's words and its closing </s>, in order.
@@ -131,9 +130,9 @@ def test_chat_records_train_on_every_assistant_turn_and_nothing_else(tmp_path, c
 def test_conversational_prompt_completion_trains_on_the_completion_turns(tmp_path, chat_tokenizer):
     path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": CHAT[:4], "completion": CHAT[4:]}])
     cfg = DataConfig(path=str(path), chat_template=TURNS_TEMPLATE)
-    data = tokenize(load_records(cfg), chat_tokenizer, cfg)
+    input_ids, labels = tokenize(load_records(cfg), chat_tokenizer, cfg)
     expected = [chat_tokenizer(f"{CHAT[4]['content']}</s>\n", add_special_tokens=False)["input_ids"]]
-    assert target_runs(data.input_ids[0], data.labels[0]) == expected  # the prompt's assistant turn is context
+    assert target_runs(input_ids[0], labels[0]) == expected  # the prompt's assistant turn is context
 
 
 def test_chat_data_without_a_template_or_with_an_unstable_one_is_refused(tmp_path, chat_tokenizer):
@@ -167,27 +166,28 @@ def test_qlaunch_data_shows_counts_masking_and_padding(tmp_path, chat_tokenizer,
     assert cli.main(["data", *args, "--data.chat_template", str(template), "--json", "--samples", "2"]) == 0
     summary = json.loads(capsys.readouterr().out)
     # The long record's only assistant turn lies past max_seq_len: dropped, and said why.
-    assert (summary["records_read"], summary["records_kept"]) == (3, 2)
-    assert summary["records_dropped_no_target_within_max_seq_len"] == 1 and summary["records_truncated"] == 1
+    (source,) = summary["sources"]
+    assert (source["records_read"], source["records_kept"]) == (3, 2)
+    assert source["records_dropped_no_target_within_max_seq_len"] == 1
     assert [[s["text"] for s in sample if s["loss"]] for sample in summary["samples"]] == [
         ["Four.</s>\n", "Six, as it was before.</s>\n"],
         ["Four.</s>\n"],
     ]
-    assert 0 < summary["target_tokens"] < summary["tokens"] and 0 < summary["padding_efficiency"] <= 1
+    assert 0 < summary["target_tokens"] < summary["tokens"] and 0 < summary["row_efficiency"] <= 1
 
     assert cli.main(["data", *args, "--data.chat_template", str(template)]) == 0
     text = capsys.readouterr().out
     assert "[[<s>system\nYou answer in few words.</s>\n<s>user\nWhat is two and two?</s>\n<s>assistant\n]]Four." in text
-    assert "3 read, 2 kept, 1 dropped (no target token within max_seq_len 96), 1 truncated" in text
+    assert "3 read, 2 kept, 1 dropped (no target token within max_seq_len 96), 0 truncated" in text
 
 
 def test_pre_tokenized_records_are_taken_as_they_are(tmp_path, tokenizer):
     records = [{"input_ids": [1, 5, 6, 7], "labels": [IGNORE_INDEX, IGNORE_INDEX, 6, 7]}, {"input_ids": [1, 8, 9]}]
     path = write_jsonl(tmp_path / "tokens.jsonl", records)
     cfg = DataConfig(path=str(path))
-    data = tokenize(load_records(cfg), tokenizer, cfg)
-    assert data.input_ids == [[1, 5, 6, 7], [1, 8, 9]]
-    assert data.labels == [[IGNORE_INDEX, IGNORE_INDEX, 6, 7], [1, 8, 9]]  # no labels: the loss on every token
+    input_ids, labels = tokenize(load_records(cfg), tokenizer, cfg)
+    assert input_ids == [[1, 5, 6, 7], [1, 8, 9]]
+    assert labels == [[IGNORE_INDEX, IGNORE_INDEX, 6, 7], [1, 8, 9]]  # no labels: the loss on every token
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"input_ids": [1, len(tokenizer)]}])
     with pytest.raises(ConfigError, match="record 0: `input_ids` holds ids outside the tokenizer's vocabulary"):

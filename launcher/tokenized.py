@@ -1,0 +1,224 @@
+"""Tokenize once per node, reuse on every later start: the tokenized data of each source, memory-mapped.
+
+A source's tokens are kept on disk under a key made of the data file (path, size, modification
+time), the tokenizer (its vocabulary, merges, special tokens and chat template) and every option that
+changes the result; the cache directory is `data.cache_dir`. The first process of a node to start takes a file lock and
+tokenizes (batched, through `datasets.map`) into a temporary directory renamed into place when
+complete; the others wait for the lock and read what it wrote. A later start with the same key (a
+requeue, a resume, another strategy) memory-maps the Arrow file and tokenizes nothing: the host RAM
+of each rank holds only what a batch reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .config import DataConfig, DataSource
+from .data import load_records, tokenize
+
+CACHE_FORMAT = 1
+"""Raise when the tokenized table changes meaning: every cached entry is then tokenized again."""
+WAIT_NOTICE_S = 5.0
+
+
+@dataclass
+class SourceData:
+    """One source's tokenized samples and what tokenizing it kept and dropped."""
+
+    source: DataSource
+    table: object
+    """A `datasets.Dataset` (input_ids, labels, targets, truncated), memory-mapped from the cache."""
+    records: int
+    dropped: int
+    """Records left with no target token after truncation at max_seq_len."""
+    truncated: int
+    """Samples cut at max_seq_len (kept: a target token was left)."""
+    cache_dir: str
+    cache_hit: bool
+    lengths: np.ndarray = field(init=False)
+    targets: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        import pyarrow.compute as pc
+
+        arrow = self.table.data
+        self.lengths = pc.list_value_length(arrow.column("input_ids")).to_numpy().astype(np.int64)
+        self.targets = arrow.column("targets").to_numpy().astype(np.int64)
+
+
+@dataclass
+class TokenizedData:
+    """Samples drawn from one or more sources: sample i is row `rows[i]` of source `parts[i]`."""
+
+    sources: list[SourceData]
+    parts: np.ndarray
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self._gather("lengths")
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self._gather("targets")
+
+    def _gather(self, name: str) -> np.ndarray:
+        out = np.zeros(len(self), dtype=np.int64)
+        for k, source in enumerate(self.sources):
+            mine = self.parts == k
+            out[mine] = getattr(source, name)[self.rows[mine]]
+        return out
+
+    def sample(self, i: int) -> tuple[list[int], list[int]]:
+        row = self.sources[self.parts[i]].table[int(self.rows[i])]
+        return row["input_ids"], row["labels"]
+
+    def subset(self, indices: np.ndarray) -> TokenizedData:
+        return TokenizedData(self.sources, self.parts[indices], self.rows[indices])
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    if os.environ.get("QLAUNCH_DATA_CACHE"):
+        return Path(os.environ["QLAUNCH_DATA_CACHE"])
+    return Path.home() / ".cache" / "qlaunch" / "data"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides the ids a tokenizer gives: its whole definition, special tokens and chat template."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    for part in (tokenizer.special_tokens_map, getattr(tokenizer, "chat_template", None)):
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def cache_key(source: DataSource, tokenizer_print: str, cfg: DataConfig) -> str:
+    stat = Path(source.path).stat()
+    what = {
+        "format": CACHE_FORMAT,
+        "file": [str(Path(source.path).resolve()), stat.st_size, stat.st_mtime_ns],
+        "source": asdict(replace(source, weight=1.0)),
+        "tokenizer": tokenizer_print,
+        "chat_template": cfg.chat_template,
+        "max_seq_len": cfg.max_seq_len,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def say(message: str) -> None:
+    """Start-up notes come from the first process of each node only, on stderr (stdout may be JSON)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"qlaunch: {message}", file=sys.stderr, flush=True)
+
+
+def tokenized_source(source: DataSource, tokenizer, cfg: DataConfig, tokenizer_print: str) -> SourceData:
+    """The source's tokens: read from the cache, or tokenized into it by the first process to ask."""
+    from filelock import FileLock, Timeout
+
+    root = cache_root(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    key = cache_key(source, tokenizer_print, cfg)
+    entry, hit = root / key, True
+    if not entry.is_dir():
+        lock = FileLock(str(root / f"{key}.lock"))
+        try:
+            lock.acquire(timeout=WAIT_NOTICE_S)
+        except Timeout:
+            say(f"waiting for another process tokenizing `{source.path}` into {entry}")
+            lock.acquire()
+        try:
+            if not entry.is_dir():
+                build_entry(source, tokenizer, cfg, root, key)
+                hit = False
+        finally:
+            lock.release()
+    meta = json.loads((entry / "meta.json").read_text())
+    if hit:
+        say(f"`{source.path}`: {meta['kept']:,} samples read from the cache {entry}, not tokenized again")
+    return open_entry(source, entry, meta, hit)
+
+
+def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key: str) -> None:
+    """Tokenizes into `<key>.tmp-<pid>` and renames it to `<key>` once complete: an entry is whole or absent."""
+    for stale in root.glob(f"{key}.tmp-*"):  # left by a process killed mid-way
+        shutil.rmtree(stale, ignore_errors=True)
+    partial = root / f"{key}.tmp-{os.getpid()}"
+    partial.mkdir()
+    started = time.perf_counter()
+    records = load_records(source)
+    table = tokenize(records, tokenizer, source, cfg, cache_file=str(partial / "data.arrow"))
+    meta = {
+        "path": source.path,
+        "records": len(records),
+        "kept": len(table),
+        "truncated": int(np.count_nonzero(table.data.column("truncated").to_numpy())),
+        "tokenize_s": round(time.perf_counter() - started, 3),
+    }
+    del table
+    (partial / "meta.json").write_text(json.dumps(meta, indent=2))
+    os.rename(partial, root / key)
+    say(f"`{source.path}`: {meta['records']:,} records tokenized in {meta['tokenize_s']:.1f} s into {root / key}")
+
+
+def open_entry(source: DataSource, entry: Path, meta: dict, hit: bool) -> SourceData:
+    import datasets
+
+    table = datasets.Dataset.from_file(str(entry / "data.arrow"))
+    dropped = meta["records"] - meta["kept"]
+    return SourceData(source, table, meta["records"], dropped, meta["truncated"], str(entry), hit)
+
+
+def load_tokenized(cfg: DataConfig, tokenizer, seed: int) -> tuple[TokenizedData, TokenizedData | None]:
+    """The training samples, mixed from every source by weight, and the eval samples (None without an
+    eval split). Both are pure functions of the data, the tokenizer, the options and the seed."""
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    sources = [tokenized_source(s, tokenizer, cfg, fingerprint) for s in cfg.sources()]
+    rng = np.random.default_rng(seed)
+    train_parts, eval_parts = [], []
+    for k, source in enumerate(sources):
+        rows = rng.permutation(len(source.table))
+        held = held_out(len(rows), cfg.eval_fraction)
+        eval_parts.append((k, np.sort(rows[:held])))
+        train_parts.append((k, weighted(np.sort(rows[held:]), source.source.weight, rng)))
+    train = combine(sources, train_parts)
+    if cfg.eval_path:
+        eval_data = tokenized_source(cfg.eval_source(), tokenizer, cfg, fingerprint)
+        return train, combine([eval_data], [(0, np.arange(len(eval_data.table)))])
+    return train, combine(sources, eval_parts) if cfg.eval_fraction > 0 else None
+
+
+def held_out(n: int, fraction: float) -> int:
+    return min(n - 1, max(1, round(n * fraction))) if fraction > 0 and n > 1 else 0
+
+
+def weighted(rows: np.ndarray, weight: float, rng: np.random.Generator) -> np.ndarray:
+    """`weight` times the rows: whole copies, then a seeded choice for the fraction."""
+    whole, fraction = divmod(weight, 1.0)
+    extra = rng.choice(rows, size=round(fraction * len(rows)), replace=False) if len(rows) else rows
+    return np.concatenate([np.tile(rows, int(whole)), np.sort(extra)])
+
+
+def combine(sources: list[SourceData], parts: list[tuple[int, np.ndarray]]) -> TokenizedData:
+    return TokenizedData(
+        sources,
+        np.concatenate([np.full(len(rows), k, dtype=np.int64) for k, rows in parts]),
+        np.concatenate([rows.astype(np.int64) for _, rows in parts]),
+    )
