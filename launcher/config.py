@@ -88,6 +88,8 @@ class DataConfig(DataSource):
     """Or: this fraction of each source's samples, held out from training by the seed."""
     cache_dir: str = ""
     """Where tokenized data is kept between runs (empty: $QLAUNCH_DATA_CACHE, else ~/.cache/qlaunch/data)."""
+    tokenize_workers: int = 0
+    """Processes tokenizing a source (0: every core for chat records, which render in Python; 1 otherwise)."""
 
     def sources(self) -> list[DataSource]:
         if self.datasets:

@@ -9,6 +9,7 @@ every token). `tokenize` runs batched through `datasets.map`; tokenized.py keeps
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .chat import assistant_turns, check_messages, tokenize_chat, use_chat_template
@@ -86,7 +87,8 @@ def features():
 
 def tokenize(records, tokenizer, source: DataSource, cfg: DataConfig, cache_file: str | None = None):
     """The records as a `datasets.Dataset` of token ids and labels (see `features`), batched; records left
-    with no target token within `max_seq_len` are dropped. Written to `cache_file`, else kept in memory."""
+    with no target token within `max_seq_len` are dropped. Written to `cache_file` (one file per worker:
+    `<name>_NNNNN_of_NNNNN.arrow` when several), else kept in memory."""
     kind = record_kind(records.column_names, source)
     chat = kind == "messages" or (
         kind == "prompt_completion" and len(records) > 0 and isinstance(records[0][source.prompt_field], list)
@@ -94,6 +96,7 @@ def tokenize(records, tokenizer, source: DataSource, cfg: DataConfig, cache_file
     if chat:
         use_chat_template(tokenizer, cfg.chat_template, source.path)
     encode = Encoder(tokenizer, "chat" if chat else kind, source, cfg.max_seq_len)
+    workers = tokenize_workers(cfg.tokenize_workers, chat, len(records))
     return records.map(
         encode,
         batched=True,
@@ -103,9 +106,18 @@ def tokenize(records, tokenizer, source: DataSource, cfg: DataConfig, cache_file
         cache_file_name=cache_file,
         keep_in_memory=cache_file is None,
         load_from_cache_file=False,
+        num_proc=workers if workers > 1 and cache_file else None,
         new_fingerprint="qlaunch-tokenized",  # tokenized.py keys the cache; skips hashing the tokenizer
         desc=f"qlaunch: tokenizing {source.path}",
     )
+
+
+def tokenize_workers(configured: int, chat: bool, records: int) -> int:
+    """Chat templates render in Python, one record at a time: there, every core pays (measured 2.7 ms a
+    record on one core). Plain text goes through the fast tokenizer's own threads in one process."""
+    if configured:
+        return configured
+    return min(os.cpu_count() or 1, 16) if chat and records >= 1000 else 1
 
 
 class Encoder:
@@ -177,4 +189,4 @@ def chat_record(tokenizer, record: dict, source: DataSource, where: str) -> tupl
 
 def target_tokens(labels: list[int]) -> int:
     """Tokens that count in the loss: shifted labels that are not ignored."""
-    return sum(t != IGNORE_INDEX for t in labels[1:])
+    return len(labels) - 1 - labels[1:].count(IGNORE_INDEX) if labels else 0

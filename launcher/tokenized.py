@@ -25,7 +25,7 @@ import numpy as np
 from .config import DataConfig, DataSource
 from .data import load_records, tokenize
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 """Raise when the tokenized table changes meaning: every cached entry is then tokenized again."""
 WAIT_NOTICE_S = 5.0
 
@@ -160,13 +160,20 @@ def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key:
     """Tokenizes into `<key>.tmp-<pid>` and renames it to `<key>` once complete: an entry is whole or absent."""
     for stale in root.glob(f"{key}.tmp-*"):  # left by a process killed mid-way
         shutil.rmtree(stale, ignore_errors=True)
+    import datasets
+
     partial = root / f"{key}.tmp-{os.getpid()}"
     partial.mkdir()
     started = time.perf_counter()
     records = load_records(source)
-    table = tokenize(records, tokenizer, source, cfg, cache_file=str(partial / "data.arrow"))
+    datasets.enable_progress_bars()  # tokenizing a large dataset takes minutes: show it
+    try:
+        table = tokenize(records, tokenizer, source, cfg, cache_file=str(partial / "data.arrow"))
+    finally:
+        datasets.disable_progress_bars()
     meta = {
         "path": source.path,
+        "files": sorted(f.name for f in partial.glob("*.arrow")),
         "records": len(records),
         "kept": len(table),
         "truncated": int(np.count_nonzero(table.data.column("truncated").to_numpy())),
@@ -181,7 +188,8 @@ def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key:
 def open_entry(source: DataSource, entry: Path, meta: dict, hit: bool) -> SourceData:
     import datasets
 
-    table = datasets.Dataset.from_file(str(entry / "data.arrow"))
+    tables = [datasets.Dataset.from_file(str(entry / name)) for name in meta["files"]]
+    table = tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables)
     dropped = meta["records"] - meta["kept"]
     return SourceData(source, table, meta["records"], dropped, meta["truncated"], str(entry), hit)
 

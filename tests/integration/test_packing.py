@@ -1,6 +1,9 @@
 """Packing and the eval split for real, on 2 ranks: a packed run and an unpacked run over the same samples
 (one optimizer step holds every training sample either way) log the same losses and the same eval losses,
-on FSDP2 and ZeRO-3 and two model families. The unpacked run also finds the data already tokenized."""
+on FSDP2 and ZeRO-3 and two model families, with the memory budget met by packed rows as by padded ones.
+The unpacked run finds the data already tokenized."""
+
+import json
 
 import pytest
 
@@ -8,7 +11,7 @@ from launcher.batches import pack
 from launcher.config import DataConfig
 from launcher.preflight import load_tokenizer
 from launcher.tokenized import load_tokenized
-from support.launches import qlaunch, read_metrics
+from support.launches import assert_budget_rows, qlaunch, read_metrics
 
 TRAIN_SAMPLES, EVAL_FRACTION, SEED = 8, 0.2, 0
 
@@ -58,6 +61,7 @@ def test_packed_and_unpacked_runs_log_the_same_losses(family_assets, tmp_path, s
             str(out),
         )
         runs[packing] = read_metrics(out)
+        assert_budget_rows(json.loads((out / "memory_budget.json").read_text()), (strategy, family, packing))
     assert "read from the cache" in log.read_text()  # the unpacked run: tokenized by the packed run's ranks
     packed, unpacked = runs[True], runs[False]
     assert [r["step"] for r in packed] == [r["step"] for r in unpacked] == [1, 2]

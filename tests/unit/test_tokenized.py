@@ -91,6 +91,32 @@ def test_one_process_per_node_tokenizes_the_others_wait_and_read(tmp_path):
     assert not [p for p in os.listdir(tmp_path / "cache") if ".tmp-" in p]
 
 
+def test_chat_records_tokenized_by_several_workers_match_one(tmp_path):
+    from support.families import TURNS_TEMPLATE
+    from support.families import build_tokenizer as build_bpe_tokenizer
+
+    words = [f"w{i}" for i in range(40)]
+    tokenizer = build_bpe_tokenizer([" ".join(words)] * 4)
+    chats = [
+        {"messages": [{"role": "user", "content": " ".join(words[i : i + 5])}, {"role": "assistant", "content": w}]}
+        for i, w in enumerate(words)
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(chat) + "\n" for chat in chats))
+    results = []
+    for workers in (1, 2):
+        cfg = DataConfig(
+            path=str(path),
+            chat_template=TURNS_TEMPLATE,
+            tokenize_workers=workers,
+            cache_dir=str(tmp_path / f"c{workers}"),
+        )
+        data, _ = load_tokenized(cfg, tokenizer, seed=0)
+        results.append(every_sample(data))
+        assert len(list((tmp_path / f"c{workers}").glob("*/*.arrow"))) == workers
+    assert results[0] == results[1] and len(results[0]) == len(chats)
+
+
 def test_sources_mix_by_weight_deterministically(tmp_path, tokenizer):
     a = DataSource(path=str(write_texts(tmp_path / "a.jsonl", 10)), weight=2.0)
     b = DataSource(path=str(write_texts(tmp_path / "b.jsonl", 30, offset=50)), weight=0.5)
