@@ -161,12 +161,16 @@ def cmd_train(args, extra: list[str]) -> int:
     if args.strategy:
         overrides.append(("strategy", args.strategy))
     cfg = load_config(args.config, overrides)
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError(f"`--nproc` must be at least 1, got {args.nproc}.")
     # Inside a Slurm allocation the machines come from it (launcher/launch/slurm.py), else this machine alone.
     machines = None if launch.inside_launcher() else launch.machines_for(args.nproc)
     if machines is None or machines.num_processes == 1:
         train.run(cfg)
         return 0
     strategy = preflight.check_all(cfg)
+    # Tokenized here, into the cache the ranks read: too little data is refused before any rank starts.
+    preflight.load_training_data(cfg, machines.num_processes)
     forwarded = (["--config", args.config] if args.config else []) + extra + ["--strategy", strategy.name]
     return launch.launch(strategy, machines, forwarded, cfg.dist)
 

@@ -1,8 +1,13 @@
-"""Metrics: a progress bar and `<output_dir>/metrics.jsonl` on rank 0, one JSON line per logged step."""
+"""Metrics: progress on rank 0 and `<output_dir>/metrics.jsonl`, one JSON line per logged step.
+
+Progress is a tqdm bar on a terminal; elsewhere (a Slurm log, a file) a plain line about every
+twentieth of the run, since a bar's carriage-return updates make a log file unreadable.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -16,8 +21,16 @@ class MetricsLog:
         self.records: list[dict] = []
         if enabled:
             self._keep_up_to(first_step)
+        self.total_steps = total_steps
+        self.interactive = sys.stderr.isatty()
+        self.line_every = max(1, total_steps // 20)
         self.bar = tqdm(
-            total=total_steps, initial=first_step, desc="train", unit="step", disable=not enabled, dynamic_ncols=True
+            total=total_steps,
+            initial=first_step,
+            desc="train",
+            unit="step",
+            disable=not (enabled and self.interactive),
+            dynamic_ncols=True,
         )
         self._started = time.perf_counter()
 
@@ -39,7 +52,11 @@ class MetricsLog:
         shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", "tok_s": f"{record['tokens_per_s']:.0f}"}
         if "eval_loss" in record:
             shown["eval_loss"] = f"{record['eval_loss']:.4f}"
-        self.bar.set_postfix(shown)
+        if self.interactive:
+            self.bar.set_postfix(shown)
+        elif record["step"] % self.line_every == 0 or record["step"] == self.total_steps or "eval_loss" in record:
+            values = " ".join(f"{k} {v}" for k, v in shown.items())
+            print(f"step {record['step']}/{self.total_steps} {values} elapsed {record['elapsed_s']:.0f}s", flush=True)
 
     def advance(self) -> None:
         self.bar.update(1)

@@ -158,10 +158,10 @@ def tokenized_source(source: DataSource, tokenizer, cfg: DataConfig, tokenizer_p
 
 def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key: str) -> None:
     """Tokenizes into `<key>.tmp-<pid>` and renames it to `<key>` once complete: an entry is whole or absent."""
-    for stale in root.glob(f"{key}.tmp-*"):  # left by a process killed mid-way
-        shutil.rmtree(stale, ignore_errors=True)
     import datasets
 
+    for stale in root.glob(f"{key}.tmp-*"):  # left by a process killed mid-way
+        shutil.rmtree(stale, ignore_errors=True)
     partial = root / f"{key}.tmp-{os.getpid()}"
     partial.mkdir()
     started = time.perf_counter()
@@ -169,6 +169,9 @@ def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key:
     datasets.enable_progress_bars()  # tokenizing a large dataset takes minutes: show it
     try:
         table = tokenize(records, tokenizer, source, cfg, cache_file=str(partial / "data.arrow"))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     finally:
         datasets.disable_progress_bars()
     meta = {

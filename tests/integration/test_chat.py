@@ -1,6 +1,6 @@
-"""Chat data for real: multi-turn `messages` records, rendered on every rank with the chat template
-the run config names, train a family's model on 2 ranks (tests/unit/test_data.py checks the assistant
-mask token by token)."""
+"""Chat data for real: multi-turn `messages` records, rendered with the chat template the run config
+names, packed, with an eval split, train a family's model on 2 ranks (tests/unit/test_data.py checks
+the assistant mask token by token, tests/integration/test_packing.py the packed losses)."""
 
 import json
 
@@ -26,8 +26,11 @@ def test_chat_records_train_with_the_configured_template_on_two_ranks(family_ass
         tmp_path / "train.log",
         *("train", "--nproc", "2", "--strategy", "zero3", "--model.path", str(assets / "base")),
         *("--data.path", str(data), "--data.chat_template", str(template), "--data.max_seq_len", "96"),
+        *("--data.packing", "true", "--data.eval_fraction", "0.25"),
         *("--train.max_steps", str(steps), "--output_dir", str(out)),
     )
-    losses = [r["loss"] for r in read_metrics(out)]
+    records = read_metrics(out)
+    losses = [r["loss"] for r in records]
     assert len(losses) == steps and all(0 < loss < 20 for loss in losses), losses
+    assert [r["step"] for r in records if "eval_loss" in r] == [steps] and 0 < records[-1]["eval_loss"] < 20
     assert (out / "adapter" / "adapter_model.safetensors").is_file()

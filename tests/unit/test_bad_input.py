@@ -25,6 +25,9 @@ def train(capsys, *args) -> tuple[int, str]:
         (["--train.lrr", "1e-4"], r"Unknown config key `train.lrr`. Did you mean `train.lr`\?"),
         (["--lora.r", "0"], r"`lora.r` must be a positive integer, got 0"),
         (["--data.path", "/nonexistent/data.jsonl"], r"Dataset `/nonexistent/data.jsonl` does not exist"),
+        (["--nproc", "0"], r"`--nproc` must be at least 1, got 0"),
+        # Found by tokenizing before the launch (into the cache the ranks would read), not once per rank.
+        (["--train.micro_batch_size", "300"], r"makes 512 rows .* one optimizer step needs 600 .* 2 ranks"),
     ],
 )
 def test_bad_input_fails_before_launch(demo_assets, tmp_path, capsys, no_launch, extra, message):

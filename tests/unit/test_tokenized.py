@@ -70,6 +70,14 @@ def test_a_changed_data_file_or_tokenizer_is_tokenized_again(tmp_path, tokenizer
     assert load_tokenized(cfg, tokenizer, seed=0)[0].sources[0].cache_hit
 
 
+def test_a_record_refused_mid_way_leaves_no_entry_behind(tmp_path, tokenizer):
+    path = tmp_path / "tokens.jsonl"
+    path.write_text(json.dumps({"input_ids": [1, 5]}) + "\n" + json.dumps({"input_ids": [1, len(tokenizer)]}) + "\n")
+    with pytest.raises(ConfigError, match="record 1: `input_ids` holds ids outside the tokenizer's vocabulary"):
+        load_tokenized(DataConfig(path=str(path), cache_dir=str(tmp_path / "cache")), tokenizer, seed=0)
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
 def _tokenize_in_child(path: str, cache: str, results) -> None:
     source = DataSource(path=path)
     data = tokenized_source(source, build_tokenizer(), DataConfig(path=path, cache_dir=cache), "same tokenizer")
