@@ -50,6 +50,8 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+        if record.get("grad_norm") is not None:
+            shown["grad_norm"] = f"{record['grad_norm']:.3f}"
         if "eval_loss" in record:
             shown["eval_loss"] = f"{record['eval_loss']:.4f}"
         if self.interactive:

@@ -129,8 +129,8 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
     window_tokens, window_start = 0, time.perf_counter()
     total_tokens, last_eval = 0, None
     for step in range(start_step, total_steps):
-        loss_sum, step_targets, step_tokens = train_step(
-            model, optimizer, accelerator, batches, rows, tokenizer, step, rank, cfg.train.max_grad_norm
+        loss_sum, step_targets, step_tokens, grad_norm = train_step(
+            model, optimizer, accelerator, sharder, batches, rows, tokenizer, step, rank, cfg.train.max_grad_norm
         )
         scheduler.step()
         window_tokens += step_tokens
@@ -151,6 +151,7 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
                 step=step + 1,
                 loss=loss,
                 lr=scheduler.get_last_lr()[0],
+                grad_norm=grad_norm,
                 tokens=window_tokens,
                 tokens_per_s=window_tokens / (now - window_start),
                 **extra,
@@ -205,6 +206,7 @@ def train_step(
     model,
     optimizer,
     accelerator,
+    sharder: strategies.Strategy,
     batches: GlobalBatches,
     rows: Rows,
     tokenizer,
@@ -212,25 +214,25 @@ def train_step(
     rank: int,
     max_grad_norm: float,
 ):
-    """One optimizer step over this rank's micro batches. The loss is normalized by the target tokens
-    of the whole global batch, so the summed gradient equals a single process's on the same batch."""
+    """One optimizer step over this rank's micro batches; returns the loss summed over target tokens,
+    the step's target and real tokens, and the gradient norm. The loss is normalized by the target
+    tokens of the whole global batch, so the summed gradient equals a single process's on the same batch."""
     step_samples = batches.step_samples(step)
     step_targets = rows.targets(step_samples)
     step_tokens = rows.tokens(step_samples)
     # DP averaging divides by the world size and accumulation by its step count: undo both here.
     num_items = step_targets / (batches.world * batches.accum)
-    loss_sum = torch.zeros((), device=accelerator.device)
+    loss_sum, grad_norm = torch.zeros((), device=accelerator.device), None
     for indices in batches.rank_micro_batches(step, rank):
         batch = {k: v.to(accelerator.device) for k, v in rows.collate(indices, tokenizer.pad_token_id).items()}
         with accelerator.accumulate(model):
             loss = model(**batch, num_items_in_batch=num_items, use_cache=False).loss
             accelerator.backward(loss)
-            if accelerator.sync_gradients and max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
+            norm = sharder.optimizer_step(accelerator, model, optimizer, max_grad_norm)
+            grad_norm = norm if norm is not None else grad_norm
             optimizer.zero_grad()
         loss_sum += loss.detach().float() * num_items
-    return loss_sum, step_targets, step_tokens
+    return loss_sum, step_targets, step_tokens, grad_norm
 
 
 def print_summary(s: RunSummary, output_dir: Path) -> None:

@@ -164,6 +164,17 @@ class Strategy:
         self.after_prepare(model, optimizer, accelerator, handed)
         return model, prepared, optimizer
 
+    def optimizer_step(self, accelerator, model: nn.Module, optimizer, max_grad_norm: float) -> float | None:
+        """Clips (max_grad_norm > 0) and steps; returns the gradient norm over every rank's gradients,
+        before clipping, on the step that updates (None on an accumulation step)."""
+        norm = None
+        if accelerator.sync_gradients:
+            limit = max_grad_norm if max_grad_norm > 0 else float("inf")  # inf: measures, never scales
+            total = accelerator.clip_grad_norm_(model.parameters(), limit)
+            norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        optimizer.step()
+        return norm
+
     def local_shards(self, model: nn.Module) -> Iterator[LocalShard]:
         for name, param in model.named_parameters():
             yield LocalShard(name, param.detach(), 0, param.numel(), param.requires_grad)

@@ -40,6 +40,12 @@ class ZeRO(Strategy):
     def install_on_cpu(self, accelerator, plugins):
         cpu.mark_deepspeed(accelerator, plugins["deepspeed_plugin"])
 
+    def optimizer_step(self, accelerator, model, optimizer, max_grad_norm):
+        # DeepSpeed clips and steps inside `accelerator.backward` (gradient_clipping above); the norm
+        # it computed there, over every rank's partition, is the one to report.
+        optimizer.step()
+        return float(model.get_global_grad_norm()) if accelerator.sync_gradients else None
+
     def save_trainable(self, model, optimizer, directory):
         # DeepSpeed's own format: each rank writes its optimizer partition. Its `latest` file is not
         # written: checkpoint.py names a checkpoint only after every rank has finished.

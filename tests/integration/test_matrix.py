@@ -4,7 +4,7 @@ One list of families (tests/support/families.py) and one of strategies; each cel
 of two CPU ranks over gloo with the shipped config (the observer script only reads state, see
 dist_probe.py), compared with a single-process run on the same global batch. Every cell checks what
 matters for a sharded QLoRA run:
-  * the first losses equal the single process's (same data, seed and global batch);
+  * the first losses and gradient norms equal the single process's (same data, seed and global batch);
   * adapter gradients' optimizer states are split (whole on every rank for ddp);
   * the adapter reloads in one process with the sharded model's logits, and it matters;
   * every rank's shard is rank 0's bytes, packed 4-bit data and quantization constants included;
@@ -128,6 +128,9 @@ class Cell:
     def losses(self, out: Path | None = None) -> list[float]:
         return [r["loss"] for r in read_metrics(out or self.out)]
 
+    def grad_norms(self, out: Path | None = None) -> list[float]:
+        return [r["grad_norm"] for r in read_metrics(out or self.out)]
+
     def report(self, out: Path | None = None) -> list[dict]:
         return json.loads((out or self.out).joinpath("shard_report.json").read_text())
 
@@ -170,6 +173,11 @@ def test_losses_match_a_single_process(cell):
     # adapter updates agree too (a step that went wrong shows in the next loss).
     assert losses == pytest.approx(reference, abs=2e-3), (losses, reference)
     assert losses[-1] != losses[0]
+    # The gradient norm is over the whole adapter gradient, every rank's part and every micro batch:
+    # a norm of one rank's shard (0.71x on 2 ranks) or of one micro batch would miss by far more than
+    # the bfloat16 rounding that separates a batch of 2 from two accumulated batches of 1.
+    norms, reference_norms = cell.grad_norms(), cell.grad_norms(cell.reference)
+    assert all(n > 0 for n in norms) and norms == pytest.approx(reference_norms, rel=2e-2), (norms, reference_norms)
 
 
 def test_optimizer_state_is_split(cell):
