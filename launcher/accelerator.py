@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from . import tracking
 from .config import DistConfig, TrainConfig
 from .dtypes import resolve_mixed_precision
 from .strategies import Strategy
@@ -38,7 +40,7 @@ def this_rank_device() -> torch.device:
     return torch.device("cpu")
 
 
-def create_accelerator(strategy: Strategy, train: TrainConfig, dist: DistConfig) -> Accelerator:
+def create_accelerator(strategy: Strategy, train: TrainConfig, dist: DistConfig, output_dir: Path) -> Accelerator:
     """The run's Accelerator; `train.mixed_precision` is already resolved (see `mixed_precision`)."""
     distributed = world_size_from_env() > 1
     plugins = strategy.plugins(train, this_rank_device()) if distributed else {}
@@ -48,6 +50,7 @@ def create_accelerator(strategy: Strategy, train: TrainConfig, dist: DistConfig)
         step_scheduler_with_optimizer=False,
         # Every collective, the first and barriers included, fails after this: a rank that stops taking part ends the run.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=dist.timeout_s))],
+        **tracking.accelerator_kwargs(train, output_dir),
     )
     if torch.cuda.is_available() or not distributed:
         return Accelerator(**kwargs, **plugins)

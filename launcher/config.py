@@ -121,6 +121,12 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     mixed_precision: str = "auto"
     """auto (bf16 on CUDA, none on CPU), no, bf16 or fp16."""
+    report_to: list[str] | str = field(default_factory=list)
+    """Accelerate trackers to log to as well as metrics.jsonl (one, or a list): tensorboard, wandb, mlflow, ..."""
+    project: str = "qlaunch"
+    """The trackers' project (TensorBoard: <output_dir>/trackers/<project>)."""
+    run_name: str = ""
+    """The trackers' run name (empty: the output directory's name)."""
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,22 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 
 class MetricsLog:
-    def __init__(self, output_dir: Path, total_steps: int, enabled: bool, first_step: int = 0):
-        self.enabled = enabled
+    def __init__(
+        self,
+        output_dir: Path,
+        total_steps: int,
+        enabled: bool,
+        first_step: int = 0,
+        on_record: Callable[[dict], None] | None = None,
+    ):
+        self.enabled, self.on_record = enabled, on_record
         self.path = Path(output_dir) / "metrics.jsonl"
         self.records: list[dict] = []
         if enabled:
@@ -49,6 +57,8 @@ class MetricsLog:
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.on_record is not None:  # the experiment trackers
+            self.on_record(record)
         shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", "tok_s": f"{record['tokens_per_s']:.0f}"}
         if record.get("grad_norm") is not None:
             shown["grad_norm"] = f"{record['grad_norm']:.3f}"

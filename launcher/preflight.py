@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint, strategies
+from . import checkpoint, strategies, tracking
 from .accelerator import mixed_precision
 from .batches import Rows
 from .config import ConfigError, DataConfig, ModelConfig, RunConfig
@@ -52,6 +52,7 @@ def check_values(cfg: RunConfig) -> None:
         f"`train.mixed_precision` is `{t.mixed_precision}`; use {', '.join(MIXED_PRECISIONS)}.",
     )
     require(t.eval_every_steps >= 0, f"`train.eval_every_steps` must be >= 0, got {t.eval_every_steps}.")
+    tracking.check(t)
     check_data_values(cfg.data)
     for key in ("timeout_s", "rendezvous_timeout_s"):
         require(

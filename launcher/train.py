@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, export, preflight, strategies
+from . import checkpoint, export, preflight, strategies, tracking
 from .accelerator import create_accelerator, world_size_from_env
 from .batches import GlobalBatches, Rows
 from .config import RunConfig, dump_config
@@ -88,13 +88,14 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
     # Load: only the source rank reads and quantizes the checkpoint, in host RAM.
     base = load_base(cfg.model, cfg.quant, policy)
 
-    accelerator = create_accelerator(setup.strategy, cfg.train, cfg.dist)
+    accelerator = create_accelerator(setup.strategy, cfg.train, cfg.dist, Path(cfg.output_dir))
     stop.stop_before_training(accelerator.device)  # a signal during start-up: every rank ends here, nothing to save
     rank, main = accelerator.process_index, accelerator.is_main_process
     output_dir = Path(cfg.output_dir)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, output_dir / "run_config.yaml")
+    tracking.start(accelerator, cfg)
 
     # Prepare: k-bit preparation and LoRA (the other ranks build a meta skeleton first).
     model = build_model(base, cfg.quant, cfg.lora, cfg.train, policy)
@@ -124,7 +125,13 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
     # Train.
     stop.stop_before_training(accelerator.device)
     model.train()
-    metrics = MetricsLog(output_dir, total_steps, enabled=main, first_step=start_step)
+    metrics = MetricsLog(
+        output_dir,
+        total_steps,
+        enabled=main,
+        first_step=start_step,
+        on_record=lambda r: tracking.log_step(accelerator, r),
+    )
     losses, started = [], time.perf_counter()
     window_tokens, window_start = 0, time.perf_counter()
     total_tokens, last_eval = 0, None
@@ -174,6 +181,7 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
         dist.all_gather_object(report, mine)
     if main:
         (output_dir / "shard_report.json").write_text(json.dumps(report, indent=2))
+        tracking.log_memory(accelerator, report, total_steps)
     unwrapped = accelerator.unwrap_model(model)
     full_trainable = sharder.gather_trainable(unwrapped)
     check_ids = torch.tensor([rows.data.sample(0)[0][:CHECK_TOKENS]], device=accelerator.device)

@@ -1,8 +1,10 @@
 """Chat data for real: multi-turn `messages` records, rendered with the chat template the run config
-names, packed, with an eval split, train a family's model on 2 ranks (tests/unit/test_data.py checks
-the assistant mask token by token, tests/integration/test_packing.py the packed losses)."""
+names, packed, with an eval split, train a family's model on 2 ranks, logged to TensorBoard as well
+(tests/unit/test_data.py checks the assistant mask token by token, test_packing.py the packed losses)."""
 
 import json
+
+import pytest
 
 from support.families import TURNS_TEMPLATE, corpus
 from support.launches import qlaunch, read_metrics
@@ -26,7 +28,7 @@ def test_chat_records_train_with_the_configured_template_on_two_ranks(family_ass
         tmp_path / "train.log",
         *("train", "--nproc", "2", "--strategy", "zero3", "--model.path", str(assets / "base")),
         *("--data.path", str(data), "--data.chat_template", str(template), "--data.max_seq_len", "96"),
-        *("--data.packing", "true", "--data.eval_fraction", "0.25"),
+        *("--data.packing", "true", "--data.eval_fraction", "0.25", "--train.report_to", "tensorboard"),
         *("--train.max_steps", str(steps), "--output_dir", str(out)),
     )
     records = read_metrics(out)
@@ -34,3 +36,16 @@ def test_chat_records_train_with_the_configured_template_on_two_ranks(family_ass
     assert len(losses) == steps and all(0 < loss < 20 for loss in losses), losses
     assert [r["step"] for r in records if "eval_loss" in r] == [steps] and 0 < records[-1]["eval_loss"] < 20
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+    # TensorBoard, offline: the same scalars as metrics.jsonl, and each rank's peak memory.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "trackers" / "qlaunch"))
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+        assert [step for step, _ in scalars[key]] == [1, 2, 3], key
+        assert [value for _, value in scalars[key]] == pytest.approx([r[key] for r in records], rel=1e-6), key
+    assert scalars["eval_loss"] == [(steps, pytest.approx(records[-1]["eval_loss"], rel=1e-6))]
+    for rank in (0, 1):
+        assert scalars[f"memory/rank{rank}/peak_host_rss_mib"][0][1] > 100

@@ -1,6 +1,8 @@
-"""metrics.jsonl and the progress a batch job's log gets."""
+"""metrics.jsonl, the progress a batch job's log gets, and the experiment trackers' checks."""
 
 import json
+
+import pytest
 
 from launcher.metrics import MetricsLog
 
@@ -18,3 +20,27 @@ def test_a_log_file_gets_a_few_dozen_plain_lines_and_every_step_in_metrics_jsonl
     assert lines[-1].startswith("step 500/500 loss 3.0000") and "eval_loss 2.0000" in lines[9]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 500 and records[249]["eval_loss"] == 2.0 and "eval_loss" not in records[0]
+
+
+@pytest.mark.parametrize(
+    "report_to,message",
+    [
+        ("tensorbored", r"`train.report_to` names `tensorbored`; Accelerate's trackers are .*tensorboard"),
+        (["tensorboard", "aim"], r"names `aim`, which is not installed. Install it \(pip install aim\)"),
+    ],
+)
+def test_unknown_or_missing_trackers_are_refused_before_launch(report_to, message):
+    from launcher.config import ConfigError, load_config
+    from launcher.preflight import check_values
+
+    with pytest.raises(ConfigError, match=message):
+        check_values(load_config(None, [("train.report_to", report_to)]))
+
+
+def test_the_run_config_becomes_flat_hyperparameters():
+    from launcher.config import RunConfig
+    from launcher.tracking import flat
+
+    values = flat(RunConfig().to_dict())
+    assert values["train.lr"] == 2e-4 and values["lora.target_modules"] == "all-linear"
+    assert values["data.datasets"] == "[]" and all(isinstance(v, (int, float, str, bool)) for v in values.values())
