@@ -97,19 +97,26 @@ def tokenize(records, tokenizer, source: DataSource, cfg: DataConfig, cache_file
         use_chat_template(tokenizer, cfg.chat_template, source.path)
     encode = Encoder(tokenizer, "chat" if chat else kind, source, cfg.max_seq_len)
     workers = tokenize_workers(cfg.tokenize_workers, chat, len(records))
-    return records.map(
-        encode,
-        batched=True,
-        with_indices=True,
-        remove_columns=records.column_names,
-        features=features(),
-        cache_file_name=cache_file,
-        keep_in_memory=cache_file is None,
-        load_from_cache_file=False,
-        num_proc=workers if workers > 1 and cache_file else None,
-        new_fingerprint="qlaunch-tokenized",  # tokenized.py keys the cache; skips hashing the tokenizer
-        desc=f"qlaunch: tokenizing {source.path}",
-    )
+    try:
+        return records.map(
+            encode,
+            batched=True,
+            with_indices=True,
+            remove_columns=records.column_names,
+            features=features(),
+            cache_file_name=cache_file,
+            keep_in_memory=cache_file is None,
+            load_from_cache_file=False,
+            num_proc=workers if workers > 1 and cache_file else None,
+            new_fingerprint="qlaunch-tokenized",  # tokenized.py keys the cache; skips hashing the tokenizer
+            desc=f"qlaunch: tokenizing {source.path}",
+        )
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"Dataset `{source.path}` is not UTF-8 text: {error.reason} (byte {error.object[error.start]:#04x} in "
+            f"{error.object[max(0, error.start - 12) : error.start + 12]!r}). Re-encode it as UTF-8, e.g. "
+            "`iconv -f latin1 -t utf-8 IN > OUT`."
+        ) from error
 
 
 def tokenize_workers(configured: int, chat: bool, records: int) -> int:

@@ -92,3 +92,13 @@ def test_each_rank_validates_before_its_process_group(demo_assets, capsys, monke
     assert code == 2
     assert "asks for strategy `fsdp2` but `accelerate launch` was given a config for `zero3`" in err
     assert not dist.is_initialized()
+
+
+def test_dataset_that_is_not_utf8_is_refused_before_launch(demo_assets, tmp_path, capsys, no_launch):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(b'{"text": "caf\xe9 t1 t2"}\n' * 8)
+    args = ("--config", str(demo_assets / "run.yaml"), "--nproc", "2", "--data.path", str(data))
+    code, err = train(capsys, *args, "--data.cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "o"))
+    assert code == 2
+    assert "is not UTF-8 text: invalid continuation byte (byte 0xe9 in b'caf\\xe9 t1 t2')" in err
+    assert "iconv" in err and not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
