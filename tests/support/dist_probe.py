@@ -19,6 +19,7 @@ Fault injection, for the resume tests, through environment variables:
                                 the time it stopped to PROBE_DIR/stalled (SIGTERM only sets its stop flag).
 """
 
+import inspect
 import os
 import signal
 import sys
@@ -108,10 +109,12 @@ def backward(self, loss, **kwargs):
 original_train_step = train.train_step
 
 
-def train_step(model, optimizer, accelerator, batches, data, tokenizer, step, rank, max_grad_norm):
-    result = original_train_step(model, optimizer, accelerator, batches, data, tokenizer, step, rank, max_grad_norm)
+def train_step(*args, **kwargs):
+    named = inspect.signature(original_train_step).bind(*args, **kwargs).arguments
+    result = original_train_step(*args, **kwargs)
+    step, rank = named["step"], named["rank"]
     observed.setdefault("first_step_layer_forward_calls", observed["layer_forward_calls"])
-    observed["batches"][step] = batches.rank_micro_batches(step, rank)
+    observed["batches"][step] = named["batches"].rank_micro_batches(step, rank)
     time.sleep(float(os.environ.get("PROBE_STEP_SLEEP", "0")))
     if "PROBE_STALL" in os.environ and [int(x) for x in os.environ["PROBE_STALL"].split(":")] == [RANK, step + 1]:
         (PROBE_DIR / "stalled").write_text(repr(time.time()))
