@@ -98,7 +98,7 @@ class Rows:
         return int(sum(self._targets[self.samples(r)].sum() for r in rows))
 
     def tokens(self, rows: list[int]) -> int:
-        return int(sum(self._lengths[self.samples(r)].sum() for r in rows))
+        return sum(self.row_length(r) for r in rows)
 
     def row_length(self, row: int) -> int:
         return int(self._lengths[self.samples(row)].sum())

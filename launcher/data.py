@@ -137,11 +137,12 @@ class Encoder:
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out = {name: [] for name in ("input_ids", "labels", "targets", "truncated")}
         for ids, labels in self.encode(batch, indices):
-            kept = target_tokens(labels[: self.max_seq_len])
+            labels = labels[: self.max_seq_len]
+            kept = target_tokens(labels)
             if kept == 0:
                 continue
             out["input_ids"].append(ids[: self.max_seq_len])
-            out["labels"].append(labels[: self.max_seq_len])
+            out["labels"].append(labels)
             out["targets"].append(kept)
             out["truncated"].append(len(ids) > self.max_seq_len)
         return out

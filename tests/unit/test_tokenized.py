@@ -11,7 +11,7 @@ import torch
 
 from launcher.batches import GlobalBatches, Rows, pack
 from launcher.config import ConfigError, DataConfig, DataSource, load_config
-from launcher.data import IGNORE_INDEX, features
+from launcher.data import IGNORE_INDEX, features, target_tokens
 from launcher.demo import build_tokenizer
 from launcher.preflight import check_data_values
 from launcher.tokenized import SourceData, TokenizedData, load_tokenized, tokenized_source, tokenizer_fingerprint
@@ -171,7 +171,7 @@ def in_memory(samples: list[tuple[list[int], list[int]]]) -> TokenizedData:
         {
             "input_ids": [ids for ids, _ in samples],
             "labels": [labels for _, labels in samples],
-            "targets": [sum(t != IGNORE_INDEX for t in labels[1:]) for _, labels in samples],
+            "targets": [target_tokens(labels) for _, labels in samples],
             "truncated": [False] * len(samples),
         },
         features=features(),
