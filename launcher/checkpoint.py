@@ -14,6 +14,9 @@ Layout under `<output_dir>/checkpoints/`:
 A checkpoint is written to a temporary name, renamed once every rank has finished, and only then
 named in `latest`; older ones are pruned after that. A crash or kill during a save therefore leaves
 the previous checkpoint as the one resumed from, even when only one is kept.
+
+A checkpoint is loaded only after every pickle in it has been checked to name nothing but what
+qlaunch writes (launcher/safe_load.py): a checkpoint someone hands over may hold code.
 """
 
 from __future__ import annotations
@@ -21,9 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import random
-import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch.distributed as dist
 
 from . import strategies
 from .config import ConfigError, RunConfig
+from .safe_load import check_checkpoint_files, load_plain
 from .strategies import Strategy
 
 CHECKPOINTS = "checkpoints"
@@ -244,30 +246,13 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_plain(path: Path):
-    """A checkpoint file read as tensors, numbers, strings, containers and numpy arrays, never as code:
-    a checkpoint directory someone hands over may hold a pickle that runs whatever it names on load."""
-    from numpy._core.multiarray import _reconstruct
-
-    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]  # the RNG state's numpy array
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, weights_only=True)
-    except pickle.UnpicklingError as error:
-        named = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
-        found = f"it names `{named.group(1)}`" if named else "not tensors or plain values"
-        raise ConfigError(
-            f"`{path}` holds objects no qlaunch checkpoint holds ({found}); it was not "
-            "loaded, since unpickling it could run code. Resume from a checkpoint qlaunch wrote."
-        ) from error
-
-
 def load(path: Path, strategy, model, optimizer, scheduler) -> int:
     """Restores trainable state, scheduler and this rank's RNG from `path`; returns the step.
 
     A rank that did not exist when the checkpoint was written (a DCP run resumed on more ranks)
     keeps its seeded RNG: its dropout masks then differ from any earlier run's, unavoidably."""
     rank = dist.get_rank() if dist.is_initialized() else 0
+    check_checkpoint_files(path)  # DCP and DeepSpeed unpickle what they load unchecked
     scheduler_state = load_plain(path / "scheduler.pt")
     rng_file = path / "rng" / f"rank-{rank:05d}.pt"
     rng = load_plain(rng_file) if rng_file.is_file() else None

@@ -20,6 +20,7 @@ from .checkpoint import read_meta
 from .config import ConfigError, load_config
 from .dtypes import DTYPE_BY_NAME
 from .model import load_quantized_base, prepare_for_kbit_training
+from .safe_load import check_checkpoint_files
 from .strategies.cpu import disable_bnb_cpu_repack
 
 ADAPTER_DIR = "adapter"
@@ -69,6 +70,7 @@ def checkpoint_trainable(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """The full adapter weights stored in a training checkpoint, read in one process."""
     checkpoint_dir = Path(checkpoint_dir)
     reader = strategies.by_checkpoint_format(read_meta(checkpoint_dir)["checkpoint_format"])
+    check_checkpoint_files(checkpoint_dir)  # DCP and DeepSpeed unpickle what they read unchecked
     return reader.read_trainable(checkpoint_dir / "trainable")
 
 

@@ -217,12 +217,14 @@ class Strategy:
         return {"model": {k: v for k, v in model_state.items() if k in trainable}, "optimizer": optimizer_state}
 
     def read_trainable(self, directory: Path) -> dict[str, torch.Tensor]:
-        """The full adapter weights of a checkpoint's `trainable/` folder, read in one process."""
+        """The full adapter weights of a checkpoint's `trainable/` folder, read in one process.
+
+        DCP unpickles the non-tensor items itself: the caller checks them first (launcher.safe_load)."""
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
         with tempfile.TemporaryDirectory() as tmp:
             dcp_to_torch_save(str(directory), f"{tmp}/state.pt")
-            return torch.load(f"{tmp}/state.pt", weights_only=False)["model"]
+            return torch.load(f"{tmp}/state.pt", weights_only=True)["model"]
 
     # --- Byte layout (launcher.memory asks these before any tensor exists) ---------------------
 

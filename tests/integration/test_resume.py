@@ -174,6 +174,14 @@ def test_checkpoint_holds_only_trainable_state(resumed):
     assert total < 20 * 1024 * 1024  # adapters and their Adam state, not the base
 
 
+def test_checkpoint_pickles_pass_the_allow_lists(resumed):
+    """launcher/safe_load.py's allow-lists hold every global a real checkpoint of this strategy names."""
+    from launcher.safe_load import check_checkpoint_files
+
+    _, _, checkpoint = resumed
+    check_checkpoint_files(checkpoint)
+
+
 def test_export_round_trip(resumed):
     from safetensors.torch import load_file
 
