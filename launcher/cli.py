@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from pathlib import Path
 
 from .config import ConfigError, describe_keys, load_config, parse_overrides
@@ -47,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--nproc",
         type=int,
         help="processes (GPUs) to start; default: all GPUs, 1 without CUDA. Inside a Slurm allocation: per node, default its GPUs",
+    )
+    train.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the full traceback of a failure (always written to <output_dir>/logs/rank-NNNNN.log)",
     )
 
     data = commands.add_parser(
@@ -155,8 +159,10 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args, extra: list[str]) -> int:
-    from . import launch, preflight, train
+    from . import failures, launch, preflight, train
 
+    if args.debug:
+        os.environ[failures.DEBUG_ENV] = "1"  # the ranks and torchrun inherit it
     overrides = parse_overrides(extra)
     if args.strategy:
         overrides.append(("strategy", args.strategy))
@@ -166,9 +172,10 @@ def cmd_train(args, extra: list[str]) -> int:
     # Inside a Slurm allocation the machines come from it (launcher/launch/slurm.py), else this machine alone.
     machines = None if launch.inside_launcher() else launch.machines_for(args.nproc)
     if machines is None or machines.num_processes == 1:
-        train.run(cfg)
+        with failures.reported(cfg.output_dir, cfg.dist.timeout_s):
+            train.run(cfg)
         return 0
-    strategy = preflight.check_all(cfg)
+    strategy = preflight.check_all(cfg, machines.num_processes)
     # Tokenized here, into the cache the ranks read: too little data is refused before any rank starts.
     preflight.load_training_data(cfg, machines.num_processes)
     forwarded = (["--config", args.config] if args.config else []) + extra + ["--strategy", strategy.name]
@@ -176,9 +183,12 @@ def cmd_train(args, extra: list[str]) -> int:
 
 
 def cmd_data(args, extra: list[str]) -> int:
-    from . import data_report
+    from . import data_report, preflight
 
-    data_report.run(load_config(args.config, parse_overrides(extra)), args.samples, args.json)
+    cfg = load_config(args.config, parse_overrides(extra))
+    preflight.check_values(cfg)
+    preflight.check_dataset(cfg)
+    data_report.run(cfg, args.samples, args.json)
     return 0
 
 
@@ -197,6 +207,8 @@ def cmd_export(args) -> int:
         raise ConfigError(f"`{args.checkpoint}` has no complete checkpoint to export.")
     if not is_complete(path):
         raise ConfigError(f"`{path}` is not a complete training checkpoint (no {META}).")
+    if not (path / "adapter_config.json").is_file():
+        raise ConfigError(f"`{path}` has no adapter_config.json: it is damaged, or was not written by qlaunch.")
     step = read_meta(path)["step"]
     output = Path(args.output) if args.output else path.parent.parent / f"export-{step_name(step)}"
     print(f"Exported step {step} to {export_checkpoint(path, output, overwrite=args.overwrite)}")
@@ -204,8 +216,18 @@ def cmd_export(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .export import merge_adapter
+    import json
 
+    from .export import merge_adapter
+    from .model import read_model_config
+
+    config = Path(args.adapter) / "adapter_config.json"
+    if not config.is_file():
+        raise ConfigError(
+            f"`{args.adapter}` is not an adapter directory (no adapter_config.json). Pass a run's `adapter/` "
+            "folder or a `qlaunch export` output."
+        )
+    read_model_config(args.base or json.loads(config.read_text())["base_model_name_or_path"], False)
     print(f"Merged model saved to {merge_adapter(Path(args.adapter), Path(args.output), args.base, args.dtype)}")
     return 0
 
@@ -223,8 +245,14 @@ def cmd_plan(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .export import verify_adapter
+    from .export import ADAPTER_DIR, CHECK_FILE, verify_adapter
 
+    missing = [n for n in ("run_config.yaml", ADAPTER_DIR, CHECK_FILE) if not (Path(args.output_dir) / n).exists()]
+    if missing:
+        raise ConfigError(
+            f"`{args.output_dir}` is not the output directory of a finished run (it has no {', '.join(missing)}). "
+            "Pass the output_dir a `qlaunch train` run completed in."
+        )
     diff = verify_adapter(args.output_dir)
     ok = diff <= args.tolerance
     print(f"max |logit difference| = {diff:.3e} ({'OK' if ok else 'FAILED'}, tolerance {args.tolerance:g})")
@@ -251,20 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         }[args.command]
         return handler(args)
     except ConfigError as error:
-        # In a launched run every rank validates; each says so, since an error may be one rank's alone.
-        where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ and "LOCAL_RANK" in os.environ else ""
-        print(f"qlaunch: error{where}: {error}", file=sys.stderr)
+        if "LOCAL_RANK" in os.environ:
+            from .failures import report
+
+            # Every rank validates; each says so (through the wrapper, once), since an error may be one rank's alone.
+            report(str(error))
+        else:
+            print(f"qlaunch: error: {error}", file=sys.stderr)
         return 2
-    except Exception:
-        dist = sys.modules.get("torch.distributed")
-        if "LOCAL_RANK" in os.environ and dist is not None and dist.is_available() and dist.is_initialized():
-            # A launched rank failed (a timed-out collective, say): its peers wait for it to be gone, and
-            # the libraries' exit handlers take seconds. End now, once the error is printed.
-            traceback.print_exc()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
-        raise
 
 
 if __name__ == "__main__":

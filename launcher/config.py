@@ -274,8 +274,18 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
             raw = args[i + 1]
             i += 1
         i += 1
-        pairs.append((key, yaml.safe_load(raw) if raw != "" else ""))
+        try:
+            pairs.append((key, yaml.safe_load(raw) if raw != "" else ""))
+        except yaml.YAMLError as error:
+            raise ConfigError(f"The value of `--{key}` is not valid YAML ({yaml_problem(error)}): `{raw}`.") from error
     return pairs
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """The YAML error on one line: what is wrong, and where."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(error, 'problem', None) or 'cannot parse'}{where}"
 
 
 def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]] = ()) -> RunConfig:
@@ -288,7 +298,7 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]]
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"Run config `{path}` is not valid YAML: {error}") from error
+            raise ConfigError(f"Run config `{path}` is not valid YAML: {yaml_problem(error)}.") from error
         if not isinstance(tree, dict):
             raise ConfigError(f"Run config `{path}` must be a mapping at the top level (keys like `model:`, `train:`).")
     for key, value in overrides:

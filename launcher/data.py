@@ -9,6 +9,8 @@ every token). `tokenize` runs batched through `datasets.map`; tokenized.py keeps
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -35,6 +37,17 @@ def dataset_format(source: DataSource) -> str:
     return FORMAT_BY_SUFFIX[suffix]
 
 
+@contextlib.contextmanager
+def quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_records(source: DataSource):
     import datasets
 
@@ -44,12 +57,16 @@ def load_records(source: DataSource):
             "to a local json, jsonl, parquet or text file."
         )
     fmt = dataset_format(source)
+    if Path(source.path).is_file() and Path(source.path).stat().st_size == 0:
+        raise ConfigError(f"Dataset `{source.path}` is empty. Point `data.path` at a file with records.")
     datasets.disable_progress_bars()
     try:
-        return datasets.load_dataset(fmt, data_files=str(source.path), split="train")
+        with quiet_logger("datasets"):  # it logs the failure too: the error below says it once
+            return datasets.load_dataset(fmt, data_files=str(source.path), split="train")
     except Exception as error:  # datasets raises many kinds; all mean the file is unreadable as `fmt`
+        cause = error.__cause__ or error  # datasets wraps the parser's error in a generic one
         raise ConfigError(
-            f"Could not read `{source.path}` as {fmt}: {error}. Check the file or set its `format`."
+            f"Could not read `{source.path}` as {fmt}: {cause}. Check the file or set its `format`."
         ) from error
 
 

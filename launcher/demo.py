@@ -104,10 +104,11 @@ def run_demo(output_dir: str | None, strategy: str = "fsdp2", nproc: int = 2, st
     workdir = Path(output_dir or f"outputs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     if workdir.exists() and any(workdir.iterdir()):
         raise ConfigError(f"`{workdir}` already exists and is not empty; pick another --output-dir.")
+    chosen = strategies.get(strategy)  # before anything is written
+    if nproc < 1:
+        raise ConfigError(f"`--nproc` must be at least 1, got {nproc}.")
     print(f"Building the demo model and data in {workdir} ...", flush=True)
     run_yaml = prepare_demo(workdir, steps or DEMO_STEPS)
     print(f"Training with {strategy} on {nproc} rank(s): {run_yaml}", flush=True)
     machines = launch.Machines.local(nproc)
-    return launch.launch(
-        strategies.get(strategy), machines, ["--config", str(run_yaml), "--strategy", strategy], DistConfig()
-    )
+    return launch.launch(chosen, machines, ["--config", str(run_yaml), "--strategy", strategy], DistConfig())

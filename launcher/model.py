@@ -9,7 +9,6 @@ sharding stage (`launcher.sync`, driven by the strategy) then fills each rank's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
@@ -19,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, P
 from .collectives import broadcast_object, is_source_rank
 from .config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from .dtypes import DTYPE_BY_NAME, DtypePolicy
+from .model_files import model_source
 from .strategies.cpu import disable_bnb_cpu_repack
 
 
@@ -76,21 +76,7 @@ def read_model_config(path: str, trust_remote_code: bool, config_only: bool = Fa
     wanted = "a directory written by `save_pretrained`" + (
         " or its config.json (only the config is read)" if config_only else ""
     )
-    if not path:
-        raise ConfigError(f"No model given. Set `model.path` (--model) to {wanted}, or a cached hub id.")
-    local = Path(path).expanduser()
-    if (
-        config_only
-        and local.is_file()
-        and local.suffix == ".json"
-        or local.is_dir()
-        and (local / "config.json").is_file()
-    ):
-        target = str(local)
-    elif local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise ConfigError(f"Model `{path}` not found: no `config.json` there. Set `model.path` to {wanted}.")
-    else:
-        target = path
+    target = model_source(path, config_only)
     try:
         return AutoConfig.from_pretrained(target, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
@@ -228,24 +214,30 @@ def linear_target_names(model: nn.Module) -> list[str]:
     )
 
 
-def attach_lora(model: PreTrainedModel, lora: LoraConfig, policy: DtypePolicy, seed: int) -> nn.Module:
-    """Adds LoRA adapters. The seed makes the source rank's init, which every rank receives, reproducible."""
+def peft_lora_config(model: nn.Module, lora: LoraConfig):
+    """The peft config `attach_lora` adapts `model` with."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-    from peft.tuners.lora import LoraLayer, ParamWrapper
 
-    torch.manual_seed(seed)
     targets = linear_target_names(model) if lora.target_modules == "all-linear" else lora.target_modules
-    peft_config = PeftLoraConfig(
+    return PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
-        # peft refuses dropout on adapted parameters; it is set on the adapted modules below.
+        # peft refuses dropout on adapted parameters; attach_lora sets it on the adapted modules.
         lora_dropout=0.0 if lora.target_parameters else lora.dropout,
         target_modules=targets,
         target_parameters=lora.target_parameters or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def attach_lora(model: PreTrainedModel, lora: LoraConfig, policy: DtypePolicy, seed: int) -> nn.Module:
+    """Adds LoRA adapters. The seed makes the source rank's init, which every rank receives, reproducible."""
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    torch.manual_seed(seed)
+    peft_config = peft_lora_config(model, lora)
     model = get_peft_model(model, peft_config)
     if lora.target_parameters and lora.dropout:
         for module in model.modules():

@@ -7,13 +7,17 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from . import checkpoint, strategies, tracking
 from .accelerator import mixed_precision
 from .batches import Rows
 from .config import ConfigError, DataConfig, ModelConfig, RunConfig
 from .data import load_records, record_kind
-from .dtypes import DTYPES, MIXED_PRECISIONS, DtypePolicy
+from .dtypes import DTYPES, MIXED_PRECISIONS, DtypePolicy, resolve_mixed_precision
+from .lora_targets import check_lora_targets
 from .model import read_model_config
+from .model_files import check_weights
 from .tokenized import load_tokenized
 
 OUTPUT_MARKERS = ("adapter", "metrics.jsonl")
@@ -83,7 +87,10 @@ def check_data_values(d: DataConfig) -> None:
 
 
 def check_model(cfg: RunConfig) -> None:
-    read_model_config(cfg.model.path, cfg.model.trust_remote_code)
+    """The model's config, its weight files (their headers only) and the LoRA targets on its meta skeleton."""
+    config = read_model_config(cfg.model.path, cfg.model.trust_remote_code)
+    check_weights(cfg.model.path, getattr(config, "transformers_weights", None))
+    check_lora_targets(cfg, config)
 
 
 def check_output_dir(cfg: RunConfig) -> None:
@@ -137,17 +144,58 @@ def load_training_data(cfg: RunConfig, world_size: int):
     return tokenizer, rows, eval_rows
 
 
-def check_all(cfg: RunConfig) -> strategies.Strategy:
-    """Every check that needs no tokenization; `qlaunch train` runs it before starting any process.
-    Returns the run's strategy."""
-    check_values(cfg)
+def check_run(cfg: RunConfig) -> strategies.Strategy:
+    """The checks every rank runs before its process group (and `qlaunch train` before the launch); returns the
+    run's strategy."""
     strategy = strategies.resolve(cfg)
+    check_values(cfg)
     strategies.check(strategy, cfg)
     check_model(cfg)
-    check_dataset(cfg)
-    if not cfg.resume:  # a resumed run finds its own output there (a requeued job does); the ranks check the checkpoint
-        check_output_dir(cfg)
     return strategy
+
+
+def check_resume(resolved: RunConfig, strategy: strategies.Strategy, world: int) -> Path | None:
+    """The checkpoint to resume from, checked against this run; with none, the output directory must not hold
+    another run."""
+    resume_from = checkpoint.resolve_resume(resolved, strategy, strategies.for_world(strategy, world), world)
+    if resume_from is None:
+        check_output_dir(resolved)
+    return resume_from
+
+
+def check_all(cfg: RunConfig, world: int) -> strategies.Strategy:
+    """Every check that needs no tokenization, for a run of `world` ranks: `qlaunch train` runs it before
+    starting any process, so that what the ranks would refuse fails once, here. Returns the run's strategy."""
+    strategy = check_run(cfg)
+    check_dataset(cfg)
+    precision = prelaunch_precision(cfg)
+    check_resume(_resolved(cfg, strategy, precision), strategy, world)
+    return strategy
+
+
+def prelaunch_precision(cfg: RunConfig) -> str:
+    """`train.mixed_precision` as the ranks will resolve it, where this process can know it.
+
+    "auto" on CUDA depends on the ranks' devices and on what `accelerate launch` tells them, and asking the
+    device for bf16 support here could leave a CUDA context in this process, which lives as long as the run.
+    So for it the resume check before launch takes the checkpoint's own value, and each rank checks that one key.
+    """
+    cuda = torch.cuda.is_available()
+    if cfg.train.mixed_precision != "auto" or not cuda:
+        return resolve_mixed_precision(cfg.train.mixed_precision, cuda)
+    if cfg.resume == "auto":
+        found = checkpoint.latest_complete(checkpoint.checkpoint_root(cfg))
+    else:
+        found = checkpoint.find_checkpoint(Path(cfg.resume)) if cfg.resume else None
+    if found is None or not checkpoint.is_complete(found):
+        return cfg.train.mixed_precision  # nothing to compare it with
+    return checkpoint.read_meta(found)["fingerprint"].get("train.mixed_precision", cfg.train.mixed_precision)
+
+
+def _resolved(cfg: RunConfig, strategy: strategies.Strategy, precision: str) -> RunConfig:
+    return dataclasses.replace(
+        cfg, strategy=strategy.name, train=dataclasses.replace(cfg.train, mixed_precision=precision)
+    )
 
 
 @dataclass(frozen=True)
@@ -166,17 +214,9 @@ class RunSetup:
 
 def resolve_run(cfg: RunConfig, world: int) -> RunSetup:
     """Validates `cfg` for a run of `world` ranks and resolves it (the user's `cfg` is left as it was)."""
-    strategy = strategies.resolve(cfg)
-    check_values(cfg)
-    strategies.check(strategy, cfg)
-    check_model(cfg)
+    strategy = check_run(cfg)
     precision = mixed_precision(cfg.train.mixed_precision)
-    resolved = dataclasses.replace(
-        cfg, strategy=strategy.name, train=dataclasses.replace(cfg.train, mixed_precision=precision)
-    )
-    sharder = strategies.for_world(strategy, world)
-    resume_from = checkpoint.resolve_resume(resolved, strategy, sharder, world)
-    if resume_from is None:
-        check_output_dir(resolved)
+    resolved = _resolved(cfg, strategy, precision)
+    resume_from = check_resume(resolved, strategy, world)
     policy = strategies.dtype_policy(resolved, strategy, precision)
-    return RunSetup(resolved, strategy, sharder, world, policy, resume_from)
+    return RunSetup(resolved, strategy, strategies.for_world(strategy, world), world, policy, resume_from)

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .. import signals
+from .. import failures, signals
 from ..config import DistConfig
 from ..preemption import stop_message
 from ..resources import shipped_dir
@@ -47,7 +47,7 @@ def accelerate_command(
     cmd = [
         sys.executable,
         "-m",
-        "accelerate.commands.launch",
+        "launcher.launch.accelerate_entry",
         "--config_file",
         str(config),
         "--num_processes",
@@ -84,6 +84,9 @@ def launch(strategy: Strategy, machines: Machines, train_args: list[str], dist: 
         if stopped is not None:
             print(f"qlaunch: {stop_message(stopped['step'], stopped['signal'], dist.preempt_exit_code)}", flush=True)
             return dist.preempt_exit_code
+        if code != 0:
+            for line in failures.summary(failures.read_reports(Path(status_dir)), ranks.first_failed):
+                print(line, file=sys.stderr, flush=True)
         if code != 0 and not ranks.started() and machines.num_machines > 1:
             print(
                 f"qlaunch: no rank started on {machines.where}: the {machines.num_machines} machines did not meet at "

@@ -27,6 +27,8 @@ class Ranks:
         self.status_dir = status_dir
         self.env = {STATUS_DIR_ENV: str(status_dir)}
         self._signalled: set[int] = set()
+        self.first_failed: list[int] = []
+        """The ranks found ended without finishing first (the others were then killed)."""
         self._stack = contextlib.ExitStack()
 
     @staticmethod
@@ -76,7 +78,9 @@ class Ranks:
         while process.poll() is None:
             time.sleep(interval)
             self._pass_on_pending()
-            if self.failed():
+            failed = self.failed()
+            if failed:
+                self.first_failed = self.first_failed or failed
                 self.signal_all(signal.SIGKILL)
         return process.returncode
 

@@ -1,0 +1,95 @@
+"""`lora.target_modules` resolved against the model's module tree on the meta device (no weights), the way
+peft resolves it in `get_peft_model`.
+
+Without this, a list where no name matches fails with peft's NoMatchingPeftModuleError in every rank, after
+the process group has started; a list where some names match trains fewer adapters than asked, silently.
+"""
+
+from __future__ import annotations
+
+import re
+
+from transformers import PretrainedConfig
+
+from .config import ConfigError, RunConfig
+from .model import linear_target_names, meta_base, peft_lora_config
+
+
+def matches(target: str, name: str) -> bool:
+    """peft's rule for one name of a target list (peft.tuners.tuners_utils.check_target_module_exists)."""
+    return name == target or name.endswith(f".{target}")
+
+
+def check_lora_targets(cfg: RunConfig, config: PretrainedConfig) -> None:
+    """A ConfigError naming the targets that match no module, and the linear layers there are."""
+    targets = cfg.lora.target_modules
+    if targets == "all-linear":  # model.linear_target_names resolves it from the model itself
+        return
+    if not targets and not cfg.lora.target_parameters:
+        raise ConfigError(
+            "`lora.target_modules` is empty and there is no `lora.target_parameters`: nothing would be trained. "
+            "Use all-linear, or list module names such as [q_proj, v_proj]."
+        )
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as error:
+            raise ConfigError(
+                f"`lora.target_modules` is `{targets}`, which peft reads as a regular expression, and it does not "
+                f"compile ({error}). Use all-linear, or list module names such as [q_proj, v_proj]."
+            ) from error
+    from peft.utils.transformers_weight_conversion import (
+        convert_peft_config_for_transformers,
+        get_model_conversion_mapping,
+    )
+
+    base = meta_base(cfg.model, cfg.quant, config)
+    peft_config = peft_lora_config(base, cfg.lora)
+    try:
+        # What get_peft_model does first: the names MoE experts had before transformers 5 fused them into 3D
+        # parameters (Mixtral's w1/w2/w3, Qwen-MoE's gate_proj/up_proj/down_proj) become parameter targets.
+        convert_peft_config_for_transformers(peft_config, model=base, conversions=get_model_conversion_mapping(base))
+    except ValueError as error:
+        raise ConfigError(
+            f"`lora.target_modules` cannot be applied to `{cfg.model.path}`: {error} (peft maps the names MoE experts "
+            "had before transformers 5 onto their fused parameters). Name all the parts of a fused weight, or adapt "
+            "the experts through `lora.target_parameters`."
+        ) from error
+    if peft_config.target_parameters and peft_config.lora_dropout:
+        names = ", ".join(sorted(peft_config.target_parameters))
+        raise ConfigError(
+            f"`lora.target_modules` names modules that `{cfg.model.path}` holds as parameters since transformers 5 "
+            f"(MoE experts fused into 3D weights, the router's weight): peft adapts them as the parameters {names}, "
+            f"and takes no LoRA dropout there (lora.dropout is {cfg.lora.dropout}). Move them to "
+            f"`lora.target_parameters: [{names}]` (lora.dropout then applies to the modules only), or set "
+            "`lora.dropout: 0`."
+        )
+    modules = [name for name, _ in base.named_modules()]
+    linear = linear_target_names(base)
+    found = f"Its linear layers: {', '.join(linear)} (all-linear takes them all)."
+    experts = sorted({re.sub(r"^.*?\.\d+\.", "", n) for n, p in base.named_parameters() if p.dim() == 3})
+    if experts:
+        found += f" Its MoE experts are 3D parameters, which `lora.target_parameters: [{', '.join(experts)}]` adapts."
+    if isinstance(peft_config.target_modules, str):
+        if not any(re.fullmatch(targets, name) for name in modules):
+            example = next((name for name in modules if name.rpartition(".")[2] in linear), modules[-1])
+            raise ConfigError(
+                f"`lora.target_modules` is `{targets}`, which peft reads as a regular expression over full module "
+                f"names (such as `{example}`), and it matches no module of `{cfg.model.path}`. {found} List names "
+                "instead, such as [q_proj, v_proj]."
+            )
+        return
+    if isinstance(targets, str):  # a regex peft resolved to the names it matched
+        return
+    missing = [t for t in targets if t in peft_config.target_modules and not any(matches(t, n) for n in modules)]
+    if not missing:
+        return
+    if len(missing) == len(targets):
+        raise ConfigError(
+            f"No name in `lora.target_modules` ({', '.join(targets)}) matches a module of `{cfg.model.path}`. {found}"
+        )
+    raise ConfigError(
+        f"`lora.target_modules` names {', '.join(missing)}, which match no module of `{cfg.model.path}`: peft "
+        f"would adapt the other names only, and train fewer adapters than asked. {found} Correct or drop "
+        f"{'it' if len(missing) == 1 else 'them'}."
+    )

@@ -1,0 +1,49 @@
+"""A failure only the ranks can meet, for real: `qlaunch train` ends with one line naming the ranks and the
+cause, the tracebacks are in the run's log folder, and nothing that was there is touched."""
+
+import shutil
+import time
+from pathlib import Path
+
+from support.launches import qlaunch
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_corrupt_checkpoint_ends_the_run_in_one_line(demo_assets, tmp_path):
+    data = tmp_path / "small.jsonl"
+    data.write_text("\n".join((demo_assets / "data.jsonl").read_text().splitlines()[:16]) + "\n")
+    common = ["--config", str(demo_assets / "run.yaml"), "--nproc", "2", "--data.path", str(data)]
+    common += ["--train.micro_batch_size", "2", "--train.max_steps", "2", "--checkpoint.every_steps", "2"]
+    first = tmp_path / "first"
+    qlaunch(tmp_path / "first.log", "train", *common, "--output_dir", str(first))
+
+    # A checkpoint handed over with one rank's shard cut short: only reading it inside the ranks finds out.
+    handed = tmp_path / "handed"
+    shutil.copytree(first / "checkpoints" / "step-000002", handed)
+    shard = next((handed / "trainable").glob("__0_*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    before = snapshot(tmp_path)
+
+    second, log = tmp_path / "second", tmp_path / "second.log"
+    started = time.monotonic()
+    proc = qlaunch(log, "train", *common, "--output_dir", str(second), "--resume", str(handed), expect=None)
+    took = time.monotonic() - started
+
+    text = log.read_text()
+    last = text.strip().splitlines()[-1]
+    assert proc.returncode == 1, text[-3000:]
+    assert "Traceback (most recent call last)" not in text and "ChildFailedError" not in text, text[-3000:]
+    # Both ranks read the cut shard (every rank reads every shard it needs), so both say so, on one line.
+    assert last == (
+        "qlaunch: error (ranks 0, 1): torch.distributed.checkpoint failed on rank 0: EOFError: a file it read is "
+        f"cut short or corrupt. Resume from another checkpoint. Tracebacks: {second / 'logs'}/"
+    ), last
+    for rank in (0, 1):
+        assert "Traceback (most recent call last)" in (second / "logs" / f"rank-{rank:05d}.log").read_text()
+    assert took < 120, f"took {took:.0f} s to fail"
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing that was there changed
+    assert all(k.startswith(("second/", "second.log")) for k in after.keys() - before.keys())

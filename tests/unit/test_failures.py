@@ -1,0 +1,102 @@
+"""A failed rank ends in one line; the traceback goes to the run's log folder (launcher/failures.py)."""
+
+import pytest
+import torch
+
+from launcher import failures
+from launcher.config import ConfigError
+from launcher.preemption import STATUS_DIR_ENV
+
+
+@pytest.fixture
+def rank1(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv(STATUS_DIR_ENV, raising=False)
+    monkeypatch.delenv(failures.DEBUG_ENV, raising=False)
+
+
+def fail_with(error: BaseException, out, timeout_s: float = 600) -> int:
+    with pytest.raises(SystemExit) as ended, failures.reported(out, timeout_s):
+        raise error
+    return ended.value.code
+
+
+def test_an_error_is_one_line_and_its_traceback_goes_to_the_rank_log(rank1, tmp_path, capsys):
+    code = fail_with(ValueError("shapes do not match\nsecond line"), tmp_path / "out")
+    err = capsys.readouterr().err
+    log = tmp_path / "out" / "logs" / "rank-00001.log"
+    assert code == 1
+    assert err.splitlines() == [f"qlaunch: error (rank 1): ValueError: shapes do not match Traceback: {log}"]
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "ValueError: shapes do not match" in text
+
+
+def test_debug_prints_the_traceback_too(rank1, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(failures.DEBUG_ENV, "1")
+    fail_with(KeyError("lm_head"), tmp_path / "out")
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.splitlines()[-1].startswith("qlaunch: error (rank 1)")
+
+
+def test_an_unwritable_output_dir_still_shows_the_traceback(rank1, tmp_path, capsys):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    fail_with(RuntimeError("boom"), blocked)
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.splitlines()[-1].endswith("RuntimeError: boom")
+
+
+def test_a_config_error_is_left_to_the_command_line(rank1, tmp_path):
+    with pytest.raises(ConfigError), failures.reported(tmp_path / "out", 600):
+        raise ConfigError("`lora.r` changed")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "error,says",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "qlaunch plan"),
+        (torch.distributed.DistBackendError("[gloo] Connection closed by peer"), "dist.timeout_s=30"),
+        (RuntimeError("Timeout waiting for key"), "another rank ended or stalled"),
+        (MemoryError(), "out of host memory"),
+    ],
+)
+def test_known_causes_say_the_fix(error, says):
+    assert says in failures.cause_and_fix(error, timeout_s=30)
+
+
+def test_under_the_wrapper_a_rank_hands_its_line_over(rank1, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(STATUS_DIR_ENV, str(tmp_path))
+    fail_with(RuntimeError("boom"), tmp_path / "out")
+    assert capsys.readouterr().err == ""
+    log = str(tmp_path / "out" / "logs" / "rank-00001.log")
+    assert failures.read_reports(tmp_path) == {1: {"message": "RuntimeError: boom", "log": log}}
+
+
+def test_the_wrapper_names_the_ranks_that_failed_first():
+    reports = {
+        0: {"message": "a collective failed", "log": "/o/logs/rank-00000.log"},
+        1: {"message": "ValueError: bad", "log": "/o/logs/rank-00001.log"},
+        2: {"message": "ValueError: bad", "log": "/o/logs/rank-00002.log"},
+    }
+    assert failures.summary(reports, first_failed=[1]) == [
+        "qlaunch: error (ranks 1, 2): ValueError: bad Tracebacks: /o/logs/"
+    ]
+    assert failures.summary(reports, first_failed=[0]) == [
+        "qlaunch: error (rank 0): a collective failed Traceback: /o/logs/rank-00000.log"
+    ]
+    assert failures.summary({}, first_failed=[3])[0].startswith("qlaunch: error (rank 3): ended without reporting")
+    assert failures.summary({0: {"message": "x", "log": None}}, first_failed=[]) == ["qlaunch: error (rank 0): x"]
+    assert failures.summary({}, first_failed=[]) == []
+
+
+def test_a_checkpoint_error_names_the_rank_and_the_cause_within():
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    try:
+        raise EOFError()
+    except EOFError as inner:
+        wrapped = _wrap_exception(inner)
+    line = failures.cause_and_fix(CheckpointException("read_data", {0: wrapped}), timeout_s=30)
+    assert line.startswith("torch.distributed.checkpoint failed on rank 0: EOFError: a file it read is cut short")
