@@ -160,7 +160,9 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_train(args, extra: list[str]) -> int:
     from . import failures, launch, preflight, train
+    from .metrics import bars_only_on_a_terminal
 
+    bars_only_on_a_terminal()
     if args.debug:
         os.environ[failures.DEBUG_ENV] = "1"  # the ranks and torchrun inherit it
     overrides = parse_overrides(extra)

@@ -15,6 +15,16 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 
+def bars_only_on_a_terminal() -> None:
+    """Off a terminal the libraries' own progress bars (transformers' "Loading weights", ...) stay off too."""
+    if not sys.stderr.isatty():
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
 class MetricsLog:
     def __init__(
         self,

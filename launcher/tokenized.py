@@ -166,7 +166,8 @@ def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key:
     partial.mkdir()
     started = time.perf_counter()
     records = load_records(source)
-    datasets.enable_progress_bars()  # tokenizing a large dataset takes minutes: show it
+    if sys.stderr.isatty():  # tokenizing a large dataset takes minutes: show it (a bar in a log file is noise)
+        datasets.enable_progress_bars()
     try:
         table = tokenize(records, tokenizer, source, cfg, cache_file=str(partial / "data.arrow"))
     except BaseException:

@@ -2,8 +2,9 @@
 failed rank kept off the terminal.
 
 The failed rank's one line reaches the terminal through the wrapper (launcher/failures.py); torchrun
-would add a ChildFailedError traceback and error log lines that say only that a rank failed.
-`--debug` (QLAUNCH_DEBUG=1) keeps them.
+would add a ChildFailedError traceback and error log lines that say only that a rank failed. A failure
+before any rank ran (a port in use, a rendezvous that timed out) is one line too, and the wrapper says
+what it means. `--debug` (QLAUNCH_DEBUG=1) keeps the tracebacks.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launch_command(args)
     except ChildFailedError:
+        return 1
+    except Exception as error:  # before any rank ran: a taken port, a rendezvous that timed out
+        text = str(error).strip().splitlines()
+        print(f"qlaunch: accelerate launch failed: {type(error).__name__}: {text[0] if text else ''}", file=sys.stderr)
         return 1
     return 0
 

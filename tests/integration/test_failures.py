@@ -19,6 +19,7 @@ def test_a_corrupt_checkpoint_ends_the_run_in_one_line(demo_assets, tmp_path):
     common += ["--train.micro_batch_size", "2", "--train.max_steps", "2", "--checkpoint.every_steps", "2"]
     first = tmp_path / "first"
     qlaunch(tmp_path / "first.log", "train", *common, "--output_dir", str(first))
+    assert "\r" not in (tmp_path / "first.log").read_text()  # output to a file: no progress bar updates
 
     # A checkpoint handed over with one rank's shard cut short: only reading it inside the ranks finds out.
     handed = tmp_path / "handed"

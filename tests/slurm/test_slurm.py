@@ -298,6 +298,7 @@ def test_rendezvous_failures_end_with_a_clear_message_in_time(case, cluster, dem
         f"no rank started on Slurm job {job}, node n{rank + 1}: the 2 machines did not meet at the head n1 "
         f"(127.0.0.1:{port}) within dist.rendezvous_timeout_s={timeout}"
     ) in output, output[-3000:]
+    assert "Traceback (most recent call last)" not in output, output[-3000:]  # one line per failure, no traceback
     if case == "port taken":
         assert f"port `{port}`, but another process is utilizing it" in output
     else:

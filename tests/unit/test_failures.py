@@ -100,3 +100,32 @@ def test_a_checkpoint_error_names_the_rank_and_the_cause_within():
         wrapped = _wrap_exception(inner)
     line = failures.cause_and_fix(CheckpointException("read_data", {0: wrapped}), timeout_s=30)
     assert line.startswith("torch.distributed.checkpoint failed on rank 0: EOFError: a file it read is cut short")
+
+
+def test_accelerate_launch_failures_are_one_line(monkeypatch, capsys):
+    import accelerate.commands.launch as accelerate_launch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from launcher.launch import accelerate_entry
+
+    monkeypatch.delenv(failures.DEBUG_ENV, raising=False)
+    argv = ["--num_processes", "2", "-m", "launcher", "train"]
+
+    def rank_failed(args):
+        raise ChildFailedError("launcher", {0: ProcessFailure(local_rank=0, pid=1, exitcode=1, error_file="")})
+
+    monkeypatch.setattr(accelerate_launch, "launch_command", rank_failed)
+    assert accelerate_entry.main(argv) == 1
+    assert capsys.readouterr().err == ""  # the wrapper reports the rank's own line
+
+    def port_taken(args):
+        raise ConnectionError(
+            "Tried to launch distributed communication on port `29500`, but another process is utilizing it.\nmore"
+        )
+
+    monkeypatch.setattr(accelerate_launch, "launch_command", port_taken)
+    assert accelerate_entry.main(argv) == 1
+    assert capsys.readouterr().err == (
+        "qlaunch: accelerate launch failed: ConnectionError: Tried to launch distributed communication on port "
+        "`29500`, but another process is utilizing it.\n"
+    )
