@@ -107,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimizer", default="adamw", help="the optimizer training runs: adamw (default, the only one)"
     )
     budget.add_argument(
-        "--offload", action="store_true", help="DeepSpeed offload_optimizer (zero2, zero3): optimizer state in host RAM"
+        "--offload",
+        nargs="?",
+        const="optimizer",
+        choices=["none", "optimizer", "params"],
+        help="train.offload: what lives in host RAM. optimizer (alone: the same) = gradients, master copies and "
+        "optimizer states (zero2, zero3); params = the 4-bit base and adapters too (fsdp2, zero3)",
     )
     budget.add_argument("--json", action="store_true", help="print JSON instead of the table")
     budget.add_argument("--plot", metavar="FILE.png", help="also draw stacked bars per rank (needs matplotlib)")
@@ -115,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser(
         "plan",
         help="list the configurations that fit your GPUs, fastest first, and the one to launch",
-        description="Try every strategy x micro batch x checkpointing x offload, keep those whose predicted memory fits "
+        description="Try every strategy x micro batch x checkpointing x offload mode it offers, keep those whose predicted memory fits "
         "with a safety margin, and rank them by an estimate of tokens per second.",
         epilog=PLAN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -152,9 +157,14 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (data.max_seq_len)")
     parser.add_argument("--lora-r", type=int, help="LoRA rank (lora.r)")
     parser.add_argument("--lora-targets", help="comma-separated module names, or all-linear (lora.target_modules)")
-    parser.add_argument("--gpu-memory", help="memory per GPU, e.g. 24GiB or 80GB; says whether the run fits")
     parser.add_argument(
-        "--runtime-overhead", help="allowance for the CUDA context, NCCL and allocator slack (default 1GiB)"
+        "--gpu-memory",
+        help="memory per GPU with its unit, e.g. 24GiB or 80GB (a bare number is refused; at least 1GiB); "
+        "says whether the run fits",
+    )
+    parser.add_argument(
+        "--runtime-overhead",
+        help="allowance for the CUDA context, NCCL and allocator slack, with its unit (default 1GiB; 0 for none)",
     )
 
 

@@ -30,6 +30,10 @@ class ModelConfig:
     path: str = ""
     """Local directory saved with `save_pretrained`, or a hub id already in the local cache."""
     trust_remote_code: bool = False
+    quant_cache: bool = True
+    """Keep the quantized base on disk after the first start and load it on later starts, not quantizing again."""
+    quant_cache_dir: str = ""
+    """Where the quantized base is kept (empty: $QLAUNCH_QUANT_CACHE, else ~/.cache/qlaunch/quantized)."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,10 @@ class TrainConfig:
     """The trackers' project (TensorBoard: <output_dir>/trackers/<project>)."""
     run_name: str = ""
     """The trackers' run name (empty: the output directory's name)."""
+    offload: str = "none"
+    """What lives in host RAM between uses: none, optimizer (the adapter's gradients, master copies and optimizer
+    states; ZeRO's offload_optimizer) or params (the frozen 4-bit base and the adapters too, with the optimizer
+    state). Each strategy offers some of these; `qlaunch plan` says which fit."""
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Load & prepare: the 4-bit base, k-bit preparation, LoRA, non-reentrant gradient checkpointing.
 
 Low-memory loading: only the source rank (global rank 0) reads the checkpoint and quantizes it,
-in host RAM. Every other rank builds the same module tree on the meta device from a small layout
-that the source rank broadcasts, so no rank but the source ever holds the whole model. The
-sharding stage (`launcher.sync`, driven by the strategy) then fills each rank's shard.
+in host RAM, or reads what an earlier start quantized from the quantized-base cache (quant_cache.py).
+Every other rank builds the same module tree on the meta device from a small layout that the source
+rank broadcasts, so no rank but the source ever holds the whole model. The sharding stage
+(`launcher.sync`, driven by the strategy) then fills each rank's shard.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .collectives import broadcast_object, is_source_rank
 from .config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from .dtypes import DTYPE_BY_NAME, DtypePolicy
 from .model_files import model_source
+from .quant_cache import cached_quantized_base
 from .strategies.cpu import disable_bnb_cpu_repack
 
 
@@ -275,8 +277,13 @@ def coverage_notes(model: nn.Module, lora: LoraConfig) -> list[str]:
 
 def load_base(model: ModelConfig, quant: QuantConfig, policy: DtypePolicy) -> PreTrainedModel:
     """Before any plugin exists (so no ZeRO-3 hook changes how transformers builds it): the source
-    rank loads and quantizes the checkpoint; every other rank builds the bare tree on meta."""
-    return load_quantized_base(model, quant, policy) if is_source_rank() else meta_base(model, quant)
+    rank loads the quantized base (from the quantized-base cache, or quantizing the checkpoint); every
+    other rank builds the bare tree on meta."""
+    if not is_source_rank():
+        return meta_base(model, quant)
+    if not model.quant_cache:
+        return load_quantized_base(model, quant, policy)
+    return cached_quantized_base(model, quant, policy, lambda: load_quantized_base(model, quant, policy))[0]
 
 
 def build_model(

@@ -55,6 +55,10 @@ def check_values(cfg: RunConfig) -> None:
         t.mixed_precision in MIXED_PRECISIONS,
         f"`train.mixed_precision` is `{t.mixed_precision}`; use {', '.join(MIXED_PRECISIONS)}.",
     )
+    require(
+        t.offload in strategies.OFFLOAD_MODES,
+        f"`train.offload` is `{t.offload}`; use {', '.join(strategies.OFFLOAD_MODES)}.",
+    )
     require(t.eval_every_steps >= 0, f"`train.eval_every_steps` must be >= 0, got {t.eval_every_steps}.")
     tracking.check(t)
     check_data_values(cfg.data)

@@ -24,10 +24,10 @@ import numpy as np
 
 from .config import DataConfig, DataSource
 from .data import load_records, tokenize
+from .node_cache import exclusive, fresh_temporary, say
 
 CACHE_FORMAT = 2
 """Raise when the tokenized table changes meaning: every cached entry is then tokenized again."""
-WAIT_NOTICE_S = 5.0
 
 
 @dataclass
@@ -123,33 +123,17 @@ def cache_key(source: DataSource, tokenizer_print: str, cfg: DataConfig) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def say(message: str) -> None:
-    """Start-up notes come from the first process of each node only, on stderr (stdout may be JSON)."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"qlaunch: {message}", file=sys.stderr, flush=True)
-
-
 def tokenized_source(source: DataSource, tokenizer, cfg: DataConfig, tokenizer_print: str) -> SourceData:
     """The source's tokens: read from the cache, or tokenized into it by the first process to ask."""
-    from filelock import FileLock, Timeout
-
     root = cache_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
     key = cache_key(source, tokenizer_print, cfg)
     entry, hit = root / key, True
     if not entry.is_dir():
-        lock = FileLock(str(root / f"{key}.lock"))
-        try:
-            lock.acquire(timeout=WAIT_NOTICE_S)
-        except Timeout:
-            say(f"waiting for another process tokenizing `{source.path}` into {entry}")
-            lock.acquire()
-        try:
+        with exclusive(root, key, f"waiting for another process tokenizing `{source.path}` into {entry}"):
             if not entry.is_dir():
                 build_entry(source, tokenizer, cfg, root, key)
                 hit = False
-        finally:
-            lock.release()
     meta = json.loads((entry / "meta.json").read_text())
     if hit:
         say(f"`{source.path}`: {meta['kept']:,} samples read from the cache {entry}, not tokenized again")
@@ -160,10 +144,7 @@ def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key:
     """Tokenizes into `<key>.tmp-<pid>` and renames it to `<key>` once complete: an entry is whole or absent."""
     import datasets
 
-    for stale in root.glob(f"{key}.tmp-*"):  # left by a process killed mid-way
-        shutil.rmtree(stale, ignore_errors=True)
-    partial = root / f"{key}.tmp-{os.getpid()}"
-    partial.mkdir()
+    partial = fresh_temporary(root, key)
     started = time.perf_counter()
     records = load_records(source)
     if sys.stderr.isatty():  # tokenizing a large dataset takes minutes: show it (a bar in a log file is noise)

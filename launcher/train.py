@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from . import checkpoint, export, preflight, strategies, tracking
 from .accelerator import create_accelerator, world_size_from_env
 from .batches import GlobalBatches, Rows
+from .collectives import is_source_rank
 from .config import RunConfig, dump_config
 from .evaluate import eval_loss
 from .memory.components import parameter_components
@@ -71,6 +73,14 @@ def rank_report(model, optimizer, setup: preflight.RunSetup, adapter_total: int,
     }
 
 
+def startup_mark(stage: str) -> None:
+    """With $QLAUNCH_TIMING set (bench/startup.py), the source rank appends when each start-up stage ended."""
+    path = os.environ.get("QLAUNCH_TIMING")
+    if path and is_source_rank():
+        with open(path, "a") as f:
+            f.write(json.dumps({"stage": stage, "unix_time": time.time()}) + "\n")
+
+
 def run(cfg: RunConfig) -> RunSummary:
     # SIGUSR2 and SIGTERM only set a flag: the run stops where every rank agrees (preemption.py).
     with StopSignal(cfg.dist.preempt_exit_code) as stop:
@@ -85,8 +95,10 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
     batches = GlobalBatches(len(rows), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, world, cfg.train.seed)
     total_steps = cfg.train.max_steps or cfg.train.epochs * batches.steps_per_epoch
 
-    # Load: only the source rank reads and quantizes the checkpoint, in host RAM.
+    # Load: only the source rank reads the quantized base (from the cache, or quantizing the checkpoint).
+    startup_mark("load_start")
     base = load_base(cfg.model, cfg.quant, policy)
+    startup_mark("load_end")
 
     accelerator = create_accelerator(setup.strategy, cfg.train, cfg.dist, Path(cfg.output_dir))
     stop.stop_before_training(accelerator.device)  # a signal during start-up: every rank ends here, nothing to save
@@ -110,7 +122,9 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
 
     adapter_total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     components = parameter_components(model)
+    startup_mark("shard_start")
     model, optimizer, base_optimizer = sharder.shard(model, make_optimizer, accelerator)
+    startup_mark("shard_end")
     scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(cfg.train, total_steps))
     meter = MemoryMeter(cfg, model, base_optimizer, sharder, output_dir, accelerator.device, components)
 

@@ -42,6 +42,17 @@ def data_cache(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def quant_cache(tmp_path_factory) -> Path:
+    """Quantized bases are cached for the session in a folder of its own, never in the user's ~/.cache;
+    launches inherit it."""
+    import os
+
+    path = tmp_path_factory.mktemp("quant-cache")
+    os.environ["QLAUNCH_QUANT_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory) -> Path:
     """The demo's base model (random Llama, saved with save_pretrained), tokenizer and data."""

@@ -9,7 +9,10 @@ from ..config import ConfigError, RunConfig, load_config
 from .planner import candidates, ranking_key
 from .predict import DEFAULT_RUNTIME_OVERHEAD, Hardware, predict
 from .report import plot, render, render_table, require_matplotlib
-from .sizes import format_bytes, parse_bytes
+from .sizes import GiB, format_bytes, parse_bytes
+
+MIN_GPU_MEMORY = GiB
+"""Smaller GPU memory is a typo (a unit missing or wrong), not a GPU a 4-bit LLM trains on."""
 
 
 def request_from_args(args) -> tuple[RunConfig, Hardware]:
@@ -24,6 +27,7 @@ def request_from_args(args) -> tuple[RunConfig, Hardware]:
             ("lora.r", args.lora_r),
             ("lora.target_modules", _targets(args.lora_targets)),
             ("train.gradient_checkpointing", False if getattr(args, "no_checkpointing", False) else None),
+            ("train.offload", getattr(args, "offload", None)),
         )
         if value is not None
     ]
@@ -38,12 +42,11 @@ def request_from_args(args) -> tuple[RunConfig, Hardware]:
     hardware = Hardware(
         world_size=world,
         nodes=nodes,
-        gpu_memory=parse_bytes(args.gpu_memory, "--gpu-memory") if args.gpu_memory else None,
+        gpu_memory=parse_bytes(args.gpu_memory, "--gpu-memory", MIN_GPU_MEMORY) if args.gpu_memory else None,
         runtime_overhead=parse_bytes(args.runtime_overhead, "--runtime-overhead")
         if args.runtime_overhead
         else DEFAULT_RUNTIME_OVERHEAD,
         optimizer=getattr(args, "optimizer", "adamw"),
-        offload=getattr(args, "offload", False),
     )
     return cfg, hardware
 
@@ -107,6 +110,7 @@ def plan_command(args) -> int:
                             "gradient_checkpointing": c.checkpointing,
                             "offload": c.offload,
                             "peak_bytes": c.peak_bytes,
+                            "host_bytes": max(sum(r.host_components.values()) for r in c.budget.ranks),
                             "fits": c.fits(limit),
                             "estimated_tokens_per_s": round(c.tokens_per_s, 1),
                         }
@@ -135,7 +139,7 @@ def plan_command(args) -> int:
         smallest = min(found, key=lambda c: c.peak_bytes)
         print(
             f"\nNothing fits. The smallest configuration ({smallest.strategy}, micro batch {smallest.micro_batch}, "
-            f"checkpointing {'on' if smallest.checkpointing else 'off'}{', offload' if smallest.offload else ''}) needs {format_bytes(smallest.peak_bytes)} per rank: "
+            f"checkpointing {'on' if smallest.checkpointing else 'off'}{'' if smallest.offload == 'none' else f', offload {smallest.offload}'}) needs {format_bytes(smallest.peak_bytes)} per rank: "
             "use more GPUs, larger GPUs, or a shorter sequence length."
         )
         return 0
@@ -145,14 +149,25 @@ def plan_command(args) -> int:
             c.strategy,
             str(c.micro_batch),
             "on" if c.checkpointing else "off",
-            "yes" if c.offload else "no",
+            c.offload,
             format_bytes(c.peak_bytes),
             format_bytes(hardware.gpu_memory - c.peak_bytes),
+            format_bytes(max(sum(r.host_components.values()) for r in c.budget.ranks)),
             f"{c.tokens_per_s:,.0f}",
         ]
         for i, c in enumerate(fitting[:15])
     ]
-    header = ["#", "strategy", "micro batch", "checkpointing", "offload", "fullest rank", "headroom", "est. tokens/s"]
+    header = [
+        "#",
+        "strategy",
+        "micro batch",
+        "checkpointing",
+        "offload",
+        "fullest rank",
+        "headroom",
+        "host RAM/rank",
+        "est. tokens/s",
+    ]
     print("\n" + render_table(header, rows))
     print(
         f"\n{len(fitting)} of {len(found)} configurations fit" + (" (15 fastest shown)." if len(fitting) > 15 else ".")

@@ -41,7 +41,6 @@ WEIGHT_COMPONENTS = (
 )
 STATIC_COMPONENTS = WEIGHT_COMPONENTS + OPTIMIZER_STATE_COMPONENTS
 ESTIMATED_COMPONENTS = ("gathered_params", "comm_buckets", "runtime")
-OFFLOADED_COMPONENTS = OPTIMIZER_STATE_COMPONENTS
 
 
 def parameter_component(module: nn.Module, name: str, param: nn.Parameter) -> str:

@@ -314,9 +314,9 @@ class MemoryMeter:
                 {
                     "rank": r,
                     "component": n,
-                    "predicted": self.predicted.ranks[r].components[n],
+                    "predicted": self.predicted.ranks[r].held(n),
                     "measured": m[n],
-                    "error_pct": error_pct(self.predicted.ranks[r].components[n], m[n]),
+                    "error_pct": error_pct(self.predicted.ranks[r].held(n), m[n]),
                 }
                 for r, m in enumerate(measured)
                 for n in names
@@ -343,7 +343,7 @@ class MemoryMeter:
 
     @staticmethod
     def table(predicted: Budget, measured: list[dict[str, int]], names, when: str) -> str:
-        columns = [{n: (predicted.ranks[r].components[n], m[n]) for n in names} for r, m in enumerate(measured)]
+        columns = [{n: (predicted.ranks[r].held(n), m[n]) for n in names} for r, m in enumerate(measured)]
         groups = rank_groups(columns)
         header = ["component"] + [f"{g}: predicted / measured (error)" for g, _ in groups]
         rows = []
@@ -362,7 +362,7 @@ class MemoryMeter:
         bars = []
         for r, m in enumerate(measured):
             bars += [
-                (f"rank {r} predicted", {n: self.predicted.ranks[r].components[n] for n in names}),
+                (f"rank {r} predicted", {n: self.predicted.ranks[r].held(n) for n in names}),
                 (f"rank {r} measured", {n: m[n] for n in names}),
             ]
         try:

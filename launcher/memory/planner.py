@@ -1,13 +1,14 @@
 """The planner: which configurations fit the GPUs, fastest first, and the one to launch (`qlaunch plan`).
 
-Every strategy x micro batch x checkpointing x offload (ZeRO only) is budgeted (launcher.memory.predict);
+Every strategy x micro batch x checkpointing x offload mode it offers is budgeted (launcher.memory.predict);
 those whose fullest rank stays under the GPU memory minus a safety margin are ranked by an estimate
 of training tokens per second. The estimate is a simple roofline, not a benchmark: a step takes the
 longer of its passes (forward, the input-gradient backward through the frozen 4-bit base, and the
 recomputed forward with checkpointing; each bound by matmul work at GPU_FLOPS or by reading the
 weights at HBM_BYTES_PER_S) and the all-gathers of the base that FSDP and ZeRO-3 do in forward and
-backward (at the link's bandwidth, overlapped with compute), plus the LoRA gradient all-reduce and,
-when offloaded, the optimizer's round trip to host RAM.
+backward (at the link's bandwidth, overlapped with compute), plus the LoRA gradient all-reduce and
+what offloading copies between host RAM and the GPU: the optimizer's round trip, and with offloaded
+parameters this rank's weights once per pass.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ INTER_NODE_BYTES_PER_S = 12.5e9
 HBM_BYTES_PER_S = 3e12
 """GPU memory bandwidth: every pass reads all 4-bit weights, which bounds small micro batches."""
 HOST_BYTES_PER_S = 25e9
-"""GPU <-> host copies (PCIe 4 x16) for an offloaded optimizer."""
+"""GPU <-> host copies (PCIe 4 x16) for offloaded optimizer state and parameters."""
 
 
 @dataclass
@@ -38,7 +39,8 @@ class Candidate:
     strategy: str
     micro_batch: int
     checkpointing: bool
-    offload: bool
+    offload: str
+    """train.offload: none, optimizer or params."""
     budget: Budget
     peak_bytes: int
     tokens_per_s: float
@@ -52,6 +54,8 @@ class Candidate:
         choice = [f"--train.micro_batch_size {self.micro_batch}"]
         if not self.checkpointing:
             choice.append("--train.gradient_checkpointing false")
+        if self.offload != "none":
+            choice.append(f"--train.offload {self.offload}")
         if hardware.nodes > 1:
             line = (
                 f"accelerate launch --config_file accelerate_configs/multinode/{strategies.get(self.strategy).spec.accelerate_config} --num_machines "
@@ -61,10 +65,6 @@ class Candidate:
         else:
             line = (
                 f"qlaunch train {' '.join(run_args + choice)} --strategy {self.strategy} --nproc {hardware.world_size}"
-            )
-        if self.offload:
-            line += (
-                f"   (with offload_optimizer set in ds_configs/{strategies.get(self.strategy).spec.deepspeed_config})"
             )
         return line
 
@@ -89,7 +89,15 @@ def estimated_tokens_per_s(result: Budget) -> float:
     shards_base = strategies.get(result.strategy).spec.shards_base
     gathers = 2 * weights * share / bandwidth if shards_base and world > 1 else 0.0
     reduce = 2 * lora * share / bandwidth
-    offload = 2 * lora / HOST_BYTES_PER_S if hardware.offload else 0.0
+    passes = 3 if cfg.train.gradient_checkpointing else 2
+    mode = cfg.train.offload
+    offload = 2 * lora / HOST_BYTES_PER_S if mode != "none" else 0.0
+    if mode == "params":
+        # This rank's weights go up to the GPU for every pass's all-gather (not overlapped: a bound).
+        held = max(
+            r.host_components.get("base_4bit", 0) + r.host_components.get("frozen_dense", 0) for r in result.ranks
+        )
+        offload += passes * held / HOST_BYTES_PER_S
     return world * tokens / (max(compute, gathers) + reduce + offload)
 
 
@@ -98,19 +106,17 @@ def candidates(cfg: RunConfig, hardware: Hardware) -> list[Candidate]:
     found = []
     for strategy in strategies.NAMES:
         spec = strategies.get(strategy).spec
-        if strategies.get(strategy).refusal(cfg):
+        base = dataclasses.replace(cfg, strategy=strategy, train=dataclasses.replace(cfg.train, offload="none"))
+        if strategies.refusal(strategies.get(strategy), base):
             continue
-        for offload in (False, True) if spec.offloads_optimizer else (False,):
+        for offload in spec.offload_modes:
             for checkpointing in (True, False):
                 for micro in MICRO_BATCHES:
-                    run = dataclasses.replace(
-                        cfg,
-                        strategy=strategy,
-                        train=dataclasses.replace(
-                            cfg.train, micro_batch_size=micro, gradient_checkpointing=checkpointing
-                        ),
+                    train = dataclasses.replace(
+                        cfg.train, micro_batch_size=micro, gradient_checkpointing=checkpointing, offload=offload
                     )
-                    result = predict(run, dataclasses.replace(hardware, offload=offload), cache=cache)
+                    run = dataclasses.replace(cfg, strategy=strategy, train=train)
+                    result = predict(run, hardware, cache=cache)
                     peak = max(r.total_bytes for r in result.ranks)
                     found.append(
                         Candidate(strategy, micro, checkpointing, offload, result, peak, estimated_tokens_per_s(result))

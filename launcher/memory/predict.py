@@ -17,7 +17,7 @@ from .. import strategies
 from ..config import ConfigError, RunConfig
 from ..dtypes import AUTOCAST_DTYPES, resolve_mixed_precision
 from .activations import ActivationDtypes, activation_bytes
-from .components import COMPONENTS, OFFLOADED_COMPONENTS
+from .components import COMPONENTS
 from .skeleton import ModelCache, ModelSpec
 
 DEFAULT_RUNTIME_OVERHEAD = 1 << 30
@@ -37,8 +37,6 @@ class Hardware:
     device: str = "cuda"
     """cuda, or cpu for runs measured on CPU (no runtime allowance, CPU dropout masks, no autocast)."""
     optimizer: str = "adamw"
-    offload: bool = False
-    """DeepSpeed's offload_optimizer: gradients, master copies and optimizer states live in host RAM."""
 
 
 def validate(cfg: RunConfig, hardware: Hardware) -> strategies.Strategy:
@@ -55,11 +53,9 @@ def validate(cfg: RunConfig, hardware: Hardware) -> strategies.Strategy:
             f"Optimizer `{hardware.optimizer}` is not one the launcher trains with; it runs torch AdamW "
             f"(choose one of: {', '.join(OPTIMIZERS)})."
         )
-    if hardware.offload and not strategy.spec.offloads_optimizer:
-        offloading = " or ".join(n for n in strategies.NAMES if strategies.get(n).spec.offloads_optimizer)
+    if cfg.train.offload not in strategies.OFFLOAD_MODES:
         raise ConfigError(
-            f"--offload models DeepSpeed's offload_optimizer (set it in ds_configs/zero*.json); the launcher's "
-            f"{strategy.name} configuration does not offload. Use --strategy {offloading}, or drop --offload."
+            f"`train.offload` is `{cfg.train.offload}`; use one of {', '.join(strategies.OFFLOAD_MODES)}."
         )
     if cfg.train.micro_batch_size < 1 or cfg.data.max_seq_len < 1 or cfg.lora.r < 1:
         raise ConfigError("Micro batch, sequence length and LoRA rank must be positive integers.")
@@ -71,10 +67,16 @@ class RankBudget:
     rank: int
     components: dict[str, int]
     host_components: dict[str, int] = field(default_factory=dict)
+    """What this rank keeps in host RAM (pinned on CUDA) instead of on the GPU, per component."""
 
     @property
     def total_bytes(self) -> int:
+        """On the GPU (host RAM not included)."""
         return sum(self.components.values())
+
+    def held(self, name: str) -> int:
+        """Bytes of a component this rank holds anywhere, GPU or host RAM: what the measurement counts."""
+        return self.components[name] + self.host_components.get(name, 0)
 
 
 @dataclass
@@ -112,7 +114,7 @@ class Budget:
             "mixed_precision": self.mixed_precision,
             "device": h.device,
             "optimizer": h.optimizer,
-            "offload": h.offload,
+            "offload": cfg.train.offload,
             "lora": {"r": cfg.lora.r, "target_modules": cfg.lora.target_modules},
             "gpu_memory_bytes": h.gpu_memory,
             "runtime_overhead_bytes": h.runtime_overhead if h.device == "cuda" else 0,
@@ -123,6 +125,7 @@ class Budget:
                     "components": r.components,
                     "host_components": r.host_components,
                     "total_bytes": r.total_bytes,
+                    "host_total_bytes": sum(r.host_components.values()),
                     "headroom_bytes": self.headroom(r),
                     "fits": None if self.headroom(r) is None else self.headroom(r) >= 0,
                 }
@@ -174,9 +177,10 @@ def predict(
         components.update(sharder.held_optimizer(spec.trainable, world, rank))
         components.update(shared)
         host = {}
-        if hardware.offload:
-            host = {name: components[name] for name in OFFLOADED_COMPONENTS}
-            components.update(dict.fromkeys(OFFLOADED_COMPONENTS, 0))
+        # On CPU ranks host RAM is the memory the run is measured in: nothing moves.
+        if hardware.device == "cuda":
+            host = {name: components[name] for name in sharder.spec.offloaded(cfg.train.offload)}
+            components.update(dict.fromkeys(host, 0))
         ranks.append(RankBudget(rank, components, host))
     parameters = sum(t.numel for t in spec.tensors if t.component != "base_4bit") + spec.quantized_elements
     return Budget(cfg, hardware, strategy.name, mixed, parameters, spec, ranks)

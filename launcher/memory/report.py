@@ -37,17 +37,20 @@ def render(budget: Budget) -> str:
         f"Memory budget per rank: {cfg.model.path} ({format_count(budget.model_params)} parameters, 4-bit {cfg.quant.type}), "
         f"{budget.strategy} on {h.world_size} rank(s) ({h.nodes} node(s)), micro batch {cfg.train.micro_batch_size} x "
         f"{cfg.data.max_seq_len} tokens, checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}, "
-        f"mixed precision {budget.mixed_precision}, LoRA r={cfg.lora.r}{', optimizer offloaded' if h.offload else ''}"
+        f"mixed precision {budget.mixed_precision}, LoRA r={cfg.lora.r}{'' if cfg.train.offload == 'none' else f', offload {cfg.train.offload}'}"
     )
     columns = [{**r.components, **{f"host {k}": v for k, v in r.host_components.items()}} for r in budget.ranks]
     groups = rank_groups(columns)
     names = [n for n in COMPONENTS if any(c.get(n) for c in columns)]
     rows = [[name] + [format_bytes(columns[i][name]) for _, i in groups] for name in names]
-    rows.append(["total"] + [format_bytes(budget.ranks[i].total_bytes) for _, i in groups])
-    host_names = sorted({k for r in budget.ranks for k in r.host_components})
+    rows.append(["total (GPU)"] + [format_bytes(budget.ranks[i].total_bytes) for _, i in groups])
+    host_names = [n for n in COMPONENTS if any(r.host_components.get(n) for r in budget.ranks)]
     rows += [
         [f"host RAM: {n}"] + [format_bytes(budget.ranks[i].host_components[n]) for _, i in groups] for n in host_names
     ]
+    if host_names:
+        pinned = [format_bytes(sum(budget.ranks[i].host_components.values())) for _, i in groups]
+        rows.append(["host RAM total (pinned)"] + pinned)
     if h.gpu_memory is not None:
         rows.append(["GPU memory"] + [format_bytes(h.gpu_memory)] * len(groups))
         rows.append(["headroom"] + [format_bytes(budget.headroom(budget.ranks[i])) for _, i in groups])

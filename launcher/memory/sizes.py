@@ -22,8 +22,9 @@ SIZE_UNITS = {
 }
 
 
-def parse_bytes(text: str, what: str) -> int:
-    """'24GiB', '80GB', '1.5 GiB' or a plain number of bytes."""
+def parse_bytes(text: str, what: str, minimum: int = 0) -> int:
+    """'24GiB', '80GB', '1.5 GiB' or '512MiB'; a number without a unit is refused (is 24 bytes or
+    24 GiB meant?), except 0. A size under `minimum` bytes is refused too."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     unit = match.group(2).upper() if match else None
     if not match or unit not in SIZE_UNITS:
@@ -31,7 +32,16 @@ def parse_bytes(text: str, what: str) -> int:
             f"{what} `{text}` is not a size. Write a number with a unit, e.g. 24GiB, 80GB or 40960MiB "
             "(GiB = 2^30 bytes, GB = 10^9 bytes)."
         )
-    return int(float(match.group(1)) * SIZE_UNITS[unit])
+    number = float(match.group(1))
+    if not unit and number != 0:
+        raise ConfigError(
+            f"{what} `{text}` has no unit: write {match.group(1)}GiB (or GB, MiB, B). A bare number is refused "
+            "rather than read as bytes."
+        )
+    size = int(number * SIZE_UNITS[unit])
+    if size < minimum:
+        raise ConfigError(f"{what} `{text}` is {format_bytes(size)}; it must be at least {format_bytes(minimum)}.")
+    return size
 
 
 def format_bytes(n: int) -> str:

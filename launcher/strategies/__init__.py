@@ -14,7 +14,7 @@ import os
 
 from ..config import ConfigError, RunConfig
 from ..dtypes import DTYPE_BY_NAME, DtypePolicy
-from .base import LocalShard, Strategy, StrategySpec, clean_fqn, optimizer_state_numel, torch_optimizer
+from .base import OFFLOAD_MODES, LocalShard, Strategy, StrategySpec, clean_fqn, optimizer_state_numel, torch_optimizer
 from .ddp import DDP
 from .fsdp1 import FSDP1
 from .fsdp2 import FSDP2
@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT",
     "NAMES",
     "LocalShard",
+    "OFFLOAD_MODES",
     "by_checkpoint_format",
     "SingleProcess",
     "Strategy",
@@ -37,6 +38,7 @@ __all__ = [
     "for_world",
     "get",
     "optimizer_state_numel",
+    "refusal",
     "resolve",
     "torch_optimizer",
 ]
@@ -62,11 +64,22 @@ def by_checkpoint_format(checkpoint_format: str) -> Strategy:
     return next(cls() for cls in (*BY_NAME.values(), SingleProcess) if cls.spec.checkpoint_format == checkpoint_format)
 
 
+def refusal(strategy: Strategy, cfg: RunConfig) -> str | None:
+    """Why `strategy` cannot run `cfg` (its own reasons, or an offload mode it lacks), or None."""
+    mode = cfg.train.offload
+    if mode in OFFLOAD_MODES and mode not in strategy.spec.offload_modes:
+        return (
+            f"`train.offload: {mode}` is not offered ({strategy.name} offloads: "
+            f"{', '.join(strategy.spec.offload_modes)}; {strategy.spec.offload_note})"
+        )
+    return strategy.refusal(cfg)
+
+
 def check(strategy: Strategy, cfg: RunConfig) -> None:
     """A ConfigError naming the reason and the strategies that can, if `strategy` cannot run `cfg`."""
-    reason = strategy.refusal(cfg)
+    reason = refusal(strategy, cfg)
     if reason:
-        working = ", ".join(name for name in NAMES if not get(name).refusal(cfg))
+        working = ", ".join(name for name in NAMES if not refusal(get(name), cfg))
         raise ConfigError(f"{strategy.name} cannot run this config: {reason}. Strategies that can: {working}.")
 
 

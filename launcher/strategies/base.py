@@ -26,7 +26,14 @@ from torch import nn
 from ..config import RunConfig, TrainConfig
 from ..dtypes import DtypePolicy
 from . import handoff
-from .layout import ADAM_STATES, TensorSpec, whole
+from .layout import ADAM_STATES, OPTIMIZER_STATE_COMPONENTS, TensorSpec, whole
+
+OFFLOAD_MODES = ("none", "optimizer", "params")
+"""`train.offload`: nothing, the optimizer state, or the parameters (frozen base and adapters) with it."""
+PARAM_COMPONENTS = ("base_4bit", "frozen_dense", "experts", "biases", "norms", "lora", "shard_padding")
+"""The weight components that are parameters (the quantization constants and buffers are not)."""
+OFFLOAD_OPTIMIZER = ("optimizer", OPTIMIZER_STATE_COMPONENTS)
+OFFLOAD_PARAMS = ("params", PARAM_COMPONENTS + OPTIMIZER_STATE_COMPONENTS)
 
 
 @dataclass(frozen=True)
@@ -46,8 +53,18 @@ class StrategySpec:
     """The frozen base weights are split across ranks."""
     shards_adapter_state: bool
     """Adapter gradients and optimizer states are split across ranks."""
-    offloads_optimizer: bool = False
-    """Its config can move the optimizer state to host RAM (DeepSpeed's offload_optimizer)."""
+    offload: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """The `train.offload` modes it runs besides "none", each with the budget components it keeps in host RAM."""
+    offload_note: str = "it keeps everything on the GPU"
+    """Why the modes it lacks are missing: the message that refuses them."""
+
+    @property
+    def offload_modes(self) -> tuple[str, ...]:
+        return ("none",) + tuple(mode for mode, _ in self.offload)
+
+    def offloaded(self, mode: str) -> tuple[str, ...]:
+        """Budget components that live in host RAM under `mode`."""
+        return dict(self.offload).get(mode, ())
 
 
 @dataclass

@@ -15,6 +15,7 @@ class DDP(Strategy):
         reshardable_checkpoints=True,
         shards_base=False,
         shards_adapter_state=False,
+        offload_note="DDP keeps a whole copy on every GPU; zero3 and fsdp2 offload",
     )
 
     def before_prepare(self, model, accelerator):

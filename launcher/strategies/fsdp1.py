@@ -21,6 +21,11 @@ class FSDP1(Strategy):
         reshardable_checkpoints=True,
         shards_base=True,
         shards_adapter_state=True,
+        offload_note=(
+            "FSDP1's CPUOffload(offload_params=True) is not wired here: its parameters are allocated from meta modules "
+            "on the device and broadcast (sync_module_states), which has not been tested with host-resident shards; "
+            "use fsdp2 or zero3"
+        ),
     )
     # FSDP1 replaces the parameters with flat ones: the optimizer is built on the wrapped model.
     optimizer_after_wrap = True

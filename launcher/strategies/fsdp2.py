@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch.distributed as dist
+from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
 
 from ..collectives import is_source_rank, scatter_rows_
 from . import cpu, handoff
-from .base import LocalShard, Strategy, StrategySpec
+from .base import OFFLOAD_PARAMS, LocalShard, Strategy, StrategySpec
 from .layout import ADAM_STATES, TensorSpec, add, chunk_rows, root_and_two_layers, units
 
 
@@ -19,13 +20,20 @@ class FSDP2(Strategy):
         reshardable_checkpoints=True,
         shards_base=True,
         shards_adapter_state=True,
+        offload=(OFFLOAD_PARAMS,),
+        offload_note="FSDP2's CPUOffloadPolicy moves parameters, gradients and optimizer state together: use params",
     )
 
     def plugins(self, train, device):
         from accelerate.utils import FullyShardedDataParallelPlugin
 
+        # offload params: every sharded parameter (4-bit base, adapters), its gradient and so the optimizer
+        # state live in host RAM, copied to the device for each all-gather. Pinned on CUDA; a CPU-only torch
+        # cannot pin (there the host is the device anyway).
+        offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if train.offload == "params" else OffloadPolicy()
         # Accelerate's own low-memory loading skips models with 4-bit weights; after_prepare does it.
-        return {"fsdp_plugin": FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=False)}
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=False, cpu_offload=offload)
+        return {"fsdp_plugin": plugin}
 
     def install_on_cpu(self, accelerator, plugins):
         cpu.mark_fsdp(accelerator, plugins["fsdp_plugin"])
@@ -46,7 +54,9 @@ class FSDP2(Strategy):
         if dist.get_world_size() == 1:
             return
         if not is_source_rank():
-            model.to_empty(device=accelerator.device)
+            # Under CPUOffloadPolicy the shards live in host RAM.
+            offloaded = isinstance(accelerator.state.fsdp_plugin.cpu_offload, CPUOffloadPolicy)
+            model.to_empty(device="cpu" if offloaded else accelerator.device)
         for name, param in model.named_parameters():
             scatter_rows_(param.to_local(), full[name] if full is not None else None, param.shape[0])
         handoff.materialize_and_broadcast(handoff.shared_tensors(model, buffers_only=True), accelerator.device)

@@ -30,12 +30,36 @@ class ZeRO(Strategy):
         ds["gradient_accumulation_steps"] = train.grad_accum_steps
         ds["gradient_clipping"] = train.max_grad_norm
         ds.pop("train_batch_size", None)
+        self.set_offload(ds.setdefault("zero_optimization", {}), train.offload)
+        if train.offload != "none":
+            # The launcher's torch AdamW steps the host partition (what the budget models and checkpoints
+            # hold); Accelerate would swap in DeepSpeedCPUAdam, a C++ op built at first use.
+            ds["zero_force_ds_cpu_optimizer"] = False
         if ds.get("zero_optimization", {}).get("stage") != self.stage:
             raise ConfigError(
                 f"The DeepSpeed config says ZeRO stage {ds.get('zero_optimization', {}).get('stage')} but the "
                 f"strategy is {self.name}. Use ds_configs/{self.spec.deepspeed_config} or set the matching strategy."
             )
         return {"deepspeed_plugin": plugin}
+
+    def set_offload(self, zero: dict[str, Any], mode: str) -> None:
+        """`train.offload` onto DeepSpeed's `zero_optimization`: the run config decides, and a JSON that
+        offloads otherwise is refused rather than silently overridden."""
+        offloading = [
+            k for k in ("offload_optimizer", "offload_param") if zero.get(k, {}).get("device", "none") != "none"
+        ]
+        asked = "params" if "offload_param" in offloading else "optimizer"
+        if offloading and asked != mode:
+            raise ConfigError(
+                f"The DeepSpeed config sets {' and '.join(offloading)}, which is `train.offload: {asked}`, but the "
+                f"run config says `train.offload: {mode}`. Remove the offload sections from the JSON and set "
+                "train.offload (--train.offload) instead: the run config is the one place it is decided."
+            )
+        for key, modes in (("offload_optimizer", ("optimizer", "params")), ("offload_param", ("params",))):
+            if mode in modes and mode in self.spec.offload_modes:
+                zero[key] = {"device": "cpu", "pin_memory": True}
+            else:
+                zero.pop(key, None)
 
     def install_on_cpu(self, accelerator, plugins):
         cpu.mark_deepspeed(accelerator, plugins["deepspeed_plugin"])

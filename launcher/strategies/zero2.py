@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import handoff
-from .base import StrategySpec
+from .base import OFFLOAD_OPTIMIZER, StrategySpec
 from .layout import TensorSpec, whole
 from .zero import ZeRO
 
@@ -17,7 +17,8 @@ class ZeRO2(ZeRO):
         reshardable_checkpoints=False,
         shards_base=False,
         shards_adapter_state=True,
-        offloads_optimizer=True,
+        offload=(OFFLOAD_OPTIMIZER,),
+        offload_note="ZeRO-2 keeps the whole base on every rank and has no parameter offload (ZeRO-3 does)",
     )
     stage = 2
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from . import handoff
-from .base import LocalShard, StrategySpec
+from .base import OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, LocalShard, StrategySpec
 from .layout import add, bytes_as, chunk_rows
 from .zero import ZeRO
 
@@ -19,7 +19,7 @@ class ZeRO3(ZeRO):
         reshardable_checkpoints=False,
         shards_base=True,
         shards_adapter_state=True,
-        offloads_optimizer=True,
+        offload=(OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS),
     )
     stage = 3
     linear_saves_input = True

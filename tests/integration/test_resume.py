@@ -106,12 +106,19 @@ def uninterrupted(family_assets, tmp_path_factory):
     def run_a(strategy: str) -> Path:
         if strategy not in roots:
             root = tmp_path_factory.mktemp(f"resume-{strategy}")
-            proc, log = launch(strategy, root, "A", resume_args(family_assets, root / "A", strategy, 2 * K))
+            train_args = resume_args(family_assets, root / "A", strategy, 2 * K, *fresh_quant_cache(root))
+            proc, log = launch(strategy, root, "A", train_args)
             assert proc.returncode == 0, tail(log)
             roots[strategy] = root
         return roots[strategy]
 
     return run_a
+
+
+def fresh_quant_cache(root: Path) -> list[str]:
+    """Runs A and B share a quantized-base cache of their own: A starts cold (quantizes and writes it), B,
+    a second start, reads it; B's losses equal A's only if the cached base is A's bit for bit."""
+    return ["--model.quant_cache_dir", str(root / "quant-cache")]
 
 
 def resume_args(family_assets, out: Path, strategy: str, steps: int, *extra: str) -> list[str]:
@@ -125,11 +132,23 @@ def resumed(request, uninterrupted, family_assets):
     root = uninterrupted(strategy)
     checkpoint = root / "A" / "checkpoints" / f"step-{K:06d}"
     proc, log = launch(
-        strategy, root, "B", resume_args(family_assets, root / "B", strategy, 2 * K, "--resume", str(checkpoint))
+        strategy,
+        root,
+        "B",
+        resume_args(family_assets, root / "B", strategy, 2 * K, "--resume", str(checkpoint), *fresh_quant_cache(root)),
     )
     assert proc.returncode == 0, tail(log)
     assert f"Resuming from step {K}" in log.read_text()
     return strategy, root, checkpoint
+
+
+def test_a_resumed_start_reads_the_quantized_base_from_the_cache(resumed):
+    """Run A quantized the base and wrote it to the cache; run B, whose losses equal A's (the test
+    below), read it and quantized nothing."""
+    _, root, _ = resumed
+    a_log, b_log = (root / "A.log").read_text(), (root / "B.log").read_text()
+    assert "quantized in" in a_log and "written to the cache" in a_log and "not quantized again" not in a_log
+    assert "not quantized again" in b_log and "written to the cache" not in b_log
 
 
 def test_resumed_losses_equal_the_uninterrupted_run(resumed):

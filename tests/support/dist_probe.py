@@ -67,6 +67,23 @@ def embedding_tie(model) -> dict:
     return {"same_parameter": inp is out, "same_storage": None if inp.is_meta else pointers[0] == pointers[1]}
 
 
+def offload_facts(model) -> dict:
+    """Under which library's offload machinery the sharded parameters live, and on which device."""
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in model.modules() if isinstance(m, FSDPModule)]
+    params = [fsdp_param for group in groups if group for fsdp_param in group.fsdp_params]
+    zero = getattr(model, "optimizer", None)
+    return {
+        "local_devices": sorted({local_data(p).device.type for p in model.parameters()}),
+        "fsdp_policies": sorted({type(group.offload_policy).__name__ for group in groups if group}),
+        "fsdp_offload_to_cpu": sorted({p.offload_to_cpu for p in params}),
+        "fsdp_shard_devices": sorted({p._sharded_param_data.device.type for p in params}),
+        "zero_offload_param": getattr(zero, "offload_param", None),
+        "zero_offload_optimizer": getattr(zero, "offload_optimizer", None),
+    }
+
+
 def observe_shard(original):
     def shard(self, model, make_optimizer, accelerator):
         observed["materialized_bytes_before_shard"] = sum(
@@ -83,6 +100,8 @@ def observe_shard(original):
             for s in self.local_shards(sharded)
         ]
         observed["quant_states"] = quant_states(sharded)
+        observed["offload"] = offload_facts(sharded)
+        observed["optimizer_type"] = type(result[2]).__name__
         observed["tie_after_shard"] = embedding_tie(accelerator.unwrap_model(sharded))
         # transformers checkpoints a decoder layer's `forward` (not `__call__`), so the recompute
         # shows as a second call of its submodules: count the MLP's.

@@ -100,6 +100,13 @@ CASES = [
     Case("budget-strategy", "budget --model {base} --strategy zero9", r"Unknown strategy `zero9`"),
     Case("plan-memory-not-size", "plan --model {base} --gpu-memory lots", r"--gpu-memory `lots` is not a size"),
     Case("plan-without-memory", "plan --model {base}", r"`qlaunch plan` needs --gpu-memory"),
+    Case("plan-memory-without-unit", "plan --model {base} --gpu-memory 24", r"--gpu-memory `24` has no unit"),
+    Case(
+        "train-offload-not-offered",
+        TRAIN + " --strategy fsdp2 --train.offload optimizer",
+        r"fsdp2 cannot run this config: `train.offload: optimizer` is not offered",
+    ),
+    Case("train-offload-unknown", TRAIN + " --train.offload gpu", r"`train.offload` is `gpu`; use none"),
     Case("export-not-checkpoint", "export {root}", r"is not a complete training checkpoint \(no meta.json\)"),
     Case("export-output-exists", "export {earlier} --output {earlier}", r"already exists; choose another --output"),
     Case("export-no-adapter-config", "export {damaged}", r"has no adapter_config.json"),

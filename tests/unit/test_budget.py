@@ -257,7 +257,18 @@ def test_architectures_outside_the_activation_model_are_refused(gpt2, capsys):
         (["--model", "some-org/not-downloaded-model"], r"not in the local Hugging Face cache.*config.json"),
         (["--strategy", "zero4"], r"Unknown strategy `zero4`"),
         (["--gpu-memory", "lots"], r"--gpu-memory `lots` is not a size"),
-        (["--strategy", "fsdp2", "--offload"], r"--offload models DeepSpeed's offload_optimizer"),
+        (
+            ["--strategy", "fsdp2", "--offload"],
+            r"fsdp2 cannot run this config: `train.offload: optimizer` is not offered",
+        ),
+        (
+            ["--strategy", "zero2", "--offload", "params"],
+            r"zero2 offloads: none, optimizer; ZeRO-2 .*Strategies that can: fsdp2, zero3\.",
+        ),
+        (["--strategy", "ddp", "--offload", "params"], r"ddp cannot run this config"),
+        (["--gpu-memory", "24"], r"--gpu-memory `24` has no unit: write 24GiB"),
+        (["--gpu-memory", "512MiB"], r"--gpu-memory `512MiB` is 512.00 MiB; it must be at least 1.00 GiB"),
+        (["--runtime-overhead", "2"], r"--runtime-overhead `2` has no unit"),
         (["--world-size", "4", "--nodes", "2", "--gpus-per-node", "3"], r"disagrees"),
         (["--optimizer", "sgd"], r"Optimizer `sgd`"),
     ],
@@ -274,18 +285,9 @@ def test_budget_bad_input_gets_one_clear_error(llama_70b, capsys, args, message)
 
 
 def test_plan_keeps_what_fits_and_recommends_the_fastest(shape_dirs, capsys):
-    base = [
-        "plan",
-        "--model",
-        str(shape_dirs["llama-mha"]),
-        "--world-size",
-        "2",
-        "--seq-len",
-        "64",
-        "--runtime-overhead",
-        "0",
-    ]
-    assert cli.main([*base, "--gpu-memory", "12MiB", "--json"]) == 0
+    # GPU memory under 1 GiB is refused: a runtime allowance leaves this tiny model ~11 MiB of it.
+    base = ["plan", "--model", str(shape_dirs["llama-mha"]), "--world-size", "2", "--seq-len", "64", "--margin", "0"]
+    assert cli.main([*base, "--gpu-memory", "1GiB", "--runtime-overhead", "1013MiB", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     fits = [c for c in report["candidates"] if c["fits"]]
     assert fits and len(fits) < len(report["candidates"])
@@ -302,7 +304,7 @@ def test_plan_keeps_what_fits_and_recommends_the_fastest(shape_dirs, capsys):
         f"--strategy {best['strategy']}" in best["command"]
         and f"--train.micro_batch_size {best['micro_batch']}" in best["command"]
     )
-    assert cli.main([*base, "--gpu-memory", "1MiB"]) == 0
+    assert cli.main([*base, "--gpu-memory", "1GiB", "--runtime-overhead", "1GiB"]) == 0
     assert "Nothing fits" in capsys.readouterr().out
 
 
@@ -321,3 +323,119 @@ def test_a_strategy_that_cannot_run_the_config_is_refused_and_left_out_of_the_pl
     assert cli.main(["plan", "--config", str(run_yaml), "--world-size", "2", "--gpu-memory", "80GiB", "--json"]) == 0
     planned = {c["strategy"] for c in json.loads(capsys.readouterr().out)["candidates"]}
     assert planned == {"fsdp2", "zero2", "zero3", "ddp"}
+
+
+# --- train.offload: what moves from the GPU to host RAM -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "strategy,offload,moved",
+    [
+        ("fsdp2", "params", {"base_4bit", "frozen_dense", "norms", "lora", "gradients", "optimizer_states"}),
+        (
+            "zero3",
+            "params",
+            {"base_4bit", "frozen_dense", "norms", "lora", "gradients", "master_weights", "optimizer_states"},
+        ),
+        ("zero3", "optimizer", {"gradients", "master_weights", "optimizer_states"}),
+        ("zero2", "optimizer", {"gradients", "master_weights", "optimizer_states"}),
+    ],
+)
+def test_offload_moves_exactly_its_components_to_host_ram(llama_70b, capsys, strategy, offload, moved):
+    common = ["--model", str(llama_70b), "--world-size", "2", "--seq-len", "2048", "--strategy", strategy]
+    resident = budget_json(capsys, *common)
+    offloaded = budget_json(capsys, *common, "--offload", offload)
+    assert offloaded["offload"] == offload and resident["offload"] == "none"
+    for before, after in zip(resident["ranks"], offloaded["ranks"], strict=True):
+        host = after["host_components"]
+        assert {name for name, size in host.items() if size} == moved, host
+        # Every byte is somewhere: on the GPU or in host RAM, the static components still exact.
+        for name, size in before["components"].items():
+            assert after["components"][name] + host.get(name, 0) == size, name
+            assert after["components"][name] == (0 if name in host else size), name
+        assert after["host_total_bytes"] == sum(host.values())
+        assert after["total_bytes"] == before["total_bytes"] - after["host_total_bytes"]
+        assert after["components"]["quant_states"] > 0  # the 4-bit matmul reads them on the GPU
+
+
+def test_offload_moves_nothing_on_cpu_ranks(shape_dirs):
+    cfg = load_config(None, [("model.path", str(shape_dirs["llama-gqa"])), ("strategy", "fsdp2")])
+    offloaded = load_config(
+        None, [("model.path", str(shape_dirs["llama-gqa"])), ("strategy", "fsdp2"), ("train.offload", "params")]
+    )
+    hardware = predict.Hardware(world_size=2, device="cpu")
+    for a, b in zip(predict.predict(cfg, hardware).ranks, predict.predict(offloaded, hardware).ranks, strict=True):
+        assert a.components == b.components and b.host_components == {}
+
+
+def test_offload_modes_are_validated_and_refused_per_strategy():
+    from launcher import preflight
+    from launcher.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"`train.offload` is `gpu`; use none, optimizer, params"):
+        preflight.check_values(load_config(None, [("train.offload", "gpu")]))
+    offered = {name: strategies.get(name).spec.offload_modes for name in strategies.NAMES}
+    assert offered == {
+        "fsdp2": ("none", "params"),
+        "fsdp1": ("none",),
+        "zero2": ("none", "optimizer"),
+        "zero3": ("none", "optimizer", "params"),
+        "ddp": ("none",),
+    }
+    with pytest.raises(ConfigError, match=r"fsdp1 cannot run this config: `train.offload: params` .*: fsdp2, zero3\."):
+        strategies.check(strategies.get("fsdp1"), load_config(None, [("train.offload", "params")]))
+
+
+def test_offload_reaches_the_deepspeed_config_from_the_run_config(monkeypatch, tmp_path):
+    import torch
+
+    from launcher.resources import shipped_dir
+
+    for strategy, mode, keys in (
+        ("zero3", "params", {"offload_param", "offload_optimizer"}),
+        ("zero3", "optimizer", {"offload_optimizer"}),
+        ("zero2", "optimizer", {"offload_optimizer"}),
+        ("zero3", "none", set()),
+    ):
+        # What `accelerate launch` tells a rank: the shipped JSON of the strategy, which has no offload keys.
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(shipped_dir("ds_configs") / f"{strategy}.json"))
+        train = load_config(None, [("train.offload", mode)]).train
+        ds = strategies.get(strategy).plugins(train, torch.device("cpu"))["deepspeed_plugin"].deepspeed_config
+        zero = ds["zero_optimization"]
+        assert {k for k in ("offload_param", "offload_optimizer") if k in zero} == keys, (strategy, mode)
+        for key in keys:
+            assert zero[key] == {"device": "cpu", "pin_memory": True}
+        assert ds.get("zero_force_ds_cpu_optimizer", True) is (mode == "none")
+    # A JSON that offloads by itself disagrees with a run config that does not: refused, not overridden.
+    edited = tmp_path / "zero3.json"
+    shipped = json.loads((shipped_dir("ds_configs") / "zero3.json").read_text())
+    shipped["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    edited.write_text(json.dumps(shipped))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(edited))
+    from launcher.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sets offload_param, which is `train.offload: params`, but the run config"):
+        strategies.get("zero3").plugins(load_config().train, torch.device("cpu"))
+
+
+def test_offload_reaches_the_fsdp2_plugin():
+    import torch
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    train = load_config(None, [("train.offload", "params")]).train
+    policy = strategies.get("fsdp2").plugins(train, torch.device("cpu"))["fsdp_plugin"].cpu_offload
+    assert isinstance(policy, CPUOffloadPolicy) and policy.pin_memory is False  # a CPU-only torch cannot pin
+    resident = strategies.get("fsdp2").plugins(load_config().train, torch.device("cpu"))["fsdp_plugin"].cpu_offload
+    assert not isinstance(resident, CPUOffloadPolicy)
+
+
+def test_plan_fits_llama_2_70b_on_two_24gb_gpus_with_offloaded_params(llama_70b, capsys):
+    args = ["plan", "--model", str(llama_70b), "--world-size", "2", "--gpu-memory", "24GiB", "--seq-len", "2048"]
+    assert cli.main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    best = report["recommended"]
+    assert best is not None and best["offload"] == "params" and best["strategy"] in ("fsdp2", "zero3")
+    assert "--train.offload params" in best["command"] and f"--strategy {best['strategy']}" in best["command"]
+    # Without offloaded parameters nothing fits: the 4-bit base alone is ~16 GiB per rank.
+    assert not any(c["fits"] for c in report["candidates"] if c["offload"] != "params")
+    assert all(c["host_bytes"] > 15 * 2**30 for c in report["candidates"] if c["offload"] == "params")

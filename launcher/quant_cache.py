@@ -1,0 +1,151 @@
+"""Quantize once, reuse on every later start: the source rank's 4-bit base, kept on disk.
+
+Quantizing the checkpoint on the CPU runs at tens of millions of parameters a second, and a requeue,
+a resume or another strategy used to pay for it again. The first start writes the quantized model
+with `save_pretrained` (transformers' own format for a pre-quantized bitsandbytes model: the packed
+4-bit data, each weight's quantization constants as `weight.absmax`, `weight.quant_map`,
+`weight.nested_*` and `weight.quant_state.bitsandbytes__*` tensors, the unquantized tensors, and a
+config carrying the `quantization_config`); later starts load it with `from_pretrained`, which
+installs those bytes as they are and quantizes nothing. The tests check that the result is bit for
+bit what quantizing gives.
+
+An entry is keyed by the checkpoint's files (path, size, modification time), the quantization config
+and the storage dtype the strategy resolved, and the versions of torch, transformers and
+bitsandbytes; the directory is `model.quant_cache_dir` (`model.quant_cache: false` turns it off). The
+first process to miss takes a file lock and quantizes into a temporary directory renamed into place
+when complete; another job sharing the directory waits for the lock and reads what it wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, QuantConfig
+from .dtypes import DTYPE_BY_NAME, DtypePolicy
+from .node_cache import exclusive, fresh_temporary, say
+
+CACHE_FORMAT = 1
+"""Raise when an entry's layout or meaning changes: every cached base is then quantized again."""
+COMPLETE = "qlaunch-quant-cache.json"
+"""Written last into the temporary directory: an entry without it is not one."""
+
+
+def cache_root(model: ModelConfig) -> Path:
+    if model.quant_cache_dir:
+        return Path(model.quant_cache_dir).expanduser()
+    if os.environ.get("QLAUNCH_QUANT_CACHE"):
+        return Path(os.environ["QLAUNCH_QUANT_CACHE"])
+    return Path.home() / ".cache" / "qlaunch" / "quantized"
+
+
+def checkpoint_files(model: ModelConfig) -> list[list]:
+    """Every file of the model's directory (config, weights, remote code): resolved path, size, mtime."""
+    from .model_files import model_directory
+
+    directory = model_directory(model.path)
+    found = []
+    for file in sorted(directory.iterdir()):
+        if file.is_file():
+            stat = file.stat()
+            found.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns])
+    return found
+
+
+def library_versions() -> dict[str, str]:
+    import bitsandbytes
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+    }
+
+
+def cache_key(model: ModelConfig, quant: QuantConfig, policy: DtypePolicy) -> tuple[str, dict]:
+    what = {
+        "format": CACHE_FORMAT,
+        "files": checkpoint_files(model),
+        "trust_remote_code": model.trust_remote_code,
+        "quant": {
+            "type": quant.type,
+            "double_quant": quant.double_quant,
+            "compute_dtype": quant.compute_dtype,
+            "storage": str(policy.quant_storage),
+        },
+        "versions": library_versions(),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24], what
+
+
+def cached_quantized_base(
+    model: ModelConfig, quant: QuantConfig, policy: DtypePolicy, quantize: Callable[[], torch.nn.Module]
+) -> tuple[torch.nn.Module, bool]:
+    """The quantized base and whether it came from the cache: read from it, or `quantize()`d and written
+    into it by the first process to ask."""
+    root = cache_root(model)
+    root.mkdir(parents=True, exist_ok=True)
+    key, what = cache_key(model, quant, policy)
+    entry = root / key
+    if not is_entry(entry):
+        with exclusive(root, key, f"waiting for another process quantizing `{model.path}` into {entry}"):
+            if not is_entry(entry):
+                return write_entry(model, quantize, root, key, what), False
+    started = time.perf_counter()
+    base = read_entry(model, quant, entry)
+    say(
+        f"quantized base of `{model.path}` read from the cache {entry} in {time.perf_counter() - started:.1f} s, not quantized again"
+    )
+    return base, True
+
+
+def is_entry(entry: Path) -> bool:
+    return (entry / COMPLETE).is_file()
+
+
+def write_entry(model: ModelConfig, quantize: Callable[[], torch.nn.Module], root: Path, key: str, what: dict):
+    """Quantizes, saves into `<key>.tmp-<pid>` and renames it to `<key>` once complete: an entry is whole
+    or absent. A cache that cannot be written (a full or read-only disk) costs the next start, not this one."""
+    started = time.perf_counter()
+    base = quantize()
+    quantized_s = time.perf_counter() - started
+    partial = root / f"{key}.tmp-{os.getpid()}"
+    try:
+        partial = fresh_temporary(root, key)
+        base.save_pretrained(partial)
+        (partial / COMPLETE).write_text(json.dumps({**what, "quantize_s": round(quantized_s, 3)}, indent=2))
+        shutil.rmtree(root / key, ignore_errors=True)  # an incomplete entry from before this format's marker
+        os.rename(partial, root / key)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        say(f"could not write the quantized base into the cache {root} ({error}); the next start quantizes again")
+        return base
+    say(
+        f"`{model.path}` read and quantized in {quantized_s:.1f} s and written to the cache {root / key} "
+        f"in {time.perf_counter() - started - quantized_s:.1f} s"
+    )
+    return base
+
+
+def read_entry(model: ModelConfig, quant: QuantConfig, entry: Path) -> torch.nn.Module:
+    """The cached base, as the quantizing load gives it (named after `model.path`, not the cache)."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(
+        entry,
+        dtype=DTYPE_BY_NAME[quant.compute_dtype],
+        device_map={"": "cpu"},
+        trust_remote_code=model.trust_remote_code,
+        local_files_only=True,
+    )
+    base.config._name_or_path = model.path
+    base.name_or_path = model.path
+    return base

@@ -1,0 +1,149 @@
+"""The quantized-base cache: a later start reads the source rank's 4-bit base from disk, bit for bit what
+quantizing gives, and quantizes nothing; any change to the checkpoint, the quantization or the storage
+dtype misses; processes sharing the cache quantize once."""
+
+import multiprocessing
+import os
+
+import pytest
+import torch
+
+from launcher import model as model_module
+from launcher.config import ModelConfig, QuantConfig
+from launcher.dtypes import DtypePolicy
+from launcher.quant_cache import COMPLETE, cache_root
+
+BF16 = DtypePolicy.uniform(torch.bfloat16)
+
+
+@pytest.fixture
+def quantize_calls(monkeypatch):
+    """Counts the quantizing loads (`load_quantized_base`) that `load_base` makes."""
+    calls = []
+    original = model_module.load_quantized_base
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "load_quantized_base", counting)
+    return calls
+
+
+def snapshot(model) -> dict:
+    """Every parameter and buffer (kind, dtype, shape, bytes) and every 4-bit weight's quantization constants."""
+    out = {}
+    for name, module in model.named_modules():
+        for key, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is None:
+                continue
+            out[f"{name}.{key}"] = (type(tensor).__name__, tensor.dtype, tuple(tensor.shape), raw(tensor))
+            state = getattr(tensor, "quant_state", None)
+            if state is not None:
+                for k, v in state.as_dict(packed=True).items():
+                    out[f"{name}.{key}:{k}"] = (type(v).__name__, v.dtype, tuple(v.shape), raw(v))
+    return out
+
+
+def raw(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def ties(model) -> list[tuple[str, str]]:
+    seen, tied = {}, []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.append((seen[id(param)], name))
+        seen.setdefault(id(param), name)
+    return tied
+
+
+def entries(root) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock"))
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "qwen2"])
+def test_second_start_reads_the_cache_bit_for_bit(family, family_assets, tmp_path, quantize_calls, capsys):
+    path = str(family_assets(family) / "base")
+    cfg = ModelConfig(path=path, quant_cache_dir=str(tmp_path / "cache"))
+    first = model_module.load_base(cfg, QuantConfig(), BF16)
+    assert len(quantize_calls) == 1 and "written to the cache" in capsys.readouterr().err
+    second = model_module.load_base(cfg, QuantConfig(), BF16)
+    assert len(quantize_calls) == 1, "the second start quantized again"
+    assert "read from the cache" in capsys.readouterr().err
+    fresh = model_module.load_base(ModelConfig(path=path, quant_cache=False), QuantConfig(), BF16)
+    assert len(quantize_calls) == 2
+    expected = snapshot(fresh)
+    assert any(":absmax" in k for k in expected) and any("bias" in k for k in expected) == (family == "qwen2")
+    for got in (first, second):
+        mine = snapshot(got)
+        assert sorted(mine) == sorted(expected)
+        assert [k for k in expected if mine[k] != expected[k]] == []
+        assert ties(got) == ties(fresh) and ties(fresh)  # both families tie the embeddings to the output layer
+        assert got.config.to_dict() == fresh.config.to_dict() and got.name_or_path == path
+        assert got.training == fresh.training and got.is_loaded_in_4bit
+    assert len(entries(tmp_path / "cache")) == 1
+
+
+def test_a_changed_quantization_or_touched_checkpoint_misses(family_assets, tmp_path, quantize_calls):
+    import shutil
+
+    model_dir = tmp_path / "base"
+    shutil.copytree(family_assets("llama-tied") / "base", model_dir)
+    cfg = ModelConfig(path=str(model_dir), quant_cache_dir=str(tmp_path / "cache"))
+    runs = [
+        (QuantConfig(), BF16),
+        (QuantConfig(type="fp4"), BF16),
+        (QuantConfig(compute_dtype="float16"), BF16),
+        (QuantConfig(double_quant=False), BF16),
+        (QuantConfig(), DtypePolicy.uniform(torch.float32)),  # the storage dtype FSDP1 resolves
+    ]
+    for k, (quant, policy) in enumerate(runs, start=1):
+        model_module.load_base(cfg, quant, policy)
+        assert len(quantize_calls) == k
+    for quant, policy in runs:
+        model_module.load_base(cfg, quant, policy)
+    assert len(quantize_calls) == len(runs) and len(entries(tmp_path / "cache")) == len(runs)
+    weights = model_dir / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    model_module.load_base(cfg, QuantConfig(), BF16)
+    assert len(quantize_calls) == len(runs) + 1
+
+
+def test_the_cache_can_be_turned_off_and_defaults_to_the_environment(
+    family_assets, tmp_path, quantize_calls, monkeypatch
+):
+    monkeypatch.setenv("QLAUNCH_QUANT_CACHE", str(tmp_path / "env"))
+    assert cache_root(ModelConfig()) == tmp_path / "env"
+    assert cache_root(ModelConfig(quant_cache_dir=str(tmp_path / "set"))) == tmp_path / "set"
+    cfg = ModelConfig(path=str(family_assets("llama-tied") / "base"), quant_cache=False)
+    for _ in range(2):
+        model_module.load_base(cfg, QuantConfig(), BF16)
+    assert len(quantize_calls) == 2 and not (tmp_path / "env").exists()
+
+
+def _load_in_child(path: str, cache: str, results) -> None:
+    from launcher.quant_cache import cached_quantized_base
+
+    cfg = ModelConfig(path=path, quant_cache_dir=cache)
+    base, hit = cached_quantized_base(
+        cfg, QuantConfig(), BF16, lambda: model_module.load_quantized_base(cfg, QuantConfig(), BF16)
+    )
+    results.put((hit, raw(base.model.layers[0].mlp.down_proj.weight)))
+
+
+def test_two_jobs_sharing_the_cache_quantize_once(family_assets, tmp_path):
+    path = str(family_assets("qwen2") / "base")
+    context = multiprocessing.get_context("spawn")  # a forked child of a process that ran torch's thread pool can hang
+    results = context.Queue()
+    children = [context.Process(target=_load_in_child, args=(path, str(tmp_path / "cache"), results)) for _ in range(2)]
+    for child in children:
+        child.start()
+    got = [results.get(timeout=300) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+    assert sorted(hit for hit, _ in got) == [False, True]
+    assert got[0][1] == got[1][1]
+    names = entries(tmp_path / "cache")
+    assert len(names) == 1 and (tmp_path / "cache" / names[0] / COMPLETE).is_file()
