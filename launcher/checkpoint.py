@@ -59,6 +59,14 @@ RESUMABLE_CHANGES = {
     "overwrite_output_dir",
     "resume",
     "strategy",
+    # Where caches, workers and trackers are: nothing the trained state depends on.
+    "model.quant_cache",
+    "model.quant_cache_dir",
+    "data.cache_dir",
+    "data.tokenize_workers",
+    "train.report_to",
+    "train.project",
+    "train.run_name",
 }
 
 
@@ -133,7 +141,8 @@ def resolve_resume(cfg: RunConfig, strategy: Strategy, sharder: Strategy, world_
             )
     meta = read_meta(path)
     written, now = meta["fingerprint"], fingerprint(cfg)
-    changed = sorted(k for k in set(written) | set(now) if written.get(k) != now.get(k))
+    # Keys that became resumable after a checkpoint was written are in its fingerprint still.
+    changed = sorted(k for k in set(written) | set(now) if k not in RESUMABLE_CHANGES and written.get(k) != now.get(k))
     if changed:
         details = "; ".join(f"{k}: {written.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ConfigError(

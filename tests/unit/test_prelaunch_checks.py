@@ -229,6 +229,20 @@ def test_resume_with_a_changed_lora_rank(demo_assets, tmp_path, capsys, no_launc
     assert "lora.r: 16 -> 8" in err
 
 
+def test_moving_caches_or_trackers_does_not_block_a_resume(demo_assets, tmp_path):
+    out = tmp_path / "out"
+    cfg = load_config(demo_assets / "run.yaml", parse_overrides(["--output_dir", str(out)]))
+    step = fake_checkpoint(cfg)
+    meta = json.loads((step / checkpoint.META).read_text())
+    meta["fingerprint"]["data.cache_dir"] = "/old/cache"  # written when the key was still in the fingerprint
+    (step / checkpoint.META).write_text(json.dumps(meta))
+    moved = ["--model.quant_cache_dir", str(tmp_path / "qc"), "--data.cache_dir", str(tmp_path / "dc")]
+    moved += ["--train.report_to", "[tensorboard]", "--train.run_name", "again", "--resume", "auto"]
+    assert preflight.check_all(
+        load_config(demo_assets / "run.yaml", parse_overrides(["--output_dir", str(out), *moved])), 2
+    )
+
+
 def test_auto_precision_on_cuda_is_left_to_the_ranks(demo_assets, tmp_path, monkeypatch):
     # The ranks resolve "auto" on their own devices; before launch, only the other keys are compared.
     out = tmp_path / "out"
