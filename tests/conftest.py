@@ -32,25 +32,16 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def data_cache(tmp_path_factory) -> Path:
-    """Tokenized data is cached for the session in a folder of its own, never in the user's ~/.cache;
-    launches inherit it."""
+def caches(tmp_path_factory) -> dict[str, Path]:
+    """Tokenized data and quantized bases are cached for the session in folders of their own, never in the
+    user's ~/.cache; launches inherit them."""
     import os
 
-    path = tmp_path_factory.mktemp("data-cache")
-    os.environ["QLAUNCH_DATA_CACHE"] = str(path)
-    return path
-
-
-@pytest.fixture(scope="session", autouse=True)
-def quant_cache(tmp_path_factory) -> Path:
-    """Quantized bases are cached for the session in a folder of its own, never in the user's ~/.cache;
-    launches inherit it."""
-    import os
-
-    path = tmp_path_factory.mktemp("quant-cache")
-    os.environ["QLAUNCH_QUANT_CACHE"] = str(path)
-    return path
+    paths = {}
+    for env, name in (("QLAUNCH_DATA_CACHE", "data-cache"), ("QLAUNCH_QUANT_CACHE", "quant-cache")):
+        paths[env] = tmp_path_factory.mktemp(name)
+        os.environ[env] = str(paths[env])
+    return paths
 
 
 @pytest.fixture(scope="session")
