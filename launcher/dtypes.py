@@ -36,8 +36,11 @@ class DtypePolicy:
             "experts": self.experts,
         }.get(component)
 
-    def cast_to(self, dtype: torch.dtype) -> DtypePolicy:
-        """Every weight but the packed 4-bit bytes in `dtype` (what a mixed-precision cast of all parameters does)."""
+    def cast_to(self, dtype: torch.dtype | None) -> DtypePolicy:
+        """Every weight but the packed 4-bit bytes in `dtype` (what a mixed-precision cast of all parameters
+        does); None: no cast."""
+        if dtype is None:
+            return self
         return dataclasses.replace(self, norm=dtype, dense=dtype, adapter=dtype, bias=dtype, experts=dtype)
 
     @classmethod

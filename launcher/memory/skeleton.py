@@ -11,6 +11,7 @@ is exact for any model size, without weights or a GPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from ..model import (
     quantized_layout,
     read_model_config,
 )
-from ..strategies.layout import TensorSpec
+from ..strategies.layout import TensorSpec, containing_layer, decoder_layers, parameter_specs
 from .activations import LoraSite, ModelShape, describe_layer
 from .components import parameter_component
 
@@ -110,27 +111,9 @@ class ModelSpec:
 def describe_model(cfg: RunConfig, policy: DtypePolicy, config) -> ModelSpec:
     skeleton = build_skeleton(cfg, policy, config)
     base = skeleton.get_base_model()
-    layer_classes = set(getattr(base, "_no_split_modules", None) or ())
     modules = dict(skeleton.named_modules())
-    layers = [name for name, m in modules.items() if type(m).__name__ in layer_classes]
-
-    def layer_of(module_name: str) -> str:
-        return next((layer for layer in layers if module_name.startswith(layer + ".")), "")
-
-    tensors = []
-    for name, param in skeleton.named_parameters():
-        module_name, _, local = name.rpartition(".")
-        tensors.append(
-            TensorSpec(
-                name=name,
-                component=parameter_component(modules[module_name], local, param),
-                shape=tuple(param.shape),
-                dtype=param.dtype,
-                trainable=param.requires_grad,
-                module=module_name,
-                layer=layer_of(module_name),
-            )
-        )
+    layers = decoder_layers(skeleton)
+    tensors = parameter_specs(skeleton, layers, parameter_component)
     quant_bytes, quantized = 0, 0
     for module in modules.values():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -140,7 +123,7 @@ def describe_model(cfg: RunConfig, policy: DtypePolicy, config) -> ModelSpec:
                 quant_bytes += math.prod(shape) * dtype.itemsize
     buffers = {id(b): b for b in skeleton.buffers()}.values()
     try:
-        shape, unmodelled = model_shape(base, modules, layers, layer_of), ""
+        shape, unmodelled = model_shape(base, modules, layers, functools.partial(containing_layer, layers)), ""
     except ConfigError as error:
         shape, unmodelled = None, str(error)
     return ModelSpec(

@@ -13,7 +13,7 @@ import json
 import os
 
 from ..config import ConfigError, RunConfig
-from ..dtypes import DTYPE_BY_NAME, DtypePolicy
+from ..dtypes import AUTOCAST_DTYPES, DTYPE_BY_NAME, DtypePolicy
 from .base import OFFLOAD_MODES, LocalShard, Strategy, StrategySpec, clean_fqn, optimizer_state_numel, torch_optimizer
 from .ddp import DDP
 from .fsdp1 import FSDP1
@@ -86,9 +86,17 @@ def check(strategy: Strategy, cfg: RunConfig) -> None:
 def dtype_policy(cfg: RunConfig, strategy: Strategy, mixed_precision: str) -> DtypePolicy:
     """The dtypes every kind of weight is kept in: the strategy's, with `quant.storage_dtype` if set."""
     policy = strategy.dtype_policy(DTYPE_BY_NAME[cfg.quant.compute_dtype], mixed_precision != "no")
-    if cfg.quant.storage_dtype == "auto":
-        return policy
-    return dataclasses.replace(policy, quant_storage=DTYPE_BY_NAME[cfg.quant.storage_dtype])
+    if cfg.quant.storage_dtype != "auto":
+        policy = dataclasses.replace(policy, quant_storage=DTYPE_BY_NAME[cfg.quant.storage_dtype])
+    autocast = AUTOCAST_DTYPES.get(mixed_precision)
+    if strategy.casts_parameters and autocast not in (None, policy.quant_storage):
+        raise ConfigError(
+            f"Mixed precision {mixed_precision} makes {strategy.name} cast every parameter to {autocast}, which would "
+            f"rewrite the 4-bit data stored as {policy.quant_storage}. Set `quant.compute_dtype` to "
+            f"{str(autocast).removeprefix('torch.')} (and `quant.storage_dtype: auto`), or pick the mixed precision "
+            f"that matches it (`train.mixed_precision`; fp16 is chosen on GPUs without bf16)."
+        )
+    return policy
 
 
 def from_accelerate_env() -> str | None:

@@ -117,6 +117,9 @@ class Strategy:
     """Every nn.Linear saves its input for backward, even when its weight is frozen."""
     optimizer_after_wrap: ClassVar[bool] = False
     """The optimizer is built on the wrapped model (the library replaces the parameters)."""
+    casts_parameters: ClassVar[bool] = False
+    """Under mixed precision the library casts every parameter, the packed 4-bit data included, to the
+    autocast dtype: a no-op only where that data is stored in it."""
 
     @property
     def name(self) -> str:

@@ -54,6 +54,9 @@ def mark_fsdp(accelerator: Accelerator, plugin) -> None:
     from accelerate.utils import DistributedType
 
     set_shared_state(accelerator, distributed_type=DistributedType.FSDP)
+    # As AcceleratorState does with an FSDP plugin on GPUs (it keeps a policy the plugin already has).
+    if accelerator.state.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.state.mixed_precision)
     accelerator.state.fsdp_plugin = plugin
 
 

@@ -1,15 +1,60 @@
-"""FSDP1 (`FullyShardedDataParallel`): each unit flattened into one tensor of one dtype, split across ranks."""
+"""FSDP1 (`FullyShardedDataParallel`): each unit flattened into one tensor of one dtype, split across ranks.
+
+One dtype per unit is FSDP1's rule, and a QLoRA layer mixes them: packed 4-bit data, biases and experts
+in the compute dtype, norms (and without mixed precision the routers) in fp32, adapters in fp32. So
+besides each decoder layer, every module whose weights' dtype differs from the rest of its layer is a
+unit of its own (each LoRA matrix, each norm): every unit is uniform, each tensor keeps the dtype the
+other strategies keep it in, and FSDP1's mixed-precision cast to the compute dtype is a no-op on the
+units that hold packed 4-bit data, so their bytes are gathered untouched.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections import Counter
 from collections.abc import Iterator
 
-import torch
-
-from ..dtypes import DtypePolicy
+from ..dtypes import AUTOCAST_DTYPES
 from . import cpu
 from .base import LocalShard, Strategy, StrategySpec, clean_fqn, module_path
-from .layout import ADAM_STATES, TensorSpec, add, root_and_two_layers, split_flat, units
+from .layout import (
+    ADAM_STATES,
+    TensorSpec,
+    add,
+    decoder_layers,
+    parameter_specs,
+    root_and_two_layers,
+    split_flat,
+    units,
+)
+
+
+def wrapped_modules(tensors: list[TensorSpec]) -> set[str]:
+    """Paths of the modules FSDP1 wraps as units (the root aside): the decoder layers, every module with
+    trainable weights, and every module whose frozen weights' dtype is not the one most of its layer's
+    (or, outside the layers, the root's) frozen bytes have."""
+    by_dtype: dict[str, Counter] = {}
+    for t in tensors:
+        if not t.trainable:
+            by_dtype.setdefault(t.layer, Counter())[t.dtype] += t.numel * t.itemsize
+    main = {layer: max(sorted(counts, key=str), key=counts.__getitem__) for layer, counts in by_dtype.items()}
+    own = {t.module for t in tensors if t.trainable or t.dtype != main[t.layer]}
+    mixed = sorted(m for m in own if len({t.dtype for t in tensors if t.module == m}) > 1)
+    if mixed:
+        raise ValueError(f"FSDP1 needs one dtype per unit, and `{mixed[0]}` holds weights of several dtypes")
+    return {t.layer for t in tensors if t.layer} | own
+
+
+def unit_of(tensors: list[TensorSpec]) -> dict[str, str]:
+    """Parameter name -> the unit whose flat parameter holds it (its innermost wrapped module, "" the root)."""
+    wrapped = wrapped_modules(tensors)
+
+    def innermost(module: str) -> str:
+        while module and module not in wrapped:
+            module = module.rpartition(".")[0]
+        return module
+
+    return {t.name: innermost(t.module) for t in tensors}
 
 
 class FSDP1(Strategy):
@@ -29,6 +74,7 @@ class FSDP1(Strategy):
     )
     # FSDP1 replaces the parameters with flat ones: the optimizer is built on the wrapped model.
     optimizer_after_wrap = True
+    casts_parameters = True
 
     def refusal(self, cfg):
         if cfg.lora.target_parameters:
@@ -37,27 +83,26 @@ class FSDP1(Strategy):
                 "peft's LoRA on parameters (lora.target_parameters) reads the adapter weights outside their modules' "
                 "forward, where FSDP1 holds only this rank's flat shard of them"
             )
-        if cfg.quant.storage_dtype not in ("auto", "float32"):
-            return f"`quant.storage_dtype: {cfg.quant.storage_dtype}`: FSDP1 needs one dtype per unit (float32 here); use auto"
+        if cfg.quant.storage_dtype not in ("auto", cfg.quant.compute_dtype):
+            return (
+                f"`quant.storage_dtype: {cfg.quant.storage_dtype}`: FSDP1 flattens a 4-bit linear's packed data "
+                f"and its bias into one tensor of one dtype, the compute dtype ({cfg.quant.compute_dtype}); use auto"
+            )
         return None
-
-    def dtype_policy(self, compute_dtype, mixed_precision):
-        # FSDP1 flattens each unit into one tensor of one dtype, and its mixed-precision cast of that
-        # tensor would rewrite packed 4-bit bytes stored in another dtype. So everything is fp32
-        # (norms stay safe, the packed bytes are only viewed as fp32) and FSDP1 casts no parameters;
-        # bf16 compute comes from autocast and from the 4-bit compute dtype instead.
-        return DtypePolicy.uniform(torch.float32)
 
     def plugins(self, train, device):
         from accelerate.utils import FullyShardedDataParallelPlugin
         from torch.distributed.fsdp import MixedPrecision
 
+        # Gathered in the autocast dtype, as FSDP2 does (a no-op on the units of packed 4-bit data, stored in
+        # it); buffers are left alone (Accelerate's default would cast the rotary frequencies).
+        autocast = AUTOCAST_DTYPES.get(train.mixed_precision)
         plugin = FullyShardedDataParallelPlugin(
             fsdp_version=1,
             use_orig_params=True,
             cpu_ram_efficient_loading=False,
             sync_module_states=False,
-            mixed_precision_policy=MixedPrecision(param_dtype=None, reduce_dtype=None, buffer_dtype=None),
+            mixed_precision_policy=MixedPrecision(param_dtype=autocast, reduce_dtype=autocast, buffer_dtype=None),
         )
         # Ranks other than the source hold meta tensors: FSDP1 allocates them on the device and
         # broadcasts the source rank's values (set after construction so that Accelerate does not
@@ -70,12 +115,15 @@ class FSDP1(Strategy):
         cpu.mark_fsdp(accelerator, plugins["fsdp_plugin"])
 
     def before_prepare(self, model, accelerator):
-        from peft.utils.other import fsdp_auto_wrap_policy
+        from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
         super().before_prepare(model, accelerator)
-        # Each LoRA matrix is its own FSDP unit, so adapter states split evenly and the frozen
-        # units hold frozen weights only.
-        accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+        tensors = parameter_specs(model, decoder_layers(model), lambda module, name, param: "")
+        names = wrapped_modules(tensors)
+        wrapped = {id(module) for name, module in model.named_modules() if name in names}
+        accelerator.state.fsdp_plugin.auto_wrap_policy = functools.partial(
+            lambda_auto_wrap_policy, lambda_fn=lambda module: id(module) in wrapped
+        )
 
     def prepare_context(self, accelerator):
         return cpu.fsdp1_sync_allowed() if accelerator.device.type == "cpu" else super().prepare_context(accelerator)
@@ -109,15 +157,15 @@ class FSDP1(Strategy):
                 local = flat.detach()[info.offset_in_shard : info.offset_in_shard + info.numel_in_shard]
                 yield LocalShard(name, local, info.intra_param_start_idx, numel, flat.requires_grad)
 
-    @staticmethod
-    def _unit(t: TensorSpec) -> str:
-        # before_prepare's wrap policy: each LoRA matrix, each decoder layer, and the root for the rest.
-        return t.module if t.trainable else t.layer
+    def compute_policy(self, policy, mixed_precision):
+        return policy.cast_to(mixed_precision)
 
-    def _flat_parts(self, tensors: list[TensorSpec], world: int, rank: int) -> Iterator[dict[str, int]]:
+    @staticmethod
+    def _flat_parts(tensors: list[TensorSpec], world: int, rank: int) -> Iterator[dict[str, int]]:
         """This rank's bytes of each unit's flat parameter: every tensor starts at a 16-byte boundary
         (use_orig_params), the whole is padded to a multiple of the world size."""
-        for members in units(tensors, self._unit).values():
+        unit = unit_of(tensors)
+        for members in units(tensors, lambda t: unit[t.name]).values():
             itemsize = members[0].itemsize
             yield split_flat([(t.component, t.numel) for t in members], itemsize, 16 // itemsize, world, world, rank)
 
@@ -143,4 +191,5 @@ class FSDP1(Strategy):
         return root_and_two_layers(tensors, compute)
 
     def bucket_bytes(self, trainable, grad_dtype, world, hidden_size):
-        return max((t.numel * t.itemsize for t in trainable), default=0)
+        # The reduce-scatter input: one LoRA matrix's gradient, in the reduce dtype.
+        return max((t.numel * grad_dtype.itemsize for t in trainable), default=0)

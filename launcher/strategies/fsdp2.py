@@ -23,6 +23,7 @@ class FSDP2(Strategy):
         offload=(OFFLOAD_PARAMS,),
         offload_note="FSDP2's CPUOffloadPolicy moves parameters, gradients and optimizer state together: use params",
     )
+    casts_parameters = True
 
     def plugins(self, train, device):
         from accelerate.utils import FullyShardedDataParallelPlugin
@@ -74,7 +75,7 @@ class FSDP2(Strategy):
 
     def compute_policy(self, policy, mixed_precision):
         # Accelerate's FSDP2 mixed-precision policy gathers every parameter in the autocast dtype.
-        return policy if mixed_precision is None else policy.cast_to(mixed_precision)
+        return policy.cast_to(mixed_precision)
 
     @staticmethod
     def _rows(t: TensorSpec, world: int, rank: int) -> tuple[int, int, int]:

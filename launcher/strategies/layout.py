@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..dtypes import DtypePolicy
 
@@ -43,6 +44,40 @@ class TensorSpec:
     @property
     def itemsize(self) -> int:
         return self.dtype.itemsize
+
+
+def decoder_layers(model: nn.Module) -> list[str]:
+    """Paths of the decoder layers: the modules of the classes the model declares unsplittable."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    classes = set(getattr(base, "_no_split_modules", None) or ())
+    return [name for name, module in model.named_modules() if type(module).__name__ in classes]
+
+
+def containing_layer(layers: list[str], module_name: str) -> str:
+    """The decoder layer that holds `module_name`, "" outside the layers."""
+    return next((layer for layer in layers if module_name.startswith(layer + ".")), "")
+
+
+def parameter_specs(
+    model: nn.Module, layers: list[str], component_of: Callable[[nn.Module, str, nn.Parameter], str]
+) -> list[TensorSpec]:
+    """Every parameter of `model` (a tied one once, where it first appears), in `named_parameters` order."""
+    modules = dict(model.named_modules())
+    specs = []
+    for name, param in model.named_parameters():
+        module_name, _, local = name.rpartition(".")
+        specs.append(
+            TensorSpec(
+                name=name,
+                component=component_of(modules[module_name], local, param),
+                shape=tuple(param.shape),
+                dtype=param.dtype,
+                trainable=param.requires_grad,
+                module=module_name,
+                layer=containing_layer(layers, module_name),
+            )
+        )
+    return specs
 
 
 def chunk_rows(rows: int, world: int, rank: int) -> tuple[int, int]:

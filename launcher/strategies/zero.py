@@ -17,6 +17,7 @@ CHECKPOINT_TAG = "zero"
 
 class ZeRO(Strategy):
     stage: ClassVar[int]
+    casts_parameters = True
 
     def plugins(self, train, device):
         from accelerate.utils import DeepSpeedPlugin
@@ -96,7 +97,7 @@ class ZeRO(Strategy):
 
     def stored_policy(self, policy, mixed_precision):
         # Under bf16/fp16 DeepSpeed casts every parameter to that dtype (it keeps fp32 master copies).
-        return policy if mixed_precision is None else policy.cast_to(mixed_precision)
+        return policy.cast_to(mixed_precision)
 
     def bucket_bytes(self, trainable, grad_dtype, world, hidden_size):
         # The contiguous reduce bucket, allocated whole at the first backward; Accelerate fills "auto"

@@ -17,7 +17,6 @@ from these records. `-m matrix_smoke` runs one cell per family (each strategy tw
 
 import contextlib
 import json
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +35,8 @@ from support.launches import (
     tail,
 )
 from support.matrix import CELL_FACTS
+from support.shards import assert_shards_are_rank0s_bytes
 
-BASE_SHARDED = {"fsdp2", "fsdp1", "zero3"}
 WORLD = 2
 MICRO = 1
 ACCUM = 2  # the sharded runs accumulate; the reference takes the whole global batch at once
@@ -217,34 +216,7 @@ def test_adapter_reloads_with_the_trained_logits(cell):
 
 
 def test_every_shard_is_rank0s_bytes(cell):
-    full = cell.probes[0]["full"]
-    covered = defaultdict(int)
-    total_bytes = sum(t.numel() for t in full.values())
-    for rank, probe in enumerate(cell.probes):
-        held_bytes = 0
-        for name, start, full_numel, local, element_size in probe["shards"]:
-            expected = full[name]
-            assert expected.numel() == full_numel * element_size, name
-            valid = max(0, min(local.numel() // element_size, full_numel - start))
-            got = local[: valid * element_size]
-            want = expected[start * element_size : (start + valid) * element_size]
-            assert torch.equal(got, want), f"rank {rank}: {name} differs from rank 0's weights"
-            covered[name] += valid
-            held_bytes += valid * element_size
-            # FSDP2 and ZeRO-3 split every tensor; FSDP1 splits each flattened unit as a whole.
-            if cell.strategy in ("fsdp2", "zero3") and full_numel >= WORLD * 64:
-                assert valid < full_numel, f"rank {rank} holds all of {name}"
-        if cell.strategy in BASE_SHARDED:
-            assert held_bytes <= 1.05 * total_bytes / WORLD, (rank, held_bytes, total_bytes)
-        assert probe["quant_states"].keys() == cell.probes[0]["full_quant_states"].keys()
-        for module, states in probe["quant_states"].items():
-            for key, value in states.items():
-                assert torch.equal(value, cell.probes[0]["full_quant_states"][module][key]), (rank, module, key)
-    copies = 1 if cell.strategy in BASE_SHARDED else WORLD
-    numel_of = {shard[0]: shard[2] for probe in cell.probes for shard in probe["shards"]}
-    assert numel_of.keys() == full.keys()
-    for name in full:
-        assert covered[name] == copies * numel_of[name], name
+    assert_shards_are_rank0s_bytes(cell.probes, cell.strategy)
 
 
 def test_other_ranks_never_hold_the_whole_model(cell):

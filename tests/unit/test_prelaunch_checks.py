@@ -254,3 +254,19 @@ def test_auto_precision_on_cuda_is_left_to_the_ranks(demo_assets, tmp_path, monk
     changed = dataclasses.replace(cfg, resume="auto", lora=dataclasses.replace(cfg.lora, r=8))
     with pytest.raises(ConfigError, match="lora.r: 16 -> 8"):
         preflight.check_all(changed, 2)
+
+
+def test_fp16_autocast_never_casts_4bit_data_stored_as_bf16():
+    """On GPUs without bf16 "auto" picks fp16, and FSDP and DeepSpeed cast every parameter to it: bf16-stored
+    packed bytes would be rewritten. Refused, unless the 4-bit compute dtype (so the storage) is fp16 too."""
+    from launcher import strategies
+
+    cfg = load_config(None, [])
+    for name in ("fsdp2", "fsdp1", "zero2", "zero3"):
+        with pytest.raises(ConfigError, match=r"would rewrite the 4-bit data stored as torch.bfloat16.*float16"):
+            strategies.dtype_policy(cfg, strategies.get(name), "fp16")
+        assert strategies.dtype_policy(cfg, strategies.get(name), "bf16").quant_storage == torch.bfloat16
+        fp16 = load_config(None, [("quant.compute_dtype", "float16")])
+        assert strategies.dtype_policy(fp16, strategies.get(name), "fp16").quant_storage == torch.float16
+    # DDP casts nothing (autocast only).
+    assert strategies.dtype_policy(cfg, strategies.get("ddp"), "fp16").quant_storage == torch.bfloat16
