@@ -3,6 +3,9 @@
     python bench/startup.py [--workdir /tmp/qlaunch-startup] [--strategy fsdp2] [--layers 16] [--no-record]
     python bench/startup.py --load-only   # the source rank's load stage alone: cold, then cached
 
+Every process runs with CUDA_VISIBLE_DEVICES="": the source rank quantizes on the CPU (with a GPU it
+quantizes weight by weight on it, launcher/quantize.py), and the cache entries are keyed "cpu".
+
 Builds a random Llama of about 0.85B parameters (hidden 2048, MLP 5632, 16 layers, GQA 16/4 heads, vocab
 32000; from a `LlamaConfig`, saved with `save_pretrained` in bf16) once in the work directory, then
 trains it for one optimizer step on 2 CPU ranks twice with the same empty quantized-base cache: the
@@ -139,7 +142,8 @@ import torch
 from launcher.model import load_base
 started = time.perf_counter()
 load_base(ModelConfig(path=sys.argv[1], quant_cache_dir=sys.argv[2]), QuantConfig(), DtypePolicy.uniform(torch.bfloat16))
-print(json.dumps({"load": time.perf_counter() - started, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"load": time.perf_counter() - started, "cpu": usage.ru_utime + usage.ru_stime, "rss": usage.ru_maxrss * 1024}))
 """
 
 
@@ -159,7 +163,7 @@ def load_only(workdir: Path, base: Path) -> None:
         got = json.loads(out.stdout.strip().splitlines()[-1])
         note = [line for line in out.stderr.splitlines() if line.startswith("qlaunch:")]
         print(
-            f"{name}: load {got['load']:.1f} s, peak RSS {got['rss'] / GIB:.2f} GiB "
+            f"{name}: load {got['load']:.1f} s ({got['cpu']:.1f} CPU s in the process), peak RSS {got['rss'] / GIB:.2f} GiB "
             f"({got['rss'] / checkpoint_bytes:.2f}x the {checkpoint_bytes / GIB:.2f} GiB bf16 checkpoint); {note}",
             flush=True,
         )

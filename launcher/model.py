@@ -1,7 +1,8 @@
 """Load & prepare: the 4-bit base, k-bit preparation, LoRA, non-reentrant gradient checkpointing.
 
-Low-memory loading: only the source rank (global rank 0) reads the checkpoint and quantizes it,
-in host RAM, or reads what an earlier start quantized from the quantized-base cache (quant_cache.py).
+Low-memory loading: only the source rank (global rank 0) reads the checkpoint and quantizes it into
+host RAM (weight by weight on its GPU when CUDA is present, else on the CPU: quantize.py), or reads
+what an earlier start quantized from the quantized-base cache (quant_cache.py).
 Every other rank builds the same module tree on the meta device from a small layout that the source
 rank broadcasts, so no rank but the source ever holds the whole model. The sharding stage
 (`launcher.sync`, driven by the strategy) then fills each rank's shard.
@@ -9,6 +10,7 @@ rank broadcasts, so no rank but the source ever holds the whole model. The shard
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import bitsandbytes as bnb
@@ -21,6 +23,7 @@ from .config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConf
 from .dtypes import DTYPE_BY_NAME, DtypePolicy
 from .model_files import model_source
 from .quant_cache import cached_quantized_base
+from .quantize import quantizing_on, reading_without_mmap
 from .strategies.cpu import disable_bnb_cpu_repack
 
 
@@ -89,15 +92,28 @@ def read_model_config(path: str, trust_remote_code: bool, config_only: bool = Fa
         ) from error
 
 
-def load_quantized_base(model: ModelConfig, quant: QuantConfig, policy: DtypePolicy) -> PreTrainedModel:
-    """Reads the checkpoint through `from_pretrained` and quantizes it in host RAM (source rank only)."""
-    return AutoModelForCausalLM.from_pretrained(
-        model.path,
-        quantization_config=quantization_config(quant, policy),
-        dtype=DTYPE_BY_NAME[quant.compute_dtype],
-        device_map={"": "cpu"},
-        trust_remote_code=model.trust_remote_code,
-    )
+def quantize_device() -> torch.device:
+    """Where the source rank quantizes: its own GPU (`cuda:LOCAL_RANK`, as `this_rank_device`) when CUDA
+    is present, else the CPU. This is the one place the CUDA path is chosen."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def load_quantized_base(
+    model: ModelConfig, quant: QuantConfig, policy: DtypePolicy, device: torch.device | str | None = None
+) -> PreTrainedModel:
+    """Reads the checkpoint through `from_pretrained`, each 4-bit weight quantized on `device` (default
+    `quantize_device()`) one at a time, the whole quantized base in host RAM (source rank only). The
+    checkpoint is read with pread, not memory-mapped, so its pages do not stay in the process (quantize.py)."""
+    with reading_without_mmap(), quantizing_on(quantize_device() if device is None else device):
+        return AutoModelForCausalLM.from_pretrained(
+            model.path,
+            quantization_config=quantization_config(quant, policy),
+            dtype=DTYPE_BY_NAME[quant.compute_dtype],
+            device_map={"": "cpu"},
+            trust_remote_code=model.trust_remote_code,
+        )
 
 
 def meta_base(model: ModelConfig, quant: QuantConfig, config: PretrainedConfig | None = None) -> PreTrainedModel:
@@ -281,9 +297,12 @@ def load_base(model: ModelConfig, quant: QuantConfig, policy: DtypePolicy) -> Pr
     other rank builds the bare tree on meta."""
     if not is_source_rank():
         return meta_base(model, quant)
+    device = quantize_device()
     if not model.quant_cache:
-        return load_quantized_base(model, quant, policy)
-    return cached_quantized_base(model, quant, policy, lambda: load_quantized_base(model, quant, policy))[0]
+        return load_quantized_base(model, quant, policy, device)
+    return cached_quantized_base(
+        model, quant, policy, lambda: load_quantized_base(model, quant, policy, device), device.type
+    )[0]
 
 
 def build_model(

@@ -10,10 +10,17 @@ installs those bytes as they are and quantizes nothing. The tests check that the
 bit what quantizing gives.
 
 An entry is keyed by the checkpoint's files (path, size, modification time), the quantization config
-and the storage dtype the strategy resolved, and the versions of torch, transformers and
-bitsandbytes; the directory is `model.quant_cache_dir` (`model.quant_cache: false` turns it off). The
-first process to miss takes a file lock and quantizes into a temporary directory renamed into place
-when complete; another job sharing the directory waits for the lock and reads what it wrote.
+and the storage dtype the strategy resolved, the versions of torch, transformers and bitsandbytes,
+and the kind of device that quantized it: "cuda" when the source rank had a GPU, else "cpu"
+(`launcher.model.quantize_device`). It is not known whether bitsandbytes' CUDA kernel gives the same
+NF4 bits as its CPU path for the same weights (the CPU path scales by a float reciprocal and buckets
+in torch, the CUDA kernel does its own arithmetic, and double quantization's offset is a float mean
+summed in another order), so a cache shared between a machine with GPUs and one without keeps one
+entry for each and never hands one's result to the other. The tests check bit identity on the CPU only.
+
+The directory is `model.quant_cache_dir` (`model.quant_cache: false` turns it off). The first process
+to miss takes a file lock and quantizes into a temporary directory renamed into place when complete;
+another job sharing the directory waits for the lock and reads what it wrote.
 """
 
 from __future__ import annotations
@@ -70,9 +77,10 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def cache_key(model: ModelConfig, quant: QuantConfig, policy: DtypePolicy) -> tuple[str, dict]:
+def cache_key(model: ModelConfig, quant: QuantConfig, policy: DtypePolicy, quantized_on: str) -> tuple[str, dict]:
     what = {
         "format": CACHE_FORMAT,
+        "quantized_on": quantized_on,
         "files": checkpoint_files(model),
         "trust_remote_code": model.trust_remote_code,
         "quant": {
@@ -87,13 +95,18 @@ def cache_key(model: ModelConfig, quant: QuantConfig, policy: DtypePolicy) -> tu
 
 
 def cached_quantized_base(
-    model: ModelConfig, quant: QuantConfig, policy: DtypePolicy, quantize: Callable[[], torch.nn.Module]
+    model: ModelConfig,
+    quant: QuantConfig,
+    policy: DtypePolicy,
+    quantize: Callable[[], torch.nn.Module],
+    quantized_on: str,
 ) -> tuple[torch.nn.Module, bool]:
     """The quantized base and whether it came from the cache: read from it, or `quantize()`d and written
-    into it by the first process to ask."""
+    into it by the first process to ask. `quantized_on` is the kind of device `quantize` quantizes on
+    ("cpu", "cuda"): part of the key."""
     root = cache_root(model)
     root.mkdir(parents=True, exist_ok=True)
-    key, what = cache_key(model, quant, policy)
+    key, what = cache_key(model, quant, policy, quantized_on)
     entry = root / key
     if not is_entry(entry):
         with exclusive(root, key, f"waiting for another process quantizing `{model.path}` into {entry}"):

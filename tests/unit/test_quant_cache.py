@@ -1,7 +1,10 @@
 """The quantized-base cache: a later start reads the source rank's 4-bit base from disk, bit for bit what
 quantizing gives, and quantizes nothing; any change to the checkpoint, the quantization or the storage
-dtype misses; processes sharing the cache quantize once."""
+dtype misses; processes sharing the cache quantize once; the source rank quantizes every 4-bit weight on
+the device it is given (its GPU when there is one) bit for bit as the ordinary load does, and entries
+quantized on another kind of device are never mixed."""
 
+import contextlib
 import multiprocessing
 import os
 
@@ -96,7 +99,7 @@ def test_a_changed_quantization_or_touched_checkpoint_misses(family_assets, tmp_
         (QuantConfig(type="fp4"), BF16),
         (QuantConfig(compute_dtype="float16"), BF16),
         (QuantConfig(double_quant=False), BF16),
-        (QuantConfig(), DtypePolicy.uniform(torch.float32)),  # the storage dtype FSDP1 resolves
+        (QuantConfig(), DtypePolicy.uniform(torch.float32)),  # another storage dtype (`quant.storage_dtype: float32`)
     ]
     for k, (quant, policy) in enumerate(runs, start=1):
         model_module.load_base(cfg, quant, policy)
@@ -128,7 +131,7 @@ def _load_in_child(path: str, cache: str, results) -> None:
 
     cfg = ModelConfig(path=path, quant_cache_dir=cache)
     base, hit = cached_quantized_base(
-        cfg, QuantConfig(), BF16, lambda: model_module.load_quantized_base(cfg, QuantConfig(), BF16)
+        cfg, QuantConfig(), BF16, lambda: model_module.load_quantized_base(cfg, QuantConfig(), BF16), "cpu"
     )
     results.put((hit, raw(base.model.layers[0].mlp.down_proj.weight)))
 
@@ -147,3 +150,120 @@ def test_two_jobs_sharing_the_cache_quantize_once(family_assets, tmp_path):
     assert got[0][1] == got[1][1]
     names = entries(tmp_path / "cache")
     assert len(names) == 1 and (tmp_path / "cache" / names[0] / COMPLETE).is_file()
+
+
+@pytest.fixture
+def quantize_4bit_inputs(monkeypatch):
+    """The device of every tensor handed to bitsandbytes' `quantize_4bit`, in order."""
+    import bitsandbytes as bnb
+
+    devices = []
+    original = bnb.functional.quantize_4bit
+
+    def recording(A, *args, **kwargs):
+        devices.append(A.device)
+        return original(A, *args, **kwargs)
+
+    monkeypatch.setattr(bnb.functional, "quantize_4bit", recording)
+    return devices
+
+
+@pytest.fixture
+def opened_backends(monkeypatch):
+    """The storage backend asked for each safetensors file transformers opens."""
+    import safetensors
+    import transformers.modeling_utils
+
+    backends = []
+    original = safetensors.safe_open
+
+    def recording(*args, **kwargs):
+        backends.append(kwargs.get("backend"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", recording)
+    monkeypatch.setattr(transformers.modeling_utils, "safe_open", recording)
+    return backends
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "phi3", "mixtral"])
+def test_the_quantize_device_quantizes_every_4bit_weight_bit_for_bit(
+    family, family_assets, quantize_4bit_inputs, opened_backends, monkeypatch
+):
+    """The source rank's load quantizes each 4-bit weight on the device it is given (its GPU when CUDA is
+    present; here the CPU, given explicitly, so the same path runs), reads the checkpoint with pread, and
+    gives bit for bit what an ordinary `from_pretrained` gives: fused projections (phi3), fused MoE experts
+    (mixtral) and tied embeddings (llama-tied) stay transformers' own."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from launcher import quantize
+
+    contexts = []
+    original = quantize.quantizing_on
+
+    @contextlib.contextmanager
+    def recording(device):
+        with original(device) as done:
+            contexts.append(done)
+            yield done
+
+    monkeypatch.setattr(model_module, "quantizing_on", recording)
+    path = str(family_assets(family) / "base")
+    quantize_method = bnb.nn.Params4bit._quantize
+    got = model_module.load_quantized_base(ModelConfig(path=path, quant_cache=False), QuantConfig(), BF16, "cpu")
+    assert bnb.nn.Params4bit._quantize is quantize_method, "the patch outlived the load"
+    linears = [m for m in got.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(contexts) == 1 and linears
+    cpu = torch.device("cpu")
+    assert contexts[0].device == cpu
+    assert sorted(shape for shape, _, _ in contexts[0].weights) == sorted(
+        (m.out_features, m.in_features) for m in linears
+    ), "a 4-bit weight was quantized outside the quantize device's path"
+    assert {(on, left) for _, on, left in contexts[0].weights} == {(cpu, cpu)}
+    assert quantize_4bit_inputs == [cpu] * len(linears)
+    assert opened_backends == ["pread"]
+
+    ordinary = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=model_module.quantization_config(QuantConfig(), BF16),
+        dtype=torch.bfloat16,
+        device_map={"": "cpu"},
+    )
+    assert opened_backends[1:] == ["mmap"] and len(quantize_4bit_inputs) == 2 * len(linears)
+    expected = snapshot(ordinary)
+    assert any(":absmax" in k for k in expected)
+    mine = snapshot(got)
+    assert sorted(mine) == sorted(expected)
+    assert [k for k in expected if mine[k] != expected[k]] == []
+    assert ties(got) == ties(ordinary) and got.config.to_dict() == ordinary.config.to_dict()
+    if family == "mixtral":
+        assert any(p.dim() == 3 for p in got.parameters()), "fused experts expected"
+
+
+def test_the_quantize_device_is_the_local_gpu_when_cuda_is_present(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert model_module.quantize_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert model_module.quantize_device() == torch.device("cpu")
+
+
+def test_entries_quantized_on_another_kind_of_device_are_never_mixed(family_assets, tmp_path):
+    """A cache shared by a machine with GPUs and one without holds one entry for each."""
+    from launcher.quant_cache import cache_key, cached_quantized_base
+
+    cfg = ModelConfig(path=str(family_assets("llama-tied") / "base"), quant_cache_dir=str(tmp_path / "cache"))
+    assert cache_key(cfg, QuantConfig(), BF16, "cpu")[0] != cache_key(cfg, QuantConfig(), BF16, "cuda")[0]
+    assert cache_key(cfg, QuantConfig(), BF16, "cuda")[1]["quantized_on"] == "cuda"
+    quantized = []
+
+    def quantize():
+        quantized.append(1)
+        return model_module.load_quantized_base(cfg, QuantConfig(), BF16, "cpu")
+
+    hits = [
+        cached_quantized_base(cfg, QuantConfig(), BF16, quantize, kind)[1] for kind in ("cpu", "cuda", "cpu", "cuda")
+    ]
+    assert hits == [False, False, True, True] and len(quantized) == 2
+    assert len(entries(tmp_path / "cache")) == 2
