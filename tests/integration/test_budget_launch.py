@@ -8,6 +8,7 @@ The family x strategy matrix (test_matrix.py) checks the same for every family a
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -15,6 +16,7 @@ from launcher import launch, strategies
 from launcher.config import DistConfig
 from launcher.demo import build_base_model, write_dataset
 from launcher.memory import measure
+from support.families import BY_NAME
 from support.launches import assert_budget_rows, load_probes, probe_launch_command, read_metrics, run_command, tail
 
 UNEVEN_WORLD = 3
@@ -83,61 +85,127 @@ def test_uneven_shards_are_predicted_to_the_byte(uneven_run):
 
 # --- train.offload for real: each library's own offload machinery, on 2 CPU ranks -----------------
 # On CPU ranks host RAM is the device's memory, so these check mechanics: the run config reaches the
-# library, the shards live under its offload machinery, and the losses do not change.
+# library, the shards live under its offload machinery, and the losses do not change. Besides the uneven
+# Llama, real families (support/families.py): tied embeddings under FSDP2's CPUOffloadPolicy, and q/k/v
+# biases (qwen2, tied too) and adapted fused 3D experts (mixtral-experts) under DeepSpeed's offload.
 
 OFFLOAD_WORLD = 2
+OFFLOAD_STEPS = 3
+TIED_FAMILIES = ["gemma2"]
+# Biases (and a tie) under ZeRO-3 offload; adapted 3D experts under both ZeRO modes. Each run is a launch.
+ZERO_RUNS = [
+    ("qwen2", "zero3", "params"),
+    ("mixtral-experts", "zero3", "params"),
+    ("mixtral-experts", "zero2", "optimizer"),
+]
+
+
+class OffloadRun(NamedTuple):
+    losses: list[float]
+    grad_norms: list[float]
+    probes: list[dict]
+    report: dict
 
 
 @pytest.fixture(scope="module")
-def offload_runs(uneven_assets, tmp_path_factory):
-    """(strategy, train.offload) -> (losses, grad norms, per-rank probes, memory_budget.json); each launched once."""
-    runs = {}
+def offload_runs(request, family_assets, tmp_path_factory):
+    """(strategy, train.offload, family) -> OffloadRun, each launched once per module; family None is the
+    uneven Llama above."""
+    runs: dict[tuple, OffloadRun] = {}
 
-    def get(strategy: str, offload: str):
-        if (strategy, offload) not in runs:
-            root = tmp_path_factory.mktemp(f"offload-{strategy}-{offload}")
+    def get(strategy: str, offload: str, family: str | None = None) -> OffloadRun:
+        if (strategy, offload, family) not in runs:
+            root = tmp_path_factory.mktemp(f"offload-{family or 'uneven'}-{strategy}-{offload}")
+            if family is None:
+                assets, family_args = request.getfixturevalue("uneven_assets"), []
+            else:
+                assets, family_args = family_assets(family), [*BY_NAME[family].run_args, "--data.max_seq_len", "64"]
             args = [
-                *("--model.path", str(uneven_assets / "base"), "--data.path", str(uneven_assets / "data.jsonl")),
+                *family_args,
+                *("--model.path", str(assets / "base"), "--data.path", str(assets / "data.jsonl")),
                 *("--strategy", strategy, "--output_dir", str(root / "run"), "--train.offload", offload),
-                *("--lora.dropout", "0", "--train.lr", "3e-3", "--train.max_steps", "3"),
+                *("--lora.dropout", "0", "--train.lr", "3e-3", "--train.max_steps", str(OFFLOAD_STEPS)),
             ]
             proc = run_command(probe_launch_command(strategy, root / "probe", args, OFFLOAD_WORLD), root / "launch.log")
             assert proc.returncode == 0, tail(root / "launch.log")
             metrics = read_metrics(root / "run")
-            runs[strategy, offload] = (
+            runs[strategy, offload, family] = OffloadRun(
                 [m["loss"] for m in metrics],
                 [m["grad_norm"] for m in metrics],
                 load_probes(root / "probe", OFFLOAD_WORLD),
                 json.loads((root / "run" / measure.REPORT_JSON).read_text()),
             )
-        return runs[strategy, offload]
+        return runs[strategy, offload, family]
 
     return get
 
 
-def test_fsdp2_offloaded_params_train_exactly_like_resident_ones(offload_runs):
-    losses, norms, probes, report = offload_runs("fsdp2", "params")
-    resident_losses, resident_norms, resident_probes, _ = offload_runs("fsdp2", "none")
+def assert_fsdp2_offloaded_exactly(run: OffloadRun, resident: OffloadRun) -> None:
     # The same arithmetic on the same values: FSDP2 copies each shard to the device before its all-gather.
-    assert len(losses) == 3 and losses == resident_losses and norms == resident_norms, (losses, resident_losses)
-    for probe, resident in zip(probes, resident_probes, strict=True):
+    assert len(run.losses) == OFFLOAD_STEPS and run.losses == resident.losses, (run.losses, resident.losses)
+    assert run.grad_norms == resident.grad_norms, (run.grad_norms, resident.grad_norms)
+    for probe, resident_probe in zip(run.probes, resident.probes, strict=True):
         assert probe["offload"]["fsdp_policies"] == ["CPUOffloadPolicy"], probe["offload"]
         assert probe["offload"]["fsdp_offload_to_cpu"] == [True]
         assert probe["offload"]["fsdp_shard_devices"] == probe["offload"]["local_devices"] == ["cpu"]
-        assert resident["offload"]["fsdp_policies"] == ["OffloadPolicy"]
-        assert resident["offload"]["fsdp_offload_to_cpu"] == [False]
+        assert resident_probe["offload"]["fsdp_policies"] == ["OffloadPolicy"]
+        assert resident_probe["offload"]["fsdp_offload_to_cpu"] == [False]
+
+
+def assert_zero_offload(run: OffloadRun, *, params: bool) -> None:
+    """DeepSpeed's optimizer offloads its optimizer partition (and, with `params`, its parameter partitions)."""
+    for probe in run.probes:
+        facts = probe["offload"]
+        # ZeRO-3's optimizer says offload_optimizer; ZeRO-1/2's says cpu_offload and has no offload_param.
+        optimizer_offloaded = facts["zero_offload_optimizer"] if params else facts["zero_cpu_offload"]
+        assert optimizer_offloaded is True, facts
+        assert bool(facts["zero_offload_param"]) is params, facts
+        assert facts["local_devices"] == ["cpu"], facts
+        # The launcher's torch AdamW steps the host partition (not DeepSpeedCPUAdam, an op built at first use).
+        assert probe["optimizer_type"] == "AdamW"
+
+
+def assert_tie_kept(run: OffloadRun, family: str) -> None:
+    tied = BY_NAME[family].tied
+    for rank, probe in enumerate(run.probes):
+        assert probe["tie_before_shard"]["same_parameter"] is tied, (rank, probe["tie_before_shard"])
+        assert probe["tie_after_shard"] == {"same_parameter": tied, "same_storage": tied}, (rank, probe)
+
+
+def test_fsdp2_offloaded_params_train_exactly_like_resident_ones(offload_runs):
+    run = offload_runs("fsdp2", "params")
+    assert_fsdp2_offloaded_exactly(run, offload_runs("fsdp2", "none"))
     # Measured on CPU, where nothing moves off a GPU: still the budget to the byte.
-    assert_budget_rows(report, "fsdp2 offload params")
+    assert_budget_rows(run.report, "fsdp2 offload params")
+
+
+@pytest.mark.parametrize("family", TIED_FAMILIES)
+def test_fsdp2_offloads_tied_embeddings_as_one_parameter(offload_runs, family):
+    assert BY_NAME[family].tied
+    run, resident = offload_runs("fsdp2", "params", family), offload_runs("fsdp2", "none", family)
+    assert_fsdp2_offloaded_exactly(run, resident)
+    # The input and output embeddings stay one parameter (one offloaded shard, one storage) on every rank.
+    assert_tie_kept(run, family)
+    assert_tie_kept(resident, family)
+    assert_budget_rows(run.report, f"{family} fsdp2 offload params")
 
 
 def test_zero3_offloads_params_and_optimizer_through_deepspeed(offload_runs):
-    losses, norms, probes, report = offload_runs("zero3", "params")
-    resident_losses, *_ = offload_runs("fsdp2", "none")
+    run = offload_runs("zero3", "params")
+    resident_losses = offload_runs("fsdp2", "none").losses
     # Another library's reduction order than FSDP2's: equal to the matrix's tolerance, not bit for bit.
-    assert losses == pytest.approx(resident_losses, abs=2e-3), (losses, resident_losses)
-    for probe in probes:
-        assert probe["offload"]["zero_offload_param"] is True and probe["offload"]["zero_offload_optimizer"] is True
-        assert probe["offload"]["local_devices"] == ["cpu"]
-        # The launcher's torch AdamW steps the host partition (not DeepSpeedCPUAdam, an op built at first use).
-        assert probe["optimizer_type"] == "AdamW"
-    assert_budget_rows(report, "zero3 offload params")
+    assert run.losses == pytest.approx(resident_losses, abs=2e-3), (run.losses, resident_losses)
+    assert_zero_offload(run, params=True)
+    assert_budget_rows(run.report, "zero3 offload params")
+
+
+@pytest.mark.parametrize(("family", "strategy", "offload"), ZERO_RUNS)
+def test_zero_offload_of_biases_and_experts(offload_runs, family, strategy, offload):
+    run, resident = offload_runs(strategy, offload, family), offload_runs("fsdp2", "none", family)
+    # The matrix's tolerances against another library's reduction order.
+    assert len(run.losses) == OFFLOAD_STEPS and run.losses[-1] != run.losses[0], run.losses
+    assert run.losses == pytest.approx(resident.losses, abs=2e-3), (run.losses, resident.losses)
+    assert run.grad_norms == pytest.approx(resident.grad_norms, rel=2e-2), (run.grad_norms, resident.grad_norms)
+    assert_zero_offload(run, params=offload == "params")
+    assert_tie_kept(run, family)
+    assert_budget_rows(run.report, f"{family} {strategy} offload {offload}")

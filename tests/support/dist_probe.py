@@ -81,6 +81,8 @@ def offload_facts(model) -> dict:
         "fsdp_shard_devices": sorted({p._sharded_param_data.device.type for p in params}),
         "zero_offload_param": getattr(zero, "offload_param", None),
         "zero_offload_optimizer": getattr(zero, "offload_optimizer", None),
+        # ZeRO-1/2's optimizer names its offload_optimizer flag cpu_offload (it has no offload_param).
+        "zero_cpu_offload": getattr(zero, "cpu_offload", None),
     }
 
 
