@@ -66,10 +66,13 @@ class FSDP1(Strategy):
         reshardable_checkpoints=True,
         shards_base=True,
         shards_adapter_state=True,
+        # Tried: with CPUOffload(offload_params=True) on CPU ranks FSDP1 pins buffers (no accelerator to pin
+        # for), and its gradient handling branches on "gradient device != compute device", never true there: a
+        # 2-rank run added the previous step's gradients into the next (grad norm 0.94 vs 0.62 resident at
+        # step 2). Nothing a CPU test could check, so not offered.
         offload_note=(
-            "FSDP1's CPUOffload(offload_params=True) is not wired here: its parameters are allocated from meta modules "
-            "on the device and broadcast (sync_module_states), which has not been tested with host-resident shards; "
-            "use fsdp2 or zero3"
+            "FSDP1's CPUOffload(offload_params=True) cannot be tested on CPU ranks (its gradient offload only "
+            "works where the device is not the host), so it is not offered; use fsdp2 or zero3"
         ),
     )
     # FSDP1 replaces the parameters with flat ones: the optimizer is built on the wrapped model.
