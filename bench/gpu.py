@@ -10,8 +10,9 @@ and records longer than the longest sequence (every micro batch full, the shape 
 with `qlaunch train` on every visible GPU, micro batch 1, once per sequence length. Nothing is measured twice: a
 run's memory_budget.json holds per rank the prediction (the `qlaunch budget --json` object of its config), what the
 rank held per component in step 1 and torch.cuda's peaks; shard_report.json the whole run's peak; metrics.jsonl tokens.
-For #1945 (FSDP2 rewriting NaN bit patterns of NF4 data packed in bf16) the launcher records no per-rank weight
-bytes after a forward pass; the closest check its outputs allow is `qlaunch verify` (issue_1945 below).
+For #1945 (FSDP2 rewriting NaN bit patterns of NF4 data packed in bf16) the runs set `train.check_4bit_weights`:
+every rank compares a digest of each 4-bit weight as its linear receives it in the first forward with rank 0's
+before sharding (shard_report.json); `qlaunch verify` then compares the trained logits end to end.
 Without CUDA it says so and exits with status 2 before building anything.
 """
 
@@ -127,7 +128,7 @@ def train_command(workdir: Path, strategy: str, nproc: int, seq: int) -> list[st
     return [
         *(sys.executable, "-m", "launcher", "train", "--config", str(workdir / "run.yaml")),
         *("--strategy", strategy, "--nproc", str(nproc), "--data.max_seq_len", str(seq)),
-        *("--output_dir", str(run_dir(workdir, strategy, seq))),
+        *("--output_dir", str(run_dir(workdir, strategy, seq)), "--train.check_4bit_weights", "true"),
         # Quantized once for every run here; tokenized once per length.
         *("--model.quant_cache_dir", str(workdir / "quant-cache"), "--data.cache_dir", str(workdir / "data-cache")),
     ]
@@ -256,14 +257,41 @@ def render_run(run: Path) -> str:
     )
 
 
-def issue_1945(world: int, steps: int, checked: tuple[float | None, bool, str] | None, tolerance: float) -> str:
-    """What the run says about bitsandbytes #1945. The byte-for-byte check (every rank's shard = rank 0's bytes) is
-    in tests/support/dist_probe.py, right after sharding, on CPU; the launcher writes nothing like it. `qlaunch
-    verify` compares the logits the sharded model computed after training (adapter_check.safetensors) with one
-    process reloading the untouched checkpoint and adapter: a forward that read rewritten 4-bit bytes shows there."""
+def packed_checks(runs: list[Path]) -> list[tuple[str, dict | None]]:
+    """(run, one rank's `train.check_4bit_weights` result), for every rank of every run."""
+    found = []
+    for run in runs:
+        for rank in json.loads((run / "shard_report.json").read_text()):
+            found.append((f"{run.name} rank {rank['rank']}", rank.get("packed_weights_in_first_forward")))
+    return found
+
+
+def bytes_verdict(checks: list[tuple[str, dict | None]]) -> tuple[bool, list[str]]:
+    """Whether every rank's 4-bit weights reached their first forward as rank 0's bytes, and the lines saying so."""
+    bad = [
+        f"  {where}: "
+        + ("not checked" if c is None else f"{len(c['differing'])} of {c['of']} differ: {c['differing'][:3]}")
+        for where, c in checks
+        if c is None or c["differing"] or c["checked"] != c["of"]
+    ]
+    if not checks or bad:
+        return False, ["  byte for byte: FAILED", *bad] if checks else ["  byte for byte: no run finished"]
+    n = checks[0][1]["of"]
+    return True, [
+        f"  byte for byte: OK, on {len(checks)} rank runs all {n} 4-bit weights were rank 0's bytes in the first forward"
+    ]
+
+
+def issue_1945(
+    world: int, steps: int, checked: tuple[float | None, bool, str] | None, tolerance: float, bytes_lines=()
+) -> str:
+    """What the runs say about bitsandbytes #1945: the launcher's own byte check (`train.check_4bit_weights`: a
+    digest of each 4-bit weight as its linear receives it in the first forward, against rank 0's before sharding),
+    then `qlaunch verify` (the logits the sharded model computed after training against one process reloading
+    the untouched checkpoint and adapter), end to end."""
     lines = [
-        "bitsandbytes #1945 (do every rank's 4-bit weights still equal rank 0's after a forward pass?): not "
-        "compared byte for byte: the launcher records no per-rank weight bytes after a forward pass."
+        "bitsandbytes #1945 (do every rank's 4-bit weights still equal rank 0's after a forward pass?):",
+        *bytes_lines,
     ]
     if world == 1:
         lines.append("  1 rank: nothing was sharded, so #1945 cannot arise here; it needs 2 or more GPUs.")
@@ -330,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qlaunch verify {finished[0]} (quantizes the base again, in one process) ...", flush=True)
         checked = verify(finished[0], args.verify_tolerance)
         ok &= checked[1]
-    sections.append(issue_1945(nproc, args.steps, checked, args.verify_tolerance))
+    same_bytes, bytes_lines = bytes_verdict(packed_checks(finished))
+    ok &= same_bytes
+    sections.append(issue_1945(nproc, args.steps, checked, args.verify_tolerance, bytes_lines))
     print(sections[-1])
     print(f"\nbench/gpu.py: {time.time() - started:.0f} s in all.")
     if not args.no_record and finished:

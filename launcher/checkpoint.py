@@ -48,6 +48,7 @@ TMP_PREFIX = ".tmp-"
 # save, where to write. Everything else changes what the checkpoint means.
 RESUMABLE_CHANGES = {
     "train.max_steps",
+    "train.check_4bit_weights",
     "train.epochs",
     "train.log_interval",
     "checkpoint.every_steps",

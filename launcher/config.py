@@ -131,6 +131,9 @@ class TrainConfig:
     """The trackers' project (TensorBoard: <output_dir>/trackers/<project>)."""
     run_name: str = ""
     """The trackers' run name (empty: the output directory's name)."""
+    check_4bit_weights: bool = False
+    """Check that the 4-bit weights every rank receives in its first forward are the source rank's bytes (a
+    digest per weight, in shard_report.json; costs one pass over the base at start-up)."""
     offload: str = "none"
     """What lives in host RAM between uses: none, optimizer (the adapter's gradients, master copies and optimizer
     states; ZeRO's offload_optimizer) or params (the frozen 4-bit base and the adapters too, with the optimizer

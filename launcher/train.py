@@ -23,6 +23,7 @@ from .memory.components import parameter_components
 from .memory.measure import MemoryMeter
 from .metrics import MetricsLog
 from .model import build_model, coverage_notes, load_base
+from .packed_check import PackedWeightCheck
 from .preemption import StopSignal
 
 CHECK_TOKENS = 32
@@ -57,7 +58,9 @@ def lr_lambda(train_cfg, total_steps: int):
     return factor
 
 
-def rank_report(model, optimizer, setup: preflight.RunSetup, adapter_total: int, peak_device_bytes: int | None) -> dict:
+def rank_report(
+    model, optimizer, setup: preflight.RunSetup, adapter_total: int, peak_device_bytes: int | None, packed: dict | None
+) -> dict:
     """What this rank holds after sharding: adapter and optimizer-state elements, for the report."""
     shards = [s for s in setup.sharder.local_shards(model) if s.trainable]
     trainable_local = sum(min(s.local.numel(), s.full_numel - s.start) for s in shards)
@@ -70,6 +73,7 @@ def rank_report(model, optimizer, setup: preflight.RunSetup, adapter_total: int,
         "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         # torch.cuda's own peak would cover only the time since the meter's last per-step reset.
         "peak_device_bytes": peak_device_bytes,
+        "packed_weights_in_first_forward": packed,
     }
 
 
@@ -122,9 +126,13 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
 
     adapter_total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     components = parameter_components(model)
+    packed_check = PackedWeightCheck(model) if cfg.train.check_4bit_weights else None
     startup_mark("shard_start")
     model, optimizer, base_optimizer = sharder.shard(model, make_optimizer, accelerator)
     startup_mark("shard_end")
+    if packed_check:
+        packed_check.watch(model)
+    packed = None
     scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(cfg.train, total_steps))
     meter = MemoryMeter(cfg, model, base_optimizer, sharder, output_dir, accelerator.device, components)
 
@@ -154,6 +162,8 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
             model, optimizer, accelerator, sharder, batches, rows, tokenizer, step, rank, cfg.train.max_grad_norm
         )
         scheduler.step()
+        if packed_check and step == start_step:
+            packed = packed_check.result()
         window_tokens += step_tokens
         total_tokens += step_tokens
         metrics.advance()
@@ -189,7 +199,7 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
 
     # Export & report.
     meter.finish()
-    report = [rank_report(model, optimizer, setup, adapter_total, meter.peak_device_bytes())]
+    report = [rank_report(model, optimizer, setup, adapter_total, meter.peak_device_bytes(), packed)]
     if dist.is_initialized():
         mine, report = report[0], [None] * world
         dist.all_gather_object(report, mine)

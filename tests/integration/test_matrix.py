@@ -80,6 +80,8 @@ def train_args(family: str, assets: Path, out: Path, strategy: str, micro: int, 
         # Dropout masks differ between two ranks and one process; the losses must not.
         "--lora.dropout",
         "0",
+        "--train.check_4bit_weights",
+        "true",
     ]
 
 
@@ -217,6 +219,10 @@ def test_adapter_reloads_with_the_trained_logits(cell):
 
 def test_every_shard_is_rank0s_bytes(cell):
     assert_shards_are_rank0s_bytes(cell.probes, cell.strategy)
+    # ... and so is every 4-bit weight as its linear receives it in the first forward, gathered.
+    four_bit = len(cell.probes[0]["full_quant_states"])
+    for rank in cell.report():
+        assert rank["packed_weights_in_first_forward"] == {"checked": four_bit, "of": four_bit, "differing": []}
 
 
 def test_other_ranks_never_hold_the_whole_model(cell):

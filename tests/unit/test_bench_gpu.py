@@ -46,7 +46,11 @@ def fake_run(path: Path, ranks: int = 2, activations: tuple[int, ...] = (300 * M
         "comparison": [],
     }
     (path / "memory_budget.json").write_text(json.dumps(budget))
-    shards = [{"rank": r, "strategy": "fsdp2", "peak_device_bytes": 4 * GiB + MiB} for r in range(ranks)]
+    check = {"checked": 14, "of": 14, "differing": []}
+    shards = [
+        {"rank": r, "strategy": "fsdp2", "peak_device_bytes": 4 * GiB + MiB, "packed_weights_in_first_forward": check}
+        for r in range(ranks)
+    ]
     (path / "shard_report.json").write_text(json.dumps(shards))
     steps = [
         {"step": s, "loss": 10.5 - s / 10, "tokens": 1024, "tokens_per_s": 2048.0, "elapsed_s": 2.0 + 0.5 * (s - 1)}
@@ -129,11 +133,24 @@ def test_the_1945_note_says_what_was_and_was_not_checked(gpu):
     assert gpu.parse_verify("loading...\n" + line) == (0.03125, False)
     assert gpu.parse_verify("Traceback ...") == (None, False)
     failed = gpu.issue_1945(2, 5, (0.03125, False, line), 0.01)
-    assert (
-        "no per-rank weight bytes after a forward pass" in failed
-        and "--strategy ddp" in failed
-        and "3.125e-02, FAILED at tolerance 0.01" in failed
+    assert "--strategy ddp" in failed and "3.125e-02, FAILED at tolerance 0.01" in failed
+    same = {"checked": 224, "of": 224, "differing": []}
+    assert gpu.bytes_verdict([("a rank 0", same), ("a rank 1", same)]) == (
+        True,
+        ["  byte for byte: OK, on 2 rank runs all 224 4-bit weights were rank 0's bytes in the first forward"],
     )
+    ok, lines = gpu.bytes_verdict(
+        [("a rank 0", same), ("a rank 1", {**same, "differing": ["model.layers.3.mlp.up_proj"]})]
+    )
+    assert not ok and "a rank 1: 1 of 224 differ: ['model.layers.3.mlp.up_proj']" in lines[1]
+    assert gpu.bytes_verdict([("a rank 0", None)])[0] is False and gpu.bytes_verdict([])[0] is False
+
+
+def test_the_byte_check_is_read_from_each_rank_of_each_run(gpu, tmp_path):
+    runs = [fake_run(tmp_path / "a"), fake_run(tmp_path / "b", ranks=3, activations=(MiB,) * 3)]
+    checks = gpu.packed_checks(runs)
+    assert [where for where, _ in checks] == ["a rank 0", "a rank 1", "b rank 0", "b rank 1", "b rank 2"]
+    assert gpu.bytes_verdict(checks)[0] is True
     single = gpu.issue_1945(1, 5, (1e-3, True, ""), 0.01)
     assert "1 rank: nothing was sharded" in single and "OK at tolerance" in single
     assert "skipped" in gpu.issue_1945(2, 5, None, 0.01)
