@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .config import ModelConfig, QuantConfig
 from .dtypes import DTYPE_BY_NAME, DtypePolicy
@@ -113,11 +114,26 @@ def cached_quantized_base(
             if not is_entry(entry):
                 return write_entry(model, quantize, root, key, what), False
     started = time.perf_counter()
-    base = read_entry(model, quant, entry)
+    try:
+        base = read_entry(model, quant, entry)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        # Complete once, damaged since (a disk error, a file cut short by hand): replaced, not trusted.
+        say(f"the cached quantized base {entry} cannot be read ({type(error).__name__}: {error}); quantizing again")
+        with exclusive(root, key, f"waiting for another process replacing the damaged entry {entry}"):
+            discard(entry)
+            return write_entry(model, quantize, root, key, what), False
     say(
         f"quantized base of `{model.path}` read from the cache {entry} in {time.perf_counter() - started:.1f} s, not quantized again"
     )
     return base, True
+
+
+def discard(entry: Path) -> None:
+    """Moves an entry out of its key's place first, so no reader opens a half-removed one."""
+    if entry.exists():
+        doomed = entry.parent / f"{entry.name}.damaged-{os.getpid()}"
+        os.rename(entry, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def is_entry(entry: Path) -> bool:

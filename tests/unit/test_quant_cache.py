@@ -267,3 +267,21 @@ def test_entries_quantized_on_another_kind_of_device_are_never_mixed(family_asse
     ]
     assert hits == [False, False, True, True] and len(quantized) == 2
     assert len(entries(tmp_path / "cache")) == 2
+
+
+def test_a_damaged_entry_is_replaced_not_trusted(family_assets, tmp_path, quantize_calls, capsys):
+    path = str(family_assets("llama-tied") / "base")
+    cfg = ModelConfig(path=path, quant_cache_dir=str(tmp_path / "cache"))
+    model_module.load_base(cfg, QuantConfig(), BF16)
+    (entry,) = [tmp_path / "cache" / name for name in entries(tmp_path / "cache")]
+    weights = entry / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # complete once, cut short since
+    capsys.readouterr()
+    again = model_module.load_base(cfg, QuantConfig(), BF16)
+    assert len(quantize_calls) == 2 and "cannot be read" in capsys.readouterr().err
+    fresh = model_module.load_base(ModelConfig(path=path, quant_cache=False), QuantConfig(), BF16)
+    assert snapshot(again) == snapshot(fresh)
+    # The replacement is a whole entry, read by the next start; nothing of the damaged one is left.
+    model_module.load_base(cfg, QuantConfig(), BF16)
+    assert len(quantize_calls) == 3 and "read from the cache" in capsys.readouterr().err
+    assert entries(tmp_path / "cache") == [entry.name]
