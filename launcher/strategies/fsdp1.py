@@ -34,12 +34,14 @@ def wrapped_modules(tensors: list[TensorSpec]) -> set[str]:
     trainable weights, and every module whose frozen weights' dtype is not the one most of its layer's
     (or, outside the layers, the root's) frozen bytes have."""
     by_dtype: dict[str, Counter] = {}
+    module_dtypes: dict[str, set] = {}
     for t in tensors:
+        module_dtypes.setdefault(t.module, set()).add(t.dtype)
         if not t.trainable:
             by_dtype.setdefault(t.layer, Counter())[t.dtype] += t.numel * t.itemsize
     main = {layer: max(sorted(counts, key=str), key=counts.__getitem__) for layer, counts in by_dtype.items()}
     own = {t.module for t in tensors if t.trainable or t.dtype != main[t.layer]}
-    mixed = sorted(m for m in own if len({t.dtype for t in tensors if t.module == m}) > 1)
+    mixed = sorted(m for m in own if len(module_dtypes[m]) > 1)
     if mixed:
         raise ValueError(f"FSDP1 needs one dtype per unit, and `{mixed[0]}` holds weights of several dtypes")
     return {t.layer for t in tensors if t.layer} | own
