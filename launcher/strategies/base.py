@@ -254,7 +254,8 @@ class Strategy:
 
     def compute_policy(self, policy: DtypePolicy, mixed_precision: torch.dtype | None) -> DtypePolicy:
         """dtypes the parameters have inside forward and backward."""
-        return self.stored_policy(policy, mixed_precision)
+        stored = self.stored_policy(policy, mixed_precision)
+        return stored.cast_to(mixed_precision) if self.casts_parameters else stored
 
     def held_weights(self, tensors: list[TensorSpec], world: int, rank: int) -> dict[str, int]:
         return whole(tensors)

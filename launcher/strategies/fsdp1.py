@@ -162,9 +162,6 @@ class FSDP1(Strategy):
                 local = flat.detach()[info.offset_in_shard : info.offset_in_shard + info.numel_in_shard]
                 yield LocalShard(name, local, info.intra_param_start_idx, numel, flat.requires_grad)
 
-    def compute_policy(self, policy, mixed_precision):
-        return policy.cast_to(mixed_precision)
-
     @staticmethod
     def _flat_parts(tensors: list[TensorSpec], world: int, rank: int) -> Iterator[dict[str, int]]:
         """This rank's bytes of each unit's flat parameter: every tensor starts at a 16-byte boundary

@@ -23,6 +23,7 @@ class FSDP2(Strategy):
         offload=(OFFLOAD_PARAMS,),
         offload_note="FSDP2's CPUOffloadPolicy moves parameters, gradients and optimizer state together: use params",
     )
+    # Accelerate's FSDP2 mixed-precision policy gathers every parameter in the autocast dtype.
     casts_parameters = True
 
     def plugins(self, train, device):
@@ -72,10 +73,6 @@ class FSDP2(Strategy):
             rows_per_rank = -(-param.shape[0] // world)
             row_numel = param[0].numel() if param.dim() > 1 else 1
             yield LocalShard(name, local, rank * rows_per_rank * row_numel, param.numel(), param.requires_grad)
-
-    def compute_policy(self, policy, mixed_precision):
-        # Accelerate's FSDP2 mixed-precision policy gathers every parameter in the autocast dtype.
-        return policy.cast_to(mixed_precision)
 
     @staticmethod
     def _rows(t: TensorSpec, world: int, rank: int) -> tuple[int, int, int]:
