@@ -10,7 +10,6 @@ rank broadcasts, so no rank but the source ever holds the whole model. The shard
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import bitsandbytes as bnb
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 
+from .accelerator import this_rank_device
 from .collectives import broadcast_object, is_source_rank
 from .config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from .dtypes import DTYPE_BY_NAME, DtypePolicy
@@ -92,21 +92,13 @@ def read_model_config(path: str, trust_remote_code: bool, config_only: bool = Fa
         ) from error
 
 
-def quantize_device() -> torch.device:
-    """Where the source rank quantizes: its own GPU (`cuda:LOCAL_RANK`, as `this_rank_device`) when CUDA
-    is present, else the CPU. This is the one place the CUDA path is chosen."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def load_quantized_base(
     model: ModelConfig, quant: QuantConfig, policy: DtypePolicy, device: torch.device | str | None = None
 ) -> PreTrainedModel:
     """Reads the checkpoint through `from_pretrained`, each 4-bit weight quantized on `device` (default
-    `quantize_device()`) one at a time, the whole quantized base in host RAM (source rank only). The
+    this rank's device: its GPU when CUDA is present, else the CPU) one at a time, the whole quantized base in host RAM (source rank only). The
     checkpoint is read with pread, not memory-mapped, so its pages do not stay in the process (quantize.py)."""
-    with reading_without_mmap(), quantizing_on(quantize_device() if device is None else device):
+    with reading_without_mmap(), quantizing_on(this_rank_device() if device is None else device):
         return AutoModelForCausalLM.from_pretrained(
             model.path,
             quantization_config=quantization_config(quant, policy),
@@ -297,7 +289,7 @@ def load_base(model: ModelConfig, quant: QuantConfig, policy: DtypePolicy) -> Pr
     other rank builds the bare tree on meta."""
     if not is_source_rank():
         return meta_base(model, quant)
-    device = quantize_device()
+    device = this_rank_device()
     if not model.quant_cache:
         return load_quantized_base(model, quant, policy, device)
     return cached_quantized_base(

@@ -12,7 +12,7 @@ bit what quantizing gives.
 An entry is keyed by the checkpoint's files (path, size, modification time), the quantization config
 and the storage dtype the strategy resolved, the versions of torch, transformers and bitsandbytes,
 and the kind of device that quantized it: "cuda" when the source rank had a GPU, else "cpu"
-(`launcher.model.quantize_device`). It is not known whether bitsandbytes' CUDA kernel gives the same
+(`launcher.accelerator.this_rank_device`). It is not known whether bitsandbytes' CUDA kernel gives the same
 NF4 bits as its CPU path for the same weights (the CPU path scales by a float reciprocal and buckets
 in torch, the CUDA kernel does its own arithmetic, and double quantization's offset is a float mean
 summed in another order), so a cache shared between a machine with GPUs and one without keeps one

@@ -244,9 +244,9 @@ def test_the_quantize_device_quantizes_every_4bit_weight_bit_for_bit(
 def test_the_quantize_device_is_the_local_gpu_when_cuda_is_present(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert model_module.quantize_device() == torch.device("cuda", 1)
+    assert model_module.this_rank_device() == torch.device("cuda", 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert model_module.quantize_device() == torch.device("cpu")
+    assert model_module.this_rank_device() == torch.device("cpu")
 
 
 def test_entries_quantized_on_another_kind_of_device_are_never_mixed(family_assets, tmp_path):
