@@ -17,6 +17,7 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
 
+from launcher.accelerator import compute_dtype as resolved_compute_dtype
 from launcher.config import load_config, parse_overrides
 from launcher.data import collate
 from launcher.dtypes import DTYPE_BY_NAME
@@ -28,7 +29,10 @@ RESULT_DIR = Path(sys.argv[1])
 cfg = load_config(sys.argv[3], parse_overrides(sys.argv[4:])) if sys.argv[2] == "--config" else sys.exit("usage")
 RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 cuda = torch.cuda.is_available()
-compute_dtype = DTYPE_BY_NAME[cfg.quant.compute_dtype]
+# As the launcher resolves `quant.compute_dtype: auto`: bf16 under the GPU's autocast, else what the CPU runs natively.
+compute_dtype = DTYPE_BY_NAME[
+    resolved_compute_dtype(cfg.quant.compute_dtype, "bf16" if cuda and cfg.train.mixed_precision != "no" else "no")
+]
 
 tokenizer, data = load_training_data(cfg, WORLD)
 step_tokens: list[int] = []

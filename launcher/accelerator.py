@@ -17,7 +17,7 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from . import tracking
 from .config import DistConfig, TrainConfig
-from .dtypes import resolve_mixed_precision
+from .dtypes import cpu_has_native_bf16, resolve_compute_dtype, resolve_mixed_precision
 from .strategies import Strategy
 from .strategies.cpu import cpu_accelerator
 
@@ -32,6 +32,14 @@ def mixed_precision(requested: str) -> str:
     return resolve_mixed_precision(
         requested, cuda, os.environ.get("ACCELERATE_MIXED_PRECISION"), cuda and torch.cuda.is_bf16_supported()
     )
+
+
+def compute_dtype(requested: str, mixed_precision: str) -> str:
+    """`quant.compute_dtype` on this machine, "auto" resolved (launcher.dtypes.resolve_compute_dtype) for
+    `mixed_precision` (resolved)."""
+    if torch.cuda.is_available():
+        return resolve_compute_dtype(requested, mixed_precision, "cuda", torch.cuda.is_bf16_supported())
+    return resolve_compute_dtype(requested, mixed_precision, "cpu", cpu_has_native_bf16())
 
 
 def this_rank_device() -> torch.device:

@@ -41,10 +41,12 @@ class QuantConfig:
     type: str = "nf4"
     """nf4 or fp4."""
     double_quant: bool = True
-    compute_dtype: str = "bfloat16"
-    """dtype of the 4-bit matmuls."""
+    compute_dtype: str = "auto"
+    """dtype of the 4-bit matmuls: auto, bfloat16, float16 or float32. auto: the autocast dtype under mixed
+    precision, else bfloat16 where the device has it natively, float16 on older GPUs, float32 on other CPUs."""
     storage_dtype: str = "auto"
-    """dtype the packed 4-bit bytes are stored as; auto picks what the strategy can shard."""
+    """dtype the packed 4-bit bytes are stored as; auto picks what the strategy can shard (bfloat16, as on GPUs,
+    where a CPU computes in float32 for lack of bf16)."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import torch
 
 DTYPE_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPES = tuple(DTYPE_BY_NAME)
+COMPUTE_DTYPES = ("auto", *DTYPES)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class DtypePolicy:
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}
 MIXED_PRECISIONS = ("auto", "no", *AUTOCAST_DTYPES)
 
 
@@ -65,3 +67,42 @@ def resolve_mixed_precision(
     if launched and launched != "no":
         return launched
     return "bf16" if bf16_supported else "fp16"
+
+
+def cpu_has_native_bf16() -> bool:
+    """The CPU multiplies bf16 in hardware (AVX512-BF16 or AMX) and torch runs its AVX512 kernels (which
+    ATEN_CPU_CAPABILITY can lower): elsewhere every bf16 matmul is emulated."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    has = [
+        getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
+    return capability.startswith("AVX512") and any(has)
+
+
+def resolve_compute_dtype(requested: str, mixed_precision: str, device: str, native_bf16: bool) -> str:
+    """`quant.compute_dtype` as a run uses it. "auto" is the autocast dtype under mixed precision; without it,
+    bfloat16 where `device` ("cuda" or "cpu") computes it natively, else float16 on a GPU and float32 on a CPU
+    (a CPU without AVX512-BF16 or AMX emulates every bf16 matmul, 3-9x slower than fp32)."""
+    if requested != "auto":
+        return requested
+    if mixed_precision in AUTOCAST_DTYPE_NAMES:
+        return AUTOCAST_DTYPE_NAMES[mixed_precision]
+    if native_bf16:
+        return "bfloat16"
+    return "float16" if device == "cuda" else "float32"
+
+
+GPU_LAYOUT_DTYPE = "bfloat16"
+"""What the 4-bit data is stored as on the GPUs this launcher targets (their compute dtype)."""
+
+
+def resolve_storage_dtype(requested: str, requested_compute: str, compute: str, follows_compute: bool) -> str:
+    """`quant.storage_dtype` as a run uses it. "auto" stays auto (the strategy stores the packed data as the
+    compute dtype) unless the compute dtype fell to float32 only because this CPU has no native bf16: then the
+    packed data keeps the GPUs' bf16 layout, so what is sharded is what GPUs shard. `follows_compute`: the
+    strategy must store it as the compute dtype (FSDP1: see its refusal)."""
+    if requested != "auto" or follows_compute:
+        return requested
+    if requested_compute == "auto" and compute == "float32":
+        return GPU_LAYOUT_DTYPE
+    return requested

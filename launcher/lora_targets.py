@@ -7,6 +7,7 @@ the process group has started; a list where some names match trains fewer adapte
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from transformers import PretrainedConfig
@@ -43,7 +44,8 @@ def check_lora_targets(cfg: RunConfig, config: PretrainedConfig) -> None:
         get_model_conversion_mapping,
     )
 
-    base = meta_base(cfg.model, cfg.quant, config)
+    # Module names do not depend on the dtype, which may still be "auto" here (resolved on the ranks).
+    base = meta_base(cfg.model, dataclasses.replace(cfg.quant, compute_dtype="float32"), config)
     peft_config = peft_lora_config(base, cfg.lora)
     try:
         # What get_peft_model does first: the names MoE experts had before transformers 5 fused them into 3D

@@ -10,11 +10,18 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, strategies, tracking
-from .accelerator import mixed_precision
+from .accelerator import compute_dtype, mixed_precision
 from .batches import Rows
 from .config import ConfigError, DataConfig, ModelConfig, RunConfig
 from .data import load_records, record_kind
-from .dtypes import DTYPES, MIXED_PRECISIONS, DtypePolicy, resolve_mixed_precision
+from .dtypes import (
+    AUTOCAST_DTYPE_NAMES,
+    COMPUTE_DTYPES,
+    DTYPES,
+    MIXED_PRECISIONS,
+    DtypePolicy,
+    resolve_mixed_precision,
+)
 from .lora_targets import check_lora_targets
 from .model import read_model_config
 from .model_files import check_weights
@@ -31,8 +38,8 @@ def require(ok: bool, message: str) -> None:
 def check_values(cfg: RunConfig) -> None:
     require(cfg.quant.type in ("nf4", "fp4"), f"`quant.type` is `{cfg.quant.type}`; use nf4 or fp4.")
     require(
-        cfg.quant.compute_dtype in DTYPES,
-        f"`quant.compute_dtype` is `{cfg.quant.compute_dtype}`; use one of {', '.join(DTYPES)}.",
+        cfg.quant.compute_dtype in COMPUTE_DTYPES,
+        f"`quant.compute_dtype` is `{cfg.quant.compute_dtype}`; use one of {', '.join(COMPUTE_DTYPES)}.",
     )
     require(
         cfg.quant.storage_dtype in ("auto",) + DTYPES,
@@ -172,33 +179,48 @@ def check_all(cfg: RunConfig, world: int) -> strategies.Strategy:
     starting any process, so that what the ranks would refuse fails once, here. Returns the run's strategy."""
     strategy = check_run(cfg)
     check_dataset(cfg)
-    precision = prelaunch_precision(cfg)
-    check_resume(_resolved(cfg, strategy, precision), strategy, world)
+    check_resume(prelaunch_resolved(cfg, strategy), strategy, world)
     return strategy
 
 
-def prelaunch_precision(cfg: RunConfig) -> str:
-    """`train.mixed_precision` as the ranks will resolve it, where this process can know it.
+def prelaunch_resolved(cfg: RunConfig, strategy: strategies.Strategy) -> RunConfig:
+    """`cfg` resolved as the ranks will resolve it, where this process can know it.
 
-    "auto" on CUDA depends on the ranks' devices and on what `accelerate launch` tells them, and asking the
-    device for bf16 support here could leave a CUDA context in this process, which lives as long as the run.
-    So for it the resume check before launch takes the checkpoint's own value, and each rank checks that one key.
+    On CUDA, "auto" (mixed precision, compute dtype) depends on the ranks' devices and on what `accelerate
+    launch` tells them, and asking the device for bf16 support here could leave a CUDA context in this process,
+    which lives as long as the run. So there the resume check before launch takes the checkpoint's own values,
+    and each rank checks them again once resolved.
     """
-    cuda = torch.cuda.is_available()
-    if cfg.train.mixed_precision != "auto" or not cuda:
-        return resolve_mixed_precision(cfg.train.mixed_precision, cuda)
+    if not torch.cuda.is_available():
+        precision = resolve_mixed_precision(cfg.train.mixed_precision, cuda=False)
+        return _resolved(cfg, strategy, precision, compute_dtype(cfg.quant.compute_dtype, precision))
+    written = _resumed_fingerprint(cfg)
+    precision = cfg.train.mixed_precision
+    if precision == "auto":
+        precision = written.get("train.mixed_precision", precision)
+    compute = cfg.quant.compute_dtype
+    if compute == "auto":
+        compute = AUTOCAST_DTYPE_NAMES.get(precision) or written.get("quant.compute_dtype", compute)
+    return _resolved(cfg, strategy, precision, compute)
+
+
+def _resumed_fingerprint(cfg: RunConfig) -> dict:
+    """The fingerprint of the checkpoint `cfg.resume` names, or {} (nothing to compare with)."""
     if cfg.resume == "auto":
         found = checkpoint.latest_complete(checkpoint.checkpoint_root(cfg))
     else:
         found = checkpoint.find_checkpoint(Path(cfg.resume)) if cfg.resume else None
     if found is None or not checkpoint.is_complete(found):
-        return cfg.train.mixed_precision  # nothing to compare it with
-    return checkpoint.read_meta(found)["fingerprint"].get("train.mixed_precision", cfg.train.mixed_precision)
+        return {}
+    return checkpoint.read_meta(found)["fingerprint"]
 
 
-def _resolved(cfg: RunConfig, strategy: strategies.Strategy, precision: str) -> RunConfig:
+def _resolved(cfg: RunConfig, strategy: strategies.Strategy, precision: str, compute: str) -> RunConfig:
     return dataclasses.replace(
-        cfg, strategy=strategy.name, train=dataclasses.replace(cfg.train, mixed_precision=precision)
+        cfg,
+        strategy=strategy.name,
+        quant=strategies.resolve_quant(cfg.quant, strategy, compute),
+        train=dataclasses.replace(cfg.train, mixed_precision=precision),
     )
 
 
@@ -207,7 +229,7 @@ class RunSetup:
     """What a run resolves once, in every rank, before any process group: the stages take it."""
 
     cfg: RunConfig
-    """The run config with strategy and mixed precision resolved (a copy; written to run_config.yaml)."""
+    """The run config with strategy, mixed precision and dtypes resolved (a copy; written to run_config.yaml)."""
     strategy: strategies.Strategy
     sharder: strategies.Strategy
     """What shards: the strategy, or nothing on a world of one (the strategy's dtypes stay)."""
@@ -220,7 +242,23 @@ def resolve_run(cfg: RunConfig, world: int) -> RunSetup:
     """Validates `cfg` for a run of `world` ranks and resolves it (the user's `cfg` is left as it was)."""
     strategy = check_run(cfg)
     precision = mixed_precision(cfg.train.mixed_precision)
-    resolved = _resolved(cfg, strategy, precision)
+    resolved = _resolved(cfg, strategy, precision, compute_dtype(cfg.quant.compute_dtype, precision))
     resume_from = check_resume(resolved, strategy, world)
     policy = strategies.dtype_policy(resolved, strategy, precision)
     return RunSetup(resolved, strategy, strategies.for_world(strategy, world), world, policy, resume_from)
+
+
+def compute_note(requested: RunConfig, resolved: RunConfig) -> str | None:
+    """What `quant.compute_dtype: auto` chose on this machine, and why (printed at start)."""
+    if requested.quant.compute_dtype != "auto":
+        return None
+    compute, storage = resolved.quant.compute_dtype, resolved.quant.storage_dtype
+    if torch.cuda.is_available() or resolved.train.mixed_precision != "no":
+        return f"4-bit layers compute in {compute} (quant.compute_dtype auto)."
+    if compute == "float32":
+        kept = f"; the 4-bit data stays stored as {storage}, as on GPUs" if storage != "auto" else ""
+        return (
+            "4-bit layers, adapters and activations compute in float32 (quant.compute_dtype auto): this CPU has no "
+            f"native bf16 (AVX512-BF16 or AMX), where every bf16 matmul is emulated{kept}."
+        )
+    return f"4-bit layers compute in {compute} (quant.compute_dtype auto): this CPU has native bf16."

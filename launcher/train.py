@@ -116,8 +116,9 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
     # Prepare: k-bit preparation and LoRA (the other ranks build a meta skeleton first).
     model = build_model(base, cfg.quant, cfg.lora, cfg.train, policy)
     if main:
-        for note in coverage_notes(model, cfg.lora):
-            print(f"qlaunch: {note}", flush=True)
+        for note in [preflight.compute_note(user_cfg, cfg), *coverage_notes(model, cfg.lora)]:
+            if note:
+                print(f"qlaunch: {note}", flush=True)
 
     # Shard: every rank ends with its own shard of the source rank's weights.
     def make_optimizer(m):

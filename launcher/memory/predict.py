@@ -9,13 +9,19 @@ are estimates from the libraries' documented behaviour: see README, "Memory budg
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from .. import strategies
 from ..config import ConfigError, RunConfig
-from ..dtypes import AUTOCAST_DTYPES, resolve_mixed_precision
+from ..dtypes import (
+    AUTOCAST_DTYPES,
+    cpu_has_native_bf16,
+    resolve_compute_dtype,
+    resolve_mixed_precision,
+)
 from .activations import ActivationDtypes, activation_bytes
 from .components import COMPONENTS
 from .skeleton import ModelCache, ModelSpec
@@ -135,6 +141,14 @@ class Budget:
         }
 
 
+def resolve_quant(cfg: RunConfig, strategy: strategies.Strategy, mixed: str, device: str) -> RunConfig:
+    """`quant.compute_dtype` and `quant.storage_dtype` as a run on `device` resolves "auto": a GPU is taken to
+    have bf16 (as for mixed precision), a CPU is this one."""
+    native_bf16 = device == "cuda" or cpu_has_native_bf16()
+    compute = resolve_compute_dtype(cfg.quant.compute_dtype, mixed, device, native_bf16)
+    return dataclasses.replace(cfg, quant=strategies.resolve_quant(cfg.quant, strategy, compute))
+
+
 def predict(
     cfg: RunConfig, hardware: Hardware, activation_shape: tuple[int, int] | None = None, cache: ModelCache | None = None
 ) -> Budget:
@@ -143,6 +157,7 @@ def predict(
     strategy = validate(cfg, hardware)
     world = hardware.world_size
     mixed = resolve_mixed_precision(cfg.train.mixed_precision, cuda=hardware.device == "cuda")
+    cfg = resolve_quant(cfg, strategy, mixed, hardware.device)
     autocast = AUTOCAST_DTYPES.get(mixed)
     policy = strategies.dtype_policy(cfg, strategy, mixed)
     # One process runs without any sharder, as training does.

@@ -12,8 +12,8 @@ import dataclasses
 import json
 import os
 
-from ..config import ConfigError, RunConfig
-from ..dtypes import AUTOCAST_DTYPES, DTYPE_BY_NAME, DtypePolicy
+from ..config import ConfigError, QuantConfig, RunConfig
+from ..dtypes import AUTOCAST_DTYPES, DTYPE_BY_NAME, DtypePolicy, resolve_storage_dtype
 from .base import OFFLOAD_MODES, LocalShard, Strategy, StrategySpec, clean_fqn, optimizer_state_numel, torch_optimizer
 from .ddp import DDP
 from .fsdp1 import FSDP1
@@ -40,6 +40,7 @@ __all__ = [
     "optimizer_state_numel",
     "refusal",
     "resolve",
+    "resolve_quant",
     "torch_optimizer",
 ]
 
@@ -83,8 +84,17 @@ def check(strategy: Strategy, cfg: RunConfig) -> None:
         raise ConfigError(f"{strategy.name} cannot run this config: {reason}. Strategies that can: {working}.")
 
 
+def resolve_quant(quant: QuantConfig, strategy: Strategy, compute: str) -> QuantConfig:
+    """`quant` with the compute dtype resolved to `compute` and the storage dtype resolved with it."""
+    storage = resolve_storage_dtype(
+        quant.storage_dtype, quant.compute_dtype, compute, strategy.stores_4bit_as_compute_dtype
+    )
+    return dataclasses.replace(quant, compute_dtype=compute, storage_dtype=storage)
+
+
 def dtype_policy(cfg: RunConfig, strategy: Strategy, mixed_precision: str) -> DtypePolicy:
-    """The dtypes every kind of weight is kept in: the strategy's, with `quant.storage_dtype` if set."""
+    """The dtypes every kind of weight is kept in: the strategy's, with `quant.storage_dtype` if set (`cfg`'s
+    dtypes resolved: resolve_quant)."""
     policy = strategy.dtype_policy(DTYPE_BY_NAME[cfg.quant.compute_dtype], mixed_precision != "no")
     if cfg.quant.storage_dtype != "auto":
         policy = dataclasses.replace(policy, quant_storage=DTYPE_BY_NAME[cfg.quant.storage_dtype])

@@ -117,6 +117,9 @@ class Strategy:
     """Every nn.Linear saves its input for backward, even when its weight is frozen."""
     optimizer_after_wrap: ClassVar[bool] = False
     """The optimizer is built on the wrapped model (the library replaces the parameters)."""
+    stores_4bit_as_compute_dtype: ClassVar[bool] = False
+    """The packed 4-bit data must be stored as the compute dtype, whatever `quant.storage_dtype: auto` keeps
+    elsewhere (FSDP1 flattens it with its linear's bias, which bitsandbytes keeps in the compute dtype)."""
     casts_parameters: ClassVar[bool] = False
     """Under mixed precision the library casts every parameter, the packed 4-bit data included, to the
     autocast dtype: a no-op only where that data is stored in it."""

@@ -79,6 +79,7 @@ class FSDP1(Strategy):
     )
     # FSDP1 replaces the parameters with flat ones: the optimizer is built on the wrapped model.
     optimizer_after_wrap = True
+    stores_4bit_as_compute_dtype = True
     casts_parameters = True
 
     def refusal(self, cfg):
@@ -92,6 +93,7 @@ class FSDP1(Strategy):
             return (
                 f"`quant.storage_dtype: {cfg.quant.storage_dtype}`: FSDP1 flattens a 4-bit linear's packed data "
                 f"and its bias into one tensor of one dtype, the compute dtype ({cfg.quant.compute_dtype}); use auto"
+                + (", or set `quant.compute_dtype` to the same dtype" if cfg.quant.compute_dtype == "auto" else "")
             )
         return None
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import checkpoint, cli
+from launcher import checkpoint, cli, preflight, strategies
 from launcher.config import load_config
 
 SECONDS = 30  # generous on a busy 2-core machine; a case that gets this far has started something heavy
@@ -169,7 +169,8 @@ def world(demo_assets, tmp_path_factory) -> dict[str, str]:
     )
     (earlier / "adapter" / "adapter_model.safetensors").write_bytes(b"precious")
     (earlier / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
-    cfg = load_config(files["run"], [("output_dir", str(earlier)), ("train.mixed_precision", "no")])
+    written = load_config(files["run"], [("output_dir", str(earlier)), ("train.mixed_precision", "no")])
+    cfg = preflight.prelaunch_resolved(written, strategies.resolve(written))  # as its ranks wrote it
     step = checkpoint.checkpoint_root(cfg) / checkpoint.step_name(2)
     step.mkdir(parents=True)
     meta = {"step": 2, "world_size": 2, "strategy": "fsdp2", "checkpoint_format": "dcp"}

@@ -65,7 +65,8 @@ def measure_activations(model, cfg, batch: int, seq: int) -> int:
 
 
 def run_config(path: Path, checkpointing: bool, batch: int = 1, seq: int = 16):
-    return load_config(
+    """A one-process CPU run's config, its dtypes resolved as training resolves them on this CPU."""
+    cfg = load_config(
         None,
         [
             ("model.path", str(path)),
@@ -77,6 +78,7 @@ def run_config(path: Path, checkpointing: bool, batch: int = 1, seq: int = 16):
             ("data.max_seq_len", seq),
         ],
     )
+    return predict.resolve_quant(cfg, strategies.get(cfg.strategy), "no", "cpu")
 
 
 def real_model(cfg):

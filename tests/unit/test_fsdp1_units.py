@@ -13,6 +13,7 @@ import torch
 
 from launcher import cli, strategies
 from launcher.config import load_config
+from launcher.memory.predict import resolve_quant
 from launcher.memory.skeleton import describe_model
 from launcher.model import read_model_config
 from launcher.strategies.fsdp1 import unit_of
@@ -26,6 +27,7 @@ RUNNABLE = [f for f in FAMILIES if "fsdp1" not in f.refused]
 @pytest.mark.parametrize("family", [f.name for f in RUNNABLE])
 def test_every_unit_holds_one_dtype_and_the_packed_data_keeps_the_compute_dtype(family, mixed, family_assets):
     cfg = load_config(None, [("model.path", str(family_assets(family) / "base")), ("strategy", "fsdp1")])
+    cfg = resolve_quant(cfg, FSDP1, mixed, "cuda")  # the dtypes of a GPU run
     policy = strategies.dtype_policy(cfg, FSDP1, mixed)
     tensors = describe_model(cfg, policy, read_model_config(cfg.model.path, False)).tensors
     unit = unit_of(tensors)

@@ -25,7 +25,10 @@ def test_digest_changes_when_a_byte_is_rewritten_or_moved():
 def test_first_forward_finds_the_weight_whose_bytes_were_rewritten(tmp_path):
     build_base_model(tmp_path / "base", layers=2, hidden=64, heads=4, kv_heads=2)
     model = load_quantized_base(
-        ModelConfig(path=str(tmp_path / "base")), QuantConfig(), DtypePolicy.uniform(torch.bfloat16), "cpu"
+        ModelConfig(path=str(tmp_path / "base")),
+        QuantConfig(compute_dtype="bfloat16"),
+        DtypePolicy.uniform(torch.bfloat16),
+        "cpu",
     )
     disable_bnb_cpu_repack(model)  # as training does: no in-place repacking of the weights on CPU
     ids = torch.randint(4, 200, (1, 12))

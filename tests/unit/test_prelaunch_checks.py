@@ -261,7 +261,7 @@ def test_fp16_autocast_never_casts_4bit_data_stored_as_bf16():
     packed bytes would be rewritten. Refused, unless the 4-bit compute dtype (so the storage) is fp16 too."""
     from launcher import strategies
 
-    cfg = load_config(None, [])
+    cfg = load_config(None, [("quant.compute_dtype", "bfloat16")])  # what "auto" is on a GPU with bf16
     for name in ("fsdp2", "fsdp1", "zero2", "zero3"):
         with pytest.raises(ConfigError, match=r"would rewrite the 4-bit data stored as torch.bfloat16.*float16"):
             strategies.dtype_policy(cfg, strategies.get(name), "fp16")

@@ -69,12 +69,14 @@ def entries(root) -> list[str]:
 def test_second_start_reads_the_cache_bit_for_bit(family, family_assets, tmp_path, quantize_calls, capsys):
     path = str(family_assets(family) / "base")
     cfg = ModelConfig(path=path, quant_cache_dir=str(tmp_path / "cache"))
-    first = model_module.load_base(cfg, QuantConfig(), BF16)
+    first = model_module.load_base(cfg, QuantConfig(compute_dtype="bfloat16"), BF16)
     assert len(quantize_calls) == 1 and "written to the cache" in capsys.readouterr().err
-    second = model_module.load_base(cfg, QuantConfig(), BF16)
+    second = model_module.load_base(cfg, QuantConfig(compute_dtype="bfloat16"), BF16)
     assert len(quantize_calls) == 1, "the second start quantized again"
     assert "read from the cache" in capsys.readouterr().err
-    fresh = model_module.load_base(ModelConfig(path=path, quant_cache=False), QuantConfig(), BF16)
+    fresh = model_module.load_base(
+        ModelConfig(path=path, quant_cache=False), QuantConfig(compute_dtype="bfloat16"), BF16
+    )
     assert len(quantize_calls) == 2
     expected = snapshot(fresh)
     assert any(":absmax" in k for k in expected) and any("bias" in k for k in expected) == (family == "qwen2")
@@ -95,11 +97,14 @@ def test_a_changed_quantization_or_touched_checkpoint_misses(family_assets, tmp_
     shutil.copytree(family_assets("llama-tied") / "base", model_dir)
     cfg = ModelConfig(path=str(model_dir), quant_cache_dir=str(tmp_path / "cache"))
     runs = [
-        (QuantConfig(), BF16),
-        (QuantConfig(type="fp4"), BF16),
+        (QuantConfig(compute_dtype="bfloat16"), BF16),
+        (QuantConfig(type="fp4", compute_dtype="bfloat16"), BF16),
         (QuantConfig(compute_dtype="float16"), BF16),
-        (QuantConfig(double_quant=False), BF16),
-        (QuantConfig(), DtypePolicy.uniform(torch.float32)),  # another storage dtype (`quant.storage_dtype: float32`)
+        (QuantConfig(double_quant=False, compute_dtype="bfloat16"), BF16),
+        (
+            QuantConfig(compute_dtype="bfloat16"),
+            DtypePolicy.uniform(torch.float32),
+        ),  # another storage dtype (`quant.storage_dtype: float32`)
     ]
     for k, (quant, policy) in enumerate(runs, start=1):
         model_module.load_base(cfg, quant, policy)
@@ -110,7 +115,7 @@ def test_a_changed_quantization_or_touched_checkpoint_misses(family_assets, tmp_
     weights = model_dir / "model.safetensors"
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    model_module.load_base(cfg, QuantConfig(), BF16)
+    model_module.load_base(cfg, QuantConfig(compute_dtype="bfloat16"), BF16)
     assert len(quantize_calls) == len(runs) + 1
 
 
@@ -122,7 +127,7 @@ def test_the_cache_can_be_turned_off_and_defaults_to_the_environment(
     assert cache_root(ModelConfig(quant_cache_dir=str(tmp_path / "set"))) == tmp_path / "set"
     cfg = ModelConfig(path=str(family_assets("llama-tied") / "base"), quant_cache=False)
     for _ in range(2):
-        model_module.load_base(cfg, QuantConfig(), BF16)
+        model_module.load_base(cfg, QuantConfig(compute_dtype="bfloat16"), BF16)
     assert len(quantize_calls) == 2 and not (tmp_path / "env").exists()
 
 
@@ -131,7 +136,11 @@ def _load_in_child(path: str, cache: str, results) -> None:
 
     cfg = ModelConfig(path=path, quant_cache_dir=cache)
     base, hit = cached_quantized_base(
-        cfg, QuantConfig(), BF16, lambda: model_module.load_quantized_base(cfg, QuantConfig(), BF16), "cpu"
+        cfg,
+        QuantConfig(compute_dtype="bfloat16"),
+        BF16,
+        lambda: model_module.load_quantized_base(cfg, QuantConfig(compute_dtype="bfloat16"), BF16),
+        "cpu",
     )
     results.put((hit, raw(base.model.layers[0].mlp.down_proj.weight)))
 
@@ -211,7 +220,9 @@ def test_the_quantize_device_quantizes_every_4bit_weight_bit_for_bit(
     monkeypatch.setattr(model_module, "quantizing_on", recording)
     path = str(family_assets(family) / "base")
     quantize_method = bnb.nn.Params4bit._quantize
-    got = model_module.load_quantized_base(ModelConfig(path=path, quant_cache=False), QuantConfig(), BF16, "cpu")
+    got = model_module.load_quantized_base(
+        ModelConfig(path=path, quant_cache=False), QuantConfig(compute_dtype="bfloat16"), BF16, "cpu"
+    )
     assert bnb.nn.Params4bit._quantize is quantize_method, "the patch outlived the load"
     linears = [m for m in got.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(contexts) == 1 and linears
@@ -226,7 +237,7 @@ def test_the_quantize_device_quantizes_every_4bit_weight_bit_for_bit(
 
     ordinary = AutoModelForCausalLM.from_pretrained(
         path,
-        quantization_config=model_module.quantization_config(QuantConfig(), BF16),
+        quantization_config=model_module.quantization_config(QuantConfig(compute_dtype="bfloat16"), BF16),
         dtype=torch.bfloat16,
         device_map={"": "cpu"},
     )
@@ -254,16 +265,20 @@ def test_entries_quantized_on_another_kind_of_device_are_never_mixed(family_asse
     from launcher.quant_cache import cache_key, cached_quantized_base
 
     cfg = ModelConfig(path=str(family_assets("llama-tied") / "base"), quant_cache_dir=str(tmp_path / "cache"))
-    assert cache_key(cfg, QuantConfig(), BF16, "cpu")[0] != cache_key(cfg, QuantConfig(), BF16, "cuda")[0]
-    assert cache_key(cfg, QuantConfig(), BF16, "cuda")[1]["quantized_on"] == "cuda"
+    assert (
+        cache_key(cfg, QuantConfig(compute_dtype="bfloat16"), BF16, "cpu")[0]
+        != cache_key(cfg, QuantConfig(compute_dtype="bfloat16"), BF16, "cuda")[0]
+    )
+    assert cache_key(cfg, QuantConfig(compute_dtype="bfloat16"), BF16, "cuda")[1]["quantized_on"] == "cuda"
     quantized = []
 
     def quantize():
         quantized.append(1)
-        return model_module.load_quantized_base(cfg, QuantConfig(), BF16, "cpu")
+        return model_module.load_quantized_base(cfg, QuantConfig(compute_dtype="bfloat16"), BF16, "cpu")
 
     hits = [
-        cached_quantized_base(cfg, QuantConfig(), BF16, quantize, kind)[1] for kind in ("cpu", "cuda", "cpu", "cuda")
+        cached_quantized_base(cfg, QuantConfig(compute_dtype="bfloat16"), BF16, quantize, kind)[1]
+        for kind in ("cpu", "cuda", "cpu", "cuda")
     ]
     assert hits == [False, False, True, True] and len(quantized) == 2
     assert len(entries(tmp_path / "cache")) == 2
@@ -272,16 +287,18 @@ def test_entries_quantized_on_another_kind_of_device_are_never_mixed(family_asse
 def test_a_damaged_entry_is_replaced_not_trusted(family_assets, tmp_path, quantize_calls, capsys):
     path = str(family_assets("llama-tied") / "base")
     cfg = ModelConfig(path=path, quant_cache_dir=str(tmp_path / "cache"))
-    model_module.load_base(cfg, QuantConfig(), BF16)
+    model_module.load_base(cfg, QuantConfig(compute_dtype="bfloat16"), BF16)
     (entry,) = [tmp_path / "cache" / name for name in entries(tmp_path / "cache")]
     weights = entry / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # complete once, cut short since
     capsys.readouterr()
-    again = model_module.load_base(cfg, QuantConfig(), BF16)
+    again = model_module.load_base(cfg, QuantConfig(compute_dtype="bfloat16"), BF16)
     assert len(quantize_calls) == 2 and "cannot be read" in capsys.readouterr().err
-    fresh = model_module.load_base(ModelConfig(path=path, quant_cache=False), QuantConfig(), BF16)
+    fresh = model_module.load_base(
+        ModelConfig(path=path, quant_cache=False), QuantConfig(compute_dtype="bfloat16"), BF16
+    )
     assert snapshot(again) == snapshot(fresh)
     # The replacement is a whole entry, read by the next start; nothing of the damaged one is left.
-    model_module.load_base(cfg, QuantConfig(), BF16)
+    model_module.load_base(cfg, QuantConfig(compute_dtype="bfloat16"), BF16)
     assert len(quantize_calls) == 3 and "read from the cache" in capsys.readouterr().err
     assert entries(tmp_path / "cache") == [entry.name]
