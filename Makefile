@@ -21,7 +21,7 @@ demo: install
 # The Slurm tests need Debian's slurmctld, slurmd and munge: installed here (apt-get) if missing.
 test: install lint
 	python3 tests/support/slurm_cluster.py install
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 # The unit tests only (in process, no launches): the fast loop while editing.
 test-fast: install

@@ -1,8 +1,11 @@
 """The family x strategy matrix: every decoder family on every sharding strategy, for real.
 
-One list of families (tests/support/families.py) and one of strategies; each cell is one `accelerate launch`
-of two CPU ranks over gloo with the shipped config (the observer script only reads state, see
-dist_probe.py), compared with a single-process run on the same global batch. Every cell checks what
+One list of families (tests/support/families.py) and one of strategies; each cell is a real `qlaunch train`
+run of two CPU ranks over gloo under `accelerate launch` with the strategy's shipped config (the observer
+script only reads state, see dist_probe.py), compared with a single-process run on the same global batch.
+The cells of one strategy share one launch, whose ranks run them in turn (dist_probe.py --runs): a cell
+pays for its run, not for starting two interpreters. Each cell is still reported by name, and a cell that
+fails ends its strategy's launch (the cells after it report that they were not reached). Every cell checks what
 matters for a sharded QLoRA run:
   * the first losses and gradient norms equal the single process's (same data, seed and global batch);
   * adapter gradients' optimizer states are split (whole on every rank for ddp);
@@ -16,6 +19,7 @@ from these records. `-m matrix_smoke` runs one cell per family (each strategy tw
 """
 
 import contextlib
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +32,7 @@ from support.families import BY_NAME, FAMILIES, LAYERS
 from support.launches import (
     assert_budget_rows,
     load_probes,
-    probe_launch_command,
+    probe_runs_command,
     qlaunch,
     read_metrics,
     run_command,
@@ -88,28 +92,69 @@ def train_args(family: str, assets: Path, out: Path, strategy: str, micro: int, 
 @pytest.fixture(scope="session")
 def references(family_assets, tmp_path_factory):
     """The unsharded reference of a (family, strategy): one process, the same global batch in one
-    micro batch, with the strategy's dtype policy; strategies with the same policy share one run.
+    micro batch, with the strategy's dtype policy; strategies with the same policy share one run (the
+    dtype the packed 4-bit bytes are viewed as aside: the bytes, and so every number, are the same).
     It is `qlaunch train` on one process, run in this process (`train.run`, as `--nproc 1` does),
     which saves an interpreter start and the imports for each of them."""
     from launcher import train
     from launcher.config import load_config, parse_overrides
+    from launcher.memory.predict import resolve_quant
 
     runs: dict[tuple, Path] = {}
 
+    def config(name: str, strategy: str, out: Path):
+        args = train_args(name, family_assets(name), out, strategy, MICRO * WORLD * ACCUM, 1)
+        return load_config(None, parse_overrides(args))
+
     def get(name: str, strategy: str) -> Path:
-        policy = strategies.get(strategy).dtype_policy(torch.bfloat16, False)
-        if (name, policy) not in runs:
+        chosen = strategies.get(strategy)
+        cfg = resolve_quant(config(name, strategy, Path("run")), chosen, "no", "cpu")
+        key = (name, dataclasses.replace(strategies.dtype_policy(cfg, chosen, "no"), quant_storage=None))
+        if key not in runs:
             root = tmp_path_factory.mktemp(f"{name}-reference")
-            out = root / "run"
-            args = train_args(name, family_assets(name), out, strategy, MICRO * WORLD * ACCUM, 1)
             with (
                 (root / "reference.log").open("w") as log,
                 contextlib.redirect_stdout(log),
                 contextlib.redirect_stderr(log),
             ):
-                train.run(load_config(None, parse_overrides(args)))
-            runs[name, policy] = out
-        return runs[name, policy]
+                train.run(config(name, strategy, root / "run"))
+            runs[key] = root / "run"
+        return runs[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def strategy_launches(request, family_assets, tmp_path_factory):
+    """strategy -> the folder of its one launch, which ran every selected cell of that strategy in turn
+    (`<folder>/<family>/run` and `<folder>/<family>/probe`, `<folder>/launch.log`)."""
+    runnable = {param.values[0] for param in cells()}
+    selected = [
+        item.callspec.params["cell"]
+        for item in request.session.items
+        if hasattr(item, "callspec") and item.callspec.params.get("cell") in runnable
+    ]
+    done: dict[str, Path] = {}
+
+    def get(strategy: str) -> Path:
+        if strategy not in done:
+            names = list(dict.fromkeys(name for name, s in selected if s == strategy))
+            root = tmp_path_factory.mktemp(f"matrix-{strategy}")
+            runs = [
+                {
+                    "probe_dir": str(root / name / "probe"),
+                    "args": train_args(name, family_assets(name), root / name / "run", strategy, MICRO, ACCUM),
+                }
+                for name in names
+            ]
+            (root / "runs.json").write_text(json.dumps(runs))
+            run_command(
+                probe_runs_command(strategy, root / "runs.json", WORLD),
+                root / "launch.log",
+                timeout=300 + 150 * len(runs),
+            )
+            done[strategy] = root
+        return done[strategy]
 
     return get
 
@@ -137,17 +182,17 @@ class Cell:
 
 
 @pytest.fixture(scope="module", params=list(cells()))
-def cell(request, family_assets, references, tmp_path_factory) -> Cell:
+def cell(request, references, strategy_launches) -> Cell:
     name, strategy = request.param
     reference = references(name, strategy)
-    root = tmp_path_factory.mktemp(f"{name}-{strategy}")
-    out = root / "run"
-    cmd = probe_launch_command(
-        strategy, root / "probe", train_args(name, family_assets(name), out, strategy, MICRO, ACCUM), WORLD
-    )
-    proc = run_command(cmd, root / "launch.log")
-    assert proc.returncode == 0, tail(root / "launch.log")
-    result = Cell(name, strategy, out, reference, load_probes(root / "probe", WORLD))
+    launch = strategy_launches(strategy)
+    root = launch / name
+    finished = all((root / "probe" / f"rank{rank}.pt").is_file() for rank in range(WORLD))
+    if not finished:
+        started = any((root / "probe").glob("started-rank*"))
+        what = "failed (its ranks' logs: run/logs/)" if started else "was not reached: a cell before it failed"
+        pytest.fail(f"{name} on {strategy} {what}; the launch log ends:\n{tail(launch / 'launch.log')}")
+    result = Cell(name, strategy, root / "run", reference, load_probes(root / "probe", WORLD))
     request.config.stash.setdefault(CELL_FACTS, {})[request.param] = facts(result)
     return result
 

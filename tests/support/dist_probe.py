@@ -1,9 +1,15 @@
-"""One rank of a real `launcher train` run, with observers attached (started by accelerate launch).
+"""One rank of real `launcher train` runs, with observers attached (started by accelerate launch).
 
     accelerate launch --config_file accelerate_configs/X.yaml tests/support/dist_probe.py PROBE_DIR -- <train args>
+    accelerate launch --config_file accelerate_configs/X.yaml tests/support/dist_probe.py --runs RUNS.json
 
-It runs exactly `launcher.cli.main(["train", ...])`. The observers only read state and write it to
-PROBE_DIR/rank<R>.pt for the tests (PROBE_DIR/pid-rank<R> holds each rank's pid while it runs):
+Each run is exactly `launcher.cli.main(["train", ...])`. With `--runs`, the ranks run every run of RUNS.json
+([{"probe_dir": ..., "args": [...]}, ...]) in turn, in one process group, so that a test of many runs pays for
+one interpreter start and one set of imports: before each run the environment `accelerate launch` gave is
+restored and Accelerate's and transformers' DeepSpeed state is reset (as a fresh process starts), and all ranks
+meet at a barrier; the process group lives through all runs. A run that fails ends the launch (its ranks exit, as they would alone): PROBE_DIR/started-rank<R>
+says which runs began. The observers only read state and write it to PROBE_DIR/rank<R>.pt for the tests
+(PROBE_DIR/pid-rank<R> holds each rank's pid while it runs):
   * before sharding: whether this rank holds any weight data yet, and (source rank) every full
     parameter and quantization constant as bytes;
   * after sharding: the bytes of every local shard with its offset, and the quantization constants;
@@ -20,6 +26,7 @@ Fault injection, for the resume tests, through environment variables:
 """
 
 import inspect
+import json
 import os
 import signal
 import sys
@@ -33,12 +40,9 @@ from graph_utils import graph_node_types
 
 from launcher import checkpoint, cli, strategies, train
 
-PROBE_DIR = Path(sys.argv[1])
-TRAIN_ARGS = sys.argv[3:] if sys.argv[2] == "--" else sys.argv[2:]
 RANK = int(os.environ.get("RANK", "0"))
-observed: dict = {"layer_forward_calls": 0, "batches": {}}
-PROBE_DIR.mkdir(parents=True, exist_ok=True)
-(PROBE_DIR / f"pid-rank{RANK}").write_text(str(os.getpid()))
+observed: dict = {}
+probe = {"dir": Path()}
 
 
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -138,7 +142,7 @@ def train_step(*args, **kwargs):
     observed["batches"][step] = named["batches"].rank_micro_batches(step, rank)
     time.sleep(float(os.environ.get("PROBE_STEP_SLEEP", "0")))
     if "PROBE_STALL" in os.environ and [int(x) for x in os.environ["PROBE_STALL"].split(":")] == [RANK, step + 1]:
-        (PROBE_DIR / "stalled").write_text(repr(time.time()))
+        (probe["dir"] / "stalled").write_text(repr(time.time()))
         while True:
             time.sleep(1)
     return result
@@ -164,6 +168,53 @@ train.train_step = train_step
 if os.environ.get("PROBE_SKIP_RNG_RESTORE") == "1":
     checkpoint.restore_rng_state = lambda state: None
 
-code = cli.main(["train", *TRAIN_ARGS])
-torch.save(observed, PROBE_DIR / f"rank{RANK}.pt")
-sys.exit(code)
+
+def reset_between_runs(environment: dict) -> None:
+    """What a new process would start with: the launch's environment (the CPU shim removes Accelerate's
+    strategy flags from it), no Accelerate state, no DeepSpeed config for transformers' from_pretrained."""
+    import gc
+
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    unset_hf_deepspeed_config()
+    os.environ.clear()
+    os.environ.update(environment)
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def run(probe_dir: Path, train_args: list[str]) -> int:
+    observed.clear()
+    observed.update(layer_forward_calls=0, batches={})
+    probe["dir"] = probe_dir
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    (probe_dir / f"pid-rank{RANK}").write_text(str(os.getpid()))
+    (probe_dir / f"started-rank{RANK}").touch()
+    code = cli.main(["train", *train_args])
+    torch.save(observed, probe_dir / f"rank{RANK}.pt")
+    return code
+
+
+def keep_process_group() -> None:
+    """The runs share one process group: DeepSpeed keeps the groups it derives from it for the process's life,
+    so `Accelerator.end_training` must not destroy it between runs (as a run does in a process of its own)."""
+    from accelerate.state import PartialState
+
+    destroy = PartialState.destroy_process_group
+    PartialState.destroy_process_group = lambda self, group=None: None if group is None else destroy(self, group)
+
+
+if sys.argv[1] == "--runs":
+    environment = dict(os.environ)
+    keep_process_group()
+    for spec in json.loads(Path(sys.argv[2]).read_text()):
+        reset_between_runs(environment)
+        if run(Path(spec["probe_dir"]), spec["args"]) != 0:
+            sys.exit(1)
+    sys.exit(0)
+sys.exit(run(Path(sys.argv[1]), sys.argv[3:] if sys.argv[2] == "--" else sys.argv[2:]))

@@ -48,15 +48,24 @@ def tail(log: Path, chars: int = 6000) -> str:
     return log.read_text(errors="replace")[-chars:]
 
 
-def probe_launch_command(strategy: str, probe_dir: Path, train_args: list[str], world: int = 2) -> list[str]:
-    """The `accelerate launch` command `qlaunch train` runs for `strategy`, with support/dist_probe.py as each rank."""
+def probe_command(strategy: str, probe_args: list[str], world: int = 2) -> list[str]:
+    """The `accelerate launch` command `qlaunch train` runs for `strategy`, with `support/dist_probe.py PROBE_ARGS`
+    as each rank."""
     from launcher import launch, strategies
     from launcher.config import DistConfig
 
-    entry = (str(SUPPORT / "dist_probe.py"), str(probe_dir), "--")
-    return launch.accelerate_command(
-        strategies.get(strategy), launch.Machines.local(world), train_args, DistConfig(), entry
-    )
+    entry = (str(SUPPORT / "dist_probe.py"), *probe_args)
+    return launch.accelerate_command(strategies.get(strategy), launch.Machines.local(world), [], DistConfig(), entry)
+
+
+def probe_launch_command(strategy: str, probe_dir: Path, train_args: list[str], world: int = 2) -> list[str]:
+    """One run of `train_args`, observed into `probe_dir`."""
+    return probe_command(strategy, [str(probe_dir), "--", *train_args], world)
+
+
+def probe_runs_command(strategy: str, runs_file: Path, world: int = 2) -> list[str]:
+    """Every run listed in `runs_file`, in turn in the same ranks (dist_probe.py --runs)."""
+    return probe_command(strategy, ["--runs", str(runs_file)], world)
 
 
 def load_probes(probe_dir: Path, world: int = 2) -> list[dict]:
