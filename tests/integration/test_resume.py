@@ -312,11 +312,12 @@ def test_resume_refuses_what_would_change_its_meaning(demo_assets, small_data, t
 
 
 def test_deepspeed_checkpoint_on_another_world_size_is_refused(demo_assets, small_data, tmp_path, capsys):
-    from launcher import checkpoint, cli
+    from launcher import checkpoint, cli, preflight, strategies
     from launcher.config import load_config, parse_overrides
 
     train_args = args(demo_assets, small_data, tmp_path / "run", "zero2", 6)
-    cfg = load_config(train_args[1], parse_overrides(train_args[2:]) + [("train.mixed_precision", "no")])
+    asked = load_config(train_args[1], parse_overrides(train_args[2:]) + [("train.mixed_precision", "no")])
+    cfg = preflight.prelaunch_resolved(asked, strategies.resolve(asked))  # as its ranks wrote it
     written = tmp_path / "run" / "checkpoints" / "step-000003"
     written.mkdir(parents=True)
     (written / "meta.json").write_text(
