@@ -1,5 +1,6 @@
 """The README's first command: the embedded default trains for real on 2 CPU ranks with FSDP2."""
 
+from launcher.accelerator import compute_dtype
 from support.launches import qlaunch, read_metrics
 
 
@@ -9,6 +10,7 @@ def test_demo_trains_and_summarizes(tmp_path):
     qlaunch(log, "demo", "--output-dir", str(out), "--steps", "80")
     text = log.read_text(errors="replace")
     assert "Done: 80 steps" in text and "on 2 rank(s) with fsdp2" in text
+    assert f"compute in {compute_dtype('auto', 'no')} (quant.compute_dtype auto)" in text  # said at start-up
     assert f"Adapter (PEFT format): {out / 'run' / 'adapter'}" in text
     records = read_metrics(out / "run")
     losses = [r["loss"] for r in records]
