@@ -213,6 +213,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     elif tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
+    elif tp is str and value is False:
+        # YAML 1.1 reads `no` (and off, false) as False: the text options that take it mean "no"
+        # (`train.mixed_precision: no`).
+        return "no"
     raise ConfigError(
         f"`{where}` must be {_type_name(tp)}, got {value!r}. Fix the value in the YAML or on the command line."
     )

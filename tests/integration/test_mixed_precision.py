@@ -1,9 +1,11 @@
-"""bf16 mixed precision for real on 2 CPU ranks (CPU autocast): FSDP1 against FSDP2.
+"""bf16 compute for real on 2 CPU ranks, on every strategy: what GPUs compute in.
 
-The matrix runs without autocast (the CPU default). On GPUs runs use bf16, where FSDP1 gathers its
-units in bf16 as FSDP2 does: each unit holds one dtype (norms and LoRA matrices in their own fp32
-units), so the cast leaves the packed 4-bit data untouched. Here both run the same steps of a
-family with q/k/v biases and tied embeddings under `train.mixed_precision: bf16`.
+The matrix runs without autocast (the CPU default), in fp32 on CPUs without native bf16
+(`quant.compute_dtype: auto`). On GPUs runs use bf16, where FSDP1 gathers its units in bf16 as FSDP2
+does: each unit holds one dtype (norms and LoRA matrices in their own fp32 units), so the cast leaves
+the packed 4-bit data untouched. Here both run the same steps of a family with q/k/v biases and tied
+embeddings under `train.mixed_precision: bf16`; ZeRO-2, ZeRO-3 and DDP run them with
+`quant.compute_dtype: bfloat16`, the bf16 4-bit matmuls GPUs run, with the matrix's checks of shards and budget.
 """
 
 import json
@@ -19,26 +21,43 @@ FAMILY = "qwen2"
 WORLD = 2
 
 
+def bf16_run(assets, root, strategy: str, bf16: tuple[str, str]):
+    """3 steps of FAMILY on `strategy` with `bf16` (the override that makes it compute in bf16): its metrics,
+    probes and memory report."""
+    args = [
+        *BY_NAME[FAMILY].run_args,
+        *("--model.path", str(assets / "base"), "--data.path", str(assets / "data.jsonl")),
+        *("--strategy", strategy, "--output_dir", str(root / "run"), *bf16),
+        *("--data.max_seq_len", "64", "--lora.dropout", "0", "--train.lr", "3e-3", "--train.max_steps", "3"),
+    ]
+    proc = run_command(probe_launch_command(strategy, root / "probe", args, WORLD), root / "launch.log")
+    assert proc.returncode == 0, tail(root / "launch.log")
+    return (
+        read_metrics(root / "run"),
+        load_probes(root / "probe", WORLD),
+        json.loads((root / "run" / measure.REPORT_JSON).read_text()),
+    )
+
+
 @pytest.fixture(scope="module")
 def bf16_runs(family_assets, tmp_path_factory):
-    assets = family_assets(FAMILY)
-    runs = {}
-    for strategy in ("fsdp1", "fsdp2"):
-        root = tmp_path_factory.mktemp(f"bf16-{strategy}")
-        args = [
-            *BY_NAME[FAMILY].run_args,
-            *("--model.path", str(assets / "base"), "--data.path", str(assets / "data.jsonl")),
-            *("--strategy", strategy, "--output_dir", str(root / "run"), "--train.mixed_precision", "bf16"),
-            *("--data.max_seq_len", "64", "--lora.dropout", "0", "--train.lr", "3e-3", "--train.max_steps", "3"),
-        ]
-        proc = run_command(probe_launch_command(strategy, root / "probe", args, WORLD), root / "launch.log")
-        assert proc.returncode == 0, tail(root / "launch.log")
-        runs[strategy] = (
-            read_metrics(root / "run"),
-            load_probes(root / "probe", WORLD),
-            json.loads((root / "run" / measure.REPORT_JSON).read_text()),
-        )
-    return runs
+    autocast = ("--train.mixed_precision", "bf16")
+    return {
+        strategy: bf16_run(family_assets(FAMILY), tmp_path_factory.mktemp(f"bf16-{strategy}"), strategy, autocast)
+        for strategy in ("fsdp1", "fsdp2")
+    }
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3", "ddp"])
+def test_bf16_compute_shards_and_budgets_like_the_matrix(strategy, family_assets, tmp_path):
+    compute = ("--quant.compute_dtype", "bfloat16", "--train.mixed_precision", "no")
+    metrics, probes, report = bf16_run(family_assets(FAMILY), tmp_path, strategy, compute)
+    assert len(metrics) == 3 and all(m["grad_norm"] > 0 for m in metrics)
+    sizes = {name: element_size for name, *_, element_size in probes[0]["shards"]}
+    assert {sizes[n] for n in sizes if n.endswith("proj.base_layer.weight")} == {2}  # packed 4-bit data as bf16
+    assert {sizes[n] for n in sizes if "lora_" in n} == {4}
+    assert_shards_are_rank0s_bytes(probes, strategy)
+    assert_budget_rows(report, f"{strategy} bf16 compute")
 
 
 def test_fsdp1_trains_in_bf16_like_fsdp2(bf16_runs):

@@ -51,3 +51,13 @@ def test_override_syntax_errors():
         parse_overrides(["--train.lr"])
     with pytest.raises(ConfigError, match="Expected an override"):
         parse_overrides(["train.lr", "1"])
+
+
+def test_no_stays_a_word_where_the_option_is_a_word(tmp_path):
+    """YAML 1.1 reads `no` as False; `train.mixed_precision: no` (YAML or command line) still means "no"."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(None, parse_overrides(["--train.mixed_precision", "no"])).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"`train.mixed_precision` must be str, got True"):
+        load_config(None, parse_overrides(["--train.mixed_precision", "yes"]))
