@@ -47,6 +47,9 @@ class QuantConfig:
     storage_dtype: str = "auto"
     """dtype the packed 4-bit bytes are stored as; auto picks what the strategy can shard (bfloat16, as on GPUs,
     where a CPU computes in float32 for lack of bf16)."""
+    experts: str = "4bit"
+    """MoE expert weights (fused 3D parameters): 4bit (quantized like the linears, with the same type and double
+    quantization) or 16bit (kept in the compute dtype, as before)."""
 
 
 @dataclass(frozen=True)

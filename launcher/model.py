@@ -17,10 +17,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 
+from . import experts
 from .accelerator import this_rank_device
 from .collectives import broadcast_object, is_source_rank
 from .config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from .dtypes import DTYPE_BY_NAME, DtypePolicy
+from .experts import packed_shape
 from .model_files import model_source
 from .quant_cache import cached_quantized_base
 from .quantize import quantizing_on, reading_without_mmap
@@ -52,17 +54,15 @@ class QuantizedLayout:
     """The source rank's module tree, as far as quantization changed it."""
 
     linear4bit: dict[str, Linear4bitSpec]
+    experts: dict[str, experts.ExpertSpec]
+    """`<module path>.<parameter>` of each 4-bit MoE expert parameter."""
 
 
-def packed_shape(numel: int, storage: torch.dtype) -> tuple[int, int]:
-    """bitsandbytes packs two 4-bit values per byte into a (bytes / itemsize, 1) tensor of `storage`."""
-    return ((numel + 1) // (storage.itemsize * 2), 1)
-
-
-def quantized_layout(model: nn.Module, storage: torch.dtype) -> QuantizedLayout:
-    """The 4-bit linears of `model` (quantized, or marked for quantization on meta) and their packed shapes."""
+def quantized_layout(model: nn.Module, storage: torch.dtype, experts_4bit: bool) -> QuantizedLayout:
+    """The 4-bit linears of `model` (quantized, or marked for quantization on meta) and their packed shapes,
+    and its 4-bit experts (quantized, or with `experts_4bit` to be quantized)."""
     return QuantizedLayout(
-        {
+        linear4bit={
             name: Linear4bitSpec(
                 in_features=module.in_features,
                 out_features=module.out_features,
@@ -71,7 +71,8 @@ def quantized_layout(model: nn.Module, storage: torch.dtype) -> QuantizedLayout:
             )
             for name, module in model.named_modules()
             if isinstance(module, bnb.nn.Linear4bit)
-        }
+        },
+        experts=experts.expert_specs(model, storage, planned=experts_4bit),
     )
 
 
@@ -98,14 +99,21 @@ def load_quantized_base(
     """Reads the checkpoint through `from_pretrained`, each 4-bit weight quantized on `device` (default
     this rank's device: its GPU when CUDA is present, else the CPU) one at a time, the whole quantized base in host RAM (source rank only). The
     checkpoint is read with pread, not memory-mapped, so its pages do not stay in the process (quantize.py)."""
-    with reading_without_mmap(), quantizing_on(this_rank_device() if device is None else device):
-        return AutoModelForCausalLM.from_pretrained(
+    device = this_rank_device() if device is None else device
+    with (
+        reading_without_mmap(),
+        quantizing_on(device),
+        experts.quantizing_experts_while_loading(quant, policy.quant_storage, device, quant.experts == "4bit"),
+    ):
+        base = AutoModelForCausalLM.from_pretrained(
             model.path,
             quantization_config=quantization_config(quant, policy),
             dtype=DTYPE_BY_NAME[quant.compute_dtype],
             device_map={"": "cpu"},
             trust_remote_code=model.trust_remote_code,
         )
+    experts.sort_parametrizations(base)
+    return base
 
 
 def meta_base(model: ModelConfig, quant: QuantConfig, config: PretrainedConfig | None = None) -> PreTrainedModel:
@@ -149,6 +157,9 @@ def apply_quantized_layout(
         if spec.bias:
             linear.bias = nn.Parameter(torch.empty(spec.out_features, dtype=original.bias.dtype, device="meta"))
         setattr(parent, child_name, linear)
+    for name, spec in layout.experts.items():
+        path, _, parameter = name.rpartition(".")
+        experts.install_meta(model.get_submodule(path), parameter, spec, policy.quant_storage)
     model.is_loaded_in_4bit = True
 
 
@@ -160,6 +171,8 @@ def frozen_component(module: nn.Module, name: str, param: torch.Tensor) -> str:
     """What a base parameter is, as the dtype policy and the memory budget name it."""
     if isinstance(module, bnb.nn.Linear4bit):
         return "base_4bit" if name == "weight" else "biases"
+    if experts.is_packed_expert(module):
+        return "base_4bit"
     if is_norm(module):
         return "norms"
     if param.dim() == 3:
@@ -224,6 +237,18 @@ def linear_target_names(model: nn.Module) -> list[str]:
     )
 
 
+def adapted_parameter_names(model: nn.Module, targets: list[str]) -> list[str]:
+    """`lora.target_parameters` as full names: peft matches a parametrized parameter (a 4-bit expert) by its
+    full name only, where it accepts a suffix of any other."""
+    names = {
+        f"{path}.{name}"
+        for path, module in model.named_modules()
+        for name in [*module._parameters, *(getattr(module, "parametrizations", None) or {})]
+        if name != "original"
+    }
+    return sorted(n for n in names for t in targets if n == t or n.endswith("." + t))
+
+
 def peft_lora_config(model: nn.Module, lora: LoraConfig):
     """The peft config `attach_lora` adapts `model` with."""
     from peft import LoraConfig as PeftLoraConfig
@@ -235,7 +260,7 @@ def peft_lora_config(model: nn.Module, lora: LoraConfig):
         # peft refuses dropout on adapted parameters; attach_lora sets it on the adapted modules.
         lora_dropout=0.0 if lora.target_parameters else lora.dropout,
         target_modules=targets,
-        target_parameters=lora.target_parameters or None,
+        target_parameters=adapted_parameter_names(model, lora.target_parameters) or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -246,6 +271,7 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, policy: DtypePolicy, s
     from peft import get_peft_model
     from peft.tuners.lora import LoraLayer, ParamWrapper
 
+    experts.fix_peft_stacked_parametrizations()
     torch.manual_seed(seed)
     peft_config = peft_lora_config(model, lora)
     model = get_peft_model(model, peft_config)
@@ -303,7 +329,7 @@ def build_model(
     """The LoRA-wrapped 4-bit model, on every rank the same tree: the source rank broadcasts which
     layers it quantized and how, the others rebuild them on meta."""
     if is_source_rank():
-        broadcast_object(quantized_layout(base, policy.quant_storage))
+        broadcast_object(quantized_layout(base, policy.quant_storage, experts_4bit=False))
     else:
         apply_quantized_layout(base, quant, policy, broadcast_object(None))
     disable_bnb_cpu_repack(base)

@@ -45,6 +45,10 @@ def check_values(cfg: RunConfig) -> None:
         cfg.quant.storage_dtype in ("auto",) + DTYPES,
         f"`quant.storage_dtype` is `{cfg.quant.storage_dtype}`; use auto or one of {', '.join(DTYPES)}.",
     )
+    require(
+        cfg.quant.experts in ("4bit", "16bit"),
+        f"`quant.experts` is `{cfg.quant.experts}`; use 4bit (MoE experts quantized like the linears) or 16bit.",
+    )
     require(cfg.lora.r > 0, f"`lora.r` must be a positive integer, got {cfg.lora.r}.")
     require(cfg.lora.alpha > 0, f"`lora.alpha` must be positive, got {cfg.lora.alpha}.")
     require(0 <= cfg.lora.dropout < 1, f"`lora.dropout` must be in [0, 1), got {cfg.lora.dropout}.")

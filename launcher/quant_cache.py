@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 
 from .config import ModelConfig, QuantConfig
 from .dtypes import DTYPE_BY_NAME, DtypePolicy
+from .experts import quantized_experts
 from .node_cache import exclusive, fresh_temporary, say
 
 CACHE_FORMAT = 1
@@ -89,6 +90,7 @@ def cache_key(model: ModelConfig, quant: QuantConfig, policy: DtypePolicy, quant
             "double_quant": quant.double_quant,
             "compute_dtype": quant.compute_dtype,
             "storage": str(policy.quant_storage),
+            "experts": quant.experts,
         },
         "versions": library_versions(),
     }
@@ -146,6 +148,14 @@ def write_entry(model: ModelConfig, quantize: Callable[[], torch.nn.Module], roo
     started = time.perf_counter()
     base = quantize()
     quantized_s = time.perf_counter() - started
+    if quantized_experts(base):
+        # save_pretrained turns fused experts back into the checkpoint's layout (per-expert matrices),
+        # which packed 4-bit bytes cannot be split into.
+        say(
+            f"the quantized-base cache does not hold 4-bit MoE experts yet: `{model.path}` is quantized again at "
+            "every start (quant.experts: 16bit keeps the experts 16-bit and uses the cache)"
+        )
+        return base
     partial = root / f"{key}.tmp-{os.getpid()}"
     try:
         partial = fresh_temporary(root, key)

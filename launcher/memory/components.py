@@ -9,10 +9,10 @@ from ..strategies import clean_fqn
 from ..strategies.layout import OPTIMIZER_STATE_COMPONENTS
 
 COMPONENTS = {
-    "base_4bit": "packed 4-bit base weights (this rank's part)",
+    "base_4bit": "packed 4-bit base weights, MoE experts included (this rank's part)",
     "quant_states": "4-bit quantization constants: absmax, double-quant absmax and code, quant map (whole on every rank)",
     "frozen_dense": "unquantized frozen weights: embeddings, lm_head (once when tied), MoE routers",
-    "experts": "MoE expert weights, frozen and unquantized (fused 3D parameters, which bitsandbytes cannot quantize)",
+    "experts": "MoE expert weights kept unquantized (`quant.experts: 16bit`); 4-bit experts count as base_4bit",
     "biases": "biases of the 4-bit linears (e.g. Qwen2's q/k/v)",
     "norms": "norm weights",
     "buffers": "module buffers (rotary frequencies)",
@@ -23,6 +23,7 @@ COMPONENTS = {
     "optimizer_states": "AdamW moments",
     "activations": "tensors saved for backward by one micro batch",
     "recompute": "one layer's activations recomputed in backward (checkpointing)",
+    "experts_dequantized": "one layer's 4-bit MoE experts dequantized while it runs or is recomputed (checkpointing)",
     "logits_backward": "fp32 gradients of the logits at the start of backward",
     "gathered_params": "parameters gathered from the other ranks while layers run (FSDP, ZeRO-3), prefetch included",
     "comm_buckets": "gradient communication buffers (DDP buckets, ZeRO reduce bucket, FSDP reduce-scatter input)",

@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError
 from ..strategies import Strategy, clean_fqn
+from ..strategies.handoff import quant_state_owners
 from .components import COMPONENTS, WEIGHT_COMPONENTS, parameter_components
 from .predict import Budget, Hardware, predict
 from .report import plot_stacked, rank_groups, render_table
@@ -80,12 +80,10 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """Every tensor of every 4-bit layer's QuantState (on the module and on its weight)."""
+    """Every tensor of every 4-bit layer's and expert's QuantState (on the module and on its weight)."""
     tensors = []
-    for module in model.modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        states = (module.quant_state, getattr(module.weight, "quant_state", None))
+    for module in quant_state_owners(model):
+        states = (module.quant_state, getattr(getattr(module, "weight", None), "quant_state", None))
         for state in {id(s): s for s in states if s is not None}.values():
             tensors += [state.absmax, state.code]
             if state.nested:

@@ -149,6 +149,16 @@ def resolve_quant(cfg: RunConfig, strategy: strategies.Strategy, mixed: str, dev
     return dataclasses.replace(cfg, quant=strategies.resolve_quant(cfg.quant, strategy, compute))
 
 
+def with_dequantized_experts(activations: dict[str, int], spec: ModelSpec, checkpointing: bool) -> dict[str, int]:
+    """`activations` with the 16-bit copies of the 4-bit experts. With checkpointing, one layer's exist at a
+    time, while it runs and while it is recomputed; without, the experts' matmuls save every layer's
+    unadapted ones for backward."""
+    if checkpointing:
+        return {**activations, "experts_dequantized": max((whole for whole, _ in spec.dequantized_experts), default=0)}
+    saved = sum(unadapted for _, unadapted in spec.dequantized_experts)
+    return {**activations, "activations": activations["activations"] + saved, "experts_dequantized": 0}
+
+
 def predict(
     cfg: RunConfig, hardware: Hardware, activation_shape: tuple[int, int] | None = None, cache: ModelCache | None = None
 ) -> Budget:
@@ -179,7 +189,11 @@ def predict(
     batch, seq = activation_shape or (cfg.train.micro_batch_size, cfg.data.max_seq_len)
     hidden = spec.config.hidden_size
     shared = {
-        **activation_bytes(spec.shape, batch, seq, cfg.train.gradient_checkpointing, d, sharder.linear_saves_input),
+        **with_dequantized_experts(
+            activation_bytes(spec.shape, batch, seq, cfg.train.gradient_checkpointing, d, sharder.linear_saves_input),
+            spec,
+            cfg.train.gradient_checkpointing,
+        ),
         "gathered_params": sharder.gathered_bytes(spec.tensors, compute, world, hidden),
         "comm_buckets": sharder.bucket_bytes(spec.trainable, autocast or compute.adapter, world, hidden),
         "runtime": hardware.runtime_overhead if hardware.device == "cuda" else 0,

@@ -22,6 +22,8 @@ from torch import nn
 
 from ..config import ConfigError, RunConfig
 from ..dtypes import DtypePolicy
+from ..experts import BLOCKSIZE as EXPERT_BLOCKSIZE
+from ..experts import Experts4bit
 from ..model import (
     apply_quantized_layout,
     attach_lora,
@@ -82,7 +84,9 @@ def _build_skeleton(cfg: RunConfig, policy: DtypePolicy, config) -> nn.Module:
     base = meta_base(cfg.model, cfg.quant, config)
     # transformers' own replacement decides which linears become 4-bit, as in from_pretrained.
     AutoHfQuantizer.from_config(quantization_config(cfg.quant, policy)).preprocess_model(base, device_map={"": "cpu"})
-    apply_quantized_layout(base, cfg.quant, policy, quantized_layout(base, policy.quant_storage))
+    apply_quantized_layout(
+        base, cfg.quant, policy, quantized_layout(base, policy.quant_storage, cfg.quant.experts == "4bit")
+    )
     prepare_for_kbit_training(base, policy, cfg.train.gradient_checkpointing)
     with torch.device("meta"):  # peft would otherwise create and initialise every adapter in host RAM
         return attach_lora(base, cfg.lora, policy, cfg.train.seed)
@@ -98,6 +102,9 @@ class ModelSpec:
     buffer_bytes: int
     quantized_elements: int
     """Weights stored in 4 bits (unpacked count): the matmul work per token is about twice this."""
+    dequantized_experts: list[tuple[int, int]]
+    """Per decoder layer with 4-bit experts: bytes of its experts dequantized, and of those not adapted
+    (which the experts' matmuls save for backward; an adapted one saves its sum with the LoRA delta)."""
     config: object
     shape: ModelShape | None
     """What the activations depend on; None with `unmodelled` saying why."""
@@ -108,6 +115,21 @@ class ModelSpec:
         return [t for t in self.tensors if t.trainable]
 
 
+def is_adapted_expert(modules: dict[str, nn.Module], parametrization: str) -> bool:
+    """Whether peft stacks a LoRA proxy on the 4-bit expert whose parametrization is `parametrization`
+    (`<module>.parametrizations.<name>.0`): the wrapper of that module adapts that parameter."""
+    from peft.tuners.lora import ParamWrapper
+
+    owner, _, rest = parametrization.partition(".parametrizations.")
+    name = rest.split(".")[0]
+    wrapper = owner
+    while wrapper.endswith(".base_layer"):
+        wrapper = wrapper.removesuffix(".base_layer")
+        if isinstance(modules.get(wrapper), ParamWrapper) and modules[wrapper].parameter_name == name:
+            return True
+    return False
+
+
 def describe_model(cfg: RunConfig, policy: DtypePolicy, config) -> ModelSpec:
     skeleton = build_skeleton(cfg, policy, config)
     base = skeleton.get_base_model()
@@ -115,12 +137,21 @@ def describe_model(cfg: RunConfig, policy: DtypePolicy, config) -> ModelSpec:
     layers = decoder_layers(skeleton)
     tensors = parameter_specs(skeleton, layers, parameter_component)
     quant_bytes, quantized = 0, 0
-    for module in modules.values():
+    dequantized: dict[str, list[int]] = {}
+    for name, module in modules.items():
         if isinstance(module, bnb.nn.Linear4bit):
-            numel = module.in_features * module.out_features
-            quantized += numel
-            for shape, dtype in quant_state_shapes(numel, module.weight.blocksize, cfg.quant.double_quant).values():
-                quant_bytes += math.prod(shape) * dtype.itemsize
+            numel, blocksize = module.in_features * module.out_features, module.weight.blocksize
+        elif isinstance(module, Experts4bit):
+            numel, blocksize = math.prod(module.shape), EXPERT_BLOCKSIZE
+            layer = dequantized.setdefault(containing_layer(layers, name), [0, 0])
+            layer[0] += numel * module.dtype.itemsize
+            if not is_adapted_expert(modules, name):
+                layer[1] += numel * module.dtype.itemsize
+        else:
+            continue
+        quantized += numel
+        for shape, dtype in quant_state_shapes(numel, blocksize, cfg.quant.double_quant).values():
+            quant_bytes += math.prod(shape) * dtype.itemsize
     buffers = {id(b): b for b in skeleton.buffers()}.values()
     try:
         shape, unmodelled = model_shape(base, modules, layers, functools.partial(containing_layer, layers)), ""
@@ -132,6 +163,7 @@ def describe_model(cfg: RunConfig, policy: DtypePolicy, config) -> ModelSpec:
         quant_state_bytes=quant_bytes,
         buffer_bytes=sum(b.numel() * b.element_size() for b in buffers),
         quantized_elements=quantized,
+        dequantized_experts=[tuple(v) for v in dequantized.values()],
         config=config,
         shape=shape,
         unmodelled=unmodelled,

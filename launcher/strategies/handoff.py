@@ -19,37 +19,56 @@ from bitsandbytes.functional import QuantState
 from torch import nn
 
 from ..collectives import broadcast_object, broadcast_tensor_, comm_device, distributed, is_source_rank
+from ..experts import Experts4bit
+
+
+def quant_state_owners(model: nn.Module) -> list[nn.Module]:
+    """Every module that holds a 4-bit quantization state, in module order: the 4-bit linears and the
+    4-bit experts' parametrizations."""
+    return [m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, Experts4bit))]
+
+
+def _quant_state(owner: nn.Module) -> QuantState:
+    return owner.weight.quant_state if isinstance(owner, bnb.nn.Linear4bit) else owner.quant_state
+
+
+def _set_quant_state(owner: nn.Module, state: QuantState) -> None:
+    owner.quant_state = state
+    if isinstance(owner, bnb.nn.Linear4bit):
+        owner.weight.quant_state = state
+
+
+def _hide_quant_state(owner: nn.Module) -> None:
+    """Drops the state where the state dict reads it (the linear's weight, the expert's parametrization)."""
+    (owner.weight if isinstance(owner, bnb.nn.Linear4bit) else owner).quant_state = None
 
 
 def broadcast_quant_states(model: nn.Module, device: torch.device) -> None:
     """Gives every rank the source rank's quantization constants, whole, on `device`.
 
-    They are not parameters (bitsandbytes keeps them on the module and on the weight), so no
-    sharding library moves them; every rank needs all of them to dequantize its gathered layers.
-    The source rank first sends their shapes, so the other ranks can receive them in place.
+    They are not parameters (bitsandbytes keeps them on the module and on the weight, or on an expert's
+    parametrization), so no sharding library moves them; every rank needs all of them to dequantize its
+    gathered layers. The source rank first sends their shapes, so the other ranks can receive them in place.
     """
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    owners = quant_state_owners(model)
     source = is_source_rank()
     shapes = broadcast_object(
-        [{k: (tuple(v.shape), v.dtype) for k, v in m.weight.quant_state.as_dict(packed=True).items()} for m in layers]
+        [{k: (tuple(v.shape), v.dtype) for k, v in _quant_state(m).as_dict(packed=True).items()} for m in owners]
         if source
         else None
     )
     device_for_comm = comm_device(device)
-    for module, module_shapes in zip(layers, shapes, strict=True):
+    for owner, owner_shapes in zip(owners, shapes, strict=True):
         if source:
-            packed = {k: v.to(device_for_comm) for k, v in module.weight.quant_state.as_dict(packed=True).items()}
+            packed = {k: v.to(device_for_comm) for k, v in _quant_state(owner).as_dict(packed=True).items()}
         else:
             packed = {
-                k: torch.empty(shape, dtype=dtype, device=device_for_comm)
-                for k, (shape, dtype) in module_shapes.items()
+                k: torch.empty(shape, dtype=dtype, device=device_for_comm) for k, (shape, dtype) in owner_shapes.items()
             }
         if distributed():
             for key in sorted(packed):
                 broadcast_tensor_(packed[key])
-        state = QuantState.from_dict(packed, device=device)
-        module.quant_state = state
-        module.weight.quant_state = state
+        _set_quant_state(owner, QuantState.from_dict(packed, device=device))
 
 
 def broadcast_whole(model: nn.Module, device: torch.device) -> None:
@@ -134,15 +153,12 @@ def materialize_empty(params: Iterable[SharedTensor], device: torch.device) -> N
 @contextlib.contextmanager
 def quant_states_hidden_from_state_dict(model: nn.Module):
     """bitsandbytes writes every 4-bit weight's quantization constants into `state_dict()`; a
-    training checkpoint holds trainable state only. The constants stay on the module (bitsandbytes
-    restores them onto the weight at the next forward), so hiding them during a save is safe."""
-    hidden = []
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and getattr(module.weight, "quant_state", None) is not None:
-            hidden.append((module.weight, module.weight.quant_state))
-            module.weight.quant_state = None
+    training checkpoint holds trainable state only. They are put back when the save ends."""
+    hidden = [(owner, _quant_state(owner)) for owner in quant_state_owners(model)]
+    for owner, _ in hidden:
+        _hide_quant_state(owner)
     try:
         yield
     finally:
-        for weight, state in hidden:
-            weight.quant_state = state
+        for owner, state in hidden:
+            _set_quant_state(owner, state)

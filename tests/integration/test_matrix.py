@@ -197,15 +197,22 @@ def cell(request, references, strategy_launches) -> Cell:
     return result
 
 
+def four_bit_name(module: str) -> str:
+    """What the README calls a 4-bit weight: its linear's name (`q_proj`; peft wraps an adapted one as
+    `q_proj.base_layer`), or for a 4-bit expert its module and parameter (`experts.gate_up_proj`, from
+    `...experts[.base_layer].parametrizations.gate_up_proj.0`)."""
+    owner, _, parameter = module.partition(".parametrizations.")
+    last = owner.replace(".base_layer", "").rpartition(".")[2]
+    return f"{last}.{parameter.partition('.')[0]}" if parameter else last
+
+
 def facts(cell: Cell) -> dict:
     """What the README table says about a family: its 4-bit layers, its adapted layers, what stays dense."""
     adapter_config = json.loads((cell.out / "adapter" / "adapter_config.json").read_text())
     budget = json.loads((cell.out / "memory_budget.json").read_text())["measured"]["ranks"][0]["components"]
     return {
         # peft wraps each adapted 4-bit linear: `...q_proj.base_layer` is q_proj.
-        "four_bit": sorted(
-            {name.removesuffix(".base_layer").rpartition(".")[2] for name in cell.probes[0]["full_quant_states"]}
-        ),
+        "four_bit": sorted({four_bit_name(name) for name in cell.probes[0]["full_quant_states"]}),
         "adapted": sorted(adapter_config["target_modules"]) + sorted(adapter_config.get("target_parameters") or []),
         "dense_experts": budget["experts"] > 0,
         "tied": cell.probes[0]["tie_before_shard"]["same_parameter"],

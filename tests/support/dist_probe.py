@@ -33,12 +33,12 @@ import sys
 import time
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 from accelerate import Accelerator
 from graph_utils import graph_node_types
 
 from launcher import checkpoint, cli, strategies, train
+from launcher.strategies import handoff
 
 RANK = int(os.environ.get("RANK", "0"))
 observed: dict = {}
@@ -50,10 +50,12 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def quant_states(model) -> dict:
+    """Every 4-bit linear's and 4-bit expert's quantization constants, by module name."""
+    owners = set(handoff.quant_state_owners(model))
     return {
         strategies.clean_fqn(name): {k: as_bytes(v) for k, v in m.quant_state.as_dict(packed=True).items()}
         for name, m in model.named_modules()
-        if isinstance(m, bnb.nn.Linear4bit)
+        if m in owners
     }
 
 

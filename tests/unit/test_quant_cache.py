@@ -221,7 +221,7 @@ def test_the_quantize_device_quantizes_every_4bit_weight_bit_for_bit(
     path = str(family_assets(family) / "base")
     quantize_method = bnb.nn.Params4bit._quantize
     got = model_module.load_quantized_base(
-        ModelConfig(path=path, quant_cache=False), QuantConfig(compute_dtype="bfloat16"), BF16, "cpu"
+        ModelConfig(path=path, quant_cache=False), QuantConfig(compute_dtype="bfloat16", experts="16bit"), BF16, "cpu"
     )
     assert bnb.nn.Params4bit._quantize is quantize_method, "the patch outlived the load"
     linears = [m for m in got.modules() if isinstance(m, bnb.nn.Linear4bit)]
