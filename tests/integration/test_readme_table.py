@@ -30,7 +30,7 @@ def render(facts: dict, outcomes: dict) -> str:
         fact = seen[0]
         four_bit = ", ".join(fact["four_bit"])
         if fact["dense_experts"]:
-            four_bit += "; experts stay 16-bit (fused 3D weights bitsandbytes cannot quantize)"
+            four_bit += "; experts stay 16-bit (`quant.experts: 16bit`)"
         marks = [
             ("refused" if s in family.refused else "✓") if all(outcomes[family.name, s]) else "✗" for s in STRATEGIES
         ]
