@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from support.families import FAMILIES
 
 from launcher import experts
 from launcher import model as model_module
 from launcher.config import LoraConfig, ModelConfig, QuantConfig
 from launcher.dtypes import DtypePolicy
+from support.families import FAMILIES
 
 MOE = [f.name for f in FAMILIES if f.moe and not f.run_args]
 POLICY = DtypePolicy(
