@@ -158,6 +158,9 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-r", type=int, help="LoRA rank (lora.r)")
     parser.add_argument("--lora-targets", help="comma-separated module names, or all-linear (lora.target_modules)")
     parser.add_argument(
+        "--experts", choices=["4bit", "16bit"], help="MoE expert weights in 4-bit (default) or 16-bit (quant.experts)"
+    )
+    parser.add_argument(
         "--gpu-memory",
         help="memory per GPU with its unit, e.g. 24GiB or 80GB (a bare number is refused; at least 1GiB); "
         "says whether the run fits",

@@ -261,6 +261,16 @@ def peft_lora_config(model: nn.Module, lora: LoraConfig):
         lora_dropout=0.0 if lora.target_parameters else lora.dropout,
         target_modules=targets,
         target_parameters=adapted_parameter_names(model, lora.target_parameters) or None,
+        # A 4-bit expert's parametrization list is a module named like the parameter (`...experts.
+        # parametrizations.down_proj`), which peft's suffix match would take for the `down_proj` linears.
+        exclude_modules=sorted(
+            {
+                f"parametrizations.{name}"
+                for _, m in model.named_modules()
+                for name in getattr(m, "parametrizations", {})
+            }
+        )
+        or None,
         bias="none",
         task_type="CAUSAL_LM",
     )

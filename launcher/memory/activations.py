@@ -7,8 +7,8 @@ rules below say what each part saves, in which dtype, given which inputs require
 linear whose input needs no grad saves nothing). They follow the autograd formulas of the ops
 transformers runs, and the training measurement (launcher.memory) checks them per family.
 
-Not modelled (the budget says so when it meets them): shared experts beside routed ones, experts
-other than fused gate_up/down stacks, padding masks (the prediction assumes full-length micro batches).
+Not modelled (the budget says so when it meets them): shared experts other than a gated MLP (Qwen2-MoE's
+is modelled), experts other than fused gate_up/down stacks, padding masks (the prediction assumes full-length micro batches).
 """
 
 from __future__ import annotations
@@ -77,6 +77,10 @@ class LayerSpec:
     experts: int = 0
     top_k: int = 0
     normalize_top_k: bool = False
+    shared_intermediate: int = 0
+    """Width of a shared expert beside the routed ones (Qwen2-MoE), 0 for none."""
+    shared_gate: bool = False
+    """The shared expert's output is scaled by sigmoid(shared_expert_gate(x))."""
     lora: dict[str, LoraSite] = field(default_factory=dict)
     """LoRA sites by their path inside the layer (self_attn.q_proj, mlp.gate_up_proj, ...)."""
     expert_lora: dict[str, int] = field(default_factory=dict)
@@ -184,16 +188,34 @@ class LayerSaves:
         # transformers skips the mask only while the sequence is shorter than the window.
         return self.layer.attention == "sdpa" and self.layer.window is not None and self.seq >= self.layer.window
 
-    def dense_mlp(self, x: torch.dtype, grad: bool) -> None:
-        gate_names = ("mlp.gate_proj", "mlp.gate_up_proj")
-        self.lora(("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj"), x, grad)
+    def dense_mlp(
+        self, x: torch.dtype, grad: bool, prefix: str = "mlp", intermediate: int = 0
+    ) -> tuple[torch.dtype, bool]:
+        """A gated MLP (`prefix`: where it sits); the dtype of its output and whether it requires grad."""
+        gate_names = (f"{prefix}.gate_proj", f"{prefix}.gate_up_proj")
+        self.lora((f"{prefix}.gate_proj", f"{prefix}.up_proj", f"{prefix}.gate_up_proj"), x, grad)
         gate = self.out_dtype(gate_names, x)
         gate_grad = grad or bool(self.sites(*gate_names))
-        up_grad = grad or bool(self.sites("mlp.up_proj", "mlp.gate_up_proj"))
+        up_grad = grad or bool(self.sites(f"{prefix}.up_proj", f"{prefix}.gate_up_proj"))
         # The activation keeps its input; the product keeps each factor the other's gradient needs
         # (a fused gate_up output is one storage holding both halves: the same bytes).
-        self.total += self.tokens * self.layer.intermediate * gate.itemsize * (gate_grad + up_grad + gate_grad)
-        self.lora(("mlp.down_proj",), gate, gate_grad or up_grad)
+        width = intermediate or self.layer.intermediate
+        self.total += self.tokens * width * gate.itemsize * (gate_grad + up_grad + gate_grad)
+        down_grad = self.lora((f"{prefix}.down_proj",), gate, gate_grad or up_grad)
+        return self.out_dtype((f"{prefix}.down_proj",), gate), down_grad
+
+    def shared_expert(self, x: torch.dtype, grad: bool) -> None:
+        """Qwen2-MoE's shared expert: a gated MLP over every token, scaled by sigmoid(a linear to one value)."""
+        out, out_grad = self.dense_mlp(x, grad, "mlp.shared_expert", self.layer.shared_intermediate)
+        if not self.layer.shared_gate:
+            return
+        gate_grad = self.lora(("mlp.shared_expert_gate",), x, grad)
+        gate = self.out_dtype(("mlp.shared_expert_gate",), x)
+        # sigmoid keeps its output; the product keeps each factor the other's gradient needs.
+        if gate_grad:
+            self.total += self.tokens * gate.itemsize
+        if out_grad:
+            self.total += self.tokens * self.layer.hidden * out.itemsize
 
     def moe(self, grad: bool) -> None:
         if not grad:
@@ -230,6 +252,8 @@ class LayerSaves:
         self.norm(self.tokens, layer.hidden, grad and norms["pre_mlp"])
         if layer.mlp == "moe":
             self.moe(grad)
+            if layer.shared_intermediate:
+                self.shared_expert(stream, grad)
         else:
             self.dense_mlp(stream, grad)
         self.norm(self.tokens, layer.hidden, grad and norms["post_mlp"])
@@ -311,11 +335,15 @@ def describe_layer(
         if layer_types
         else getattr(config, "sliding_window", None) is not None
     )
+    shared = 0
     if "mlp.experts" in module_names:
         if any(name.startswith("mlp.shared_expert") for name in module_names):
-            raise ConfigError(
-                f"`{type(config).__name__}` has shared experts beside its routed ones; activations are not modelled for them."
-            )
+            shared = getattr(config, "shared_expert_intermediate_size", 0)
+            if not shared or not {"mlp.shared_expert.gate_proj", "mlp.shared_expert.down_proj"} <= module_names:
+                raise ConfigError(
+                    f"`{type(config).__name__}` has shared experts that are not a gated MLP "
+                    "(mlp.shared_expert.gate/up/down_proj); activations are not modelled for them."
+                )
         if set(expert_lora) - {"gate_up_proj", "down_proj"}:
             raise ConfigError(
                 f"Activations are modelled for adapted expert weights gate_up_proj and down_proj, not {sorted(expert_lora)}."
@@ -350,6 +378,8 @@ def describe_layer(
         experts=getattr(config, "num_local_experts", None) or getattr(config, "num_experts", 0) if mlp == "moe" else 0,
         top_k=getattr(config, "num_experts_per_tok", 0) if mlp == "moe" else 0,
         normalize_top_k=mlp == "moe" and getattr(config, "norm_topk_prob", True),
+        shared_intermediate=shared,
+        shared_gate="mlp.shared_expert_gate" in module_names,
         lora=lora,
         expert_lora=expert_lora,
     )

@@ -26,6 +26,7 @@ def request_from_args(args) -> tuple[RunConfig, Hardware]:
             ("train.micro_batch_size", getattr(args, "micro_batch", None)),
             ("lora.r", args.lora_r),
             ("lora.target_modules", _targets(args.lora_targets)),
+            ("quant.experts", args.experts),
             ("train.gradient_checkpointing", False if getattr(args, "no_checkpointing", False) else None),
             ("train.offload", getattr(args, "offload", None)),
         )
@@ -80,6 +81,7 @@ def run_arguments(args) -> list[str]:
         ("--data.max_seq_len", args.seq_len),
         ("--lora.r", args.lora_r),
         ("--lora.target_modules", f"[{args.lora_targets}]" if args.lora_targets else None),
+        ("--quant.experts", args.experts),
     ]
     found = [f"{flag} {value}" for flag, value in given if value is not None]
     return found if args.config else found + ["--data.path DATA"]

@@ -236,15 +236,27 @@ def test_losses_match_a_single_process(cell):
 def test_optimizer_state_is_split(cell):
     total = cell.report(cell.reference)[0]["optimizer_state_elements_local"]
     assert total > 0
-    expected = total if cell.strategy == "ddp" else total // WORLD
-    for rank in cell.report():
-        assert rank["optimizer_state_elements_local"] == expected, rank
-        adapter = (
-            rank["adapter_elements_total"]
-            if cell.strategy in ("ddp", "zero2")
-            else rank["adapter_elements_total"] // WORLD
-        )
-        assert rank["adapter_elements_local"] == adapter, rank
+    ranks = cell.report()
+    if cell.strategy == "ddp":
+        assert all(rank["optimizer_state_elements_local"] == total for rank in ranks), ranks
+    else:
+        assert_split_evenly([rank["optimizer_state_elements_local"] for rank in ranks], total, cell.strategy)
+    adapter = ranks[0]["adapter_elements_total"]
+    if cell.strategy in ("ddp", "zero2"):
+        assert all(rank["adapter_elements_local"] == adapter for rank in ranks), ranks
+    else:
+        assert_split_evenly([rank["adapter_elements_local"] for rank in ranks], adapter, cell.strategy)
+
+
+def assert_split_evenly(local: list[int], total: int, strategy: str) -> None:
+    """Every element held once, half on each rank. FSDP2 splits each parameter by rows, so one with fewer
+    rows than ranks (Qwen2-MoE's shared-expert gate is a linear to one value: its lora_B has one row) sits
+    whole on rank 0: there the halves may differ by such small parameters (under 1%)."""
+    assert sum(local) == total, (local, total)
+    if strategy == "fsdp2":
+        assert max(local) - min(local) <= total // 100, (local, total)
+    else:
+        assert local == [total // WORLD] * WORLD, (local, total)
 
 
 def test_adapter_reloads_with_the_trained_logits(cell):

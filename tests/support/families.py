@@ -140,6 +140,28 @@ def _qwen3_moe(tokens):
     )
 
 
+def _qwen2_moe(tokens):
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(
+        **_common(
+            tokens,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=96,
+            decoder_sparse_step=1,
+            tie_word_embeddings=False,
+        )
+    )
+
+
+def _olmoe(tokens):
+    from transformers import OlmoeConfig
+
+    return OlmoeConfig(**_common(tokens, num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False))
+
+
 FAMILIES = [
     Family("llama", "untied embeddings (Llama-2/3 8B+)", lambda t: _llama(t, False)),
     Family("llama-tied", "tied embeddings (Llama-3.2 1B/3B)", lambda t: _llama(t, True), tied=True),
@@ -151,6 +173,8 @@ FAMILIES = [
     Family("phi3", "fused qkv and gate_up projections", _phi3),
     Family("mixtral", "MoE: 4 experts, top-2, fused 3D expert weights", _mixtral, moe=True),
     Family("qwen3-moe", "MoE: 4 experts, top-2, q/k norms", _qwen3_moe, moe=True),
+    Family("qwen2-moe", "MoE: 4 routed experts and a gated shared expert (Qwen2-57B-A14B)", _qwen2_moe, moe=True),
+    Family("olmoe", "MoE: 4 experts, top-2, q/k norms over all heads", _olmoe, moe=True),
     Family(
         "mixtral-experts",
         "Mixtral with the experts adapted too (`lora.target_parameters`)",
