@@ -25,8 +25,8 @@ def check_lora_targets(cfg: RunConfig, config: PretrainedConfig) -> None:
     """A ConfigError naming the targets that match no module, and the linear layers there are."""
     targets = cfg.lora.target_modules
     if targets == "all-linear":  # model.linear_target_names resolves it from the model itself
-        return
-    if not targets and not cfg.lora.target_parameters:
+        pass
+    elif not targets and not cfg.lora.target_parameters:
         raise ConfigError(
             "`lora.target_modules` is empty and there is no `lora.target_parameters`: nothing would be trained. "
             "Use all-linear, or list module names such as [q_proj, v_proj]."
@@ -39,26 +39,30 @@ def check_lora_targets(cfg: RunConfig, config: PretrainedConfig) -> None:
                 f"`lora.target_modules` is `{targets}`, which peft reads as a regular expression, and it does not "
                 f"compile ({error}). Use all-linear, or list module names such as [q_proj, v_proj]."
             ) from error
-    from peft.utils.transformers_weight_conversion import (
-        convert_peft_config_for_transformers,
-        get_model_conversion_mapping,
-    )
-
     # Module names do not depend on the dtype, which may still be "auto" here (resolved on the ranks).
     base = meta_base(cfg.model, dataclasses.replace(cfg.quant, compute_dtype="float32"), config)
-    peft_config = peft_lora_config(base, cfg.lora)
     try:
-        # What get_peft_model does first: the names MoE experts had before transformers 5 fused them into 3D
-        # parameters (Mixtral's w1/w2/w3, Qwen-MoE's gate_proj/up_proj/down_proj) become parameter targets.
-        convert_peft_config_for_transformers(peft_config, model=base, conversions=get_model_conversion_mapping(base))
+        peft_config = peft_lora_config(base, cfg.lora)
     except ValueError as error:
         raise ConfigError(
             f"`lora.target_modules` cannot be applied to `{cfg.model.path}`: {error} (peft maps the names MoE experts "
             "had before transformers 5 onto their fused parameters). Name all the parts of a fused weight, or adapt "
             "the experts through `lora.target_parameters`."
         ) from error
+    asked = linear_target_names(base) if targets == "all-linear" else targets
+    remapped = set(asked if isinstance(asked, list) else ()) - set(peft_config.target_modules or ())
+    clash = sorted(remapped & set(linear_target_names(base)))
+    if clash:
+        import peft
+
+        raise ConfigError(
+            f"peft {peft.__version__} takes the names {', '.join(clash)} for the experts of `{config.model_type}` "
+            "(as they were named before transformers 5 fused them), so the linears of those names outside the "
+            "experts (dense layers, shared experts) would not be adapted. List the linears to adapt without those "
+            "names in `lora.target_modules`, and adapt the experts with `lora.target_parameters`."
+        )
     if peft_config.target_parameters and peft_config.lora_dropout:
-        names = ", ".join(sorted(peft_config.target_parameters))
+        names = ", ".join(sorted({name.rpartition(".")[2] for name in peft_config.target_parameters}))
         raise ConfigError(
             f"`lora.target_modules` names modules that `{cfg.model.path}` holds as parameters since transformers 5 "
             f"(MoE experts fused into 3D weights, the router's weight): peft adapts them as the parameters {names}, "
@@ -72,6 +76,8 @@ def check_lora_targets(cfg: RunConfig, config: PretrainedConfig) -> None:
     experts = sorted({re.sub(r"^.*?\.\d+\.", "", n) for n, p in base.named_parameters() if p.dim() == 3})
     if experts:
         found += f" Its MoE experts are 3D parameters, which `lora.target_parameters: [{', '.join(experts)}]` adapts."
+    if targets == "all-linear":
+        return
     if isinstance(peft_config.target_modules, str):
         if not any(re.fullmatch(targets, name) for name in modules):
             example = next((name for name in modules if name.rpartition(".")[2] in linear), modules[-1])

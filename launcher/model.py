@@ -250,17 +250,22 @@ def adapted_parameter_names(model: nn.Module, targets: list[str]) -> list[str]:
 
 
 def peft_lora_config(model: nn.Module, lora: LoraConfig):
-    """The peft config `attach_lora` adapts `model` with."""
+    """The peft config `attach_lora` adapts `model` with. A ValueError where peft cannot map the names MoE
+    experts had before transformers 5 (a part of a fused weight without the others)."""
     from peft import LoraConfig as PeftLoraConfig
+    from peft.utils.transformers_weight_conversion import (
+        convert_peft_config_for_transformers,
+        get_model_conversion_mapping,
+    )
 
     targets = linear_target_names(model) if lora.target_modules == "all-linear" else lora.target_modules
-    return PeftLoraConfig(
+    config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         # peft refuses dropout on adapted parameters; attach_lora sets it on the adapted modules.
         lora_dropout=0.0 if lora.target_parameters else lora.dropout,
         target_modules=targets,
-        target_parameters=adapted_parameter_names(model, lora.target_parameters) or None,
+        target_parameters=lora.target_parameters or None,
         # A 4-bit expert's parametrization list is a module named like the parameter (`...experts.
         # parametrizations.down_proj`), which peft's suffix match would take for the `down_proj` linears.
         exclude_modules=sorted(
@@ -274,6 +279,12 @@ def peft_lora_config(model: nn.Module, lora: LoraConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
+    # get_peft_model's first step, done here (it is idempotent) so that the parameter targets it adds are
+    # named in full: the names experts had before transformers 5 fused them (Mixtral's w1/w2/w3, DeepSeek's
+    # gate/up/down_proj) become parameter targets.
+    convert_peft_config_for_transformers(config, model=model, conversions=get_model_conversion_mapping(model))
+    config.target_parameters = adapted_parameter_names(model, sorted(config.target_parameters or ())) or None
+    return config
 
 
 def attach_lora(model: PreTrainedModel, lora: LoraConfig, policy: DtypePolicy, seed: int) -> nn.Module:
