@@ -155,6 +155,18 @@ def expert_specs(model: nn.Module, storage: torch.dtype, planned: bool) -> dict[
     return dict(sorted(specs.items()))
 
 
+def sort_expert_parameters(model: nn.Module) -> None:
+    """Each module's 16-bit expert parameters in name order, as `sort_parametrizations` keeps the 4-bit ones:
+    peft nests one wrapper per adapted parameter, in the order it meets them (a module's parameter order
+    for plain parameters, name order for parametrized ones), and an adapter reloads only onto the same nesting
+    (`qlaunch merge` puts a 4-bit-trained adapter onto 16-bit experts)."""
+    for _, module, _ in expert_parameters(model):
+        if list(module._parameters) != sorted(module._parameters):
+            items = sorted(module._parameters.items())
+            module._parameters.clear()
+            module._parameters.update(items)
+
+
 def sort_parametrizations(model: nn.Module) -> None:
     """Each module's 4-bit experts in name order, whatever order the checkpoint set them in: the meta
     models of the other ranks and of the budget install them in that order, and parameter order matters

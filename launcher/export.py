@@ -19,6 +19,7 @@ from . import strategies
 from .checkpoint import read_meta
 from .config import ConfigError, load_config
 from .dtypes import DTYPE_BY_NAME
+from .experts import fix_peft_stacked_parametrizations, sort_expert_parameters
 from .model import load_quantized_base, prepare_for_kbit_training
 from .safe_load import check_checkpoint_files
 from .strategies.cpu import disable_bnb_cpu_repack
@@ -96,6 +97,7 @@ def merge_adapter(adapter_dir: Path, output: Path, base_path: str | None = None,
         raise ConfigError(f"`{output}` already exists; choose another --output.")
     base_path = base_path or LoraConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPE_BY_NAME[dtype])
+    sort_expert_parameters(base)  # the adapter's nesting, as training built it
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
     def write(tmp: Path) -> None:
@@ -121,6 +123,7 @@ def load_for_inference(output_dir: Path, base_path: str | None = None, adapter_d
     cfg = load_config(Path(output_dir) / "run_config.yaml", [("model.path", base_path)] if base_path else ())
     policy = strategies.dtype_policy(cfg, strategies.get(cfg.strategy), cfg.train.mixed_precision)
     base = load_quantized_base(cfg.model, cfg.quant, policy)
+    fix_peft_stacked_parametrizations()  # adapters on 4-bit experts
     disable_bnb_cpu_repack(base)
     prepare_for_kbit_training(base, policy, gradient_checkpointing=False)
     if torch.cuda.is_available():

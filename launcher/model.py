@@ -293,6 +293,7 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, policy: DtypePolicy, s
     from peft.tuners.lora import LoraLayer, ParamWrapper
 
     experts.fix_peft_stacked_parametrizations()
+    experts.sort_expert_parameters(model)
     torch.manual_seed(seed)
     peft_config = peft_lora_config(model, lora)
     model = get_peft_model(model, peft_config)
