@@ -161,6 +161,11 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
         "--experts", choices=["4bit", "16bit"], help="MoE expert weights in 4-bit (default) or 16-bit (quant.experts)"
     )
     parser.add_argument(
+        "--loss-chunk",
+        type=int,
+        help="tokens per chunk of the loss (train.loss_chunk_tokens, default 1024); 0: all logits at once",
+    )
+    parser.add_argument(
         "--gpu-memory",
         help="memory per GPU with its unit, e.g. 24GiB or 80GB (a bare number is refused; at least 1GiB); "
         "says whether the run fits",

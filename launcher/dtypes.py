@@ -24,7 +24,7 @@ class DtypePolicy:
     """Biases of the 4-bit linears. bitsandbytes recasts a bias to the compute dtype inside every forward
     (`bias.data = ...`), which a sharded parameter must not see: they are kept in that dtype where they can be."""
     experts: torch.dtype
-    """Fused 3D MoE expert weights (bitsandbytes quantizes nn.Linear only); transformers casts the
+    """Fused 3D MoE expert weights kept 16-bit (quant.experts: 16bit); transformers casts the
     input to their dtype, so they can stay in the compute dtype."""
 
     def of(self, component: str) -> torch.dtype | None:

@@ -23,6 +23,7 @@ from .collectives import broadcast_object, is_source_rank
 from .config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from .dtypes import DTYPE_BY_NAME, DtypePolicy
 from .experts import packed_shape
+from .loss import chunking_refusal, install_chunked_loss
 from .model_files import model_source
 from .quant_cache import cached_quantized_base
 from .quantize import quantizing_on, reading_without_mmap
@@ -175,6 +176,8 @@ def frozen_component(module: nn.Module, name: str, param: torch.Tensor) -> str:
         return "base_4bit"
     if is_norm(module):
         return "norms"
+    if name.endswith("_bias") and param.dim() == 2:  # gpt-oss's expert biases, one row per expert
+        return "biases"
     if param.dim() == 3:
         return "experts"
     return "frozen_dense"
@@ -320,8 +323,8 @@ def coverage_notes(model: nn.Module, lora: LoraConfig) -> list[str]:
     if experts:
         count = sum(p.numel() for p in experts)
         notes.append(
-            f"{count / 1e6:,.1f}M MoE expert weights stay {str(experts[0].dtype).removeprefix('torch.')}: they are fused 3D "
-            "parameters and bitsandbytes quantizes nn.Linear only (the memory report counts them as `experts`)."
+            f"{count / 1e6:,.1f}M MoE expert weights stay {str(experts[0].dtype).removeprefix('torch.')} "
+            "(quant.experts: 16bit; the memory report counts them as `experts`)."
             + ("" if lora.target_parameters else " They are not adapted; lora.target_parameters adapts them.")
         )
     if lora.target_parameters and lora.dropout:
@@ -346,7 +349,12 @@ def load_base(model: ModelConfig, quant: QuantConfig, policy: DtypePolicy) -> Pr
 
 
 def build_model(
-    base: PreTrainedModel, quant: QuantConfig, lora: LoraConfig, train: TrainConfig, policy: DtypePolicy
+    base: PreTrainedModel,
+    quant: QuantConfig,
+    lora: LoraConfig,
+    train: TrainConfig,
+    policy: DtypePolicy,
+    max_seq_len: int,
 ) -> nn.Module:
     """The LoRA-wrapped 4-bit model, on every rank the same tree: the source rank broadcasts which
     layers it quantized and how, the others rebuild them on meta."""
@@ -356,4 +364,6 @@ def build_model(
         apply_quantized_layout(base, quant, policy, broadcast_object(None))
     disable_bnb_cpu_repack(base)
     prepare_for_kbit_training(base, policy, train.gradient_checkpointing)
+    if train.loss_chunk_tokens and not chunking_refusal(base.config):
+        install_chunked_loss(base, train.loss_chunk_tokens, train.micro_batch_size * max_seq_len)
     return attach_lora(base, lora, policy, train.seed)

@@ -57,6 +57,10 @@ def check_values(cfg: RunConfig) -> None:
         require(getattr(t, key) > 0, f"`train.{key}` must be a positive integer, got {getattr(t, key)}.")
     require(t.max_steps >= 0, f"`train.max_steps` must be 0 (use epochs) or positive, got {t.max_steps}.")
     require(t.warmup_steps >= 0, f"`train.warmup_steps` must be >= 0, got {t.warmup_steps}.")
+    require(
+        t.loss_chunk_tokens >= 0,
+        f"`train.loss_chunk_tokens` must be 0 (the model's own loss) or positive, got {t.loss_chunk_tokens}.",
+    )
     require(t.lr > 0, f"`train.lr` must be positive, got {t.lr}.")
     require(
         t.lr_schedule in ("cosine", "linear", "constant"),

@@ -114,7 +114,7 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
     tracking.start(accelerator, cfg)
 
     # Prepare: k-bit preparation and LoRA (the other ranks build a meta skeleton first).
-    model = build_model(base, cfg.quant, cfg.lora, cfg.train, policy)
+    model = build_model(base, cfg.quant, cfg.lora, cfg.train, policy, cfg.data.max_seq_len)
     if main:
         for note in [preflight.compute_note(user_cfg, cfg), *coverage_notes(model, cfg.lora)]:
             if note:

@@ -1,6 +1,7 @@
 """Activations: the bytes a forward pass saves for backward, per decoder layer, for every family.
 
-A decoder layer is described by what it is made of (`LayerSpec`, read off the meta skeleton): its
+A decoder layer is described by what it is made of (`LayerSpec`, read off the meta skeleton by
+`skeleton.describe_layer`): its
 norms, whether q and k have norms of their own, how attention runs (SDPA or eager, soft-capping,
 a sliding window that needs a mask), a dense gated MLP or routed experts, and where LoRA sits. The
 rules below say what each part saves, in which dtype, given which inputs require grad (a frozen
@@ -13,11 +14,12 @@ is modelled), experts other than fused gate_up/down stacks, padding masks (the p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-from ..config import ConfigError
+from ..loss import chunk_count
 
 FP32 = 4
 INDEX = 8
@@ -81,6 +83,10 @@ class LayerSpec:
     """Width of a shared expert beside the routed ones (Qwen2-MoE), 0 for none."""
     shared_gate: bool = False
     """The shared expert's output is scaled by sigmoid(shared_expert_gate(x))."""
+    clamped_glu: bool = False
+    """gpt-oss's experts: gate and up clamped, then (up + 1) * gate * sigmoid(alpha * gate)."""
+    sinks: bool = False
+    """gpt-oss's attention: a learned sink logit per head joins the softmax (eager attention)."""
     lora: dict[str, LoraSite] = field(default_factory=dict)
     """LoRA sites by their path inside the layer (self_attn.q_proj, mlp.gate_up_proj, ...)."""
     expert_lora: dict[str, int] = field(default_factory=dict)
@@ -173,6 +179,10 @@ class LayerSaves:
             scores = self.batch * h * self.seq * self.seq
             self.total += 3 * t * h * hd * attn.itemsize + scores * FP32
             self.total += scores * attn.itemsize * (layer.softcap + (attn != torch.float32))
+            if layer.sinks:
+                # The softmax runs over one more column (the sink), after subtracting a row max that
+                # keeps its indices.
+                self.total += self.batch * h * self.seq * (FP32 + INDEX)
         else:
             # SDPA keeps q, k, v, its output and the fp32 log-sum-exp. transformers lets it group
             # query heads only without a mask; a sliding window as long as the sequence needs one, and
@@ -231,6 +241,9 @@ class LayerSaves:
         # output, the activation's output, the down output and the routing weight it is scaled by.
         self.total += 3 * pairs * INDEX + layer.experts * 4
         self.total += pairs * (3 * layer.intermediate + layer.hidden) * e + pairs * FP32
+        if layer.clamped_glu:
+            # The clamped gate, up + 1 and their product are kept besides the sigmoid's output.
+            self.total += 3 * pairs * layer.intermediate * e
         # An adapted expert weight is W + scaling * B @ A per expert, made by peft in W's dtype at every
         # forward (baddbmm keeps both factors); the grouped matmul keeps it whole, and its input.
         widths = {
@@ -268,25 +281,32 @@ def layer_saved_bytes(
 
 
 def activation_bytes(
-    shape: ModelShape, batch: int, seq: int, checkpointing: bool, d: ActivationDtypes, linear_saves_input: bool
+    shape: ModelShape,
+    batch: int,
+    seq: int,
+    checkpointing: bool,
+    d: ActivationDtypes,
+    linear_saves_input: bool,
+    loss_chunk: int = 0,
 ) -> dict[str, int]:
-    """activations (saved for backward by one micro batch), recompute, logits_backward."""
+    """activations (saved for backward by one micro batch), recompute, logits_backward. `loss_chunk`: tokens
+    per chunk of the chunked loss (launcher/loss.py), 0 for the model's own loss over all logits."""
     tokens, vocab = batch * seq, shape.vocab
     first = shape.layers[0]
     hidden = first.hidden
-    # After the layers: the final norm, lm_head (ZeRO-3's linear keeps its input; autocast keeps a
-    # cast of a weight stored in another dtype), soft-capping (tanh keeps its output), and the loss:
-    # fp32 log-probabilities and targets.
+    # After the layers: the final norm, then the loss.
     head = tokens * (hidden + 1) * FP32 + (hidden * FP32 if shape.gemma_norms else 0)
-    head += tokens * vocab * FP32 + tokens * INDEX + FP32
-    if linear_saves_input:
-        head += tokens * hidden * d.matmul(d.stream).itemsize
-    if d.autocast and d.dense != d.autocast:
-        head += vocab * hidden * d.autocast.itemsize
-    if shape.final_softcap:
-        head += tokens * vocab * d.matmul(d.dense).itemsize
-    if shape.lora_on_head:
-        head += lora_saves([shape.lora_on_head], tokens, d.stream, True, d)
+    if loss_chunk:
+        # Each chunk is checkpointed: forward keeps the final hidden states and the shifted targets; in
+        # backward one chunk at a time has its logits (and their fp32 copy, and the soft-capped ones), the
+        # fp32 log-probabilities and two fp32 gradients.
+        head += tokens * hidden * d.stream.itemsize + tokens * INDEX
+        chunk = math.ceil(tokens / chunk_count(tokens, loss_chunk)) * vocab
+        logits = d.matmul(d.dense).itemsize
+        loss = chunk * (3 * FP32 + (logits if logits != FP32 else 0) + (logits if shape.final_softcap else 0))
+    else:
+        head += output_layer_saves(shape, tokens, hidden, d, linear_saves_input)
+        loss = 2 * tokens * vocab * FP32
     layers = [layer_saved_bytes(layer, shape, batch, seq, True, d) for layer in shape.layers]
     if checkpointing:
         # Each layer keeps only its input (the first one the embedding output); in backward, one layer
@@ -299,87 +319,23 @@ def activation_bytes(
         saved = layer_saved_bytes(first, shape, batch, seq, False, d) + sum(layers[1:])
         saved += shape.rotary_sets * 2 * seq * first.head_dim * d.dense.itemsize
         recompute = 0
-    return {"activations": saved + head, "recompute": recompute, "logits_backward": 2 * tokens * vocab * FP32}
+    return {"activations": saved + head, "recompute": recompute, "logits_backward": loss}
 
 
-NORM_POSITIONS = {
-    # The hidden-size norms of a decoder layer, by the names transformers gives them per position.
-    "pre_attn": ("input_layernorm",),
-    "post_attn": ("post_attention_layernorm",),
-    "pre_mlp": ("pre_feedforward_layernorm",),
-    "post_mlp": ("post_feedforward_layernorm",),
-}
-
-
-def norm_positions(names: set[str]) -> dict[str, bool]:
-    """Where a layer's hidden-size norms sit. Llama-style layers name their pre-MLP norm
-    `post_attention_layernorm`; Gemma-style layers have a separate `pre_feedforward_layernorm`,
-    and then `post_attention_layernorm` normalises the attention output."""
-    found = {pos: any(n in names for n in candidates) for pos, candidates in NORM_POSITIONS.items()}
-    if not found["pre_mlp"] and found["post_attn"]:
-        found["pre_mlp"], found["post_attn"] = True, False
-    if not found["pre_attn"]:
-        raise ConfigError(f"No input norm found in the decoder layer (modules: {', '.join(sorted(names))}).")
-    return found
-
-
-def describe_layer(
-    config, module_names: set[str], lora: dict[str, LoraSite], expert_lora: dict[str, int], attention: str, index: int
-) -> LayerSpec:
-    """A LayerSpec from a layer's module names (relative to the layer) and the model config."""
-    hidden, heads = config.hidden_size, config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    layer_types = getattr(config, "layer_types", None)
-    sliding = (
-        layer_types[index] == "sliding_attention"
-        if layer_types
-        else getattr(config, "sliding_window", None) is not None
-    )
-    shared = 0
-    if "mlp.experts" in module_names:
-        if any(name.startswith("mlp.shared_expert") for name in module_names):
-            shared = getattr(config, "shared_expert_intermediate_size", 0)
-            if not shared or not {"mlp.shared_expert.gate_proj", "mlp.shared_expert.down_proj"} <= module_names:
-                raise ConfigError(
-                    f"`{type(config).__name__}` has shared experts that are not a gated MLP "
-                    "(mlp.shared_expert.gate/up/down_proj); activations are not modelled for them."
-                )
-        if set(expert_lora) - {"gate_up_proj", "down_proj"}:
-            raise ConfigError(
-                f"Activations are modelled for adapted expert weights gate_up_proj and down_proj, not {sorted(expert_lora)}."
-            )
-        mlp, inter = "moe", getattr(config, "moe_intermediate_size", None) or config.intermediate_size
-    elif {"mlp.down_proj"} <= module_names and (
-        {"mlp.gate_proj", "mlp.up_proj"} <= module_names or "mlp.gate_up_proj" in module_names
-    ):
-        mlp, inter = "dense", config.intermediate_size
-    else:
-        raise ConfigError(
-            f"Activations are modelled for decoder layers with a gated MLP (gate/up/down projections) or routed "
-            f"experts; `{type(config).__name__}` has neither. Static components could be predicted, activations not."
-        )
-    if not (
-        {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"} <= module_names
-        or "self_attn.qkv_proj" in module_names
-    ):
-        raise ConfigError(f"`{type(config).__name__}` has no q/k/v projections that activations are modelled for.")
-    return LayerSpec(
-        hidden=hidden,
-        heads=heads,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=head_dim,
-        norms=norm_positions(module_names),
-        qk_norm="self_attn.q_norm" in module_names,
-        attention="eager" if attention == "eager" else "sdpa",
-        softcap=attention == "eager" and bool(getattr(config, "attn_logit_softcapping", None)),
-        window=getattr(config, "sliding_window", None) if sliding else None,
-        mlp=mlp,
-        intermediate=inter,
-        experts=getattr(config, "num_local_experts", None) or getattr(config, "num_experts", 0) if mlp == "moe" else 0,
-        top_k=getattr(config, "num_experts_per_tok", 0) if mlp == "moe" else 0,
-        normalize_top_k=mlp == "moe" and getattr(config, "norm_topk_prob", True),
-        shared_intermediate=shared,
-        shared_gate="mlp.shared_expert_gate" in module_names,
-        lora=lora,
-        expert_lora=expert_lora,
-    )
+def output_layer_saves(
+    shape: ModelShape, tokens: int, hidden: int, d: ActivationDtypes, linear_saves_input: bool
+) -> int:
+    """What the model's own loss saves after the final norm: lm_head's (ZeRO-3's linear keeps its input;
+    autocast keeps a cast of a weight stored in another dtype), soft-capping's (tanh keeps its output), and
+    the loss's: fp32 log-probabilities and targets."""
+    vocab = shape.vocab
+    saved = tokens * vocab * FP32 + tokens * INDEX + FP32
+    if linear_saves_input:
+        saved += tokens * hidden * d.matmul(d.stream).itemsize
+    if d.autocast and d.dense != d.autocast:
+        saved += vocab * hidden * d.autocast.itemsize
+    if shape.final_softcap:
+        saved += tokens * vocab * d.matmul(d.dense).itemsize
+    if shape.lora_on_head:
+        saved += lora_saves([shape.lora_on_head], tokens, d.stream, True, d)
+    return saved

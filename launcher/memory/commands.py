@@ -27,6 +27,7 @@ def request_from_args(args) -> tuple[RunConfig, Hardware]:
             ("lora.r", args.lora_r),
             ("lora.target_modules", _targets(args.lora_targets)),
             ("quant.experts", args.experts),
+            ("train.loss_chunk_tokens", args.loss_chunk),
             ("train.gradient_checkpointing", False if getattr(args, "no_checkpointing", False) else None),
             ("train.offload", getattr(args, "offload", None)),
         )

@@ -24,7 +24,7 @@ COMPONENTS = {
     "activations": "tensors saved for backward by one micro batch",
     "recompute": "one layer's activations recomputed in backward (checkpointing)",
     "experts_dequantized": "one layer's 4-bit MoE experts dequantized while it runs or is recomputed (checkpointing)",
-    "logits_backward": "fp32 gradients of the logits at the start of backward",
+    "logits_backward": "one loss chunk in backward: its logits, fp32 log-probabilities and their gradients",
     "gathered_params": "parameters gathered from the other ranks while layers run (FSDP, ZeRO-3), prefetch included",
     "comm_buckets": "gradient communication buffers (DDP buckets, ZeRO reduce bucket, FSDP reduce-scatter input)",
     "runtime": "CUDA context, NCCL buffers and allocator slack (an allowance, --runtime-overhead)",

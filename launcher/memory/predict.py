@@ -22,6 +22,7 @@ from ..dtypes import (
     resolve_compute_dtype,
     resolve_mixed_precision,
 )
+from ..loss import chunking_refusal
 from .activations import ActivationDtypes, activation_bytes
 from .components import COMPONENTS
 from .skeleton import ModelCache, ModelSpec
@@ -190,7 +191,15 @@ def predict(
     hidden = spec.config.hidden_size
     shared = {
         **with_dequantized_experts(
-            activation_bytes(spec.shape, batch, seq, cfg.train.gradient_checkpointing, d, sharder.linear_saves_input),
+            activation_bytes(
+                spec.shape,
+                batch,
+                seq,
+                cfg.train.gradient_checkpointing,
+                d,
+                sharder.linear_saves_input,
+                0 if chunking_refusal(spec.config) else cfg.train.loss_chunk_tokens,
+            ),
             spec,
             cfg.train.gradient_checkpointing,
         ),

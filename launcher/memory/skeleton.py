@@ -34,7 +34,7 @@ from ..model import (
     read_model_config,
 )
 from ..strategies.layout import TensorSpec, containing_layer, decoder_layers, parameter_specs
-from .activations import LoraSite, ModelShape, describe_layer
+from .activations import LayerSpec, LoraSite, ModelShape
 from .components import parameter_component
 
 
@@ -219,3 +219,88 @@ class ModelCache:
         if stored not in self.specs:
             self.specs[stored] = describe_model(cfg, stored, self.config)
         return self.specs[stored]
+
+
+NORM_POSITIONS = {
+    # The hidden-size norms of a decoder layer, by the names transformers gives them per position.
+    "pre_attn": ("input_layernorm",),
+    "post_attn": ("post_attention_layernorm",),
+    "pre_mlp": ("pre_feedforward_layernorm",),
+    "post_mlp": ("post_feedforward_layernorm",),
+}
+
+
+def norm_positions(names: set[str]) -> dict[str, bool]:
+    """Where a layer's hidden-size norms sit. Llama-style layers name their pre-MLP norm
+    `post_attention_layernorm`; Gemma-style layers have a separate `pre_feedforward_layernorm`,
+    and then `post_attention_layernorm` normalises the attention output."""
+    found = {pos: any(n in names for n in candidates) for pos, candidates in NORM_POSITIONS.items()}
+    if not found["pre_mlp"] and found["post_attn"]:
+        found["pre_mlp"], found["post_attn"] = True, False
+    if not found["pre_attn"]:
+        raise ConfigError(f"No input norm found in the decoder layer (modules: {', '.join(sorted(names))}).")
+    return found
+
+
+def describe_layer(
+    config, module_names: set[str], lora: dict[str, LoraSite], expert_lora: dict[str, int], attention: str, index: int
+) -> LayerSpec:
+    """A LayerSpec from a layer's module names (relative to the layer) and the model config."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    layer_types = getattr(config, "layer_types", None)
+    sliding = (
+        layer_types[index] == "sliding_attention"
+        if layer_types
+        else getattr(config, "sliding_window", None) is not None
+    )
+    shared = 0
+    if "mlp.experts" in module_names:
+        if any(name.startswith("mlp.shared_expert") for name in module_names):
+            shared = getattr(config, "shared_expert_intermediate_size", 0)
+            if not shared or not {"mlp.shared_expert.gate_proj", "mlp.shared_expert.down_proj"} <= module_names:
+                raise ConfigError(
+                    f"`{type(config).__name__}` has shared experts that are not a gated MLP "
+                    "(mlp.shared_expert.gate/up/down_proj); activations are not modelled for them."
+                )
+        if set(expert_lora) - {"gate_up_proj", "down_proj"}:
+            raise ConfigError(
+                f"Activations are modelled for adapted expert weights gate_up_proj and down_proj, not {sorted(expert_lora)}."
+            )
+        mlp, inter = "moe", getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    elif {"mlp.down_proj"} <= module_names and (
+        {"mlp.gate_proj", "mlp.up_proj"} <= module_names or "mlp.gate_up_proj" in module_names
+    ):
+        mlp, inter = "dense", config.intermediate_size
+    else:
+        raise ConfigError(
+            f"Activations are modelled for decoder layers with a gated MLP (gate/up/down projections) or routed "
+            f"experts; `{type(config).__name__}` has neither. Static components could be predicted, activations not."
+        )
+    if not (
+        {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"} <= module_names
+        or "self_attn.qkv_proj" in module_names
+    ):
+        raise ConfigError(f"`{type(config).__name__}` has no q/k/v projections that activations are modelled for.")
+    return LayerSpec(
+        hidden=hidden,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        norms=norm_positions(module_names),
+        qk_norm="self_attn.q_norm" in module_names,
+        attention="eager" if attention == "eager" else "sdpa",
+        softcap=attention == "eager" and bool(getattr(config, "attn_logit_softcapping", None)),
+        window=getattr(config, "sliding_window", None) if sliding else None,
+        mlp=mlp,
+        intermediate=inter,
+        experts=getattr(config, "num_local_experts", None) or getattr(config, "num_experts", 0) if mlp == "moe" else 0,
+        top_k=getattr(config, "num_experts_per_tok", 0) if mlp == "moe" else 0,
+        normalize_top_k=mlp == "moe" and getattr(config, "norm_topk_prob", True),
+        shared_intermediate=shared,
+        shared_gate="mlp.shared_expert_gate" in module_names,
+        clamped_glu=mlp == "moe" and config.model_type == "gpt_oss",
+        sinks=config.model_type == "gpt_oss",
+        lora=lora,
+        expert_lora=expert_lora,
+    )

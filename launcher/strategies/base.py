@@ -79,10 +79,10 @@ class LocalShard:
 
 
 def clean_fqn(name: str) -> str:
-    """A parameter's name without the wrappers' prefixes (FSDP1 units, DDP's `module.`)."""
+    """A parameter's or module's name without the wrappers' prefixes (FSDP1 units, DDP's `module.`)."""
     from torch.distributed.fsdp._common_utils import FSDP_WRAPPED_MODULE
 
-    name = name.replace(f"{FSDP_WRAPPED_MODULE}.", "")
+    name = name.replace(f"{FSDP_WRAPPED_MODULE}.", "").removesuffix(f".{FSDP_WRAPPED_MODULE}")
     return name[len("module.") :] if name.startswith("module.") else name
 
 

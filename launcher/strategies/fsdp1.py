@@ -44,6 +44,14 @@ def wrapped_modules(tensors: list[TensorSpec]) -> set[str]:
     mixed = sorted(m for m in own if len(module_dtypes[m]) > 1)
     if mixed:
         raise ValueError(f"FSDP1 needs one dtype per unit, and `{mixed[0]}` holds weights of several dtypes")
+    # A unit of its own whose submodules hold another dtype (gpt-oss's attention: fp32 sinks beside its
+    # 4-bit projections) would flatten both: those submodules become units too.
+    own |= {
+        t.module
+        for t in tensors
+        for unit in own
+        if t.module.startswith(unit + ".") and t.dtype not in module_dtypes[unit]
+    }
     return {t.layer for t in tensors if t.layer} | own
 
 

@@ -7,7 +7,8 @@ The cells of one strategy share one launch, whose ranks run them in turn (dist_p
 pays for its run, not for starting two interpreters. Each cell is still reported by name, and a cell that
 fails ends its strategy's launch (the cells after it report that they were not reached). Every cell checks what
 matters for a sharded QLoRA run:
-  * the first losses and gradient norms equal the single process's (same data, seed and global batch);
+  * the first losses and gradient norms equal the single process's (same data, seed and global batch;
+    the cell computes its loss in chunks of 16 tokens, the single process over all logits at once);
   * adapter gradients' optimizer states are split (whole on every rank for ddp);
   * the adapter reloads in one process with the sharded model's logits, and it matters;
   * every rank's shard is rank 0's bytes, packed 4-bit data and quantization constants included;
@@ -45,6 +46,9 @@ WORLD = 2
 MICRO = 1
 ACCUM = 2  # the sharded runs accumulate; the reference takes the whole global batch at once
 STEPS = 4
+LOSS_CHUNK = 16
+"""The sharded runs compute the loss 16 tokens at a time (several chunks per micro batch, across sample
+boundaries); the reference is the model's own loss over all logits (`train.loss_chunk_tokens: 0`)."""
 
 
 def cells(refused: bool = False):
@@ -58,9 +62,13 @@ def cells(refused: bool = False):
             yield pytest.param((family.name, strategy), id=f"{family.name}-{strategy}", marks=marks)
 
 
-def train_args(family: str, assets: Path, out: Path, strategy: str, micro: int, accum: int) -> list[str]:
+def train_args(
+    family: str, assets: Path, out: Path, strategy: str, micro: int, accum: int, loss_chunk: int = LOSS_CHUNK
+) -> list[str]:
     return [
         *BY_NAME[family].run_args,
+        "--train.loss_chunk_tokens",
+        str(loss_chunk),
         "--model.path",
         str(assets / "base"),
         "--data.path",
@@ -103,7 +111,7 @@ def references(family_assets, tmp_path_factory):
     runs: dict[tuple, Path] = {}
 
     def config(name: str, strategy: str, out: Path):
-        args = train_args(name, family_assets(name), out, strategy, MICRO * WORLD * ACCUM, 1)
+        args = train_args(name, family_assets(name), out, strategy, MICRO * WORLD * ACCUM, 1, loss_chunk=0)
         return load_config(None, parse_overrides(args))
 
     def get(name: str, strategy: str) -> Path:

@@ -1,6 +1,7 @@
 """Packing and the eval split for real, on 2 ranks: a packed run and an unpacked run over the same samples
 (one optimizer step holds every training sample either way) log the same losses and the same eval losses,
 on FSDP2 and ZeRO-3 and two model families, with the memory budget met by packed rows as by padded ones.
+The packed run computes its loss 7 tokens at a time, the unpacked one over all logits (the model's own).
 The unpacked run finds the data already tokenized."""
 
 import json
@@ -47,7 +48,8 @@ def test_packed_and_unpacked_runs_log_the_same_losses(family_assets, tmp_path, s
         ),  # no dropout masks; fp32: differences are rounding
     )
     runs = {}
-    for packing, micro in ((True, 1), (False, 4)):
+    # The packed run's loss is chunked across sample and row boundaries, the unpacked run's is the model's own.
+    for packing, micro, loss_chunk in ((True, 1, 7), (False, 4, 0)):
         out = tmp_path / f"packing-{packing}"
         log = tmp_path / f"packing-{packing}.log"
         qlaunch(
@@ -57,6 +59,8 @@ def test_packed_and_unpacked_runs_log_the_same_losses(family_assets, tmp_path, s
             str(packing).lower(),
             "--train.micro_batch_size",
             str(micro),
+            "--train.loss_chunk_tokens",
+            str(loss_chunk),
             "--output_dir",
             str(out),
         )

@@ -162,6 +162,21 @@ def _olmoe(tokens):
     return OlmoeConfig(**_common(tokens, num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False))
 
 
+def _gpt_oss(tokens):
+    from transformers import GptOssConfig
+
+    return GptOssConfig(
+        **_common(
+            tokens,
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=16,
+            tie_word_embeddings=False,
+        )
+    )
+
+
 FAMILIES = [
     Family("llama", "untied embeddings (Llama-2/3 8B+)", lambda t: _llama(t, False)),
     Family("llama-tied", "tied embeddings (Llama-3.2 1B/3B)", lambda t: _llama(t, True), tied=True),
@@ -175,6 +190,7 @@ FAMILIES = [
     Family("qwen3-moe", "MoE: 4 experts, top-2, q/k norms", _qwen3_moe, moe=True),
     Family("qwen2-moe", "MoE: 4 routed experts and a gated shared expert (Qwen2-57B-A14B)", _qwen2_moe, moe=True),
     Family("olmoe", "MoE: 4 experts, top-2, q/k norms over all heads", _olmoe, moe=True),
+    Family("gpt-oss", "MoE: expert biases, attention sinks, alternating sliding window", _gpt_oss, moe=True),
     Family(
         "mixtral-experts",
         "Mixtral with the experts adapted too (`lora.target_parameters`)",

@@ -55,6 +55,11 @@ CASES = [
     Case("mixed-precision", TRAIN + " --train.mixed_precision fp8", r"`train.mixed_precision` is `fp8`; use"),
     Case("lr-schedule", TRAIN + " --train.lr_schedule step", r"`train.lr_schedule` is `step`; use cosine"),
     Case("lr-zero", TRAIN + " --train.lr 0", r"`train.lr` must be positive, got 0"),
+    Case(
+        "loss-chunk-negative",
+        TRAIN + " --train.loss_chunk_tokens -1",
+        r"`train.loss_chunk_tokens` must be 0 \(the model.s own loss\) or positive, got -1",
+    ),
     Case("epochs-zero", TRAIN + " --train.epochs 0", r"`train.epochs` must be a positive integer, got 0"),
     Case("max-steps-negative", TRAIN + " --train.max_steps -1", r"`train.max_steps` must be 0 \(use epochs\)"),
     Case("eval-every-negative", TRAIN + " --train.eval_every_steps -5", r"`train.eval_every_steps` must be >= 0"),

@@ -86,7 +86,7 @@ def real_model(cfg):
 
     policy = strategies.dtype_policy(cfg, strategies.get(cfg.strategy), "no")
     base = load_quantized_base(cfg.model, cfg.quant, policy)
-    return build_model(base, cfg.quant, cfg.lora, cfg.train, policy).train()
+    return build_model(base, cfg.quant, cfg.lora, cfg.train, policy, cfg.data.max_seq_len).train()
 
 
 def assert_activations_match(path: Path, checkpointing: bool) -> None:
