@@ -127,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_budget_arguments(plan)
     plan.add_argument("--margin", type=float, default=0.1, help="fraction of GPU memory kept free (default 0.1)")
+    plan.add_argument(
+        "--host-memory",
+        help="host RAM per node with its unit, e.g. 256GiB: configurations whose offloaded state needs more do not fit",
+    )
+    plan.add_argument(
+        "--longest-context",
+        action="store_true",
+        help="per strategy, the longest sequence (a multiple of 1,024 tokens) that fits, and its launch command",
+    )
     plan.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return parser
 
@@ -159,6 +168,12 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-targets", help="comma-separated module names, or all-linear (lora.target_modules)")
     parser.add_argument(
         "--experts", choices=["4bit", "16bit"], help="MoE expert weights in 4-bit (default) or 16-bit (quant.experts)"
+    )
+    parser.add_argument(
+        "--activation-offload",
+        action="store_true",
+        default=None,
+        help="what forward saves for backward kept in host RAM (train.activation_offload)",
     )
     parser.add_argument(
         "--loss-chunk",

@@ -131,6 +131,9 @@ class TrainConfig:
     loss_chunk_tokens: int = 1024
     """The loss is computed over this many tokens at a time, so the fp32 logits of a whole micro batch never
     exist (launcher/loss.py); 0: the model's own loss over all logits at once."""
+    activation_offload: bool = False
+    """Keep what forward saves for backward (with checkpointing: each layer's input) in host RAM until backward
+    needs it (launcher/activation_offload.py)."""
     mixed_precision: str = "auto"
     """auto (bf16 on CUDA, none on CPU), no, bf16 or fp16."""
     report_to: list[str] | str = field(default_factory=list)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from . import checkpoint, export, preflight, strategies, tracking
 from .accelerator import create_accelerator, world_size_from_env
+from .activation_offload import ActivationOffload
 from .batches import GlobalBatches, Rows
 from .collectives import is_source_rank
 from .config import RunConfig, dump_config
@@ -135,7 +136,10 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
         packed_check.watch(model)
     packed = None
     scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(cfg.train, total_steps))
-    meter = MemoryMeter(cfg, model, base_optimizer, sharder, output_dir, accelerator.device, components)
+    offload = ActivationOffload(accelerator.device) if cfg.train.activation_offload else None
+    if offload:
+        offload.install(model)
+    meter = MemoryMeter(cfg, model, base_optimizer, sharder, output_dir, accelerator.device, components, offload)
 
     torch.manual_seed(cfg.train.seed + rank)  # dropout masks differ across ranks, reproducibly
     peft_config = accelerator.unwrap_model(model).peft_config[export.ADAPTER_NAME]

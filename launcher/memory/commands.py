@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..config import ConfigError, RunConfig, load_config
-from .planner import candidates, ranking_key
+from .planner import candidates, longest_context, ranking_key
 from .predict import DEFAULT_RUNTIME_OVERHEAD, Hardware, predict
 from .report import plot, render, render_table, require_matplotlib
 from .sizes import GiB, format_bytes, parse_bytes
@@ -28,6 +28,7 @@ def request_from_args(args) -> tuple[RunConfig, Hardware]:
             ("lora.target_modules", _targets(args.lora_targets)),
             ("quant.experts", args.experts),
             ("train.loss_chunk_tokens", args.loss_chunk),
+            ("train.activation_offload", args.activation_offload),
             ("train.gradient_checkpointing", False if getattr(args, "no_checkpointing", False) else None),
             ("train.offload", getattr(args, "offload", None)),
         )
@@ -96,8 +97,11 @@ def plan_command(args) -> int:
     if not 0 <= args.margin < 1:
         raise ConfigError(f"--margin is the fraction of GPU memory kept free, between 0 and 1; got {args.margin}.")
     limit = int(hardware.gpu_memory * (1 - args.margin))
+    host_limit = parse_bytes(args.host_memory, "--host-memory") if args.host_memory else None
+    if args.longest_context:
+        return print_longest_context(args, cfg, hardware, limit, host_limit)
     found = candidates(cfg, hardware)
-    fitting = sorted((c for c in found if c.fits(limit)), key=ranking_key)
+    fitting = sorted((c for c in found if c.fits(limit, host_limit)), key=ranking_key)
     if args.json:
         print(
             json.dumps(
@@ -112,12 +116,13 @@ def plan_command(args) -> int:
                             "micro_batch": c.micro_batch,
                             "gradient_checkpointing": c.checkpointing,
                             "offload": c.offload,
+                            "activation_offload": c.activation_offload,
                             "peak_bytes": c.peak_bytes,
                             "host_bytes": max(sum(r.host_components.values()) for r in c.budget.ranks),
-                            "fits": c.fits(limit),
+                            "fits": c.fits(limit, host_limit),
                             "estimated_tokens_per_s": round(c.tokens_per_s, 1),
                         }
-                        for c in sorted(found, key=lambda c: (not c.fits(limit), -c.tokens_per_s))
+                        for c in sorted(found, key=lambda c: (not c.fits(limit, host_limit), -c.tokens_per_s))
                     ],
                     "recommended": None
                     if not fitting
@@ -126,6 +131,7 @@ def plan_command(args) -> int:
                         "micro_batch": fitting[0].micro_batch,
                         "gradient_checkpointing": fitting[0].checkpointing,
                         "offload": fitting[0].offload,
+                        "activation_offload": fitting[0].activation_offload,
                         "command": fitting[0].launch_command(run_arguments(args)),
                     },
                 },
@@ -136,13 +142,14 @@ def plan_command(args) -> int:
     print(
         f"Plan for {cfg.model.path} on {hardware.world_size} GPU(s) of {format_bytes(hardware.gpu_memory)} "
         f"({hardware.nodes} node(s)), {cfg.data.max_seq_len} tokens per sequence, LoRA r={cfg.lora.r}; a configuration "
-        f"fits when its fullest rank needs at most {format_bytes(limit)} ({args.margin:.0%} kept free)."
+        f"fits when its fullest rank needs at most {format_bytes(limit)} ({args.margin:.0%} kept free)"
+        + (f" and a node's host RAM at most {format_bytes(host_limit)}." if host_limit else ".")
     )
     if not fitting:
         smallest = min(found, key=lambda c: c.peak_bytes)
         print(
             f"\nNothing fits. The smallest configuration ({smallest.strategy}, micro batch {smallest.micro_batch}, "
-            f"checkpointing {'on' if smallest.checkpointing else 'off'}{'' if smallest.offload == 'none' else f', offload {smallest.offload}'}) needs {format_bytes(smallest.peak_bytes)} per rank: "
+            f"checkpointing {'on' if smallest.checkpointing else 'off'}{'' if smallest.offload == 'none' else f', offload {smallest.offload}'}{', activation offload' if smallest.activation_offload else ''}) needs {format_bytes(smallest.peak_bytes)} per rank: "
             "use more GPUs, larger GPUs, or a shorter sequence length."
         )
         return 0
@@ -153,6 +160,7 @@ def plan_command(args) -> int:
             str(c.micro_batch),
             "on" if c.checkpointing else "off",
             c.offload,
+            "on" if c.activation_offload else "off",
             format_bytes(c.peak_bytes),
             format_bytes(hardware.gpu_memory - c.peak_bytes),
             format_bytes(max(sum(r.host_components.values()) for r in c.budget.ranks)),
@@ -166,6 +174,7 @@ def plan_command(args) -> int:
         "micro batch",
         "checkpointing",
         "offload",
+        "activation offload",
         "fullest rank",
         "headroom",
         "host RAM/rank",
@@ -178,3 +187,56 @@ def plan_command(args) -> int:
     best = fitting[0]
     print(f"\nLaunch: {best.launch_command(run_arguments(args))}")
     return 0
+
+
+def print_longest_context(args, cfg, hardware, limit: int, host_limit: int | None) -> int:
+    """`qlaunch plan --longest-context`: per strategy, the longest sequence that fits and how to launch it."""
+    found = longest_context(cfg, hardware, limit, host_limit)
+    if args.json:
+        report = {
+            strategy: None
+            if result is None
+            else {"max_seq_len": result[0], "peak_bytes": result[1].peak_bytes, "command": launch_line(args, *result)}
+            for strategy, result in found.items()
+        }
+        print(
+            json.dumps({"gpu_memory_bytes": hardware.gpu_memory, "limit_bytes": limit, "strategies": report}, indent=2)
+        )
+        return 0
+    rows = [
+        [strategy, "-", "nothing fits even at 1,024 tokens", "", "", "", ""]
+        if result is None
+        else [
+            strategy,
+            f"{result[0]:,}",
+            str(result[1].micro_batch),
+            result[1].offload,
+            "on" if result[1].activation_offload else "off",
+            format_bytes(result[1].peak_bytes),
+            format_bytes(max(sum(r.host_components.values()) for r in result[1].budget.ranks)),
+        ]
+        for strategy, result in found.items()
+    ]
+    header = [
+        "strategy",
+        "longest context",
+        "micro batch",
+        "offload",
+        "activation offload",
+        "fullest rank",
+        "host RAM/rank",
+    ]
+    print(
+        f"Longest context for {cfg.model.path} on {hardware.world_size} GPU(s) of {format_bytes(hardware.gpu_memory)}, "
+        f"LoRA r={cfg.lora.r} (a multiple of 1,024 tokens; fullest rank at most {format_bytes(limit)})\n"
+    )
+    print(render_table(header, rows))
+    for strategy, result in found.items():
+        if result is not None:
+            print(f"\n{strategy}: {launch_line(args, *result)}")
+    return 0
+
+
+def launch_line(args, seq: int, candidate) -> str:
+    run_args = [a for a in run_arguments(args) if not a.startswith("--data.max_seq_len")]
+    return candidate.launch_command([*run_args, f"--data.max_seq_len {seq}"])

@@ -126,8 +126,10 @@ class FirstStepProbe:
     parameters while the module runs (after FSDP or ZeRO-3 have gathered them).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, weight_storages: set[int]):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, weight_storages: set[int], offload=None):
         self.weight_storages = weight_storages
+        self.offload = offload
+        """An ActivationOffload whose hooks these replace during the first step: each saved tensor goes on to it."""
         self.running_params: dict[int, int] = {}
         self.started_pointers: list[list[int]] = []
         self.saved: dict[int, int] = {}
@@ -167,11 +169,14 @@ class FirstStepProbe:
             pointer = storage.data_ptr()
             if pointer not in self.running_params and pointer not in self.weight_storages:
                 self.saved[pointer] = storage.nbytes()
-        return tensor
+        return self.offload.pack(tensor) if self.offload else tensor
+
+    def _unpack(self, packed):
+        return self.offload.unpack(packed) if self.offload else packed
 
     def _forward_started(self, module, args, kwargs):
         self.saved = {}
-        self.saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self.saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self.saved_hooks.__enter__()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self.shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else None
@@ -250,10 +255,11 @@ class MemoryMeter:
         output_dir,
         device: torch.device,
         kinds: dict[str, str],
+        offload=None,
     ):
         self.cfg, self.output_dir = cfg, Path(output_dir)
         self.weights, storages = measure_weights(model, sharder, kinds)
-        self.probe = FirstStepProbe(model, optimizer, storages)
+        self.probe = FirstStepProbe(model, optimizer, storages, offload)
         self.cuda = CudaPeaks(optimizer) if device.type == "cuda" else None
         self.main = not dist.is_initialized() or dist.get_rank() == 0
         world = dist.get_world_size() if dist.is_initialized() else 1

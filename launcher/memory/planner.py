@@ -1,19 +1,21 @@
 """The planner: which configurations fit the GPUs, fastest first, and the one to launch (`qlaunch plan`).
 
-Every strategy x micro batch x checkpointing x offload mode it offers is budgeted (launcher.memory.predict);
+Every strategy x micro batch x checkpointing x offload mode it offers x activation offload (with
+checkpointing) is budgeted (launcher.memory.predict);
 those whose fullest rank stays under the GPU memory minus a safety margin are ranked by an estimate
 of training tokens per second. The estimate is a simple roofline, not a benchmark: a step takes the
 longer of its passes (forward, the input-gradient backward through the frozen 4-bit base, and the
 recomputed forward with checkpointing; each bound by matmul work at GPU_FLOPS or by reading the
 weights at HBM_BYTES_PER_S) and the all-gathers of the base that FSDP and ZeRO-3 do in forward and
 backward (at the link's bandwidth, overlapped with compute), plus the LoRA gradient all-reduce and
-what offloading copies between host RAM and the GPU: the optimizer's round trip, and with offloaded
-parameters this rank's weights once per pass.
+what offloading copies between host RAM and the GPU: the optimizer's round trip, with offloaded
+parameters this rank's weights once per pass, and offloaded activations down and up once per micro batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 from .. import strategies
@@ -31,7 +33,7 @@ INTER_NODE_BYTES_PER_S = 12.5e9
 HBM_BYTES_PER_S = 3e12
 """GPU memory bandwidth: every pass reads all 4-bit weights, which bounds small micro batches."""
 HOST_BYTES_PER_S = 25e9
-"""GPU <-> host copies (PCIe 4 x16) for offloaded optimizer state and parameters."""
+"""GPU <-> host copies (PCIe 4 x16) for offloaded optimizer state, parameters and activations."""
 
 
 @dataclass
@@ -41,12 +43,17 @@ class Candidate:
     checkpointing: bool
     offload: str
     """train.offload: none, optimizer or params."""
+    activation_offload: bool
     budget: Budget
     peak_bytes: int
     tokens_per_s: float
 
-    def fits(self, limit: int) -> bool:
-        return self.peak_bytes <= limit
+    def host_bytes_per_node(self) -> int:
+        hardware = self.budget.hardware
+        return max(sum(r.host_components.values()) for r in self.budget.ranks) * (hardware.world_size // hardware.nodes)
+
+    def fits(self, limit: int, host_limit: int | None = None) -> bool:
+        return self.peak_bytes <= limit and (host_limit is None or self.host_bytes_per_node() <= host_limit)
 
     def launch_command(self, run_args: list[str]) -> str:
         """The command that trains this configuration; `run_args` name the model, data and LoRA settings."""
@@ -56,6 +63,8 @@ class Candidate:
             choice.append("--train.gradient_checkpointing false")
         if self.offload != "none":
             choice.append(f"--train.offload {self.offload}")
+        if self.activation_offload:
+            choice.append("--train.activation_offload true")
         if hardware.nodes > 1:
             line = (
                 f"accelerate launch --config_file accelerate_configs/multinode/{strategies.get(self.strategy).spec.accelerate_config} --num_machines "
@@ -98,27 +107,74 @@ def estimated_tokens_per_s(result: Budget) -> float:
             r.host_components.get("base_4bit", 0) + r.host_components.get("frozen_dense", 0) for r in result.ranks
         )
         offload += passes * held / HOST_BYTES_PER_S
+    if cfg.train.activation_offload:
+        # What forward saves goes down to host RAM and comes back up in backward, per micro batch.
+        offload += 2 * max(r.host_components.get("activations", 0) for r in result.ranks) / HOST_BYTES_PER_S
     return world * tokens / (max(compute, gathers) + reduce + offload)
 
 
-def candidates(cfg: RunConfig, hardware: Hardware) -> list[Candidate]:
-    cache = ModelCache(cfg)
+def candidates(
+    cfg: RunConfig, hardware: Hardware, cache: ModelCache | None = None, only: tuple[str, ...] = strategies.NAMES
+) -> list[Candidate]:
+    cache = cache or ModelCache(cfg)
     found = []
-    for strategy in strategies.NAMES:
+    for strategy in only:
         spec = strategies.get(strategy).spec
         base = dataclasses.replace(cfg, strategy=strategy, train=dataclasses.replace(cfg.train, offload="none"))
         if strategies.refusal(strategies.get(strategy), base):
             continue
-        for offload in spec.offload_modes:
-            for checkpointing in (True, False):
-                for micro in MICRO_BATCHES:
-                    train = dataclasses.replace(
-                        cfg.train, micro_batch_size=micro, gradient_checkpointing=checkpointing, offload=offload
-                    )
-                    run = dataclasses.replace(cfg, strategy=strategy, train=train)
-                    result = predict(run, hardware, cache=cache)
-                    peak = max(r.total_bytes for r in result.ranks)
-                    found.append(
-                        Candidate(strategy, micro, checkpointing, offload, result, peak, estimated_tokens_per_s(result))
-                    )
+        for offload, activations, checkpointing, micro in itertools.product(
+            spec.offload_modes, (False, True), (True, False), MICRO_BATCHES
+        ):
+            if activations and not checkpointing:
+                continue  # every layer's saved tensors through PCIe, and as much host RAM: checkpointing wins
+            train = dataclasses.replace(
+                cfg.train,
+                micro_batch_size=micro,
+                gradient_checkpointing=checkpointing,
+                offload=offload,
+                activation_offload=activations,
+            )
+            result = predict(dataclasses.replace(cfg, strategy=strategy, train=train), hardware, cache=cache)
+            peak = max(r.total_bytes for r in result.ranks)
+            speed = estimated_tokens_per_s(result)
+            found.append(Candidate(strategy, micro, checkpointing, offload, activations, result, peak, speed))
+    return found
+
+
+def longest_context(
+    cfg: RunConfig, hardware: Hardware, limit: int, host_limit: int | None, step: int = 1024, ceiling: int = 2**21
+) -> dict[str, tuple[int, Candidate] | None]:
+    """Per strategy, the longest sequence (a multiple of `step`, at most `ceiling`) at which a configuration
+    fits, with the fastest that does; memory only grows with the sequence, so doubling then bisecting finds it."""
+    cache = ModelCache(cfg)
+
+    def fastest_at(strategy: str, seq: int) -> Candidate | None:
+        run = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_seq_len=seq))
+        fitting = [c for c in candidates(run, hardware, cache, (strategy,)) if c.fits(limit, host_limit)]
+        return min(fitting, key=ranking_key, default=None)
+
+    found = {}
+    for strategy in strategies.NAMES:
+        if strategies.refusal(strategies.get(strategy), dataclasses.replace(cfg, strategy=strategy)):
+            continue
+        best = fastest_at(strategy, step)
+        if best is None:
+            found[strategy] = None
+            continue
+        low, high = step, None
+        while high is None and low < ceiling:
+            trial = fastest_at(strategy, min(2 * low, ceiling))
+            if trial is None:
+                high = min(2 * low, ceiling)
+            else:
+                low, best = min(2 * low, ceiling), trial
+        while high is not None and high - low > step:
+            middle = (low + high) // 2 // step * step
+            trial = fastest_at(strategy, middle)
+            if trial is None:
+                high = middle
+            else:
+                low, best = middle, trial
+        found[strategy] = (low, best)
     return found

@@ -217,7 +217,10 @@ def predict(
         host = {}
         # On CPU ranks host RAM is the memory the run is measured in: nothing moves.
         if hardware.device == "cuda":
-            host = {name: components[name] for name in sharder.spec.offloaded(cfg.train.offload)}
+            moved = sharder.spec.offloaded(cfg.train.offload) + (
+                ("activations",) if cfg.train.activation_offload else ()
+            )
+            host = {name: components[name] for name in moved}
             components.update(dict.fromkeys(host, 0))
         ranks.append(RankBudget(rank, components, host))
     parameters = sum(t.numel for t in spec.tensors if t.component != "base_4bit") + spec.quantized_elements

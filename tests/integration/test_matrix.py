@@ -8,7 +8,8 @@ pays for its run, not for starting two interpreters. Each cell is still reported
 fails ends its strategy's launch (the cells after it report that they were not reached). Every cell checks what
 matters for a sharded QLoRA run:
   * the first losses and gradient norms equal the single process's (same data, seed and global batch;
-    the cell computes its loss in chunks of 16 tokens, the single process over all logits at once);
+    the cell computes its loss in chunks of 16 tokens and offloads its activations, the single process
+    computes it over all logits at once and keeps them resident);
   * adapter gradients' optimizer states are split (whole on every rank for ddp);
   * the adapter reloads in one process with the sharded model's logits, and it matters;
   * every rank's shard is rank 0's bytes, packed 4-bit data and quantization constants included;
@@ -48,7 +49,8 @@ ACCUM = 2  # the sharded runs accumulate; the reference takes the whole global b
 STEPS = 4
 LOSS_CHUNK = 16
 """The sharded runs compute the loss 16 tokens at a time (several chunks per micro batch, across sample
-boundaries); the reference is the model's own loss over all logits (`train.loss_chunk_tokens: 0`)."""
+boundaries) and offload their saved activations; the reference is the model's own loss over all logits
+(`train.loss_chunk_tokens: 0`) with its activations resident."""
 
 
 def cells(refused: bool = False):
@@ -63,12 +65,14 @@ def cells(refused: bool = False):
 
 
 def train_args(
-    family: str, assets: Path, out: Path, strategy: str, micro: int, accum: int, loss_chunk: int = LOSS_CHUNK
+    family: str, assets: Path, out: Path, strategy: str, micro: int, accum: int, reference: bool = False
 ) -> list[str]:
     return [
         *BY_NAME[family].run_args,
         "--train.loss_chunk_tokens",
-        str(loss_chunk),
+        str(0 if reference else LOSS_CHUNK),
+        "--train.activation_offload",
+        str(not reference).lower(),
         "--model.path",
         str(assets / "base"),
         "--data.path",
@@ -111,7 +115,7 @@ def references(family_assets, tmp_path_factory):
     runs: dict[tuple, Path] = {}
 
     def config(name: str, strategy: str, out: Path):
-        args = train_args(name, family_assets(name), out, strategy, MICRO * WORLD * ACCUM, 1, loss_chunk=0)
+        args = train_args(name, family_assets(name), out, strategy, MICRO * WORLD * ACCUM, 1, reference=True)
         return load_config(None, parse_overrides(args))
 
     def get(name: str, strategy: str) -> Path:

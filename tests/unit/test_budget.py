@@ -6,6 +6,7 @@ measured by the same probe training uses; the meta skeleton against the real loa
 Real launches check the same per rank: integration/test_budget_launch.py and test_matrix.py.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -361,10 +362,30 @@ def test_offload_moves_exactly_its_components_to_host_ram(llama_70b, capsys, str
         assert after["components"]["quant_states"] > 0  # the 4-bit matmul reads them on the GPU
 
 
+@pytest.mark.parametrize("offload", ["none", "optimizer"])
+def test_activation_offload_moves_the_saved_activations_to_host_ram(llama_70b, capsys, offload):
+    common = ["--model", str(llama_70b), "--world-size", "2", "--seq-len", "8192", "--strategy", "zero3"]
+    common += ["--offload", offload]
+    resident, offloaded = budget_json(capsys, *common), budget_json(capsys, *common, "--activation-offload")
+    for before, after in zip(resident["ranks"], offloaded["ranks"], strict=True):
+        moved = {name: size - before["host_components"].get(name, 0) for name, size in after["host_components"].items()}
+        assert {name for name, size in moved.items() if size} == {"activations"}
+        assert moved["activations"] == before["components"]["activations"] > 0
+        assert after["components"]["activations"] == 0
+        assert after["components"]["recompute"] == before["components"]["recompute"] > 0  # on the GPU, in backward
+        assert after["total_bytes"] == before["total_bytes"] - moved["activations"]
+
+
 def test_offload_moves_nothing_on_cpu_ranks(shape_dirs):
     cfg = load_config(None, [("model.path", str(shape_dirs["llama-gqa"])), ("strategy", "fsdp2")])
     offloaded = load_config(
-        None, [("model.path", str(shape_dirs["llama-gqa"])), ("strategy", "fsdp2"), ("train.offload", "params")]
+        None,
+        [
+            ("model.path", str(shape_dirs["llama-gqa"])),
+            ("strategy", "fsdp2"),
+            ("train.offload", "params"),
+            ("train.activation_offload", True),
+        ],
     )
     hardware = predict.Hardware(world_size=2, device="cpu")
     for a, b in zip(predict.predict(cfg, hardware).ranks, predict.predict(offloaded, hardware).ranks, strict=True):
@@ -442,3 +463,50 @@ def test_plan_fits_llama_2_70b_on_two_24gb_gpus_with_offloaded_params(llama_70b,
     # Without offloaded parameters nothing fits: the 4-bit base alone is ~16 GiB per rank.
     assert not any(c["fits"] for c in report["candidates"] if c["offload"] != "params")
     assert all(c["host_bytes"] > 15 * 2**30 for c in report["candidates"] if c["offload"] == "params")
+
+
+def test_plan_finds_llama_3_8b_at_64k_tokens_with_activation_offload_and_bounds_host_ram(tmp_path, capsys):
+    """The issue's target: Llama-3-8B on 2 x 24 GiB at 65,536 tokens fits only with the activations in host RAM
+    (the chunked loss is on by default); --host-memory leaves out what a node's RAM cannot hold."""
+    config = {**LLAMA_2_70B, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32}
+    config |= {
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "max_position_embeddings": 8192,
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    args = ["plan", "--model", str(path), "--world-size", "2", "--gpu-memory", "24GiB", "--seq-len", "65536", "--json"]
+    assert cli.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    fitting = [c for c in report["candidates"] if c["fits"]]
+    assert fitting and all(c["activation_offload"] and c["gradient_checkpointing"] for c in fitting)
+    assert "--train.activation_offload true" in report["recommended"]["command"]
+    assert cli.main([*args, "--host-memory", "16GiB"]) == 0
+    bounded = json.loads(capsys.readouterr().out)
+    assert bounded["recommended"] is None and not any(c["fits"] for c in bounded["candidates"])
+
+
+def test_longest_context_is_the_last_multiple_of_1024_that_fits(tmp_path, capsys):
+    from launcher.memory.planner import candidates, longest_context
+
+    config = {**LLAMA_2_70B, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 4}
+    config |= {"num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    cfg = load_config(None, [("model.path", str(path))])
+    hardware = predict.Hardware(world_size=2, gpu_memory=3 * 2**30)
+    limit = int(hardware.gpu_memory * 0.9)
+    found = longest_context(cfg, hardware, limit, None)
+    assert set(found) == set(strategies.NAMES)
+    for strategy in ("fsdp2", "ddp"):
+        seq, best = found[strategy]
+        assert seq % 1024 == 0 and best.fits(limit) and best.strategy == strategy
+        longer = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_seq_len=seq + 1024))
+        assert not any(c.fits(limit) for c in candidates(longer, hardware, only=(strategy,)))
+    assert found["fsdp2"][0] > found["ddp"][0]  # sharding leaves more room for activations
+    args = ["plan", "--model", str(path), "--world-size", "2", "--gpu-memory", "3GiB", "--longest-context"]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert f"--data.max_seq_len {found['fsdp2'][0]} " in text and f"{found['fsdp2'][0]:,}" in text
