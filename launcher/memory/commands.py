@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 
 from ..config import ConfigError, RunConfig, load_config
@@ -191,7 +193,13 @@ def plan_command(args) -> int:
 
 def print_longest_context(args, cfg, hardware, limit: int, host_limit: int | None) -> int:
     """`qlaunch plan --longest-context`: per strategy, the longest sequence that fits and how to launch it."""
-    found = longest_context(cfg, hardware, limit, host_limit)
+    started = time.perf_counter()
+
+    def progress(strategy: str, result) -> None:
+        longest = "nothing fits" if result is None else f"{result[0]:,} tokens"
+        print(f"qlaunch: {strategy}: {longest} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+
+    found = longest_context(cfg, hardware, limit, host_limit, progress=progress)
     if args.json:
         report = {
             strategy: None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import strategies
@@ -143,10 +144,17 @@ def candidates(
 
 
 def longest_context(
-    cfg: RunConfig, hardware: Hardware, limit: int, host_limit: int | None, step: int = 1024, ceiling: int = 2**21
+    cfg: RunConfig,
+    hardware: Hardware,
+    limit: int,
+    host_limit: int | None,
+    step: int = 1024,
+    ceiling: int = 2**21,
+    progress: Callable[[str, tuple[int, Candidate] | None], None] = lambda strategy, result: None,
 ) -> dict[str, tuple[int, Candidate] | None]:
     """Per strategy, the longest sequence (a multiple of `step`, at most `ceiling`) at which a configuration
-    fits, with the fastest that does; memory only grows with the sequence, so doubling then bisecting finds it."""
+    fits, with the fastest that does; memory only grows with the sequence, so doubling then bisecting finds it.
+    `progress` hears of each strategy as it is done (a 70B on 8 ranks takes minutes)."""
     cache = ModelCache(cfg)
 
     def fastest_at(strategy: str, seq: int) -> Candidate | None:
@@ -161,6 +169,7 @@ def longest_context(
         best = fastest_at(strategy, step)
         if best is None:
             found[strategy] = None
+            progress(strategy, None)
             continue
         low, high = step, None
         while high is None and low < ceiling:
@@ -177,4 +186,5 @@ def longest_context(
             else:
                 low, best = middle, trial
         found[strategy] = (low, best)
+        progress(strategy, found[strategy])
     return found
