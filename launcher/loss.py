@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 IGNORE = -100
 """The label of tokens that are not trained on (prompt, padding), as transformers uses it."""
@@ -38,6 +39,11 @@ def chunking_refusal(config) -> str | None:
     if getattr(config, "output_router_logits", False):
         return f"`{type(config).__name__}` adds the router's load-balancing loss (`output_router_logits: true`)"
     return None
+
+
+def loss_chunk_tokens(config, train) -> int:
+    """Tokens per chunk this model's loss runs with (`train.loss_chunk_tokens`), 0 for its own loss."""
+    return 0 if chunking_refusal(config) else train.loss_chunk_tokens
 
 
 def chunk_count(max_tokens: int, chunk_tokens: int) -> int:
@@ -58,8 +64,6 @@ def install_chunked_loss(model: nn.Module, chunk_tokens: int, max_tokens: int) -
         labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
         if labels is None and shift_labels is None:
             return own_forward(*args, **kwargs)
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
         num_items = kwargs.pop("num_items_in_batch", None)
         kwargs.pop("logits_to_keep", None)
         outputs = self.model(*args, **kwargs)

@@ -23,7 +23,7 @@ from .collectives import broadcast_object, is_source_rank
 from .config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from .dtypes import DTYPE_BY_NAME, DtypePolicy
 from .experts import packed_shape
-from .loss import chunking_refusal, install_chunked_loss
+from .loss import install_chunked_loss, loss_chunk_tokens
 from .model_files import model_source
 from .quant_cache import cached_quantized_base
 from .quantize import quantizing_on, reading_without_mmap
@@ -364,6 +364,6 @@ def build_model(
         apply_quantized_layout(base, quant, policy, broadcast_object(None))
     disable_bnb_cpu_repack(base)
     prepare_for_kbit_training(base, policy, train.gradient_checkpointing)
-    if train.loss_chunk_tokens and not chunking_refusal(base.config):
-        install_chunked_loss(base, train.loss_chunk_tokens, train.micro_batch_size * max_seq_len)
+    if chunk := loss_chunk_tokens(base.config, train):
+        install_chunked_loss(base, chunk, train.micro_batch_size * max_seq_len)
     return attach_lora(base, lora, policy, train.seed)

@@ -120,7 +120,7 @@ def plan_command(args) -> int:
                             "offload": c.offload,
                             "activation_offload": c.activation_offload,
                             "peak_bytes": c.peak_bytes,
-                            "host_bytes": max(sum(r.host_components.values()) for r in c.budget.ranks),
+                            "host_bytes": c.host_bytes,
                             "fits": c.fits(limit, host_limit),
                             "estimated_tokens_per_s": round(c.tokens_per_s, 1),
                         }
@@ -165,7 +165,7 @@ def plan_command(args) -> int:
             "on" if c.activation_offload else "off",
             format_bytes(c.peak_bytes),
             format_bytes(hardware.gpu_memory - c.peak_bytes),
-            format_bytes(max(sum(r.host_components.values()) for r in c.budget.ranks)),
+            format_bytes(c.host_bytes),
             f"{c.tokens_per_s:,.0f}",
         ]
         for i, c in enumerate(fitting[:15])
@@ -221,7 +221,7 @@ def print_longest_context(args, cfg, hardware, limit: int, host_limit: int | Non
             result[1].offload,
             "on" if result[1].activation_offload else "off",
             format_bytes(result[1].peak_bytes),
-            format_bytes(max(sum(r.host_components.values()) for r in result[1].budget.ranks)),
+            format_bytes(result[1].host_bytes),
         ]
         for strategy, result in found.items()
     ]

@@ -49,9 +49,14 @@ class Candidate:
     peak_bytes: int
     tokens_per_s: float
 
+    @property
+    def host_bytes(self) -> int:
+        """Host RAM of the fullest rank."""
+        return max(sum(r.host_components.values()) for r in self.budget.ranks)
+
     def host_bytes_per_node(self) -> int:
         hardware = self.budget.hardware
-        return max(sum(r.host_components.values()) for r in self.budget.ranks) * (hardware.world_size // hardware.nodes)
+        return self.host_bytes * (hardware.world_size // hardware.nodes)
 
     def fits(self, limit: int, host_limit: int | None = None) -> bool:
         return self.peak_bytes <= limit and (host_limit is None or self.host_bytes_per_node() <= host_limit)
@@ -114,16 +119,21 @@ def estimated_tokens_per_s(result: Budget) -> float:
     return world * tokens / (max(compute, gathers) + reduce + offload)
 
 
+def refused(cfg: RunConfig, strategy: str) -> bool:
+    """The strategy cannot run `cfg` whatever offload mode the plan picks for it."""
+    base = dataclasses.replace(cfg, strategy=strategy, train=dataclasses.replace(cfg.train, offload="none"))
+    return strategies.refusal(strategies.get(strategy), base) is not None
+
+
 def candidates(
     cfg: RunConfig, hardware: Hardware, cache: ModelCache | None = None, only: tuple[str, ...] = strategies.NAMES
 ) -> list[Candidate]:
     cache = cache or ModelCache(cfg)
     found = []
     for strategy in only:
-        spec = strategies.get(strategy).spec
-        base = dataclasses.replace(cfg, strategy=strategy, train=dataclasses.replace(cfg.train, offload="none"))
-        if strategies.refusal(strategies.get(strategy), base):
+        if refused(cfg, strategy):
             continue
+        spec = strategies.get(strategy).spec
         for offload, activations, checkpointing, micro in itertools.product(
             spec.offload_modes, (False, True), (True, False), MICRO_BATCHES
         ):
@@ -164,7 +174,7 @@ def longest_context(
 
     found = {}
     for strategy in strategies.NAMES:
-        if strategies.refusal(strategies.get(strategy), dataclasses.replace(cfg, strategy=strategy)):
+        if refused(cfg, strategy):
             continue
         best = fastest_at(strategy, step)
         if best is None:
@@ -173,11 +183,12 @@ def longest_context(
             continue
         low, high = step, None
         while high is None and low < ceiling:
-            trial = fastest_at(strategy, min(2 * low, ceiling))
+            doubled = min(2 * low, ceiling)
+            trial = fastest_at(strategy, doubled)
             if trial is None:
-                high = min(2 * low, ceiling)
+                high = doubled
             else:
-                low, best = min(2 * low, ceiling), trial
+                low, best = doubled, trial
         while high is not None and high - low > step:
             middle = (low + high) // 2 // step * step
             trial = fastest_at(strategy, middle)

@@ -22,7 +22,7 @@ from ..dtypes import (
     resolve_compute_dtype,
     resolve_mixed_precision,
 )
-from ..loss import chunking_refusal
+from ..loss import loss_chunk_tokens
 from .activations import ActivationDtypes, activation_bytes
 from .components import COMPONENTS
 from .skeleton import ModelCache, ModelSpec
@@ -198,7 +198,7 @@ def predict(
                 cfg.train.gradient_checkpointing,
                 d,
                 sharder.linear_saves_input,
-                0 if chunking_refusal(spec.config) else cfg.train.loss_chunk_tokens,
+                loss_chunk_tokens(spec.config, cfg.train),
             ),
             spec,
             cfg.train.gradient_checkpointing,

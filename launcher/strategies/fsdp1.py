@@ -46,13 +46,20 @@ def wrapped_modules(tensors: list[TensorSpec]) -> set[str]:
         raise ValueError(f"FSDP1 needs one dtype per unit, and `{mixed[0]}` holds weights of several dtypes")
     # A unit of its own whose submodules hold another dtype (gpt-oss's attention: fp32 sinks beside its
     # 4-bit projections) would flatten both: those submodules become units too.
-    own |= {
-        t.module
-        for t in tensors
-        for unit in own
-        if t.module.startswith(unit + ".") and t.dtype not in module_dtypes[unit]
-    }
-    return {t.layer for t in tensors if t.layer} | own
+    return (
+        {t.layer for t in tensors if t.layer}
+        | own
+        | {t.module for t in tensors if _under_unit_of_other_dtype(t, own, module_dtypes)}
+    )
+
+
+def _under_unit_of_other_dtype(t: TensorSpec, own: set[str], module_dtypes: dict[str, set]) -> bool:
+    parent = t.module.rpartition(".")[0]
+    while parent:
+        if parent in own and t.dtype not in module_dtypes[parent]:
+            return True
+        parent = parent.rpartition(".")[0]
+    return False
 
 
 def unit_of(tensors: list[TensorSpec]) -> dict[str, str]:
