@@ -176,6 +176,11 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
         help="what forward saves for backward kept in host RAM (train.activation_offload)",
     )
     parser.add_argument(
+        "--sequence-parallel",
+        type=int,
+        help="ranks each sequence is split across (train.sequence_parallel); plan searches 1, 2, 4, ... without it",
+    )
+    parser.add_argument(
         "--loss-chunk",
         type=int,
         help="tokens per chunk of the loss (train.loss_chunk_tokens, default 1024); 0: all logits at once",

@@ -134,6 +134,9 @@ class TrainConfig:
     activation_offload: bool = False
     """Keep what forward saves for backward (with checkpointing: each layer's input) in host RAM until backward
     needs it (launcher/activation_offload.py)."""
+    sequence_parallel: int = 1
+    """Split each sequence across this many ranks (launcher/sequence_parallel.py): the world is data-parallel
+    groups x this; 1: every rank holds whole sequences."""
     mixed_precision: str = "auto"
     """auto (bf16 on CUDA, none on CPU), no, bf16 or fp16."""
     report_to: list[str] | str = field(default_factory=list)

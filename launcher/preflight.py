@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, strategies, tracking
+from . import checkpoint, sequence_parallel, strategies, tracking
 from .accelerator import compute_dtype, mixed_precision
 from .batches import Rows
 from .config import ConfigError, DataConfig, ModelConfig, RunConfig
@@ -61,6 +61,10 @@ def check_values(cfg: RunConfig) -> None:
         t.loss_chunk_tokens >= 0,
         f"`train.loss_chunk_tokens` must be 0 (the model's own loss) or positive, got {t.loss_chunk_tokens}.",
     )
+    require(
+        t.sequence_parallel >= 1,
+        f"`train.sequence_parallel` must be a positive number of ranks per sequence, got {t.sequence_parallel}.",
+    )
     require(t.lr > 0, f"`train.lr` must be positive, got {t.lr}.")
     require(
         t.lr_schedule in ("cosine", "linear", "constant"),
@@ -110,6 +114,14 @@ def check_model(cfg: RunConfig) -> None:
     config = read_model_config(cfg.model.path, cfg.model.trust_remote_code)
     check_weights(cfg.model.path, getattr(config, "transformers_weights", None))
     check_lora_targets(cfg, config)
+    size = cfg.train.sequence_parallel
+    reason = sequence_parallel.refusal(config, size)
+    require(reason is None, f"`train.sequence_parallel: {size}` cannot split `{cfg.model.path}`: {reason}.")
+
+
+def check_world(cfg: RunConfig, world: int) -> None:
+    reason = sequence_parallel.world_refusal(cfg.train.sequence_parallel, world)
+    require(reason is None, reason or "")
 
 
 def check_output_dir(cfg: RunConfig) -> None:
@@ -186,6 +198,7 @@ def check_all(cfg: RunConfig, world: int) -> strategies.Strategy:
     """Every check that needs no tokenization, for a run of `world` ranks: `qlaunch train` runs it before
     starting any process, so that what the ranks would refuse fails once, here. Returns the run's strategy."""
     strategy = check_run(cfg)
+    check_world(cfg, world)
     check_dataset(cfg)
     check_resume(prelaunch_resolved(cfg, strategy), strategy, world)
     return strategy
@@ -249,6 +262,7 @@ class RunSetup:
 def resolve_run(cfg: RunConfig, world: int) -> RunSetup:
     """Validates `cfg` for a run of `world` ranks and resolves it (the user's `cfg` is left as it was)."""
     strategy = check_run(cfg)
+    check_world(cfg, world)
     precision = mixed_precision(cfg.train.mixed_precision)
     resolved = _resolved(cfg, strategy, precision, compute_dtype(cfg.quant.compute_dtype, precision))
     resume_from = check_resume(resolved, strategy, world)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, export, preflight, strategies, tracking
+from . import checkpoint, export, preflight, sequence_parallel, strategies, tracking
 from .accelerator import create_accelerator, world_size_from_env
 from .activation_offload import ActivationOffload
 from .batches import GlobalBatches, Rows
@@ -26,6 +26,7 @@ from .metrics import MetricsLog
 from .model import build_model, coverage_notes, load_base
 from .packed_check import PackedWeightCheck
 from .preemption import StopSignal
+from .sequence_parallel import SequenceGroups, local_tokens
 
 CHECK_TOKENS = 32
 
@@ -96,8 +97,11 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
     # Validate and resolve everything, and tokenize, before any process group exists.
     setup = preflight.resolve_run(user_cfg, world_size_from_env())
     cfg, world, policy, sharder = setup.cfg, setup.world, setup.policy, setup.sharder
-    tokenizer, rows, eval_rows = preflight.load_training_data(cfg, world)
-    batches = GlobalBatches(len(rows), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, world, cfg.train.seed)
+    split = cfg.train.sequence_parallel
+    tokenizer, rows, eval_rows = preflight.load_training_data(cfg, world // split)
+    batches = GlobalBatches(
+        len(rows), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, world // split, cfg.train.seed
+    )
     total_steps = cfg.train.max_steps or cfg.train.epochs * batches.steps_per_epoch
 
     # Load: only the source rank reads the quantized base (from the cache, or quantizing the checkpoint).
@@ -113,9 +117,12 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, output_dir / "run_config.yaml")
     tracking.start(accelerator, cfg)
+    groups = sequence_parallel.new_groups(split)
 
     # Prepare: k-bit preparation and LoRA (the other ranks build a meta skeleton first).
-    model = build_model(base, cfg.quant, cfg.lora, cfg.train, policy, cfg.data.max_seq_len)
+    model = build_model(base, cfg.quant, cfg.lora, cfg.train, policy, local_tokens(cfg.data.max_seq_len, split))
+    if split > 1:
+        sequence_parallel.install(model, groups)
     if main:
         for note in [preflight.compute_note(user_cfg, cfg), *coverage_notes(model, cfg.lora)]:
             if note:
@@ -164,7 +171,7 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
     total_tokens, last_eval = 0, None
     for step in range(start_step, total_steps):
         loss_sum, step_targets, step_tokens, grad_norm = train_step(
-            model, optimizer, accelerator, sharder, batches, rows, tokenizer, step, rank, cfg.train.max_grad_norm
+            model, optimizer, accelerator, sharder, batches, rows, tokenizer, step, groups, cfg.train.max_grad_norm
         )
         scheduler.step()
         if packed_check and step == start_step:
@@ -248,7 +255,7 @@ def train_step(
     rows: Rows,
     tokenizer,
     step: int,
-    rank: int,
+    groups: SequenceGroups,
     max_grad_norm: float,
 ):
     """One optimizer step over this rank's micro batches; returns the loss summed over target tokens,
@@ -257,12 +264,13 @@ def train_step(
     step_samples = batches.step_samples(step)
     step_targets = rows.targets(step_samples)
     step_tokens = rows.tokens(step_samples)
-    # DP averaging divides by the world size and accumulation by its step count: undo both here.
-    num_items = step_targets / (batches.world * batches.accum)
+    # DP averaging divides by the world size and accumulation by its step count: undo both here (the ranks of
+    # a sequence group hold disjoint tokens of the same rows, so every target is still counted once).
+    num_items = step_targets / (groups.world * batches.accum)
     loss_sum, grad_norm = torch.zeros((), device=accelerator.device), None
-    for indices in batches.rank_micro_batches(step, rank):
-        batch = {k: v.to(accelerator.device) for k, v in rows.collate(indices, tokenizer.pad_token_id).items()}
-        with accelerator.accumulate(model):
+    for indices in batches.rank_micro_batches(step, groups.data_rank):
+        rows_batch = {k: v.to(accelerator.device) for k, v in rows.collate(indices, tokenizer.pad_token_id).items()}
+        with accelerator.accumulate(model), groups.splitting(rows_batch, tokenizer.pad_token_id) as batch:
             loss = model(**batch, num_items_in_batch=num_items, use_cache=False).loss
             accelerator.backward(loss)
             norm = sharder.optimizer_step(accelerator, model, optimizer, max_grad_norm)

@@ -133,9 +133,12 @@ def lora_saves(sites: list[LoraSite], tokens: int, x: torch.dtype, x_grad: bool,
 class LayerSaves:
     """Walks one decoder layer in forward order, adding what each part saves."""
 
-    def __init__(self, layer: LayerSpec, shape: ModelShape, batch: int, seq: int, d: ActivationDtypes):
+    def __init__(self, layer: LayerSpec, shape: ModelShape, batch: int, seq: int, d: ActivationDtypes, split: int = 1):
         self.layer, self.shape, self.d = layer, shape, d
         self.batch, self.seq, self.tokens = batch, seq, batch * seq
+        # Sequence parallel: this rank holds `seq` of the sequence's tokens, and its attention core runs on
+        # 1/split of the heads over all of them (the exchanged q, k, v are as many bytes as its own).
+        self.split, self.full_seq = split, seq * split
         self.total = 0
 
     def sites(self, *names: str) -> list[LoraSite]:
@@ -176,7 +179,7 @@ class LayerSaves:
         if layer.attention == "eager":
             # q @ k^T keeps q and k^T, (soft-capped) softmax keeps its fp32 output and a cast of it in
             # the value's dtype, which the second matmul keeps with v; k and v are repeated to all heads.
-            scores = self.batch * h * self.seq * self.seq
+            scores = self.batch * h // self.split * self.full_seq * self.full_seq
             self.total += 3 * t * h * hd * attn.itemsize + scores * FP32
             self.total += scores * attn.itemsize * (layer.softcap + (attn != torch.float32))
             if layer.sinks:
@@ -190,13 +193,13 @@ class LayerSaves:
             kv_kept = h if self.masked else kv
             self.total += t * hd * (2 * h + 2 * kv_kept) * attn.itemsize + t * h * FP32
             if self.masked:
-                self.total += self.batch * self.seq * self.seq * attn.itemsize
+                self.total += self.batch * self.full_seq * self.full_seq * attn.itemsize
         return attn, True
 
     @property
     def masked(self) -> bool:
         # transformers skips the mask only while the sequence is shorter than the window.
-        return self.layer.attention == "sdpa" and self.layer.window is not None and self.seq >= self.layer.window
+        return self.layer.attention == "sdpa" and self.layer.window is not None and self.full_seq >= self.layer.window
 
     def dense_mlp(
         self, x: torch.dtype, grad: bool, prefix: str = "mlp", intermediate: int = 0
@@ -274,10 +277,11 @@ class LayerSaves:
 
 
 def layer_saved_bytes(
-    layer: LayerSpec, shape: ModelShape, batch: int, seq: int, input_grad: bool, d: ActivationDtypes
+    layer: LayerSpec, shape: ModelShape, batch: int, seq: int, input_grad: bool, d: ActivationDtypes, split: int = 1
 ) -> int:
-    """Bytes one decoder layer saves for backward. `input_grad`: whether its input requires grad."""
-    return LayerSaves(layer, shape, batch, seq, d).run(input_grad)
+    """Bytes one decoder layer saves for backward. `input_grad`: whether its input requires grad; `split`: the
+    ranks a sequence is split across, of which this one holds `seq` tokens."""
+    return LayerSaves(layer, shape, batch, seq, d, split).run(input_grad)
 
 
 def activation_bytes(
@@ -288,9 +292,11 @@ def activation_bytes(
     d: ActivationDtypes,
     linear_saves_input: bool,
     loss_chunk: int = 0,
+    split: int = 1,
 ) -> dict[str, int]:
     """activations (saved for backward by one micro batch), recompute, logits_backward. `loss_chunk`: tokens
-    per chunk of the chunked loss (launcher/loss.py), 0 for the model's own loss over all logits."""
+    per chunk of the chunked loss (launcher/loss.py), 0 for the model's own loss over all logits; `split`: the
+    sequence-parallel ranks, of which this one holds `seq` tokens of each row."""
     tokens, vocab = batch * seq, shape.vocab
     first = shape.layers[0]
     hidden = first.hidden
@@ -307,7 +313,7 @@ def activation_bytes(
     else:
         head += output_layer_saves(shape, tokens, hidden, d, linear_saves_input)
         loss = 2 * tokens * vocab * FP32
-    layers = [layer_saved_bytes(layer, shape, batch, seq, True, d) for layer in shape.layers]
+    layers = [layer_saved_bytes(layer, shape, batch, seq, True, d, split) for layer in shape.layers]
     if checkpointing:
         # Each layer keeps only its input (the first one the embedding output); in backward, one layer
         # at a time is recomputed with everything it saves.
@@ -316,7 +322,7 @@ def activation_bytes(
     else:
         # The first layer's input does not require grad, so its first norm saves nothing; rotary cos
         # and sin are made once per forward and shared by the layers.
-        saved = layer_saved_bytes(first, shape, batch, seq, False, d) + sum(layers[1:])
+        saved = layer_saved_bytes(first, shape, batch, seq, False, d, split) + sum(layers[1:])
         saved += shape.rotary_sets * 2 * seq * first.head_dim * d.dense.itemsize
         recompute = 0
     return {"activations": saved + head, "recompute": recompute, "logits_backward": loss}

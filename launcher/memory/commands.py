@@ -30,6 +30,7 @@ def request_from_args(args) -> tuple[RunConfig, Hardware]:
             ("lora.target_modules", _targets(args.lora_targets)),
             ("quant.experts", args.experts),
             ("train.loss_chunk_tokens", args.loss_chunk),
+            ("train.sequence_parallel", args.sequence_parallel),
             ("train.activation_offload", args.activation_offload),
             ("train.gradient_checkpointing", False if getattr(args, "no_checkpointing", False) else None),
             ("train.offload", getattr(args, "offload", None)),
@@ -102,7 +103,7 @@ def plan_command(args) -> int:
     host_limit = parse_bytes(args.host_memory, "--host-memory") if args.host_memory else None
     if args.longest_context:
         return print_longest_context(args, cfg, hardware, limit, host_limit)
-    found = candidates(cfg, hardware)
+    found = candidates(cfg, hardware, search_splits=args.sequence_parallel is None)
     fitting = sorted((c for c in found if c.fits(limit, host_limit)), key=ranking_key)
     if args.json:
         print(
@@ -119,6 +120,7 @@ def plan_command(args) -> int:
                             "gradient_checkpointing": c.checkpointing,
                             "offload": c.offload,
                             "activation_offload": c.activation_offload,
+                            "sequence_parallel": c.sequence_parallel,
                             "peak_bytes": c.peak_bytes,
                             "host_bytes": c.host_bytes,
                             "fits": c.fits(limit, host_limit),
@@ -134,6 +136,7 @@ def plan_command(args) -> int:
                         "gradient_checkpointing": fitting[0].checkpointing,
                         "offload": fitting[0].offload,
                         "activation_offload": fitting[0].activation_offload,
+                        "sequence_parallel": fitting[0].sequence_parallel,
                         "command": fitting[0].launch_command(run_arguments(args)),
                     },
                 },
@@ -151,7 +154,7 @@ def plan_command(args) -> int:
         smallest = min(found, key=lambda c: c.peak_bytes)
         print(
             f"\nNothing fits. The smallest configuration ({smallest.strategy}, micro batch {smallest.micro_batch}, "
-            f"checkpointing {'on' if smallest.checkpointing else 'off'}{'' if smallest.offload == 'none' else f', offload {smallest.offload}'}{', activation offload' if smallest.activation_offload else ''}) needs {format_bytes(smallest.peak_bytes)} per rank: "
+            f"checkpointing {'on' if smallest.checkpointing else 'off'}{'' if smallest.offload == 'none' else f', offload {smallest.offload}'}{', activation offload' if smallest.activation_offload else ''}{f', sequence parallel {smallest.sequence_parallel}' if smallest.sequence_parallel > 1 else ''}) needs {format_bytes(smallest.peak_bytes)} per rank: "
             "use more GPUs, larger GPUs, or a shorter sequence length."
         )
         return 0
@@ -163,6 +166,7 @@ def plan_command(args) -> int:
             "on" if c.checkpointing else "off",
             c.offload,
             "on" if c.activation_offload else "off",
+            str(c.sequence_parallel),
             format_bytes(c.peak_bytes),
             format_bytes(hardware.gpu_memory - c.peak_bytes),
             format_bytes(c.host_bytes),
@@ -177,6 +181,7 @@ def plan_command(args) -> int:
         "checkpointing",
         "offload",
         "activation offload",
+        "seq. parallel",
         "fullest rank",
         "headroom",
         "host RAM/rank",
@@ -199,12 +204,19 @@ def print_longest_context(args, cfg, hardware, limit: int, host_limit: int | Non
         longest = "nothing fits" if result is None else f"{result[0]:,} tokens"
         print(f"qlaunch: {strategy}: {longest} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
 
-    found = longest_context(cfg, hardware, limit, host_limit, progress=progress)
+    found = longest_context(
+        cfg, hardware, limit, host_limit, search_splits=args.sequence_parallel is None, progress=progress
+    )
     if args.json:
         report = {
             strategy: None
             if result is None
-            else {"max_seq_len": result[0], "peak_bytes": result[1].peak_bytes, "command": launch_line(args, *result)}
+            else {
+                "max_seq_len": result[0],
+                "sequence_parallel": result[1].sequence_parallel,
+                "peak_bytes": result[1].peak_bytes,
+                "command": launch_line(args, *result),
+            }
             for strategy, result in found.items()
         }
         print(
@@ -212,7 +224,7 @@ def print_longest_context(args, cfg, hardware, limit: int, host_limit: int | Non
         )
         return 0
     rows = [
-        [strategy, "-", "nothing fits even at 1,024 tokens", "", "", "", ""]
+        [strategy, "-", "nothing fits even at 1,024 tokens", "", "", "", "", ""]
         if result is None
         else [
             strategy,
@@ -220,6 +232,7 @@ def print_longest_context(args, cfg, hardware, limit: int, host_limit: int | Non
             str(result[1].micro_batch),
             result[1].offload,
             "on" if result[1].activation_offload else "off",
+            str(result[1].sequence_parallel),
             format_bytes(result[1].peak_bytes),
             format_bytes(result[1].host_bytes),
         ]
@@ -231,6 +244,7 @@ def print_longest_context(args, cfg, hardware, limit: int, host_limit: int | Non
         "micro batch",
         "offload",
         "activation offload",
+        "seq. parallel",
         "fullest rank",
         "host RAM/rank",
     ]

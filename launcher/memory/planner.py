@@ -1,7 +1,8 @@
 """The planner: which configurations fit the GPUs, fastest first, and the one to launch (`qlaunch plan`).
 
 Every strategy x micro batch x checkpointing x offload mode it offers x activation offload (with
-checkpointing) is budgeted (launcher.memory.predict);
+checkpointing) x the sequence-parallel splits it runs and the model's heads allow is budgeted
+(launcher.memory.predict);
 those whose fullest rank stays under the GPU memory minus a safety margin are ranked by an estimate
 of training tokens per second. The estimate is a simple roofline, not a benchmark: a step takes the
 longer of its passes (forward, the input-gradient backward through the frozen 4-bit base, and the
@@ -9,7 +10,9 @@ recomputed forward with checkpointing; each bound by matmul work at GPU_FLOPS or
 weights at HBM_BYTES_PER_S) and the all-gathers of the base that FSDP and ZeRO-3 do in forward and
 backward (at the link's bandwidth, overlapped with compute), plus the LoRA gradient all-reduce and
 what offloading copies between host RAM and the GPU: the optimizer's round trip, with offloaded
-parameters this rank's weights once per pass, and offloaded activations down and up once per micro batch.
+parameters this rank's weights once per pass, and offloaded activations down and up once per micro batch;
+a sequence split N ways computes 1/N of each row's tokens per rank and exchanges q, k, v and the attention
+output twice per layer and pass (all-to-alls at the link's bandwidth, not overlapped: a bound).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .. import strategies
+from .. import sequence_parallel, strategies
 from ..config import RunConfig
 from .predict import Budget, Hardware, predict
 from .skeleton import ModelCache
@@ -48,6 +51,7 @@ class Candidate:
     budget: Budget
     peak_bytes: int
     tokens_per_s: float
+    sequence_parallel: int = 1
 
     @property
     def host_bytes(self) -> int:
@@ -71,6 +75,8 @@ class Candidate:
             choice.append(f"--train.offload {self.offload}")
         if self.activation_offload:
             choice.append("--train.activation_offload true")
+        if self.sequence_parallel > 1:
+            choice.append(f"--train.sequence_parallel {self.sequence_parallel}")
         if hardware.nodes > 1:
             line = (
                 f"accelerate launch --config_file accelerate_configs/multinode/{strategies.get(self.strategy).spec.accelerate_config} --num_machines "
@@ -92,8 +98,10 @@ def ranking_key(candidate: Candidate) -> tuple[float, int]:
 def estimated_tokens_per_s(result: Budget) -> float:
     cfg, hardware, model = result.cfg, result.hardware, result.model
     world, c = hardware.world_size, model.config
-    tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
-    # Matmul work of one forward: 2 flops per weight per token, and causal attention's scores and mix.
+    split = cfg.train.sequence_parallel
+    tokens = cfg.train.micro_batch_size * sequence_parallel.local_tokens(cfg.data.max_seq_len, split)
+    # Matmul work of one forward on this rank's tokens: 2 flops per weight per token, and causal attention's
+    # scores and mix (1/split of the heads over the whole sequence is as much as all heads over this rank's).
     forward = 2 * result.model_params * tokens + 2 * c.num_hidden_layers * tokens * cfg.data.max_seq_len * c.hidden_size
     weights = sum(t.numel * t.itemsize for t in model.tensors)
     one_pass = max(forward / GPU_FLOPS, weights / HBM_BYTES_PER_S)
@@ -105,6 +113,8 @@ def estimated_tokens_per_s(result: Budget) -> float:
     gathers = 2 * weights * share / bandwidth if shards_base and world > 1 else 0.0
     reduce = 2 * lora * share / bandwidth
     passes = 3 if cfg.train.gradient_checkpointing else 2
+    heads_dim = c.hidden_size // c.num_attention_heads * (c.num_attention_heads + 2 * _kv_heads(c))
+    exchanges = 2 * passes * c.num_hidden_layers * tokens * (heads_dim + c.hidden_size) * (split - 1) / split / bandwidth
     mode = cfg.train.offload
     offload = 2 * lora / HOST_BYTES_PER_S if mode != "none" else 0.0
     if mode == "params":
@@ -116,7 +126,25 @@ def estimated_tokens_per_s(result: Budget) -> float:
     if cfg.train.activation_offload:
         # What forward saves goes down to host RAM and comes back up in backward, per micro batch.
         offload += 2 * max(r.host_components.get("activations", 0) for r in result.ranks) / HOST_BYTES_PER_S
-    return world * tokens / (max(compute, gathers) + reduce + offload)
+    return world * tokens / (max(compute, gathers) + reduce + offload + exchanges)
+
+
+def _kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def splits(cfg: RunConfig, hardware: Hardware, strategy: str, cache: ModelCache) -> tuple[int, ...]:
+    """The sequence-parallel sizes worth budgeting: 1, and where the strategy splits sequences, every power
+    of two up to the world size that divides it and the model's heads."""
+    if not strategies.get(strategy).spec.sequence_parallel:
+        return (1,)
+    config = cache.config
+    sizes = [2**k for k in range(1, hardware.world_size.bit_length())]
+    return (1,) + tuple(
+        n
+        for n in sizes
+        if not sequence_parallel.world_refusal(n, hardware.world_size) and not sequence_parallel.refusal(config, n)
+    )
 
 
 def refused(cfg: RunConfig, strategy: str) -> bool:
@@ -126,30 +154,44 @@ def refused(cfg: RunConfig, strategy: str) -> bool:
 
 
 def candidates(
-    cfg: RunConfig, hardware: Hardware, cache: ModelCache | None = None, only: tuple[str, ...] = strategies.NAMES
+    cfg: RunConfig,
+    hardware: Hardware,
+    cache: ModelCache | None = None,
+    only: tuple[str, ...] = strategies.NAMES,
+    search_splits: bool = True,
+    fits: Callable[[Candidate], bool] | None = None,
 ) -> list[Candidate]:
+    """Every configuration of `only` budgeted (`search_splits`: over the sequence-parallel sizes, else at
+    `cfg`'s). With `fits`, larger micro batches are not tried once one does not fit (memory grows with them)."""
     cache = cache or ModelCache(cfg)
     found = []
     for strategy in only:
         if refused(cfg, strategy):
             continue
         spec = strategies.get(strategy).spec
-        for offload, activations, checkpointing, micro in itertools.product(
-            spec.offload_modes, (False, True), (True, False), MICRO_BATCHES
+        sizes = splits(cfg, hardware, strategy, cache) if search_splits else (cfg.train.sequence_parallel,)
+        for split, offload, activations, checkpointing in itertools.product(
+            sizes, spec.offload_modes, (False, True), (True, False)
         ):
             if activations and not checkpointing:
                 continue  # every layer's saved tensors through PCIe, and as much host RAM: checkpointing wins
-            train = dataclasses.replace(
-                cfg.train,
-                micro_batch_size=micro,
-                gradient_checkpointing=checkpointing,
-                offload=offload,
-                activation_offload=activations,
-            )
-            result = predict(dataclasses.replace(cfg, strategy=strategy, train=train), hardware, cache=cache)
-            peak = max(r.total_bytes for r in result.ranks)
-            speed = estimated_tokens_per_s(result)
-            found.append(Candidate(strategy, micro, checkpointing, offload, activations, result, peak, speed))
+            for micro in MICRO_BATCHES:
+                train = dataclasses.replace(
+                    cfg.train,
+                    micro_batch_size=micro,
+                    gradient_checkpointing=checkpointing,
+                    offload=offload,
+                    activation_offload=activations,
+                    sequence_parallel=split,
+                )
+                result = predict(dataclasses.replace(cfg, strategy=strategy, train=train), hardware, cache=cache)
+                peak = max(r.total_bytes for r in result.ranks)
+                speed = estimated_tokens_per_s(result)
+                found.append(
+                    Candidate(strategy, micro, checkpointing, offload, activations, result, peak, speed, split)
+                )
+                if fits and not fits(found[-1]):
+                    break
     return found
 
 
@@ -160,6 +202,7 @@ def longest_context(
     host_limit: int | None,
     step: int = 1024,
     ceiling: int = 2**21,
+    search_splits: bool = True,
     progress: Callable[[str, tuple[int, Candidate] | None], None] = lambda strategy, result: None,
 ) -> dict[str, tuple[int, Candidate] | None]:
     """Per strategy, the longest sequence (a multiple of `step`, at most `ceiling`) at which a configuration
@@ -169,7 +212,8 @@ def longest_context(
 
     def fastest_at(strategy: str, seq: int) -> Candidate | None:
         run = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_seq_len=seq))
-        fitting = [c for c in candidates(run, hardware, cache, (strategy,)) if c.fits(limit, host_limit)]
+        found = candidates(run, hardware, cache, (strategy,), search_splits, lambda c: c.fits(limit, host_limit))
+        fitting = [c for c in found if c.fits(limit, host_limit)]
         return min(fitting, key=ranking_key, default=None)
 
     found = {}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import strategies
+from .. import sequence_parallel, strategies
 from ..config import ConfigError, RunConfig
 from ..dtypes import (
     AUTOCAST_DTYPES,
@@ -23,6 +23,7 @@ from ..dtypes import (
     resolve_mixed_precision,
 )
 from ..loss import loss_chunk_tokens
+from ..sequence_parallel import local_tokens
 from .activations import ActivationDtypes, activation_bytes
 from .components import COMPONENTS
 from .skeleton import ModelCache, ModelSpec
@@ -55,6 +56,8 @@ def validate(cfg: RunConfig, hardware: Hardware) -> strategies.Strategy:
             f"World size {hardware.world_size} on {hardware.nodes} node(s) is not a whole number of GPUs per node. "
             "Give --world-size (total GPUs), or --nodes with --gpus-per-node."
         )
+    if reason := sequence_parallel.world_refusal(cfg.train.sequence_parallel, hardware.world_size):
+        raise ConfigError(reason)
     if hardware.optimizer not in OPTIMIZERS:
         raise ConfigError(
             f"Optimizer `{hardware.optimizer}` is not one the launcher trains with; it runs torch AdamW "
@@ -187,7 +190,10 @@ def predict(
         autocast=autocast,
         device=hardware.device,
     )
-    batch, seq = activation_shape or (cfg.train.micro_batch_size, cfg.data.max_seq_len)
+    split = cfg.train.sequence_parallel
+    if reason := sequence_parallel.refusal(spec.config, split):
+        raise ConfigError(f"`train.sequence_parallel: {split}` cannot split `{cfg.model.path}`: {reason}.")
+    batch, seq = activation_shape or (cfg.train.micro_batch_size, local_tokens(cfg.data.max_seq_len, split))
     hidden = spec.config.hidden_size
     shared = {
         **with_dequantized_experts(
@@ -199,6 +205,7 @@ def predict(
                 d,
                 sharder.linear_saves_input,
                 loss_chunk_tokens(spec.config, cfg.train),
+                split,
             ),
             spec,
             cfg.train.gradient_checkpointing,

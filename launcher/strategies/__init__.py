@@ -73,6 +73,9 @@ def refusal(strategy: Strategy, cfg: RunConfig) -> str | None:
             f"`train.offload: {mode}` is not offered ({strategy.name} offloads: "
             f"{', '.join(strategy.spec.offload_modes)}; {strategy.spec.offload_note})"
         )
+    if cfg.train.sequence_parallel > 1 and not strategy.spec.sequence_parallel:
+        splitting = ", ".join(name for name in NAMES if get(name).spec.sequence_parallel)
+        return f"`train.sequence_parallel` above 1 runs with {splitting}"
     return strategy.refusal(cfg)
 
 

@@ -57,6 +57,8 @@ class StrategySpec:
     """The `train.offload` modes it runs besides "none", each with the budget components it keeps in host RAM."""
     offload_note: str = "it keeps everything on the GPU"
     """Why the modes it lacks are missing: the message that refuses them."""
+    sequence_parallel: bool = False
+    """It runs `train.sequence_parallel` above 1 (tested against an unsplit run)."""
 
     @property
     def offload_modes(self) -> tuple[str, ...]:

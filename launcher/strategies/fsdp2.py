@@ -22,6 +22,7 @@ class FSDP2(Strategy):
         shards_adapter_state=True,
         offload=(OFFLOAD_PARAMS,),
         offload_note="FSDP2's CPUOffloadPolicy moves parameters, gradients and optimizer state together: use params",
+        sequence_parallel=True,
     )
     # Accelerate's FSDP2 mixed-precision policy gathers every parameter in the autocast dtype.
     casts_parameters = True

@@ -20,6 +20,7 @@ class ZeRO3(ZeRO):
         shards_base=True,
         shards_adapter_state=True,
         offload=(OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS),
+        sequence_parallel=True,
     )
     stage = 3
     linear_saves_input = True
