@@ -210,7 +210,9 @@ def _model_eager(module):
 def new_groups(size: int) -> SequenceGroups:
     """Groups of `size` consecutive ranks (a node's ranks are consecutive: the all-to-alls stay inside it)."""
     if size == 1 or not dist.is_initialized():
-        return SequenceGroups(1, dist.get_rank() if dist.is_initialized() else 0, dist.get_world_size() if dist.is_initialized() else 1)
+        return SequenceGroups(
+            1, dist.get_rank() if dist.is_initialized() else 0, dist.get_world_size() if dist.is_initialized() else 1
+        )
     world, rank = dist.get_world_size(), dist.get_rank()
     groups = [dist.new_group(list(range(start, start + size))) for start in range(0, world, size)]
     return SequenceGroups(size, rank, world, groups[rank // size])

@@ -187,7 +187,9 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
             losses.append(loss)
             extra = {}
             if evaluate:
-                last_eval = eval_loss(model, accelerator, eval_rows, cfg.train.micro_batch_size, tokenizer.pad_token_id)
+                last_eval = eval_loss(
+                    model, accelerator, eval_rows, cfg.train.micro_batch_size, tokenizer.pad_token_id, groups
+                )
                 extra["eval_loss"] = last_eval
             now = time.perf_counter()
             metrics.log(

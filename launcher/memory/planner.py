@@ -114,7 +114,9 @@ def estimated_tokens_per_s(result: Budget) -> float:
     reduce = 2 * lora * share / bandwidth
     passes = 3 if cfg.train.gradient_checkpointing else 2
     heads_dim = c.hidden_size // c.num_attention_heads * (c.num_attention_heads + 2 * _kv_heads(c))
-    exchanges = 2 * passes * c.num_hidden_layers * tokens * (heads_dim + c.hidden_size) * (split - 1) / split / bandwidth
+    exchanges = (
+        2 * passes * c.num_hidden_layers * tokens * (heads_dim + c.hidden_size) * (split - 1) / split / bandwidth
+    )
     mode = cfg.train.offload
     offload = 2 * lora / HOST_BYTES_PER_S if mode != "none" else 0.0
     if mode == "params":

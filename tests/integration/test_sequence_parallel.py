@@ -2,7 +2,8 @@
 attention), on FSDP2 and ZeRO-3, four families (GQA, a sliding window, eager soft-capped attention, tied
 embeddings), packed rows and padded ones, and on 4 ranks as 2 data-parallel groups x 2. Each run is compared
 with one process on the same global batch computing the model's own loss over whole sequences:
-  * the losses and gradient norms are the single process's (fp32: differences are rounding);
+  * the losses, gradient norms and eval losses (split the same way) are the single process's (fp32:
+    differences are rounding);
   * the ranks of a group trained on the same rows, and the groups on different ones;
   * the memory budget holds on every rank: static components to the byte, activations within 10%.
 The runs of one world size and strategy share one launch (dist_probe.py --runs)."""
@@ -32,6 +33,7 @@ def run_args(family: str, assets: Path, out: Path, packing: bool, micro: int, ac
         *("--train.micro_batch_size", str(micro), "--train.grad_accum_steps", str(accum)),
         *("--train.max_steps", str(STEPS), "--train.lr", "3e-3", "--lora.dropout", "0"),
         *("--quant.compute_dtype", "float32", "--train.sequence_parallel", str(split)),
+        *("--data.eval_fraction", "0.2", "--train.eval_every_steps", "2"),
         # The split runs compute their loss 16 tokens at a time, the reference over all logits at once.
         *("--train.loss_chunk_tokens", "16" if split > 1 else "0"),
     ]
@@ -72,7 +74,11 @@ def reference(family_assets, tmp_path: Path, family: str, packing: bool, world: 
     out = tmp_path / "reference"
     micro = MICRO * ACCUM * world // SPLIT
     args = run_args(family, family_assets(family), out, packing, micro, 1, 1)
-    with (tmp_path / "reference.log").open("w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    with (
+        (tmp_path / "reference.log").open("w") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
         train.run(load_config(None, parse_overrides(args)))
     return read_metrics(out)
 
@@ -90,8 +96,10 @@ def test_split_sequences_train_as_one_process_on_whole_ones(
     out = root / family / "run"
     split, whole = read_metrics(out), reference(family_assets, tmp_path, family, packing, world)
     assert [r["step"] for r in split] == [r["step"] for r in whole] == list(range(1, STEPS + 1))
-    for key in ("loss", "grad_norm"):
-        assert [r[key] for r in split] == pytest.approx([r[key] for r in whole], rel=1e-5), key
+    assert [r["step"] for r in split if "eval_loss" in r] == [r["step"] for r in whole if "eval_loss" in r] == [2, 3]
+    for key in ("loss", "grad_norm", "eval_loss"):
+        ours, theirs = [r[key] for r in split if key in r], [r[key] for r in whole if key in r]
+        assert ours == pytest.approx(theirs, rel=1e-5), key
     assert split[-1]["loss"] < split[0]["loss"]
     probes = load_probes(root / family / "probe", world)
     batches = [p["batches"] for p in probes]

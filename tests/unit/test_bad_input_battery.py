@@ -60,6 +60,26 @@ CASES = [
         TRAIN + " --train.loss_chunk_tokens -1",
         r"`train.loss_chunk_tokens` must be 0 \(the model.s own loss\) or positive, got -1",
     ),
+    Case(
+        "sequence-parallel-zero",
+        TRAIN + " --train.sequence_parallel 0",
+        r"`train.sequence_parallel` must be a positive number of ranks per sequence, got 0",
+    ),
+    Case(
+        "sequence-parallel-world",
+        TRAIN + " --nproc 3 --train.sequence_parallel 2",
+        r"splits each sequence across 2 ranks, so the world size must divide by it; this run has 3 rank\(s\)",
+    ),
+    Case(
+        "sequence-parallel-strategy",
+        TRAIN + " --strategy fsdp1 --train.sequence_parallel 2",
+        r"fsdp1 cannot run this config: `train.sequence_parallel` above 1 runs with fsdp2, zero3",
+    ),
+    Case(
+        "sequence-parallel-heads",
+        TRAIN + " --nproc 8 --train.sequence_parallel 8",
+        r"`train.sequence_parallel: 8` cannot split .* key/value heads; each rank of a group takes 1/8 of both",
+    ),
     Case("epochs-zero", TRAIN + " --train.epochs 0", r"`train.epochs` must be a positive integer, got 0"),
     Case("max-steps-negative", TRAIN + " --train.max_steps -1", r"`train.max_steps` must be 0 \(use epochs\)"),
     Case("eval-every-negative", TRAIN + " --train.eval_every_steps -5", r"`train.eval_every_steps` must be >= 0"),
@@ -102,6 +122,11 @@ CASES = [
     Case("data-cmd-missing-file", "data --config {run} --data.path {root}/nope.jsonl", r"Dataset .* does not exist"),
     Case("budget-model-missing", "budget --model {root}/nope", r"Model `.*nope` not found"),
     Case("budget-world-zero", "budget --model {base} --world-size 0", r"World size 0 .* not a whole number"),
+    Case(
+        "budget-sequence-parallel-world",
+        "budget --model {base} --world-size 3 --sequence-parallel 2",
+        r"world size must divide by it; this run has 3 rank\(s\)",
+    ),
     Case("budget-strategy", "budget --model {base} --strategy zero9", r"Unknown strategy `zero9`"),
     Case("plan-memory-not-size", "plan --model {base} --gpu-memory lots", r"--gpu-memory `lots` is not a size"),
     Case("plan-without-memory", "plan --model {base}", r"`qlaunch plan` needs --gpu-memory"),
