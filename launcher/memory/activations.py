@@ -325,6 +325,12 @@ def activation_bytes(
         saved = layer_saved_bytes(first, shape, batch, seq, False, d, split) + sum(layers[1:])
         saved += shape.rotary_sets * 2 * seq * first.head_dim * d.dense.itemsize
         recompute = 0
+    if split > 1:
+        # The all-to-alls around attention exchange q, k, v (and the output) one at a time, each holding what
+        # it sends (a contiguous copy, where the tensor is a transposed view) and what it receives until both
+        # are joined: at most two copies of q, in forward, recompute and backward alike.
+        attn = d.matmul(d.stream)
+        recompute += 2 * tokens * first.head_dim * first.heads * attn.itemsize
     return {"activations": saved + head, "recompute": recompute, "logits_backward": loss}
 
 

@@ -12,6 +12,7 @@ from .planner import candidates, longest_context, ranking_key
 from .predict import DEFAULT_RUNTIME_OVERHEAD, Hardware, predict
 from .report import plot, render, render_table, require_matplotlib
 from .sizes import GiB, format_bytes, parse_bytes
+from .skeleton import ModelCache
 
 MIN_GPU_MEMORY = GiB
 """Smaller GPU memory is a typo (a unit missing or wrong), not a GPU a 4-bit LLM trains on."""
@@ -150,6 +151,12 @@ def plan_command(args) -> int:
         f"fits when its fullest rank needs at most {format_bytes(limit)} ({args.margin:.0%} kept free)"
         + (f" and a node's host RAM at most {format_bytes(host_limit)}." if host_limit else ".")
     )
+    if not fitting and host_limit and any(c.fits(limit) for c in found):
+        print(
+            f"\nNothing fits: the configurations that fit the GPUs need more than {format_bytes(host_limit)} of host "
+            "RAM per node. Raise --host-memory if the nodes have it, or use more GPUs."
+        )
+        return 0
     if not fitting:
         smallest = min(found, key=lambda c: c.peak_bytes)
         print(
@@ -253,6 +260,12 @@ def print_longest_context(args, cfg, hardware, limit: int, host_limit: int | Non
         f"LoRA r={cfg.lora.r} (a multiple of 1,024 tokens; fullest rank at most {format_bytes(limit)})\n"
     )
     print(render_table(header, rows))
+    positions = getattr(ModelCache(cfg).config, "max_position_embeddings", None)
+    if positions and any(result and result[0] > positions for result in found.values()):
+        print(
+            f"\nMemory is not the only limit: the model was trained on at most {positions:,} positions "
+            "(max_position_embeddings); beyond them it needs a rope_scaling it was fine-tuned with."
+        )
     for strategy, result in found.items():
         if result is not None:
             print(f"\n{strategy}: {launch_line(args, *result)}")

@@ -22,7 +22,8 @@ COMPONENTS = {
     "master_weights": "copies of the LoRA parameters the optimizer updates (ZeRO)",
     "optimizer_states": "AdamW moments",
     "activations": "tensors saved for backward by one micro batch",
-    "recompute": "one layer's activations recomputed in backward (checkpointing)",
+    "recompute": "one layer's activations recomputed in backward (checkpointing); with sequence parallelism, "
+    "the all-to-all buffers of one layer's attention",
     "experts_dequantized": "one layer's 4-bit MoE experts dequantized while it runs or is recomputed (checkpointing)",
     "logits_backward": "one loss chunk in backward: its logits, fp32 log-probabilities and their gradients",
     "gathered_params": "parameters gathered from the other ranks while layers run (FSDP, ZeRO-3), prefetch included",
