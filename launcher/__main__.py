@@ -3,15 +3,22 @@
 import sys
 
 from . import signals
-from .cli import main as cli_main
+
+TRAINING = sys.argv[1:2] == ["train"]
+if TRAINING:
+    # From the first moment to exit, in the wrapper and in every rank: a stop signal is recorded, never
+    # fatal, and acted on where the run can stop cleanly (see signals.py). Installed before the heavy imports.
+    signals.listen()
+
+from .cli import main as cli_main  # noqa: E402
 
 
 def main() -> int:
-    if sys.argv[1:2] == ["train"]:
-        # From the first moment to exit, in the wrapper and in every rank: a stop signal is recorded,
-        # never fatal, and acted on where the run can stop cleanly (see signals.py).
-        signals.listen()
-    return cli_main()
+    try:
+        return cli_main()
+    finally:
+        if TRAINING:
+            signals.ignore_until_exit()
 
 
 if __name__ == "__main__":

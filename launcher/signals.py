@@ -34,6 +34,14 @@ def listen() -> None:
         signal.signal(sig, _record)
 
 
+def ignore_until_exit() -> None:
+    """Ignores stop signals from now on, once the process's work is over: CPython puts SIG_DFL back for every
+    signal with a Python handler while the interpreter finalizes (thread joins, atexit, module teardown), where
+    a signal would kill a finished run, but it leaves an ignored signal ignored."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def listening() -> Iterator[None]:
     """Records stop signals inside the block and puts back the handlers found, for callers in a process

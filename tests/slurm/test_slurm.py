@@ -113,7 +113,9 @@ def preempted_job(cluster, demo_assets, tmp_path_factory, single_node_jobs):
          once they have started, are held in model loading until they have, and stop before training;
       2. mid-training, to node n2's qlaunch alone: both nodes stop after the same step, with a checkpoint;
       3. during a checkpoint save: the save completes, the run stops after the next step;
-      4. after the last step, during the export: noted; the run finishes and the job completes.
+      4. after the last step, during the export: noted; the run finishes and the job completes, although
+         from the export's end (`Done:`, teardown, interpreter shutdown on both nodes) to the job's end the
+         batch script is sent USR2 every 0.1 s and passes each one on.
     Starts 1-3 end with the preemption status, and the script requeues the job each time."""
     root = tmp_path_factory.mktemp("slurm-multi")
     out, log, hold = root / "run", root / "job.out", root / "hold"
@@ -146,6 +148,12 @@ def preempted_job(cluster, demo_assets, tmp_path_factory, single_node_jobs):
     wait_for_start(4)
     (hold / "hold-export").touch()
     signal_while_held("export", (0,))
+    bursts, deadline = 0, time.monotonic() + 600
+    while cluster.job(job)["JobState"] not in FINAL and time.monotonic() < deadline:
+        cluster.run(["scancel", "--signal=USR2", "--batch", str(job)], check=False)
+        bursts += 1
+        time.sleep(0.1)
+    assert bursts > 1
     info = cluster.wait_for(job, FINAL, 600)
     print(f"two-node job, four starts: {time.monotonic() - started:.1f} s")
     return job, out, info, log.read_text()
