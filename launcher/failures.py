@@ -10,8 +10,10 @@ report of the failure stays off the terminal (launch/accelerate_entry.py). Under
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -37,7 +39,7 @@ def rank_log(output_dir: str | Path, rank: int) -> Path:
     return Path(output_dir) / LOGS / f"rank-{rank:05d}.log"
 
 
-def cause_and_fix(error: BaseException, timeout_s: float) -> str:
+def cause_and_fix(error: BaseException, timeout_s: float, output_dir: str | Path = ".") -> str:
     """One line for an error only a running rank can meet."""
     import torch
 
@@ -46,6 +48,8 @@ def cause_and_fix(error: BaseException, timeout_s: float) -> str:
     if isinstance(failed, dict) and failed:
         where = f"torch.distributed.checkpoint failed on rank {', '.join(map(str, sorted(failed)))}: "
         error = next(iter(failed.values()))[0]  # (exception, its stack summary)
+    if (full := disk_full(error)) is not None:
+        return where + disk_full_message(full, Path(output_dir))
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     named = f"{type(error).__name__}: {text}" if text else type(error).__name__
     if isinstance(error, torch.OutOfMemoryError) or "out of memory" in text.lower():
@@ -66,6 +70,36 @@ def cause_and_fix(error: BaseException, timeout_s: float) -> str:
             "legitimately takes longer."
         )
     return where + named
+
+
+def disk_full(error: BaseException | None) -> OSError | None:
+    """The "no space left on device" OSError behind `error` (itself, or its cause or context), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def disk_full_message(error: OSError, output_dir: Path) -> str:
+    """Which directory is full, how much it has left, how big what the run writes there is, and what to do."""
+    directory = Path(error.filename).parent if error.filename else output_dir
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    free = shutil.disk_usage(directory).free
+    checkpoints = [path for path in (output_dir / "checkpoints").glob("step-*") if path.is_dir()]
+    sizes = [sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) for path in checkpoints]
+    size = f"; a checkpoint of this run is {_size(max(sizes))}" if sizes else ""
+    return (
+        f"no space left on device in {directory} ({_size(free)} free{size}). Free space there, keep fewer "
+        "checkpoints (checkpoint.keep_last), or set output_dir on a disk with room and resume with --resume auto."
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def write_log(error: BaseException, output_dir: str | Path, rank: int) -> Path | None:
@@ -110,9 +144,11 @@ def reported(output_dir: str | Path, timeout_s: float):
     except BaseException as error:  # torch.distributed.checkpoint's CheckpointException is one
         rank = this_rank()
         log = write_log(error, output_dir, rank)
-        if debugging() or log is None:
+        # Where the log cannot be written the traceback is all there is, unless the disk is full: then the
+        # line says all of it (and the traceback would be every rank's chain of wrapped OSErrors).
+        if debugging() or (log is None and disk_full(error) is None):
             traceback.print_exc()
-        report(cause_and_fix(error, timeout_s), log)
+        report(cause_and_fix(error, timeout_s, output_dir), log)
         end(1)
 
 

@@ -129,3 +129,31 @@ def test_accelerate_launch_failures_are_one_line(monkeypatch, capsys):
         "qlaunch: accelerate launch failed: ConnectionError: Tried to launch distributed communication on port "
         "`29500`, but another process is utilizing it.\n"
     )
+
+
+def test_a_full_disk_is_one_line_that_names_the_directory_the_sizes_and_the_fix(rank1, tmp_path, capsys):
+    """As torch.distributed.checkpoint reports a save onto a full disk: per rank, a wrapped OSError raised while
+    handling the writer's RuntimeError. The rank log cannot be written there either: no traceback all the same."""
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    out = tmp_path / "out"
+    previous = out / "checkpoints" / "step-000005"
+    previous.mkdir(parents=True)
+    (previous / "shard.distcp").write_bytes(b"x" * 3 * 2**20)
+    target = out / "checkpoints" / ".step-000010.partial" / "__0_0.distcp"
+    try:
+        try:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        except RuntimeError:
+            raise OSError(28, "No space left on device", str(target)) from None
+    except OSError as inner:
+        wrapped = _wrap_exception(inner)
+    error = CheckpointException("write_data", {0: wrapped, 1: wrapped})
+    line = failures.cause_and_fix(error, timeout_s=30, output_dir=out)
+    assert line.startswith(f"torch.distributed.checkpoint failed on rank 0, 1: no space left on device in {out}")
+    assert "iB free; a checkpoint of this run is 3.0 MiB). Free space there, keep fewer checkpoints" in line
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")  # the rank log cannot be written, as on a full disk
+    fail_with(OSError(28, "No space left on device"), blocked)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and "no space left on device" in err
