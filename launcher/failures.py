@@ -73,12 +73,16 @@ def cause_and_fix(error: BaseException, timeout_s: float, output_dir: str | Path
 
 
 def disk_full(error: BaseException | None) -> OSError | None:
-    """The "no space left on device" OSError behind `error` (itself, or its cause or context), if any."""
+    """The "no space left on device" OSError behind `error` (itself, its cause or context, or a rank's error
+    inside torch.distributed.checkpoint's CheckpointException), if any."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:
             return error
+        failed = getattr(error, "failures", None)
+        if isinstance(failed, dict) and failed:
+            return next((found for inner, _ in failed.values() if (found := disk_full(inner))), None)
         error = error.__cause__ or error.__context__
     return None
 

@@ -154,6 +154,6 @@ def test_a_full_disk_is_one_line_that_names_the_directory_the_sizes_and_the_fix(
     assert "iB free; a checkpoint of this run is 3.0 MiB). Free space there, keep fewer checkpoints" in line
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")  # the rank log cannot be written, as on a full disk
-    fail_with(OSError(28, "No space left on device"), blocked)
+    fail_with(error, blocked)
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.splitlines()) == 1 and "no space left on device" in err
