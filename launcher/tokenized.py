@@ -124,16 +124,21 @@ def cache_key(source: DataSource, tokenizer_print: str, cfg: DataConfig) -> str:
 
 
 def tokenized_source(source: DataSource, tokenizer, cfg: DataConfig, tokenizer_print: str) -> SourceData:
-    """The source's tokens: read from the cache, or tokenized into it by the first process to ask."""
+    """The source's tokens: read from the cache, or tokenized into it by the first process to ask; tokenized
+    in memory where the cache cannot be written (a full or read-only disk costs the next start, not this one)."""
     root = cache_root(cfg)
-    root.mkdir(parents=True, exist_ok=True)
     key = cache_key(source, tokenizer_print, cfg)
     entry, hit = root / key, True
-    if not entry.is_dir():
-        with exclusive(root, key, f"waiting for another process tokenizing `{source.path}` into {entry}"):
-            if not entry.is_dir():
-                build_entry(source, tokenizer, cfg, root, key)
-                hit = False
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not entry.is_dir():
+            with exclusive(root, key, f"waiting for another process tokenizing `{source.path}` into {entry}"):
+                if not entry.is_dir():
+                    build_entry(source, tokenizer, cfg, root, key)
+                    hit = False
+    except OSError as error:
+        say(f"could not write the tokenized data into the cache {root} ({error}); tokenized in memory, not cached")
+        return tokenized_in_memory(source, tokenizer, cfg)
     meta = json.loads((entry / "meta.json").read_text())
     if hit:
         say(f"`{source.path}`: {meta['kept']:,} samples read from the cache {entry}, not tokenized again")
@@ -168,6 +173,13 @@ def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key:
     (partial / "meta.json").write_text(json.dumps(meta, indent=2))
     os.rename(partial, root / key)
     say(f"`{source.path}`: {meta['records']:,} records tokenized in {meta['tokenize_s']:.1f} s into {root / key}")
+
+
+def tokenized_in_memory(source: DataSource, tokenizer, cfg: DataConfig) -> SourceData:
+    records = load_records(source)
+    table = tokenize(records, tokenizer, source, cfg)
+    truncated = int(np.count_nonzero(table.data.column("truncated").to_numpy()))
+    return SourceData(source, table, len(records), len(records) - len(table), truncated, "", False)
 
 
 def open_entry(source: DataSource, entry: Path, meta: dict, hit: bool) -> SourceData:

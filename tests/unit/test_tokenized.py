@@ -1,6 +1,7 @@
 """Tokenized data: the per-node cache, mixing several sources by weight, the eval split, and packing
 (rows within max_seq_len, and the same loss as the samples unpacked, on several model families)."""
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -228,3 +229,27 @@ def test_a_packed_row_has_the_loss_of_its_samples_unpacked(family):
     separately = sum(loss_sum(unpacked, [i]) for i in range(len(samples)))
     assert loss_sum(packed, [0]) == pytest.approx(separately, rel=1e-5)
     assert loss_sum(unpacked, list(range(len(samples)))) == pytest.approx(separately, rel=1e-5)
+
+
+def test_a_cache_that_cannot_be_written_costs_the_next_start_not_this_one(tmp_path, tokenizer, capsys):
+    """A full disk (a filled tmpfs; the tests run as root) or a cache path that is a file: tokenized in memory
+    with a note, the same samples as a cached start."""
+    import subprocess
+
+    data = str(write_texts(tmp_path / "d.jsonl", 40))
+    expected, _ = load_tokenized(DataConfig(path=data, cache_dir=str(tmp_path / "roomy")), tokenizer, seed=3)
+    full = tmp_path / "full"
+    full.mkdir()
+    assert subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)]).returncode == 0
+    try:
+        with contextlib.suppress(OSError), (full / "filler").open("wb") as filler:
+            filler.write(b"x" * 2**20)
+        blocked = tmp_path / "a-file"
+        blocked.write_text("not a directory")
+        for cache in (full / "cache", blocked):
+            capsys.readouterr()
+            got, _ = load_tokenized(DataConfig(path=data, cache_dir=str(cache)), tokenizer, seed=3)
+            assert every_sample(got) == every_sample(expected) and not got.sources[0].cache_hit
+            assert f"could not write the tokenized data into the cache {cache}" in capsys.readouterr().err
+    finally:
+        subprocess.run(["umount", str(full)], check=False)
