@@ -219,7 +219,7 @@ def cmd_train(args, extra: list[str]) -> int:
     # Tokenized here, into the cache the ranks read: too little data is refused before any rank starts.
     preflight.load_training_data(cfg, machines.num_processes)
     forwarded = (["--config", args.config] if args.config else []) + extra + ["--strategy", strategy.name]
-    return launch.launch(strategy, machines, forwarded, cfg.dist)
+    return launch.launch(strategy, machines, forwarded, cfg.dist, output_dir=cfg.output_dir)
 
 
 def cmd_data(args, extra: list[str]) -> int:

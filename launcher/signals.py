@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from collections.abc import Callable, Iterator
 
 SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+_STARTED = time.monotonic()
 
 _received: list[int] = []
+_received_at: list[float] = []
 _listeners: list[Callable[[int], None]] = []
 
 
 def _record(signum, frame) -> None:
     _received.append(signum)
+    _received_at.append(time.monotonic())
     for listener in list(_listeners):
         listener(signum)
 
@@ -67,6 +71,15 @@ def on_signal(listener: Callable[[int], None]) -> Iterator[None]:
 def received() -> int | None:
     """The first stop signal this process got, if any."""
     return _received[0] if _received else None
+
+
+def seconds_since_start() -> float:
+    return time.monotonic() - _STARTED
+
+
+def seconds_to_first_signal() -> float | None:
+    """Seconds from this process's start (this module's import) to its first stop signal, if any."""
+    return _received_at[0] - _STARTED if _received_at else None
 
 
 def received_name() -> str | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, export, preflight, sequence_parallel, strategies, tracking
+from . import checkpoint, export, preflight, sequence_parallel, signals, strategies, tracking
 from .accelerator import create_accelerator, world_size_from_env
 from .activation_offload import ActivationOffload
 from .batches import GlobalBatches, Rows
@@ -158,6 +158,10 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
 
     # Train.
     stop.stop_before_training(accelerator.device)
+    if main:  # a start-up longer than Slurm's warning lead never trains: the log shows it coming
+        print(
+            f"qlaunch: start-up took {signals.seconds_since_start():.0f} s (this rank's start to training)", flush=True
+        )
     model.train()
     metrics = MetricsLog(
         output_dir,

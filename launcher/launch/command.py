@@ -20,7 +20,7 @@ from ..config import DistConfig
 from ..preemption import stop_message
 from ..resources import shipped_dir
 from ..strategies import Strategy
-from . import slurm
+from . import slurm, starts
 from .machines import Machines, default_nproc
 from .supervise import Ranks
 
@@ -68,19 +68,38 @@ def accelerate_command(
     return cmd + [*entry, *train_args]
 
 
-def launch(strategy: Strategy, machines: Machines, train_args: list[str], dist: DistConfig, entry=ENTRY) -> int:
-    """Runs this machine's `accelerate launch`; returns its exit status (dist.preempt_exit_code after a preemption stop)."""
+def launch(
+    strategy: Strategy,
+    machines: Machines,
+    train_args: list[str],
+    dist: DistConfig,
+    entry=ENTRY,
+    output_dir: str | None = None,
+) -> int:
+    """Runs this machine's `accelerate launch`; returns its exit status (dist.preempt_exit_code after a preemption
+    stop; starts.NO_PROGRESS_EXIT after the third start in a row in `output_dir` stopped before its first step)."""
     cmd = accelerate_command(strategy, machines, train_args, dist, entry)
     print(f"qlaunch: {machines.describe()}", flush=True)
+
+    def stopped_before_training() -> int:
+        print(f"qlaunch: {stop_message(None, signals.received_name(), dist.preempt_exit_code)}", flush=True)
+        why = starts.stopped_before_training(output_dir, machines.machine_rank, signals.seconds_to_first_signal())
+        if why is None:
+            return dist.preempt_exit_code
+        print(f"qlaunch: error: {why}", file=sys.stderr, flush=True)
+        return starts.NO_PROGRESS_EXIT
+
     if signals.received() is not None and machines.num_machines == 1:
         # Nothing started yet and no other machine waits for this one: stop now. (With several machines
         # every node starts, and the ranks agree to stop before training: no node waits for a missing peer.)
-        print(f"qlaunch: {stop_message(None, signals.received_name(), dist.preempt_exit_code)}", flush=True)
-        return dist.preempt_exit_code
+        return stopped_before_training()
     with tempfile.TemporaryDirectory(prefix="qlaunch-") as status_dir, Ranks(Path(status_dir)) as ranks:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **TORCHRUN_ENV, **ranks.env)
         code = ranks.watch(subprocess.Popen(cmd, env=env, preexec_fn=Ranks.ignore_in_child))
         stopped = ranks.preempted()
+        if stopped is not None and stopped["step"] is None:
+            return stopped_before_training()
+        starts.progressed(output_dir, machines.machine_rank)
         if stopped is not None:
             print(f"qlaunch: {stop_message(stopped['step'], stopped['signal'], dist.preempt_exit_code)}", flush=True)
             return dist.preempt_exit_code

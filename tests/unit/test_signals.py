@@ -108,3 +108,34 @@ def test_a_burst_of_signals_while_the_interpreter_shuts_down_is_not_fatal():
             time.sleep(0.0005)
         process.stdout.read()
         assert process.wait() == 0
+
+
+def test_the_third_start_in_a_row_stopped_before_training_stops_requeueing(
+    fresh_signals, monkeypatch, capsys, tmp_path
+):
+    """Each start here gets its signal before anything is launched (as when start-up outlasts Slurm's warning
+    lead): the first two end with the preemption status (the scripts requeue), the third with an error that
+    names the cause; a start that trains in between starts the count again."""
+    from launcher.launch import starts
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("accelerate launch was started")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+
+    def start() -> int:
+        monkeypatch.setattr(signals, "_received", [])
+        monkeypatch.setattr(signals, "_received_at", [])
+        with signals.listening():
+            os.kill(os.getpid(), signal.SIGUSR2)
+            return launch.launch(
+                strategies.get("fsdp2"), launch.Machines.local(2), [], DistConfig(), output_dir=tmp_path
+            )
+
+    assert [start(), start()] == [85, 85]
+    starts.progressed(tmp_path, 0)
+    assert [start(), start(), start()] == [85, 85, starts.NO_PROGRESS_EXIT]
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("qlaunch: error: 3 starts in a row were stopped before their first step: the stop signal")
+    assert "--signal=B:USR2@SECONDS" in last and " s after each start" in last
+    assert start() == 85  # the count starts again after it said so
