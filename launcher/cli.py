@@ -197,8 +197,10 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args, extra: list[str]) -> int:
-    from . import failures, launch, preflight, train
+    from . import failures, launch, preflight, signals, train
+    from .launch import starts
     from .metrics import bars_only_on_a_terminal
+    from .preemption import PreemptionExit
 
     bars_only_on_a_terminal()
     if args.debug:
@@ -212,8 +214,20 @@ def cmd_train(args, extra: list[str]) -> int:
     # Inside a Slurm allocation the machines come from it (launcher/launch/slurm.py), else this machine alone.
     machines = None if launch.inside_launcher() else launch.machines_for(args.nproc)
     if machines is None or machines.num_processes == 1:
-        with failures.reported(cfg.output_dir, cfg.dist.timeout_s):
-            train.run(cfg)
+        try:
+            with failures.reported(cfg.output_dir, cfg.dist.timeout_s):
+                train.run(cfg)
+        except PreemptionExit as stopped:
+            if machines is None:  # a rank under accelerate launch: its qlaunch, if any, counts the starts
+                raise
+            if stopped.step is not None:
+                starts.progressed(cfg.output_dir, 0)
+            elif why := starts.stopped_before_training(cfg.output_dir, 0, signals.seconds_to_first_signal()):
+                print(f"qlaunch: error: {why}", file=sys.stderr, flush=True)
+                return starts.NO_PROGRESS_EXIT
+            raise
+        if machines is not None:
+            starts.progressed(cfg.output_dir, 0)
         return 0
     strategy = preflight.check_all(cfg, machines.num_processes)
     # Tokenized here, into the cache the ranks read: too little data is refused before any rank starts.

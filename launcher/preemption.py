@@ -87,7 +87,15 @@ class StopSignal:
             print(stop_message(step, cause, self.exit_code), flush=True)
         if dist.is_initialized():
             dist.destroy_process_group()
-        raise SystemExit(0 if self.status_dir else self.exit_code)
+        raise PreemptionExit(0 if self.status_dir else self.exit_code, step)
+
+
+class PreemptionExit(SystemExit):
+    """The exit of a rank stopped by a signal; `step` None: before training, with nothing new to save."""
+
+    def __init__(self, code: int, step: int | None):
+        super().__init__(code)
+        self.step = step
 
 
 def stop_message(step: int | None, signal_name: str | None, exit_code: int) -> str:

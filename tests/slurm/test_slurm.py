@@ -313,3 +313,31 @@ def test_rendezvous_failures_end_with_a_clear_message_in_time(case, cluster, dem
         assert elapsed >= timeout  # it waited the configured time, no less...
     assert elapsed < timeout + 40, elapsed  # ...and not the default 600 s (start-up and imports take the rest)
     print(f"{case}: failed after {elapsed:.1f} s")
+
+
+def test_a_job_whose_start_up_outlasts_the_warning_stops_requeueing(cluster, demo_assets, tmp_path):
+    """Every start is held in loading and gets the warning signal there (as when loading a large base outlasts
+    `--signal=B:USR2@N`): the first two starts stop before training and requeue, the third ends the job with
+    the reason instead of starting forever."""
+    out, log, hold = tmp_path / "run", tmp_path / "job.out", tmp_path / "hold"
+    hold.mkdir()
+    env = dict(JOB_ENV, PYTHONPATH=f"{REPO}{os.pathsep}{HOLD_HOOK}", QLAUNCH_HOLD_DIR=str(hold))
+    (hold / "hold-load").touch()
+    options = ["--gpus-per-node=1", f"--output={log}"]
+    job = cluster.submit(SCRIPTS / "single_node.sbatch", train_args(demo_assets, out), options, env, tmp_path)
+    for start in (1, 2, 3):
+        wait_until(lambda: any(hold.glob("held-load-*")), 600, f"start {start} held in loading")
+        cluster.signal_batch(job, "USR2")
+        wait_until(lambda: any(hold.glob("signalled-load-*")), 60, f"the signal in start {start}")
+        for marker in [*hold.glob("held-load-*"), *hold.glob("signalled-load-*")]:
+            marker.unlink()
+        (hold / "hold-load").unlink()
+        if start < 3:
+            wait_until(lambda n=start: log.read_text().count(f"requeueing job {job}") == n, 600, f"requeue {start}")
+            (hold / "hold-load").touch()
+    info = cluster.wait_for(job, FINAL, 600)
+    output = log.read_text()
+    assert (info["JobState"], info["Restarts"]) == ("FAILED", "2"), output[-3000:]
+    assert output.count("Stopped before training on SIGUSR2: nothing new to checkpoint") == 3
+    assert "qlaunch: error: 3 starts in a row were stopped before their first step: the stop signal came" in output
+    assert "Traceback" not in output and not (out / "metrics.jsonl").exists()
