@@ -197,7 +197,7 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args, extra: list[str]) -> int:
-    from . import failures, launch, preflight, signals, train
+    from . import failures, launch, preflight, train
     from .launch import starts
     from .metrics import bars_only_on_a_terminal
     from .preemption import PreemptionExit
@@ -220,12 +220,7 @@ def cmd_train(args, extra: list[str]) -> int:
         except PreemptionExit as stopped:
             if machines is None:  # a rank under accelerate launch: its qlaunch, if any, counts the starts
                 raise
-            if stopped.step is not None:
-                starts.progressed(cfg.output_dir, 0)
-            elif why := starts.stopped_before_training(cfg.output_dir, 0, signals.seconds_to_first_signal()):
-                print(f"qlaunch: error: {why}", file=sys.stderr, flush=True)
-                return starts.NO_PROGRESS_EXIT
-            raise
+            return starts.status_after_stop(cfg.output_dir, 0, stopped.step is not None, stopped.code)
         if machines is not None:
             starts.progressed(cfg.output_dir, 0)
         return 0

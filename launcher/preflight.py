@@ -114,14 +114,7 @@ def check_model(cfg: RunConfig) -> None:
     config = read_model_config(cfg.model.path, cfg.model.trust_remote_code)
     check_weights(cfg.model.path, getattr(config, "transformers_weights", None))
     check_lora_targets(cfg, config)
-    size = cfg.train.sequence_parallel
-    reason = sequence_parallel.refusal(config, size)
-    require(reason is None, f"`train.sequence_parallel: {size}` cannot split `{cfg.model.path}`: {reason}.")
-
-
-def check_world(cfg: RunConfig, world: int) -> None:
-    reason = sequence_parallel.world_refusal(cfg.train.sequence_parallel, world)
-    require(reason is None, reason or "")
+    sequence_parallel.check(config, cfg.train.sequence_parallel, cfg.model.path)
 
 
 def check_output_dir(cfg: RunConfig) -> None:
@@ -198,7 +191,7 @@ def check_all(cfg: RunConfig, world: int) -> strategies.Strategy:
     """Every check that needs no tokenization, for a run of `world` ranks: `qlaunch train` runs it before
     starting any process, so that what the ranks would refuse fails once, here. Returns the run's strategy."""
     strategy = check_run(cfg)
-    check_world(cfg, world)
+    sequence_parallel.check_world(cfg.train.sequence_parallel, world)
     check_dataset(cfg)
     check_resume(prelaunch_resolved(cfg, strategy), strategy, world)
     return strategy
@@ -262,7 +255,7 @@ class RunSetup:
 def resolve_run(cfg: RunConfig, world: int) -> RunSetup:
     """Validates `cfg` for a run of `world` ranks and resolves it (the user's `cfg` is left as it was)."""
     strategy = check_run(cfg)
-    check_world(cfg, world)
+    sequence_parallel.check_world(cfg.train.sequence_parallel, world)
     precision = mixed_precision(cfg.train.mixed_precision)
     resolved = _resolved(cfg, strategy, precision, compute_dtype(cfg.quant.compute_dtype, precision))
     resume_from = check_resume(resolved, strategy, world)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from .config import ConfigError
 from .loss import IGNORE
 
 ATTENTION = ("sdpa", "eager")
@@ -59,6 +60,18 @@ def refusal(config, size: int) -> str | None:
     if implementation not in ATTENTION:
         return f"attention `{implementation}` is not wrapped (use one of {', '.join(ATTENTION)})"
     return None
+
+
+def check(config, size: int, model_path: str) -> None:
+    """A ConfigError if this model's attention cannot be split `size` ways."""
+    if reason := refusal(config, size):
+        raise ConfigError(f"`train.sequence_parallel: {size}` cannot split `{model_path}`: {reason}.")
+
+
+def check_world(size: int, world: int) -> None:
+    """A ConfigError if a world of `world` ranks cannot be made of groups of `size`."""
+    if reason := world_refusal(size, world):
+        raise ConfigError(reason)
 
 
 def world_refusal(size: int, world: int) -> str | None:
@@ -209,10 +222,10 @@ def _model_eager(module):
 
 def new_groups(size: int) -> SequenceGroups:
     """Groups of `size` consecutive ranks (a node's ranks are consecutive: the all-to-alls stay inside it)."""
-    if size == 1 or not dist.is_initialized():
-        return SequenceGroups(
-            1, dist.get_rank() if dist.is_initialized() else 0, dist.get_world_size() if dist.is_initialized() else 1
-        )
+    if not dist.is_initialized():
+        return SequenceGroups(1, 0, 1)
     world, rank = dist.get_world_size(), dist.get_rank()
+    if size == 1:
+        return SequenceGroups(1, rank, world)
     groups = [dist.new_group(list(range(start, start + size))) for start in range(0, world, size)]
     return SequenceGroups(size, rank, world, groups[rank // size])

@@ -166,7 +166,7 @@ def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key:
         "files": sorted(f.name for f in partial.glob("*.arrow")),
         "records": len(records),
         "kept": len(table),
-        "truncated": int(np.count_nonzero(table.data.column("truncated").to_numpy())),
+        "truncated": truncated_count(table),
         "tokenize_s": round(time.perf_counter() - started, 3),
     }
     del table
@@ -178,8 +178,11 @@ def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key:
 def tokenized_in_memory(source: DataSource, tokenizer, cfg: DataConfig) -> SourceData:
     records = load_records(source)
     table = tokenize(records, tokenizer, source, cfg)
-    truncated = int(np.count_nonzero(table.data.column("truncated").to_numpy()))
-    return SourceData(source, table, len(records), len(records) - len(table), truncated, "", False)
+    return SourceData(source, table, len(records), len(records) - len(table), truncated_count(table), "", False)
+
+
+def truncated_count(table) -> int:
+    return int(np.count_nonzero(table.data.column("truncated").to_numpy()))
 
 
 def open_entry(source: DataSource, entry: Path, meta: dict, hit: bool) -> SourceData:

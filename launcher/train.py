@@ -98,9 +98,10 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
     setup = preflight.resolve_run(user_cfg, world_size_from_env())
     cfg, world, policy, sharder = setup.cfg, setup.world, setup.policy, setup.sharder
     split = cfg.train.sequence_parallel
-    tokenizer, rows, eval_rows = preflight.load_training_data(cfg, world // split)
+    data_world = world // split  # the ranks of a sequence group train on the same rows
+    tokenizer, rows, eval_rows = preflight.load_training_data(cfg, data_world)
     batches = GlobalBatches(
-        len(rows), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, world // split, cfg.train.seed
+        len(rows), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, data_world, cfg.train.seed
     )
     total_steps = cfg.train.max_steps or cfg.train.epochs * batches.steps_per_epoch
 

@@ -81,28 +81,21 @@ def launch(
     cmd = accelerate_command(strategy, machines, train_args, dist, entry)
     print(f"qlaunch: {machines.describe()}", flush=True)
 
-    def stopped_before_training() -> int:
-        print(f"qlaunch: {stop_message(None, signals.received_name(), dist.preempt_exit_code)}", flush=True)
-        why = starts.stopped_before_training(output_dir, machines.machine_rank, signals.seconds_to_first_signal())
-        if why is None:
-            return dist.preempt_exit_code
-        print(f"qlaunch: error: {why}", file=sys.stderr, flush=True)
-        return starts.NO_PROGRESS_EXIT
+    def stopped(step: int | None, signal_name: str | None) -> int:
+        print(f"qlaunch: {stop_message(step, signal_name, dist.preempt_exit_code)}", flush=True)
+        return starts.status_after_stop(output_dir, machines.machine_rank, step is not None, dist.preempt_exit_code)
 
     if signals.received() is not None and machines.num_machines == 1:
         # Nothing started yet and no other machine waits for this one: stop now. (With several machines
         # every node starts, and the ranks agree to stop before training: no node waits for a missing peer.)
-        return stopped_before_training()
+        return stopped(None, signals.received_name())
     with tempfile.TemporaryDirectory(prefix="qlaunch-") as status_dir, Ranks(Path(status_dir)) as ranks:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **TORCHRUN_ENV, **ranks.env)
         code = ranks.watch(subprocess.Popen(cmd, env=env, preexec_fn=Ranks.ignore_in_child))
-        stopped = ranks.preempted()
-        if stopped is not None and stopped["step"] is None:
-            return stopped_before_training()
+        preempted = ranks.preempted()
+        if preempted is not None:
+            return stopped(preempted["step"], preempted["signal"])
         starts.progressed(output_dir, machines.machine_rank)
-        if stopped is not None:
-            print(f"qlaunch: {stop_message(stopped['step'], stopped['signal'], dist.preempt_exit_code)}", flush=True)
-            return dist.preempt_exit_code
         if code != 0:
             for line in failures.summary(failures.read_reports(Path(status_dir)), ranks.first_failed):
                 print(line, file=sys.stderr, flush=True)

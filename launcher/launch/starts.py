@@ -6,7 +6,10 @@ start in a row that stopped before its first step; at the third it stops requeue
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+from .. import signals
 
 NO_PROGRESS_STARTS = 3
 NO_PROGRESS_EXIT = 1
@@ -47,3 +50,16 @@ def stopped_before_training(
         "requeueing again would not progress either. Not requeueing: raise the job's time limit or the warning's "
         "lead (sbatch --signal=B:USR2@SECONDS), or shorten start-up (the quantized-base cache: model.quant_cache)."
     )
+
+
+def status_after_stop(output_dir: str | Path | None, machine_rank: int, trained: bool, preempt_exit_code: int) -> int:
+    """The exit status of a start stopped by a signal: the preemption status, or NO_PROGRESS_EXIT (with the reason
+    printed) for the third start in a row that stopped before training."""
+    if trained:
+        progressed(output_dir, machine_rank)
+        return preempt_exit_code
+    why = stopped_before_training(output_dir, machine_rank, signals.seconds_to_first_signal())
+    if why is None:
+        return preempt_exit_code
+    print(f"qlaunch: error: {why}", file=sys.stderr, flush=True)
+    return NO_PROGRESS_EXIT

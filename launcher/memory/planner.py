@@ -135,7 +135,7 @@ def _kv_heads(config) -> int:
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
-def splits(cfg: RunConfig, hardware: Hardware, strategy: str, cache: ModelCache) -> tuple[int, ...]:
+def splits(hardware: Hardware, strategy: str, cache: ModelCache) -> tuple[int, ...]:
     """The sequence-parallel sizes worth budgeting: 1, and where the strategy splits sequences, every power
     of two up to the world size that divides it and the model's heads."""
     if not strategies.get(strategy).spec.sequence_parallel:
@@ -171,7 +171,7 @@ def candidates(
         if refused(cfg, strategy):
             continue
         spec = strategies.get(strategy).spec
-        sizes = splits(cfg, hardware, strategy, cache) if search_splits else (cfg.train.sequence_parallel,)
+        sizes = splits(hardware, strategy, cache) if search_splits else (cfg.train.sequence_parallel,)
         for split, offload, activations, checkpointing in itertools.product(
             sizes, spec.offload_modes, (False, True), (True, False)
         ):

@@ -56,8 +56,7 @@ def validate(cfg: RunConfig, hardware: Hardware) -> strategies.Strategy:
             f"World size {hardware.world_size} on {hardware.nodes} node(s) is not a whole number of GPUs per node. "
             "Give --world-size (total GPUs), or --nodes with --gpus-per-node."
         )
-    if reason := sequence_parallel.world_refusal(cfg.train.sequence_parallel, hardware.world_size):
-        raise ConfigError(reason)
+    sequence_parallel.check_world(cfg.train.sequence_parallel, hardware.world_size)
     if hardware.optimizer not in OPTIMIZERS:
         raise ConfigError(
             f"Optimizer `{hardware.optimizer}` is not one the launcher trains with; it runs torch AdamW "
@@ -191,8 +190,7 @@ def predict(
         device=hardware.device,
     )
     split = cfg.train.sequence_parallel
-    if reason := sequence_parallel.refusal(spec.config, split):
-        raise ConfigError(f"`train.sequence_parallel: {split}` cannot split `{cfg.model.path}`: {reason}.")
+    sequence_parallel.check(spec.config, split, cfg.model.path)
     batch, seq = activation_shape or (cfg.train.micro_batch_size, local_tokens(cfg.data.max_seq_len, split))
     hidden = spec.config.hidden_size
     shared = {
