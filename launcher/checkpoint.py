@@ -69,6 +69,9 @@ RESUMABLE_CHANGES = {
     "train.project",
     "train.run_name",
 }
+# May change when the world size does, as long as the global batch stays (resolve_resume checks it).
+BATCH_SHAPE = {"train.micro_batch_size", "train.grad_accum_steps"}
+SINGLE = strategies.SingleProcess.spec.name
 
 
 def checkpoint_root(cfg: RunConfig) -> Path:
@@ -143,28 +146,59 @@ def resolve_resume(cfg: RunConfig, strategy: Strategy, sharder: Strategy, world_
     meta = read_meta(path)
     written, now = meta["fingerprint"], fingerprint(cfg)
     # Keys that became resumable after a checkpoint was written are in its fingerprint still.
-    changed = sorted(k for k in set(written) | set(now) if k not in RESUMABLE_CHANGES and written.get(k) != now.get(k))
+    changed = sorted(
+        k
+        for k in set(written) | set(now)
+        if k not in RESUMABLE_CHANGES and k not in BATCH_SHAPE and written.get(k) != now.get(k)
+    )
     if changed:
         details = "; ".join(f"{k}: {written.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ConfigError(
             f"Cannot resume from `{path}`: the run config changed where the checkpoint depends on it ({details}). "
             "Restore those values, or start a new run in another output_dir."
         )
-    if (
-        not strategies.by_checkpoint_format(meta["checkpoint_format"]).spec.reshardable_checkpoints
-        and meta["world_size"] != world_size
-    ):
-        raise ConfigError(
-            f"Cannot resume from `{path}` on {world_size} ranks: DeepSpeed checkpoints are tied to the world size "
-            f"they were written with ({meta['world_size']}). Resume on {meta['world_size']} ranks, or convert it "
-            "with DeepSpeed's ds_to_universal."
-        )
-    if meta["checkpoint_format"] != sharder.spec.checkpoint_format:
+    _check_global_batch(path, written, meta["world_size"], now, world_size)
+    if not loads_natively(meta, sharder, world_size) and meta["strategy"] not in (strategy.name, SINGLE):
         raise ConfigError(
             f"Cannot resume from `{path}`: it was written by {meta['strategy']} ({meta['checkpoint_format']} format) "
             f"and this run uses {strategy.name}. Resume with --strategy {meta['strategy']}."
         )
     return path
+
+
+def loads_natively(meta: dict, sharder: Strategy, world_size: int) -> bool:
+    """Whether `sharder` reads the checkpoint as written; otherwise it is read whole and resharded
+    (strategies/portable.py): a ZeRO checkpoint on another world size, or across a world of one."""
+    spec = sharder.spec
+    return meta["checkpoint_format"] == spec.checkpoint_format and (
+        spec.reshardable_checkpoints or meta["world_size"] == world_size
+    )
+
+
+def _global_batch(values: dict, world: int) -> int:
+    data_world = world // values.get("train.sequence_parallel", 1)
+    return values["train.micro_batch_size"] * values["train.grad_accum_steps"] * data_world
+
+
+def _check_global_batch(path: Path, written: dict, written_world: int, now: dict, world: int) -> None:
+    """The micro batch and accumulation may change with the world size, the global batch may not: the data
+    order and the loss's scale depend on it."""
+    was, will = _global_batch(written, written_world), _global_batch(now, world)
+    if was == will:
+        return
+    data_world = world // now.get("train.sequence_parallel", 1)
+    if was % data_world:
+        fix = f"Resume on a number of ranks that divides {was} (times train.sequence_parallel)."
+    else:
+        share, accum = was // data_world, now["train.grad_accum_steps"]
+        keep = f"--train.micro_batch_size {share // accum}" if share % accum == 0 else ""
+        fix = f"Keep it with {keep or f'--train.micro_batch_size {share} --train.grad_accum_steps 1'}."
+    raise ConfigError(
+        f"Cannot resume from `{path}` with a global batch of {will} samples per step "
+        f"(micro_batch_size {now['train.micro_batch_size']} x grad_accum_steps {now['train.grad_accum_steps']} x "
+        f"{data_world} data-parallel ranks): it was trained with {was}, and the data order and the loss's scale "
+        f"depend on it. {fix}"
+    )
 
 
 def _fsync_tree(path: Path) -> None:
@@ -266,8 +300,17 @@ def load(path: Path, strategy, model, optimizer, scheduler) -> int:
     scheduler_state = load_plain(path / "scheduler.pt")
     rng_file = path / "rng" / f"rank-{rank:05d}.pt"
     rng = load_plain(rng_file) if rng_file.is_file() else None
-    strategy.load_trainable(model, optimizer, path / "trainable")
+    meta = read_meta(path)
+    if loads_natively(meta, strategy, dist.get_world_size() if dist.is_initialized() else 1):
+        strategy.load_trainable(model, optimizer, path / "trainable")
+    else:
+        written = strategies.by_checkpoint_format(meta["checkpoint_format"])
+        strategy.load_full_trainable(model, optimizer, written.read_full_trainable(path))
     scheduler.load_state_dict(scheduler_state)
+    # A state read whole (strategies/portable.py) keeps the fresh optimizer's learning rate: the scheduler's is
+    # the one the next step uses.
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
     if rng is not None:
         restore_rng_state(rng)
-    return read_meta(path)["step"]
+    return meta["step"]

@@ -98,11 +98,12 @@ def _refusal(what: str, found: str) -> ConfigError:
     )
 
 
-def load_plain(path: Path):
-    """A checkpoint file read as tensors, numbers, strings, containers and numpy arrays, never as code."""
+def load_plain(path: Path, allowed: tuple = ()):
+    """A checkpoint file read as tensors, numbers, strings, containers and numpy arrays (and the classes in
+    `allowed`), never as code."""
     from numpy._core.multiarray import _reconstruct
 
-    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]  # the RNG state's numpy array
+    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), *allowed]  # the RNG state's numpy
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, weights_only=True)
@@ -111,6 +112,14 @@ def load_plain(path: Path):
         raise _refusal(
             f"`{path}`", f"it names `{named.group(1)}`" if named else "not tensors or plain values"
         ) from error
+
+
+def load_deepspeed_state(path: Path):
+    """A DeepSpeed optimizer-state file, read as `load_plain` reads (its loss scaler and stage enum allowed)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return load_plain(path, (LossScaler, DynamicLossScaler, ZeroStageEnum))
 
 
 def check_checkpoint_files(checkpoint_dir: Path) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import RunConfig, TrainConfig
 from ..dtypes import DtypePolicy
-from . import handoff
+from . import handoff, portable
 from .layout import ADAM_STATES, OPTIMIZER_STATE_COMPONENTS, TensorSpec, whole
 
 OFFLOAD_MODES = ("none", "optimizer", "params")
@@ -229,6 +229,13 @@ class Strategy:
             optim_state_dict=state["optimizer"],
             options=StateDictOptions(strict=False),
         )
+
+    def read_full_trainable(self, checkpoint_dir: Path) -> portable.FullTrainable:
+        """A checkpoint this strategy wrote, whole: what a run that cannot load it natively loads."""
+        return portable.read_dcp(Path(checkpoint_dir) / "trainable")
+
+    def load_full_trainable(self, model: nn.Module, optimizer, full: portable.FullTrainable) -> None:
+        portable.load_into_torch(model, torch_optimizer(optimizer), full)
 
     def _trainable_state(self, model, optimizer) -> dict:
         """The adapter (and nothing of the frozen base) and its optimizer state, keyed by parameter name."""

@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 
 from ..config import ConfigError
 from ..resources import shipped_dir
-from . import cpu, handoff
-from .base import Strategy
+from . import cpu, handoff, portable
+from .base import Strategy, torch_optimizer
 from .layout import fp32_partition
 
 CHECKPOINT_TAG = "zero"
@@ -83,6 +83,12 @@ class ZeRO(Strategy):
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}.")
+
+    def read_full_trainable(self, checkpoint_dir):
+        return portable.read_deepspeed(Path(checkpoint_dir), CHECKPOINT_TAG)
+
+    def load_full_trainable(self, model, optimizer, full):
+        portable.load_into_deepspeed(model, torch_optimizer(optimizer), full)
 
     def read_trainable(self, directory: Path):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

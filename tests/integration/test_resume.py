@@ -248,7 +248,10 @@ def test_without_rng_restore_the_resume_check_fails(uninterrupted, family_assets
     single = tmp_path / "single"
     qlaunch(
         tmp_path / "single.log",
-        *("train", "--nproc", "1", *resume_args(family_assets, single, strategy, K, "--resume", str(checkpoint))),
+        "train",
+        "--nproc",
+        "1",
+        *resume_args(family_assets, single, strategy, K, "--resume", str(checkpoint), "--train.micro_batch_size", "4"),
     )
     exported = tmp_path / "exported"
     qlaunch(tmp_path / "export.log", "export", str(checkpoint), "--output", str(exported))
@@ -317,7 +320,9 @@ def test_resume_refuses_what_would_change_its_meaning(demo_assets, small_data, t
     assert code == 2 and "lora.r: 16 -> 8" in err and "Cannot resume" in err
 
 
-def test_deepspeed_checkpoint_on_another_world_size_is_refused(demo_assets, small_data, tmp_path, capsys):
+def test_resume_on_another_world_size_keeps_the_global_batch(demo_assets, small_data, tmp_path, capsys, no_launch):
+    """A checkpoint of 2 ranks x micro batch 2 resumed on 1 rank must keep its global batch of 4 (the data
+    order and the loss's scale depend on it); the message says how."""
     from launcher import checkpoint, cli, preflight, strategies
     from launcher.config import load_config, parse_overrides
 
@@ -339,4 +344,10 @@ def test_deepspeed_checkpoint_on_another_world_size_is_refused(demo_assets, smal
     )
     code = cli.main(["train", "--nproc", "1", *train_args, "--resume", "auto"])
     err = capsys.readouterr().err
-    assert code == 2 and "DeepSpeed checkpoints are tied to the world size they were written with (2)" in err
+    assert code == 2 and "with a global batch of 2 samples per step" in err and "it was trained with 4" in err
+    assert "Keep it with --train.micro_batch_size 4." in err
+    kept = load_config(
+        train_args[1], parse_overrides([*train_args[2:], "--resume", "auto", "--train.grad_accum_steps", "2"])
+    )
+    strategy = strategies.resolve(kept)
+    assert preflight.check_resume(preflight.prelaunch_resolved(kept, strategy), strategy, 1) == written  # 2 x 2 x 1
