@@ -22,6 +22,7 @@ qlaunch writes (launcher/safe_load.py): a checkpoint someone hands over may hold
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -253,9 +254,9 @@ def save(cfg: RunConfig, step: int, world_size: int, strategy, model, optimizer,
     _barrier()
 
     strategy.save_trainable(model, optimizer, tmp / "trainable")
-    torch.save(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
+    _save_small(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
     if rank == 0:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _save_small(scheduler.state_dict(), tmp / "scheduler.pt")
         peft_config.save_pretrained(tmp)
     _fsync_tree(tmp)
     _barrier()  # every rank's files are on disk
@@ -282,6 +283,18 @@ def save(cfg: RunConfig, step: int, world_size: int, strategy, model, optimizer,
         _prune(root, keep=cfg.checkpoint.keep_last, newest=final)
     _barrier()
     return final
+
+
+def _save_small(obj, path: Path) -> None:
+    """torch.save through a buffer: on a full disk the write then fails with ENOSPC and the file's name (torch's
+    own writer says only "unexpected pos")."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    try:
+        path.write_bytes(buffer.getvalue())
+    except OSError as error:
+        error.filename = error.filename or str(path)
+        raise
 
 
 def _prune(root: Path, keep: int, newest: Path) -> None:

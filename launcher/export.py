@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import strategies
+from . import failures, strategies
 from .checkpoint import read_meta
 from .config import ConfigError, load_config
 from .dtypes import DTYPE_BY_NAME
@@ -29,13 +30,28 @@ CHECK_FILE = "adapter_check.safetensors"
 ADAPTER_NAME = "default"
 
 
-def write_atomically(final: Path, write) -> None:
+@contextmanager
+def _removed_on_failure(tmp: Path, final: Path, what: str, needed: int):
+    """A write to `tmp` that fails leaves nothing behind; one that meets a full disk says where and how much
+    it needed."""
+    try:
+        yield
+    except Exception as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.unlink(missing_ok=True)
+        if failures.disk_full(error) is not None:
+            raise failures.no_space(final, what, needed) from error
+        raise
+
+
+def write_atomically(final: Path, write, what: str = "output", needed: int = 0) -> None:
     """Calls write(tmp_dir), then renames tmp_dir to `final`; an existing `final` is replaced only at the end."""
     final = Path(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
+    with _removed_on_failure(tmp, final, what, needed):
+        tmp.mkdir(parents=True)
+        write(tmp)
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         final.rename(old)
@@ -59,7 +75,7 @@ def write_peft_adapter(final: Path, peft_config, full_trainable: dict[str, torch
             {k: v.contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors", metadata={"format": "pt"}
         )
 
-    write_atomically(Path(final), write)
+    write_atomically(Path(final), write, "adapter", sum(t.numel() * t.element_size() for t in state.values()))
     return Path(final)
 
 
@@ -109,10 +125,12 @@ def merge_adapter(adapter_dir: Path, output: Path, base_path: str | None = None,
 
 
 def save_check(output_dir: Path, input_ids: torch.Tensor, logits: torch.Tensor) -> None:
-    save_file(
-        {"input_ids": input_ids.cpu().contiguous(), "logits": logits.float().cpu().contiguous()},
-        Path(output_dir) / CHECK_FILE,
-    )
+    final = Path(output_dir) / CHECK_FILE
+    tmp = final.with_name(f".{CHECK_FILE}.tmp-{os.getpid()}")
+    tensors = {"input_ids": input_ids.cpu().contiguous(), "logits": logits.float().cpu().contiguous()}
+    with _removed_on_failure(tmp, final, "adapter check", sum(t.numel() * t.element_size() for t in tensors.values())):
+        save_file(tensors, tmp)
+    os.replace(tmp, final)
 
 
 def load_for_inference(output_dir: Path, base_path: str | None = None, adapter_dir: Path | None = None):

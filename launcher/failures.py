@@ -22,6 +22,8 @@ from pathlib import Path
 from .config import ConfigError
 from .preemption import STATUS_DIR_ENV
 
+COLLECTIVE_FAILED = "a collective failed"
+NO_SPACE_TEXTS = ("No space left on device", "os error 28")
 DEBUG_ENV = "QLAUNCH_DEBUG"
 LOGS = "logs"
 REPORT = "error-{rank}"
@@ -65,7 +67,7 @@ def cause_and_fix(error: BaseException, timeout_s: float, output_dir: str | Path
         mark in text for mark in ("Connection closed by peer", "Connection reset by peer", "timed out", "Timeout")
     ):
         return (
-            f"a collective failed ({named}): another rank ended or stalled, or did not answer within "
+            f"{COLLECTIVE_FAILED} ({named}): another rank ended or stalled, or did not answer within "
             f"dist.timeout_s={timeout_s:g}. The rank that failed first says why; raise dist.timeout_s if a step "
             "legitimately takes longer."
         )
@@ -80,11 +82,20 @@ def disk_full(error: BaseException | None) -> OSError | None:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:
             return error
+        if any(mark in str(error) for mark in NO_SPACE_TEXTS):  # safetensors' writer: no OSError, only its text
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         failed = getattr(error, "failures", None)
         if isinstance(failed, dict) and failed:
             return next((found for inner, _ in failed.values() if (found := disk_full(inner))), None)
         error = error.__cause__ or error.__context__
     return None
+
+
+def no_space(path: Path, what: str, needed: int) -> OSError:
+    """The error to raise where writing `what` (`needed` bytes) to `path` met a full disk."""
+    error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    error.needed = (what, needed)
+    return error
 
 
 def disk_full_message(error: OSError, output_dir: Path) -> str:
@@ -96,6 +107,8 @@ def disk_full_message(error: OSError, output_dir: Path) -> str:
     checkpoints = [path for path in (output_dir / "checkpoints").glob("step-*") if path.is_dir()]
     sizes = [sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) for path in checkpoints]
     size = f"; a checkpoint of this run is {_size(max(sizes))}" if sizes else ""
+    if needed := getattr(error, "needed", None):  # (what, bytes) where the writer knows it
+        size += f"; the {needed[0]} needs {_size(needed[1])}"
     return (
         f"no space left on device in {directory} ({_size(free)} free{size}). Free space there, keep fewer "
         "checkpoints (checkpoint.keep_last), or set output_dir on a disk with room and resume with --resume auto."
@@ -180,6 +193,8 @@ def summary(reports: dict[int, dict], first_failed: list[int]) -> list[str]:
     """The wrapper's lines about the ranks that failed first (the errors of the others follow from theirs,
     and they were then killed): one per distinct error, naming every rank that reported it."""
     causes = {reports[r]["message"] for r in first_failed if r in reports} or {r["message"] for r in reports.values()}
+    # Ranks that failed within one poll of each other: a collective's failure follows from the other error.
+    causes = {c for c in causes if not c.startswith(COLLECTIVE_FAILED)} or causes
     lines = []
     for cause in sorted(causes):
         ranks = sorted(r for r in reports if reports[r]["message"] == cause)

@@ -114,8 +114,9 @@ def preempted_job(cluster, demo_assets, tmp_path_factory, single_node_jobs):
       2. mid-training, to node n2's qlaunch alone: both nodes stop after the same step, with a checkpoint;
       3. during a checkpoint save: the save completes, the run stops after the next step;
       4. after the last step, during the export: noted; the run finishes and the job completes, although
-         from the export's end (`Done:`, teardown, interpreter shutdown on both nodes) to the job's end the
-         batch script is sent USR2 every 0.1 s and passes each one on.
+         each rank, then each node's qlaunch, is held in its last exit handler (interpreter shutdown) and
+         sent USR2 and TERM there, and from then to the job's end the batch script is sent USR2 every 0.1 s
+         and passes each one on.
     Starts 1-3 end with the preemption status, and the script requeues the job each time."""
     root = tmp_path_factory.mktemp("slurm-multi")
     out, log, hold = root / "run", root / "job.out", root / "hold"
@@ -147,7 +148,11 @@ def preempted_job(cluster, demo_assets, tmp_path_factory, single_node_jobs):
     signal_while_held("checkpoint", (0, 1))
     wait_for_start(4)
     (hold / "hold-export").touch()
+    for who in (0, 1, "n1", "n2"):
+        (hold / f"hold-teardown-{who}").touch()
     signal_while_held("export", (0,))
+    for held_by in ((0, 1), ("n1", "n2")):  # the ranks first: each node's qlaunch waits for its rank
+        signal_in_teardown(hold, held_by)
     bursts, deadline = 0, time.monotonic() + 600
     while cluster.job(job)["JobState"] not in FINAL and time.monotonic() < deadline:
         cluster.run(["scancel", "--signal=USR2", "--batch", str(job)], check=False)
@@ -157,6 +162,23 @@ def preempted_job(cluster, demo_assets, tmp_path_factory, single_node_jobs):
     info = cluster.wait_for(job, FINAL, 600)
     print(f"two-node job, four starts: {time.monotonic() - started:.1f} s")
     return job, out, info, log.read_text()
+
+
+def signal_in_teardown(hold: Path, held_by: tuple) -> None:
+    """Sends USR2 and TERM, three times each, to processes held in their last exit handler; each must ignore
+    them there (its signal mask says so) and live on, then is let go."""
+    wait_until(lambda: all((hold / f"held-teardown-{w}").exists() for w in held_by), 600, f"{held_by} in teardown")
+    for who in held_by:
+        pid = int((hold / f"held-teardown-{who}").read_text())
+        ignored = int(re.search(r"^SigIgn:\s+([0-9a-f]+)$", Path(f"/proc/{pid}/status").read_text(), re.M)[1], 16)
+        assert all(ignored >> (sig - 1) & 1 for sig in (signal.SIGUSR2, signal.SIGTERM)), (who, hex(ignored))
+        for _ in range(3):
+            for sig in (signal.SIGUSR2, signal.SIGTERM):
+                os.kill(pid, sig)
+        time.sleep(0.5)
+        state = re.search(r"^State:\s+(\S)", Path(f"/proc/{pid}/status").read_text(), re.M)[1]
+        assert state != "Z", f"{who} was killed by a signal in teardown"
+        (hold / f"hold-teardown-{who}").unlink()
 
 
 def qlaunch_pid(job: int, node: str) -> int:

@@ -86,6 +86,10 @@ def test_the_wrapper_names_the_ranks_that_failed_first():
     assert failures.summary(reports, first_failed=[0]) == [
         "qlaunch: error (rank 0): a collective failed Traceback: /o/logs/rank-00000.log"
     ]
+    # Failed within one poll: the collective's failure is the other error's consequence.
+    assert failures.summary(reports, first_failed=[0, 1]) == [
+        "qlaunch: error (ranks 1, 2): ValueError: bad Tracebacks: /o/logs/"
+    ]
     assert failures.summary({}, first_failed=[3])[0].startswith("qlaunch: error (rank 3): ended without reporting")
     assert failures.summary({0: {"message": "x", "log": None}}, first_failed=[]) == ["qlaunch: error (rank 0): x"]
     assert failures.summary({}, first_failed=[]) == []
@@ -157,3 +161,25 @@ def test_a_full_disk_is_one_line_that_names_the_directory_the_sizes_and_the_fix(
     fail_with(error, blocked)
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.splitlines()) == 1 and "no space left on device" in err
+
+
+def test_a_full_disk_under_the_adapter_says_what_needed_how_much(tmp_path):
+    """safetensors reports ENOSPC only in its text; export's writer turns it into one line with the size."""
+    from safetensors import SafetensorError
+
+    from launcher import export
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def write(tmp):
+        (tmp / "part").write_text("x")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with pytest.raises(OSError) as raised:
+        export.write_atomically(out / "adapter", write, "adapter", 3 * 2**20)
+    assert list(out.iterdir()) == []  # the half-written folder is gone
+    line = failures.cause_and_fix(raised.value, timeout_s=30, output_dir=out)
+    assert line.startswith(f"no space left on device in {out} (") and "the adapter needs 3.0 MiB)" in line
+    assert failures.disk_full(SafetensorError("I/O error: os error 28")) is not None
+    assert failures.disk_full(SafetensorError("invalid header")) is None

@@ -1,15 +1,18 @@
 """Holds a phase of a run open, so that a test's signal lands there and not by timing.
 
 Python imports this module at start-up in every process whose PYTHONPATH holds this folder (the
-signal tests put it there; nothing else does). While the file $QLAUNCH_HOLD_DIR/hold-<phase> exists,
+signal tests put it there; nothing else does). While $QLAUNCH_HOLD_DIR/hold-<phase> (or hold-<phase>-<who>) exists,
 a process that reaches <phase> writes $QLAUNCH_HOLD_DIR/held-<phase>-<who> (its pid), and
 signalled-<phase>-<who> once it has received a stop signal, and waits until the file is removed.
 <who> is a rank's RANK, or the Slurm node name of `qlaunch train` in front of the ranks. Phases:
 `launch` (qlaunch train, before it starts accelerate launch: no rank exists yet), `load`
 (train.load_base), `checkpoint` (checkpoint.save), `export` (export.save_adapter, after the last
-step). It changes nothing else: the functions are the launcher's own.
+step), `teardown` (the last exit handler of a `qlaunch train` process, wrapper or rank, once its work is
+over: stop signals are ignored there, so `signalled-` cannot be written; the test sees the process live on).
+It changes nothing else: the functions are the launcher's own.
 """
 
+import atexit
 import importlib.abc
 import importlib.util
 import os
@@ -20,20 +23,31 @@ from pathlib import Path
 HOLD_DIR = os.environ.get("QLAUNCH_HOLD_DIR")
 
 
+def hold_open(phase: str) -> None:
+    from launcher import signals
+
+    who = os.environ.get("RANK") or os.environ.get("SLURMD_NODENAME", "0")
+    holds = (Path(HOLD_DIR) / f"hold-{phase}", Path(HOLD_DIR) / f"hold-{phase}-{who}")  # everyone, or one
+    if any(hold.exists() for hold in holds):
+        (Path(HOLD_DIR) / f"held-{phase}-{who}").write_text(str(os.getpid()))
+        while any(hold.exists() for hold in holds):
+            if signals.received() is not None:
+                (Path(HOLD_DIR) / f"signalled-{phase}-{who}").touch()
+            time.sleep(0.05)
+
+
 def held(phase: str, function):
     def wrapper(*args, **kwargs):
-        from launcher import signals
-
-        hold, who = Path(HOLD_DIR) / f"hold-{phase}", os.environ.get("RANK") or os.environ.get("SLURMD_NODENAME", "0")
-        if hold.exists():
-            (Path(HOLD_DIR) / f"held-{phase}-{who}").write_text(str(os.getpid()))
-            while hold.exists():
-                if signals.received() is not None:
-                    (Path(HOLD_DIR) / f"signalled-{phase}-{who}").touch()
-                time.sleep(0.05)
+        hold_open(phase)
         return function(*args, **kwargs)
 
     return wrapper
+
+
+def hold_teardown() -> None:
+    """Registered first, so it runs after every other exit handler (torch's, Accelerate's)."""
+    if "launcher.signals" in sys.modules and sys.argv[1:2] == ["train"]:
+        hold_open("teardown")
 
 
 def hold_phases(train) -> None:
@@ -65,3 +79,4 @@ class HoldAfterImport(importlib.abc.MetaPathFinder):
 
 if HOLD_DIR:
     sys.meta_path.insert(0, HoldAfterImport())
+    atexit.register(hold_teardown)
