@@ -46,7 +46,7 @@ def child(kind: str, model: str, data: str, cache: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model)
     if kind == "launcher":
         from launcher.config import DataConfig
-        from launcher.tokenized import load_tokenized
+        from launcher.data.tokenized import load_tokenized
 
         before, started = vm_rss(), time.perf_counter()
         train, _ = load_tokenized(DataConfig(path=data, cache_dir=cache, max_seq_len=512), tokenizer, seed=0)
@@ -81,11 +81,11 @@ def write_records(path: Path, records: int, words: tuple[int, int], seed: int) -
 def ideal_gain(model: Path, data: Path, micro_batch: int) -> float:
     """Packed over unpacked share of real tokens in the micro batches the sampler draws: the most packing
     can gain where a step's time follows the tokens it runs, padding included."""
-    from launcher.batches import Rows
     from launcher.config import DataConfig, ModelConfig
-    from launcher.data_report import row_efficiency
-    from launcher.preflight import load_tokenizer
-    from launcher.tokenized import load_tokenized
+    from launcher.data.batches import Rows
+    from launcher.data.loading import load_tokenizer
+    from launcher.data.report import row_efficiency
+    from launcher.data.tokenized import load_tokenized
 
     cfg = DataConfig(path=str(data), max_seq_len=MAX_SEQ_LEN, cache_dir=str(data.parent / "cache-train"))
     train, _ = load_tokenized(cfg, load_tokenizer(ModelConfig(path=str(model))), seed=0)

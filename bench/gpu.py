@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from launcher.memory.sizes import format_bytes  # noqa: E402  (no torch: --help and --report stay quick)
+from launcher.memory.sizes import format_bytes  # noqa: E402  (no torch: --help and --report stay quick
 
 STRATEGIES = ("fsdp2", "fsdp1", "zero2", "zero3", "ddp")
 LLAMA2_7B = {

@@ -17,12 +17,12 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
 
-from launcher.accelerator import compute_dtype as resolved_compute_dtype
 from launcher.config import load_config, parse_overrides
-from launcher.data import collate
+from launcher.data.loading import load_training_data
+from launcher.data.records import collate
 from launcher.dtypes import DTYPE_BY_NAME
 from launcher.memory.measure import gradient_bytes, optimizer_state_bytes
-from launcher.preflight import load_training_data
+from launcher.run.accelerator import compute_dtype as resolved_compute_dtype
 from launcher.strategies import torch_optimizer
 
 RESULT_DIR = Path(sys.argv[1])

@@ -4,7 +4,7 @@
     python bench/startup.py --load-only   # the source rank's load stage alone: cold, then cached
 
 Every process runs with CUDA_VISIBLE_DEVICES="": the source rank quantizes on the CPU (with a GPU it
-quantizes weight by weight on it, launcher/quantize.py), and the cache entries are keyed "cpu".
+quantizes weight by weight on it, launcher/model/quantize.py), and the cache entries are keyed "cpu".
 
 Builds a random Llama of about 0.85B parameters (hidden 2048, MLP 5632, 16 layers, GQA 16/4 heads, vocab
 32000; from a `LlamaConfig`, saved with `save_pretrained` in bf16) once in the work directory, then
@@ -139,7 +139,7 @@ import json, resource, sys, time
 from launcher.config import ModelConfig, QuantConfig
 from launcher.dtypes import DtypePolicy
 import torch
-from launcher.model import load_base
+from launcher.model.build import load_base
 started = time.perf_counter()
 load_base(ModelConfig(path=sys.argv[1], quant_cache_dir=sys.argv[2]), QuantConfig(), DtypePolicy.uniform(torch.bfloat16))
 usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -197,10 +197,12 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args, extra: list[str]) -> int:
-    from . import failures, launch, preflight, train
+    from . import launch, preflight, train
+    from .data.loading import load_training_data
     from .launch import starts
-    from .metrics import bars_only_on_a_terminal
-    from .preemption import PreemptionExit
+    from .run import failures
+    from .run.metrics import bars_only_on_a_terminal
+    from .run.preemption import PreemptionExit
 
     bars_only_on_a_terminal()
     if args.debug:
@@ -226,18 +228,19 @@ def cmd_train(args, extra: list[str]) -> int:
         return 0
     strategy = preflight.check_all(cfg, machines.num_processes)
     # Tokenized here, into the cache the ranks read: too little data is refused before any rank starts.
-    preflight.load_training_data(cfg, machines.num_processes)
+    load_training_data(cfg, machines.num_processes)
     forwarded = (["--config", args.config] if args.config else []) + extra + ["--strategy", strategy.name]
     return launch.launch(strategy, machines, forwarded, cfg.dist, output_dir=cfg.output_dir)
 
 
 def cmd_data(args, extra: list[str]) -> int:
-    from . import data_report, preflight
+    from . import preflight
+    from .data import report
 
     cfg = load_config(args.config, parse_overrides(extra))
     preflight.check_values(cfg)
     preflight.check_dataset(cfg)
-    data_report.run(cfg, args.samples, args.json)
+    report.run(cfg, args.samples, args.json)
     return 0
 
 
@@ -248,8 +251,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .checkpoint import META, find_checkpoint, is_complete, read_meta, step_name
-    from .export import export_checkpoint
+    from .checkpoint.export import export_checkpoint
+    from .checkpoint.store import META, find_checkpoint, is_complete, read_meta, step_name
 
     path = find_checkpoint(Path(args.checkpoint))
     if path is None:
@@ -267,8 +270,8 @@ def cmd_export(args) -> int:
 def cmd_merge(args) -> int:
     import json
 
-    from .export import merge_adapter
-    from .model import read_model_config
+    from .checkpoint.export import merge_adapter
+    from .model.build import read_model_config
 
     config = Path(args.adapter) / "adapter_config.json"
     if not config.is_file():
@@ -294,7 +297,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .export import ADAPTER_DIR, CHECK_FILE, verify_adapter
+    from .checkpoint.export import ADAPTER_DIR, CHECK_FILE, verify_adapter
 
     missing = [n for n in ("run_config.yaml", ADAPTER_DIR, CHECK_FILE) if not (Path(args.output_dir) / n).exists()]
     if missing:
@@ -329,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except ConfigError as error:
         if "LOCAL_RANK" in os.environ:
-            from .failures import report
+            from .run.failures import report
 
             # Every rank validates; each says so (through the wrapper, once), since an error may be one rank's alone.
             report(str(error))

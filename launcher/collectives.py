@@ -15,6 +15,12 @@ import torch.distributed as dist
 SOURCE_RANK = 0
 
 
+def this_rank_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def distributed() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 

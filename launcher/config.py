@@ -130,12 +130,12 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     loss_chunk_tokens: int = 1024
     """The loss is computed over this many tokens at a time, so the fp32 logits of a whole micro batch never
-    exist (launcher/loss.py); 0: the model's own loss over all logits at once."""
+    exist (launcher/model/loss.py); 0: the model's own loss over all logits at once."""
     activation_offload: bool = False
     """Keep what forward saves for backward (with checkpointing: each layer's input) in host RAM until backward
-    needs it (launcher/activation_offload.py)."""
+    needs it (launcher/run/activation_offload.py)."""
     sequence_parallel: int = 1
-    """Split each sequence across this many ranks (launcher/sequence_parallel.py): the world is data-parallel
+    """Split each sequence across this many ranks (launcher/run/sequence_parallel.py): the world is data-parallel
     groups x this; 1: every rank holds whole sequences."""
     mixed_precision: str = "auto"
     """auto (bf16 on CUDA, none on CPU), no, bf16 or fp16."""

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, sequence_parallel, strategies, tracking
-from .accelerator import compute_dtype, mixed_precision
-from .batches import Rows
-from .config import ConfigError, DataConfig, ModelConfig, RunConfig
-from .data import load_records, record_kind
+from . import strategies
+from .checkpoint import store
+from .config import ConfigError, DataConfig, RunConfig
+from .data.records import load_records, record_kind
 from .dtypes import (
     AUTOCAST_DTYPE_NAMES,
     COMPUTE_DTYPES,
@@ -22,10 +21,11 @@ from .dtypes import (
     DtypePolicy,
     resolve_mixed_precision,
 )
-from .lora_targets import check_lora_targets
-from .model import read_model_config
-from .model_files import check_weights
-from .tokenized import load_tokenized
+from .model.build import read_model_config
+from .model.files import check_weights
+from .model.lora_targets import check_lora_targets
+from .run import sequence_parallel, tracking
+from .run.accelerator import compute_dtype, mixed_precision
 
 OUTPUT_MARKERS = ("adapter", "metrics.jsonl")
 
@@ -140,34 +140,6 @@ def check_dataset(cfg: RunConfig) -> None:
         record_kind(load_records(source).column_names, source)
 
 
-def load_tokenizer(model: ModelConfig):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return tokenizer
-
-
-def load_training_data(cfg: RunConfig, world_size: int):
-    """The tokenizer and the rows to train on (and to evaluate on, or None), checked to fill at least one
-    optimizer step."""
-    tokenizer = load_tokenizer(cfg.model)
-    train_data, eval_data = load_tokenized(cfg.data, tokenizer, cfg.train.seed)
-    rows = Rows(train_data, cfg.data.packing, cfg.data.max_seq_len)
-    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
-    if len(rows) < global_batch:
-        dropped = ", ".join(f"{s.dropped} of {s.records} in `{s.source.path}`" for s in train_data.sources)
-        raise ConfigError(
-            f"The training data makes {len(rows)} rows (records dropped, with no target token within "
-            f"data.max_seq_len={cfg.data.max_seq_len}: {dropped}), but one optimizer step needs {global_batch} "
-            f"(micro_batch_size {cfg.train.micro_batch_size} x grad_accum_steps {cfg.train.grad_accum_steps} x "
-            f"{world_size} ranks). Add data or lower the batch settings."
-        )
-    eval_rows = Rows(eval_data, cfg.data.packing, cfg.data.max_seq_len) if eval_data is not None else None
-    return tokenizer, rows, eval_rows
-
-
 def check_run(cfg: RunConfig) -> strategies.Strategy:
     """The checks every rank runs before its process group (and `qlaunch train` before the launch); returns the
     run's strategy."""
@@ -181,7 +153,7 @@ def check_run(cfg: RunConfig) -> strategies.Strategy:
 def check_resume(resolved: RunConfig, strategy: strategies.Strategy, world: int) -> Path | None:
     """The checkpoint to resume from, checked against this run; with none, the output directory must not hold
     another run."""
-    resume_from = checkpoint.resolve_resume(resolved, strategy, strategies.for_world(strategy, world), world)
+    resume_from = store.resolve_resume(resolved, strategy, strategies.for_world(strategy, world), world)
     if resume_from is None:
         check_output_dir(resolved)
     return resume_from
@@ -221,12 +193,12 @@ def prelaunch_resolved(cfg: RunConfig, strategy: strategies.Strategy) -> RunConf
 def _resumed_fingerprint(cfg: RunConfig) -> dict:
     """The fingerprint of the checkpoint `cfg.resume` names, or {} (nothing to compare with)."""
     if cfg.resume == "auto":
-        found = checkpoint.latest_complete(checkpoint.checkpoint_root(cfg))
+        found = store.latest_complete(store.checkpoint_root(cfg))
     else:
-        found = checkpoint.find_checkpoint(Path(cfg.resume)) if cfg.resume else None
-    if found is None or not checkpoint.is_complete(found):
+        found = store.find_checkpoint(Path(cfg.resume)) if cfg.resume else None
+    if found is None or not store.is_complete(found):
         return {}
-    return checkpoint.read_meta(found)["fingerprint"]
+    return store.read_meta(found)["fingerprint"]
 
 
 def _resolved(cfg: RunConfig, strategy: strategies.Strategy, precision: str, compute: str) -> RunConfig:

@@ -4,7 +4,7 @@ A `qlaunch train` process (the wrapper in front of the ranks, or a rank) records
 the moment `python -m launcher train` starts until it exits: a signal is never fatal, whatever phase
 the run is in (imports, rendezvous, loading, training, the final checkpoint, export, teardown). What a
 recorded signal does is decided by whoever is listening: the wrapper passes it on to its ranks
-(launch/supervise.py); a rank stops at the next point where every rank agrees (preemption.py); once
+(launch/supervise.py); a rank stops at the next point where every rank agrees (run/preemption.py); once
 the last step is done it is noted and ignored, and the run ends as finished.
 
 Standard library only: it is installed before anything heavy is imported.

@@ -13,20 +13,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, export, preflight, sequence_parallel, signals, strategies, tracking
-from .accelerator import create_accelerator, world_size_from_env
-from .activation_offload import ActivationOffload
-from .batches import GlobalBatches, Rows
+from . import preflight, signals, strategies
+from .checkpoint import export, store
 from .collectives import is_source_rank
 from .config import RunConfig, dump_config
-from .evaluate import eval_loss
+from .data.batches import GlobalBatches, Rows
+from .data.loading import load_training_data
 from .memory.components import parameter_components
 from .memory.measure import MemoryMeter
-from .metrics import MetricsLog
-from .model import build_model, coverage_notes, load_base
-from .packed_check import PackedWeightCheck
-from .preemption import StopSignal
-from .sequence_parallel import SequenceGroups, local_tokens
+from .model.build import build_model, coverage_notes, load_base
+from .run import sequence_parallel, tracking
+from .run.accelerator import create_accelerator, world_size_from_env
+from .run.activation_offload import ActivationOffload
+from .run.evaluate import eval_loss
+from .run.metrics import MetricsLog
+from .run.packed_check import PackedWeightCheck
+from .run.preemption import StopSignal
+from .run.sequence_parallel import SequenceGroups, local_tokens
 
 CHECK_TOKENS = 32
 
@@ -88,7 +91,7 @@ def startup_mark(stage: str) -> None:
 
 
 def run(cfg: RunConfig) -> RunSummary:
-    # SIGUSR2 and SIGTERM only set a flag: the run stops where every rank agrees (preemption.py).
+    # SIGUSR2 and SIGTERM only set a flag: the run stops where every rank agrees (run/preemption.py).
     with StopSignal(cfg.dist.preempt_exit_code) as stop:
         return _run(cfg, stop)
 
@@ -99,7 +102,7 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
     cfg, world, policy, sharder = setup.cfg, setup.world, setup.policy, setup.sharder
     split = cfg.train.sequence_parallel
     data_world = world // split  # the ranks of a sequence group train on the same rows
-    tokenizer, rows, eval_rows = preflight.load_training_data(cfg, data_world)
+    tokenizer, rows, eval_rows = load_training_data(cfg, data_world)
     batches = GlobalBatches(
         len(rows), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, data_world, cfg.train.seed
     )
@@ -153,7 +156,7 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
     peft_config = accelerator.unwrap_model(model).peft_config[export.ADAPTER_NAME]
     start_step = 0
     if setup.resume_from is not None:
-        start_step = checkpoint.load(setup.resume_from, sharder, model, optimizer, scheduler)
+        start_step = store.load(setup.resume_from, sharder, model, optimizer, scheduler)
         if main:
             print(f"Resuming from step {start_step}: {setup.resume_from}", flush=True)
 
@@ -210,7 +213,7 @@ def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
         every = cfg.checkpoint.every_steps
         preempted = step + 1 < total_steps and stop.agreed(accelerator.device)  # one all-reduce: all ranks stop here
         if (every and (step + 1) % every == 0) or step + 1 == total_steps or preempted:
-            checkpoint.save(cfg, step + 1, world, sharder, model, optimizer, scheduler, peft_config)
+            store.save(cfg, step + 1, world, sharder, model, optimizer, scheduler, peft_config)
         if preempted:
             stop.exit(step + 1)  # exits with cfg.dist.preempt_exit_code
     seconds = time.perf_counter() - started

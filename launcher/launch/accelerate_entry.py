@@ -1,7 +1,7 @@
 """`accelerate launch` as `qlaunch train` runs it: Accelerate's own command, with torchrun's report of a
 failed rank kept off the terminal.
 
-The failed rank's one line reaches the terminal through the wrapper (launcher/failures.py); torchrun
+The failed rank's one line reaches the terminal through the wrapper (launcher/run/failures.py); torchrun
 would add a ChildFailedError traceback and error log lines that say only that a rank failed. A failure
 before any rank ran (a port in use, a rendezvous that timed out) is one line too, and the wrapper says
 what it means. `--debug` (QLAUNCH_DEBUG=1) keeps the tracebacks.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from ..failures import debugging
+from ..run.failures import debugging
 
 
 def main(argv: list[str] | None = None) -> int:

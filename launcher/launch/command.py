@@ -15,10 +15,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .. import failures, signals
+from .. import signals
 from ..config import DistConfig
-from ..preemption import stop_message
 from ..resources import shipped_dir
+from ..run import failures
+from ..run.preemption import stop_message
 from ..strategies import Strategy
 from . import slurm, starts
 from .machines import Machines, default_nproc

@@ -1,7 +1,7 @@
 """In front of the ranks: what `qlaunch train` keeps of the ranks it started, through their status folder.
 
 Each rank writes its pid there, `done-<rank>` when it ends as planned, and `preempted-<rank>` when it stopped
-for a preemption (launcher.preemption). accelerate launch and torchrun ignore SIGUSR2 and SIGTERM;
+for a preemption (launcher.run.preemption). accelerate launch and torchrun ignore SIGUSR2 and SIGTERM;
 qlaunch records them from its first moment (launcher.signals) and passes them on to every rank, also
 to ranks that register after the signal came (still importing, say), exits with the preemption status
 (torchrun reports any rank's non-zero exit as 1), and once a rank has ended without finishing it kills
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .. import signals
-from ..preemption import STATUS_DIR_ENV, read_marker
+from ..run.preemption import STATUS_DIR_ENV, read_marker
 
 
 class Ranks:

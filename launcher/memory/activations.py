@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..loss import chunk_count
+from ..model.loss import chunk_count
 
 FP32 = 4
 INDEX = 8
@@ -295,7 +295,7 @@ def activation_bytes(
     split: int = 1,
 ) -> dict[str, int]:
     """activations (saved for backward by one micro batch), recompute, logits_backward. `loss_chunk`: tokens
-    per chunk of the chunked loss (launcher/loss.py), 0 for the model's own loss over all logits; `split`: the
+    per chunk of the chunked loss (launcher/model/loss.py), 0 for the model's own loss over all logits; `split`: the
     sequence-parallel ranks, of which this one holds `seq` tokens of each row."""
     tokens, vocab = batch * seq, shape.vocab
     first = shape.layers[0]

@@ -22,8 +22,9 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .. import sequence_parallel, strategies
+from .. import strategies
 from ..config import RunConfig
+from ..run import sequence_parallel
 from .predict import Budget, Hardware, predict
 from .skeleton import ModelCache
 

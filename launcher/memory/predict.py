@@ -14,16 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import sequence_parallel, strategies
+from .. import strategies
 from ..config import ConfigError, RunConfig
-from ..dtypes import (
-    AUTOCAST_DTYPES,
-    cpu_has_native_bf16,
-    resolve_compute_dtype,
-    resolve_mixed_precision,
-)
-from ..loss import loss_chunk_tokens
-from ..sequence_parallel import local_tokens
+from ..dtypes import AUTOCAST_DTYPES, cpu_has_native_bf16, resolve_compute_dtype, resolve_mixed_precision
+from ..model.loss import loss_chunk_tokens
+from ..run import sequence_parallel
+from ..run.sequence_parallel import local_tokens
 from .activations import ActivationDtypes, activation_bytes
 from .components import COMPONENTS
 from .skeleton import ModelCache, ModelSpec

@@ -22,9 +22,7 @@ from torch import nn
 
 from ..config import ConfigError, RunConfig
 from ..dtypes import DtypePolicy
-from ..experts import BLOCKSIZE as EXPERT_BLOCKSIZE
-from ..experts import Experts4bit
-from ..model import (
+from ..model.build import (
     apply_quantized_layout,
     attach_lora,
     meta_base,
@@ -33,6 +31,8 @@ from ..model import (
     quantized_layout,
     read_model_config,
 )
+from ..model.experts import BLOCKSIZE as EXPERT_BLOCKSIZE
+from ..model.experts import Experts4bit
 from ..strategies.layout import TensorSpec, containing_layer, decoder_layers, parameter_specs
 from .activations import LayerSpec, LoraSite, ModelShape
 from .components import parameter_component

@@ -157,7 +157,7 @@ class Strategy:
         return {}
 
     def install_on_cpu(self, accelerator, plugins: dict[str, Any]) -> None:
-        """CPU shim: mark the CPU Accelerator with this strategy's plugin (see strategies/cpu.py)."""
+        """CPU shim: mark the CPU Accelerator with this strategy's plugin (see launcher/cpu_shims.py)."""
 
     def before_prepare(self, model: nn.Module, accelerator) -> Any:
         """Before wrapping: give every rank what it needs of the source rank's weights; returns what

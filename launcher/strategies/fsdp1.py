@@ -14,8 +14,8 @@ import functools
 from collections import Counter
 from collections.abc import Iterator
 
+from .. import cpu_shims
 from ..dtypes import AUTOCAST_DTYPES
-from . import cpu
 from .base import LocalShard, Strategy, StrategySpec, clean_fqn, module_path
 from .layout import (
     ADAM_STATES,
@@ -134,7 +134,7 @@ class FSDP1(Strategy):
         return {"fsdp_plugin": plugin}
 
     def install_on_cpu(self, accelerator, plugins):
-        cpu.mark_fsdp(accelerator, plugins["fsdp_plugin"])
+        cpu_shims.mark_fsdp(accelerator, plugins["fsdp_plugin"])
 
     def before_prepare(self, model, accelerator):
         from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
@@ -148,7 +148,9 @@ class FSDP1(Strategy):
         )
 
     def prepare_context(self, accelerator):
-        return cpu.fsdp1_sync_allowed() if accelerator.device.type == "cpu" else super().prepare_context(accelerator)
+        return (
+            cpu_shims.fsdp1_sync_allowed() if accelerator.device.type == "cpu" else super().prepare_context(accelerator)
+        )
 
     def gather_trainable(self, model):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP

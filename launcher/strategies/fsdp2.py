@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
 
+from .. import cpu_shims
 from ..collectives import is_source_rank, scatter_rows_
-from . import cpu, handoff
+from . import handoff
 from .base import OFFLOAD_PARAMS, LocalShard, Strategy, StrategySpec
 from .layout import ADAM_STATES, TensorSpec, add, chunk_rows, root_and_two_layers, units
 
@@ -39,7 +40,7 @@ class FSDP2(Strategy):
         return {"fsdp_plugin": plugin}
 
     def install_on_cpu(self, accelerator, plugins):
-        cpu.mark_fsdp(accelerator, plugins["fsdp_plugin"])
+        cpu_shims.mark_fsdp(accelerator, plugins["fsdp_plugin"])
 
     def before_prepare(self, model, accelerator):
         super().before_prepare(model, accelerator)

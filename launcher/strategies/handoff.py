@@ -19,7 +19,7 @@ from bitsandbytes.functional import QuantState
 from torch import nn
 
 from ..collectives import broadcast_object, broadcast_tensor_, comm_device, distributed, is_source_rank
-from ..experts import Experts4bit
+from ..model.experts import Experts4bit
 
 
 def quant_state_owners(model: nn.Module) -> list[nn.Module]:

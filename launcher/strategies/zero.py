@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .. import cpu_shims
 from ..config import ConfigError
 from ..resources import shipped_dir
-from . import cpu, handoff, portable
+from . import handoff, portable
 from .base import Strategy, torch_optimizer
 from .layout import fp32_partition
 
@@ -63,7 +64,7 @@ class ZeRO(Strategy):
                 zero.pop(key, None)
 
     def install_on_cpu(self, accelerator, plugins):
-        cpu.mark_deepspeed(accelerator, plugins["deepspeed_plugin"])
+        cpu_shims.mark_deepspeed(accelerator, plugins["deepspeed_plugin"])
 
     def optimizer_step(self, accelerator, model, optimizer, max_grad_norm):
         # DeepSpeed clips and steps inside `accelerator.backward` (gradient_clipping above); the norm
@@ -73,7 +74,7 @@ class ZeRO(Strategy):
 
     def save_trainable(self, model, optimizer, directory):
         # DeepSpeed's own format: each rank writes its optimizer partition. Its `latest` file is not
-        # written: checkpoint.py names a checkpoint only after every rank has finished.
+        # written: checkpoint/store.py names a checkpoint only after every rank has finished.
         with handoff.quant_states_hidden_from_state_dict(model):
             model.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False, exclude_frozen_parameters=True)
 

@@ -1,6 +1,6 @@
 """The README's first command: the embedded default trains for real on 2 CPU ranks with FSDP2."""
 
-from launcher.accelerator import compute_dtype
+from launcher.run.accelerator import compute_dtype
 from support.launches import qlaunch, read_metrics
 
 

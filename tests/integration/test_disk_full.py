@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from launcher import checkpoint
+from launcher.checkpoint import store
 from support.launches import qlaunch, read_metrics
 
 STEPS = 5
@@ -76,8 +76,8 @@ def test_a_full_disk_ends_in_one_line_keeps_what_was_complete_and_resumes_elsewh
     assert re.match(r"qlaunch: error \(ranks 0, 1\): torch.distributed.checkpoint failed on rank [01, ]+: ", last), last
     assert f"no space left on device in {full}" in last and "checkpoint.keep_last" in last, last
     root = full / "checkpoints"
-    assert checkpoint.latest_complete(root) == root / checkpoint.step_name(2)
-    assert all(checkpoint.is_complete(root / checkpoint.step_name(step)) for step in (1, 2))
+    assert store.latest_complete(root) == root / store.step_name(2)
+    assert all(store.is_complete(root / store.step_name(step)) for step in (1, 2))
 
     moved = tmp_path / "run"
     shutil.copytree(full, moved)
@@ -103,7 +103,7 @@ def test_a_disk_that_fills_while_the_adapter_is_written_keeps_the_final_checkpoi
         assert last.startswith("qlaunch: error (rank 0): no space left on device in ") and str(full) in last, last
         assert "the adapter needs" in last and "checkpoint.keep_last" in last, last
         root = full / "checkpoints"
-        assert checkpoint.latest_complete(root) == root / checkpoint.step_name(STEPS)  # the final one, complete
+        assert store.latest_complete(root) == root / store.step_name(STEPS)  # the final one, complete
         assert not (full / "adapter").exists() and not list(full.glob(".adapter.tmp-*"))  # nothing half-written
         moved = tmp_path / "run"
         shutil.copytree(full, moved)

@@ -274,7 +274,7 @@ def assert_split_evenly(local: list[int], total: int, strategy: str) -> None:
 def test_adapter_reloads_with_the_trained_logits(cell):
     from safetensors.torch import load_file
 
-    from launcher.export import ADAPTER_DIR, CHECK_FILE, load_for_inference
+    from launcher.checkpoint.export import ADAPTER_DIR, CHECK_FILE, load_for_inference
 
     adapter = load_file(cell.out / ADAPTER_DIR / "adapter_model.safetensors")
     trainable = {name for name, *_ in cell.probes[0]["shards"] if "lora_" in name}

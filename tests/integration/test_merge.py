@@ -53,7 +53,7 @@ def test_export_and_merge_round_trip_of_tied_and_moe_families(family, strategy, 
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from launcher.experts import sort_expert_parameters
+    from launcher.model.experts import sort_expert_parameters
 
     assets, run = family_assets(family), tmp_path / "run"
     qlaunch(

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from launcher.batches import pack
 from launcher.config import DataConfig
-from launcher.preflight import load_tokenizer
-from launcher.tokenized import load_tokenized
+from launcher.data.batches import pack
+from launcher.data.loading import load_tokenizer
+from launcher.data.tokenized import load_tokenized
 from support.launches import assert_budget_rows, qlaunch, read_metrics
 
 TRAIN_SAMPLES, EVAL_FRACTION, SEED = 8, 0.2, 0

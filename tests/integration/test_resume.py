@@ -210,7 +210,7 @@ def test_checkpoint_pickles_pass_the_allow_lists(resumed):
 def test_export_round_trip(resumed):
     from safetensors.torch import load_file
 
-    from launcher.export import ADAPTER_DIR, CHECK_FILE, load_for_inference
+    from launcher.checkpoint.export import ADAPTER_DIR, CHECK_FILE, load_for_inference
 
     _, root, _ = resumed
     out = root / "A"
@@ -323,7 +323,8 @@ def test_resume_refuses_what_would_change_its_meaning(demo_assets, small_data, t
 def test_resume_on_another_world_size_keeps_the_global_batch(demo_assets, small_data, tmp_path, capsys, no_launch):
     """A checkpoint of 2 ranks x micro batch 2 resumed on 1 rank must keep its global batch of 4 (the data
     order and the loss's scale depend on it); the message says how."""
-    from launcher import checkpoint, cli, preflight, strategies
+    from launcher import cli, preflight, strategies
+    from launcher.checkpoint import store
     from launcher.config import load_config, parse_overrides
 
     train_args = args(demo_assets, small_data, tmp_path / "run", "zero2", 6)
@@ -338,7 +339,7 @@ def test_resume_on_another_world_size_keeps_the_global_batch(demo_assets, small_
                 "world_size": 2,
                 "strategy": "zero2",
                 "checkpoint_format": "deepspeed",
-                "fingerprint": checkpoint.fingerprint(cfg),
+                "fingerprint": store.fingerprint(cfg),
             }
         )
     )

@@ -37,7 +37,8 @@ import torch
 from accelerate import Accelerator
 from graph_utils import graph_node_types
 
-from launcher import checkpoint, cli, strategies, train
+from launcher import cli, strategies, train
+from launcher.checkpoint import store
 from launcher.strategies import handoff
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -155,7 +156,7 @@ def kill_during_save(original):
 
     def save_trainable(self, model, optimizer, directory):
         original(self, model, optimizer, directory)
-        if kill_rank == RANK and checkpoint.step_name(kill_step) in str(directory):
+        if kill_rank == RANK and store.step_name(kill_step) in str(directory):
             os.kill(os.getpid(), signal.SIGKILL)
 
     return save_trainable
@@ -168,7 +169,7 @@ for cls in strategies.BY_NAME.values():
 Accelerator.backward = backward
 train.train_step = train_step
 if os.environ.get("PROBE_SKIP_RNG_RESTORE") == "1":
-    checkpoint.restore_rng_state = lambda state: None
+    store.restore_rng_state = lambda state: None
 
 
 def reset_between_runs(environment: dict) -> None:

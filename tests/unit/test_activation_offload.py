@@ -4,7 +4,7 @@ equal the resident run's (with non-reentrant checkpointing, as training runs).""
 import torch
 from test_loss import batch, loss_and_grads, tiny
 
-from launcher.activation_offload import ActivationOffload
+from launcher.run.activation_offload import ActivationOffload
 
 
 def test_offloaded_activations_give_the_resident_loss_and_gradients():

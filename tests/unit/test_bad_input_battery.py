@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher import checkpoint, cli, preflight, strategies
+from launcher import cli, preflight, strategies
+from launcher.checkpoint import store
 from launcher.config import load_config
 
 SECONDS = 30  # generous on a busy 2-core machine; a case that gets this far has started something heavy
@@ -201,20 +202,20 @@ def world(demo_assets, tmp_path_factory) -> dict[str, str]:
     (earlier / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     written = load_config(files["run"], [("output_dir", str(earlier)), ("train.mixed_precision", "no")])
     cfg = preflight.prelaunch_resolved(written, strategies.resolve(written))  # as its ranks wrote it
-    step = checkpoint.checkpoint_root(cfg) / checkpoint.step_name(2)
+    step = store.checkpoint_root(cfg) / store.step_name(2)
     step.mkdir(parents=True)
     meta = {"step": 2, "world_size": 2, "strategy": "fsdp2", "checkpoint_format": "dcp"}
-    (step / checkpoint.META).write_text(json.dumps({**meta, "fingerprint": checkpoint.fingerprint(cfg)}))
+    (step / store.META).write_text(json.dumps({**meta, "fingerprint": store.fingerprint(cfg)}))
     (step / "adapter_config.json").write_text((earlier / "adapter" / "adapter_config.json").read_text())
-    (step.parent / checkpoint.LATEST).write_text(step.name)
+    (step.parent / store.LATEST).write_text(step.name)
     files["damaged"] = root / "damaged"
     files["damaged"].mkdir()
-    (files["damaged"] / checkpoint.META).write_text(json.dumps({**meta, "fingerprint": {}}))
+    (files["damaged"] / store.META).write_text(json.dumps({**meta, "fingerprint": {}}))
 
     # A checkpoint someone hands over, whose DCP metadata would run code when unpickled.
     planted = files["planted"] = root / "planted"
     (planted / "trainable").mkdir(parents=True)
-    (planted / checkpoint.META).write_text(json.dumps({**meta, "fingerprint": {}}))
+    (planted / store.META).write_text(json.dumps({**meta, "fingerprint": {}}))
     (planted / "adapter_config.json").write_text((earlier / "adapter" / "adapter_config.json").read_text())
     (planted / "trainable" / ".metadata").write_bytes(pickle.dumps(PlantedPickle(root / "pwned")))
     return {name: str(path) for name, path in files.items()}

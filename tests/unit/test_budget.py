@@ -17,7 +17,7 @@ from launcher import cli, strategies
 from launcher.config import load_config
 from launcher.demo import build_base_model
 from launcher.memory import components, measure, predict, skeleton
-from launcher.model import packed_shape
+from launcher.model.build import packed_shape
 from launcher.strategies import layout
 from support.families import FAMILIES
 
@@ -83,7 +83,7 @@ def run_config(path: Path, checkpointing: bool, batch: int = 1, seq: int = 16):
 
 
 def real_model(cfg):
-    from launcher.model import build_model, load_quantized_base
+    from launcher.model.build import build_model, load_quantized_base
 
     policy = strategies.dtype_policy(cfg, strategies.get(cfg.strategy), "no")
     base = load_quantized_base(cfg.model, cfg.quant, policy)

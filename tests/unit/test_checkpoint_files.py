@@ -31,21 +31,21 @@ REFUSED = r"holds objects no qlaunch checkpoint holds \(it names `[\w.]*open`\);
 
 
 def test_a_planted_pickle_in_a_checkpoint_is_refused_without_running(tmp_path):
-    from launcher import checkpoint
+    from launcher.checkpoint import store
     from launcher.config import ConfigError
 
     step = tmp_path / "step-000002"
     (step / "rng").mkdir(parents=True)
-    torch.save(checkpoint.rng_state(), step / "rng" / "rank-00000.pt")
+    torch.save(store.rng_state(), step / "rng" / "rank-00000.pt")
     expected = (torch.rand(3), random.random(), np.random.rand())
     marker = tmp_path / "ran"
     torch.save({"last_epoch": 2, "payload": _RunsCode(marker)}, step / "scheduler.pt")
 
     with pytest.raises(ConfigError, match=r"scheduler.pt` " + REFUSED):
-        checkpoint.load(step, _NeverLoads(), None, None, None)
+        store.load(step, _NeverLoads(), None, None, None)
     assert not marker.exists()
     # What qlaunch writes loads: the RNG state (with its numpy array) restores the exact streams.
-    checkpoint.restore_rng_state(checkpoint.load_plain(step / "rng" / "rank-00000.pt"))
+    store.restore_rng_state(store.load_plain(step / "rng" / "rank-00000.pt"))
     assert torch.equal(torch.rand(3), expected[0]) and (random.random(), np.random.rand()) == expected[1:]
 
 
@@ -101,10 +101,10 @@ def write_checkpoint(step, checkpoint_format: str):
     """A complete checkpoint directory except for trainable/, which the caller writes."""
     from peft import LoraConfig
 
-    from launcher import checkpoint
+    from launcher.checkpoint import store
 
     (step / "rng").mkdir(parents=True)
-    torch.save(checkpoint.rng_state(), step / "rng" / "rank-00000.pt")
+    torch.save(store.rng_state(), step / "rng" / "rank-00000.pt")
     torch.save({"last_epoch": 2}, step / "scheduler.pt")
     LoraConfig(target_modules=["q"]).save_pretrained(step)
     (step / "meta.json").write_text(json.dumps({"step": 2, "checkpoint_format": checkpoint_format}))
@@ -152,7 +152,7 @@ def unchecked_load(trainable, checkpoint_format):
 
 @pytest.mark.parametrize("plant", PLANTS)
 def test_a_planted_pickle_in_the_trainable_state_is_refused_on_resume_and_export(tmp_path, plant):
-    from launcher import checkpoint, export
+    from launcher.checkpoint import export, store
     from launcher.config import ConfigError
 
     checkpoint_format, write_trainable, named = PLANTS[plant]
@@ -161,7 +161,7 @@ def test_a_planted_pickle_in_the_trainable_state_is_refused_on_resume_and_export
     write_trainable(step / "trainable", _RunsCode(marker))
 
     with pytest.raises(ConfigError, match=named + REFUSED):
-        checkpoint.load(step, _NeverLoads(), None, None, None)
+        store.load(step, _NeverLoads(), None, None, None)
     with pytest.raises(ConfigError, match=named + REFUSED):
         export.export_checkpoint(step, tmp_path / "exported")
     assert not marker.exists() and not (tmp_path / "exported").exists()
@@ -173,7 +173,7 @@ def test_a_planted_pickle_in_the_trainable_state_is_refused_on_resume_and_export
 def test_genuine_checkpoints_pass_and_a_dcp_one_exports(tmp_path):
     from safetensors.torch import load_file
 
-    from launcher.export import export_checkpoint
+    from launcher.checkpoint.export import export_checkpoint
     from launcher.safe_load import check_checkpoint_files
 
     dcp_step, deepspeed_step = tmp_path / "dcp" / "step-000002", tmp_path / "deepspeed" / "step-000002"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from launcher.model import assert_non_reentrant
+from launcher.model.build import assert_non_reentrant
 from support.graph_utils import graph_node_types
 
 

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from launcher.batches import GlobalBatches
 from launcher.config import ConfigError, DataConfig
-from launcher.data import IGNORE_INDEX, load_records, record_kind
-from launcher.data import tokenize as tokenize_records
+from launcher.data.batches import GlobalBatches
+from launcher.data.records import IGNORE_INDEX, load_records, record_kind
+from launcher.data.records import tokenize as tokenize_records
 from launcher.demo import build_tokenizer
 from support.families import TURNS_TEMPLATE
 from support.families import build_tokenizer as build_bpe_tokenizer

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from launcher import experts
-from launcher import model as model_module
 from launcher.config import LoraConfig, ModelConfig, QuantConfig
 from launcher.dtypes import DtypePolicy
+from launcher.model import build as model_module
+from launcher.model import experts
 from support.families import FAMILIES
 
 MOE = [f.name for f in FAMILIES if f.moe and not f.run_args]

@@ -1,11 +1,11 @@
-"""A failed rank ends in one line; the traceback goes to the run's log folder (launcher/failures.py)."""
+"""A failed rank ends in one line; the traceback goes to the run's log folder (launcher/run/failures.py)."""
 
 import pytest
 import torch
 
-from launcher import failures
 from launcher.config import ConfigError
-from launcher.preemption import STATUS_DIR_ENV
+from launcher.run import failures
+from launcher.run.preemption import STATUS_DIR_ENV
 
 
 @pytest.fixture
@@ -167,7 +167,7 @@ def test_a_full_disk_under_the_adapter_says_what_needed_how_much(tmp_path):
     """safetensors reports ENOSPC only in its text; export's writer turns it into one line with the size."""
     from safetensors import SafetensorError
 
-    from launcher import export
+    from launcher.checkpoint import export
 
     out = tmp_path / "out"
     out.mkdir()

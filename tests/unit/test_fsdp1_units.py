@@ -15,7 +15,7 @@ from launcher import cli, strategies
 from launcher.config import load_config
 from launcher.memory.predict import resolve_quant
 from launcher.memory.skeleton import describe_model
-from launcher.model import read_model_config
+from launcher.model.build import read_model_config
 from launcher.strategies.fsdp1 import unit_of
 from support.families import FAMILIES
 

@@ -1,5 +1,6 @@
-"""The package's shape, read from the source: no import cycle, no module over 400 lines, and no
-strategy name tested outside launcher/strategies/ (everything else asks the strategy)."""
+"""The package's shape, read from the source: no import cycle, the stages' packages imported in the
+order a run meets them, no module over 400 lines, and no strategy name tested outside
+launcher/strategies/ (everything else asks the strategy)."""
 
 import ast
 from pathlib import Path
@@ -58,12 +59,50 @@ def test_no_import_cycle():
 
 
 # What every stage may import without pulling in another stage (signals: before anything heavy).
-LEAF_MODULES = ["launcher.config", "launcher.dtypes", "launcher.resources", "launcher.collectives", "launcher.signals"]
+LEAF_MODULES = [
+    "launcher.config",
+    "launcher.dtypes",
+    "launcher.resources",
+    "launcher.collectives",
+    "launcher.signals",
+    "launcher.node_cache",
+    "launcher.safe_load",
+    "launcher.cpu_shims",
+]
+ENTRY_POINTS = ["launcher.__main__", "launcher.cli", "launcher.train", "launcher.preflight", "launcher.demo"]
+# The stages, in the order a run meets them: a package imports only leaves, itself, and the ones before it.
+STAGES = ["data", "model", "strategies", "run", "checkpoint", "memory", "launch"]
+
+
+def stage_of(name: str) -> str:
+    if name in LEAF_MODULES or name == "launcher":
+        return "leaf"
+    if name in ENTRY_POINTS:
+        return "entry"
+    parts = name.split(".")
+    assert len(parts) > 1 and parts[1] in STAGES, f"{name} is neither a leaf, an entry point nor in a stage package"
+    return parts[1]
+
+
+def rank_of(stage: str) -> int:
+    return {"leaf": -1, "entry": len(STAGES)}.get(stage) if stage in ("leaf", "entry") else STAGES.index(stage)
 
 
 @pytest.mark.parametrize("name", LEAF_MODULES)
-def test_leaf_modules_import_nothing_from_the_package(name):
-    assert imported_modules(MODULES[name]) <= {"launcher"}, imported_modules(MODULES[name])
+def test_leaf_modules_import_only_leaves(name):
+    assert {stage_of(target) for target in imported_modules(MODULES[name])} <= {"leaf"}, imported_modules(MODULES[name])
+
+
+def test_the_top_level_holds_only_entry_points_and_leaves():
+    top = {name for name, path in MODULES.items() if path.parent == PACKAGE and path.name != "__init__.py"}
+    assert top == set(LEAF_MODULES) | set(ENTRY_POINTS), top ^ (set(LEAF_MODULES) | set(ENTRY_POINTS))
+
+
+@pytest.mark.parametrize("name", sorted(set(MODULES) - set(ENTRY_POINTS) - set(LEAF_MODULES) - {"launcher"}))
+def test_a_stage_imports_only_leaves_itself_and_earlier_stages(name):
+    own = stage_of(name)
+    later = {t for t in imported_modules(MODULES[name]) if rank_of(stage_of(t)) > rank_of(own)}
+    assert not later, f"{name} ({own}) imports later stages {sorted(later)}; the order is {STAGES}"
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
@@ -110,6 +149,13 @@ def test_the_checks_see_what_they_look_for():
     assert strategy_tests(ast.parse('if s.name.startswith("zero") or s in ("fsdp1", "x"): pass')) == ["zero", "fsdp1"]
     assert imported_modules(PACKAGE / "train.py") >= {
         "launcher.preflight",
-        "launcher.checkpoint",
+        "launcher.checkpoint.store",
         "launcher.memory.measure",
     }
+    assert imported_modules(PACKAGE / "data" / "loading.py") >= {"launcher.config", "launcher.data.batches"}
+    assert [stage_of(n) for n in ("launcher.config", "launcher.train", "launcher.run.failures")] == [
+        "leaf",
+        "entry",
+        "run",
+    ]
+    assert rank_of("leaf") < rank_of("model") < rank_of("run") < rank_of("entry")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from launcher.loss import chunking_refusal, install_chunked_loss
+from launcher.model.loss import chunking_refusal, install_chunked_loss
 from support.families import BY_NAME
 
 TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from launcher.metrics import MetricsLog
+from launcher.run.metrics import MetricsLog
 
 
 def test_a_log_file_gets_a_few_dozen_plain_lines_and_every_step_in_metrics_jsonl(tmp_path, capsys):
@@ -39,7 +39,7 @@ def test_unknown_or_missing_trackers_are_refused_before_launch(report_to, messag
 
 def test_the_run_config_becomes_flat_hyperparameters():
     from launcher.config import RunConfig
-    from launcher.tracking import flat
+    from launcher.run.tracking import flat
 
     values = flat(RunConfig().to_dict())
     assert values["train.lr"] == 2e-4 and values["lora.target_modules"] == "all-linear"

@@ -3,11 +3,11 @@
 import torch
 
 from launcher.config import ModelConfig, QuantConfig
+from launcher.cpu_shims import disable_bnb_cpu_repack
 from launcher.demo import build_base_model
 from launcher.dtypes import DtypePolicy
-from launcher.model import load_quantized_base
-from launcher.packed_check import CHUNK, PackedWeightCheck, digest
-from launcher.strategies.cpu import disable_bnb_cpu_repack
+from launcher.model.build import load_quantized_base
+from launcher.run.packed_check import CHUNK, PackedWeightCheck, digest
 
 
 def test_digest_changes_when_a_byte_is_rewritten_or_moved():

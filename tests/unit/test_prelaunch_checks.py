@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launcher import checkpoint, cli, preflight
+from launcher import cli, preflight
+from launcher.checkpoint import store
 from launcher.config import ConfigError, load_config, parse_overrides
 
 
@@ -201,21 +202,21 @@ def test_resume_from_a_directory_that_is_not_a_checkpoint(demo_assets, tmp_path,
 
 
 def fake_checkpoint(cfg, world: int = 2):
-    """A complete checkpoint's meta.json (checkpoint.save's), as the ranks of `cfg` would write it."""
+    """A complete checkpoint's meta.json (store.save's), as the ranks of `cfg` would write it."""
     setup = preflight.resolve_run(dataclasses.replace(cfg, resume=""), world)
-    step = checkpoint.checkpoint_root(cfg) / checkpoint.step_name(10)
+    step = store.checkpoint_root(cfg) / store.step_name(10)
     step.mkdir(parents=True)
-    values = checkpoint.fingerprint(setup.cfg)
+    values = store.fingerprint(setup.cfg)
     meta = {
         "step": 10,
         "world_size": world,
         "strategy": setup.strategy.name,
         "checkpoint_format": setup.strategy.spec.checkpoint_format,
         "fingerprint": values,
-        "fingerprint_sha256": checkpoint.fingerprint_hash(values),
+        "fingerprint_sha256": store.fingerprint_hash(values),
     }
-    (step / checkpoint.META).write_text(json.dumps(meta, indent=2, default=str))
-    (step.parent / checkpoint.LATEST).write_text(step.name)
+    (step / store.META).write_text(json.dumps(meta, indent=2, default=str))
+    (step.parent / store.LATEST).write_text(step.name)
     return step
 
 
@@ -233,9 +234,9 @@ def test_moving_caches_or_trackers_does_not_block_a_resume(demo_assets, tmp_path
     out = tmp_path / "out"
     cfg = load_config(demo_assets / "run.yaml", parse_overrides(["--output_dir", str(out)]))
     step = fake_checkpoint(cfg)
-    meta = json.loads((step / checkpoint.META).read_text())
+    meta = json.loads((step / store.META).read_text())
     meta["fingerprint"]["data.cache_dir"] = "/old/cache"  # written when the key was still in the fingerprint
-    (step / checkpoint.META).write_text(json.dumps(meta))
+    (step / store.META).write_text(json.dumps(meta))
     moved = ["--model.quant_cache_dir", str(tmp_path / "qc"), "--data.cache_dir", str(tmp_path / "dc")]
     moved += ["--train.report_to", "[tensorboard]", "--train.run_name", "again", "--resume", "auto"]
     assert preflight.check_all(
@@ -277,7 +278,7 @@ def test_names_peft_takes_for_experts_are_refused_where_linears_carry_them(tmp_p
     # the fused routed experts (their names before transformers 5); they would silently stay unadapted.
     from transformers import DeepseekV3Config
 
-    from launcher.lora_targets import check_lora_targets
+    from launcher.model.lora_targets import check_lora_targets
 
     config = DeepseekV3Config(
         vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,

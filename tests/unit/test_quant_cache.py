@@ -11,10 +11,11 @@ import os
 import pytest
 import torch
 
-from launcher import model as model_module
+from launcher.collectives import this_rank_device
 from launcher.config import ModelConfig, QuantConfig
 from launcher.dtypes import DtypePolicy
-from launcher.quant_cache import COMPLETE, cache_root
+from launcher.model import build as model_module
+from launcher.model.quant_cache import COMPLETE, cache_root
 
 BF16 = DtypePolicy.uniform(torch.bfloat16)
 
@@ -132,7 +133,7 @@ def test_the_cache_can_be_turned_off_and_defaults_to_the_environment(
 
 
 def _load_in_child(path: str, cache: str, results) -> None:
-    from launcher.quant_cache import cached_quantized_base
+    from launcher.model.quant_cache import cached_quantized_base
 
     cfg = ModelConfig(path=path, quant_cache_dir=cache)
     base, hit = cached_quantized_base(
@@ -206,7 +207,7 @@ def test_the_quantize_device_quantizes_every_4bit_weight_bit_for_bit(
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    from launcher import quantize
+    from launcher.model import quantize
 
     contexts = []
     original = quantize.quantizing_on
@@ -255,14 +256,14 @@ def test_the_quantize_device_quantizes_every_4bit_weight_bit_for_bit(
 def test_the_quantize_device_is_the_local_gpu_when_cuda_is_present(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert model_module.this_rank_device() == torch.device("cuda", 1)
+    assert this_rank_device() == torch.device("cuda", 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert model_module.this_rank_device() == torch.device("cpu")
+    assert this_rank_device() == torch.device("cpu")
 
 
 def test_entries_quantized_on_another_kind_of_device_are_never_mixed(family_assets, tmp_path):
     """A cache shared by a machine with GPUs and one without holds one entry for each."""
-    from launcher.quant_cache import cache_key, cached_quantized_base
+    from launcher.model.quant_cache import cache_key, cached_quantized_base
 
     cfg = ModelConfig(path=str(family_assets("llama-tied") / "base"), quant_cache_dir=str(tmp_path / "cache"))
     assert (

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from launcher import sequence_parallel
-from launcher.loss import IGNORE
-from launcher.sequence_parallel import SequenceGroups, _Split, install, local_tokens, refusal, world_refusal
+from launcher.model.loss import IGNORE
+from launcher.run import sequence_parallel
+from launcher.run.sequence_parallel import SequenceGroups, _Split, install, local_tokens, refusal, world_refusal
 from support.families import BY_NAME, VOCAB
 
 

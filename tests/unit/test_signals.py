@@ -1,5 +1,5 @@
 """Stop signals in one process: recorded from the start, passed on to ranks that register late, and a
-planned stop that reads as one (launcher/signals.py, preemption.py, launch/supervise.py)."""
+planned stop that reads as one (launcher/signals.py, run/preemption.py, launch/supervise.py)."""
 
 import contextlib
 import json
@@ -13,7 +13,7 @@ import pytest
 from launcher import launch, signals, strategies
 from launcher.config import DistConfig
 from launcher.launch.supervise import Ranks
-from launcher.preemption import MARKER, STATUS_DIR_ENV, StopSignal
+from launcher.run.preemption import MARKER, STATUS_DIR_ENV, StopSignal
 
 
 @pytest.fixture

@@ -10,12 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from launcher.batches import GlobalBatches, Rows, pack
 from launcher.config import ConfigError, DataConfig, DataSource, load_config
-from launcher.data import IGNORE_INDEX, features, target_tokens
+from launcher.data.batches import GlobalBatches, Rows, pack
+from launcher.data.records import IGNORE_INDEX, features, target_tokens
+from launcher.data.tokenized import (
+    SourceData,
+    TokenizedData,
+    load_tokenized,
+    tokenized_source,
+    tokenizer_fingerprint,
+)
 from launcher.demo import build_tokenizer
 from launcher.preflight import check_data_values
-from launcher.tokenized import SourceData, TokenizedData, load_tokenized, tokenized_source, tokenizer_fingerprint
 from support.families import BY_NAME
 
 

@@ -6,7 +6,7 @@ a process that reaches <phase> writes $QLAUNCH_HOLD_DIR/held-<phase>-<who> (its 
 signalled-<phase>-<who> once it has received a stop signal, and waits until the file is removed.
 <who> is a rank's RANK, or the Slurm node name of `qlaunch train` in front of the ranks. Phases:
 `launch` (qlaunch train, before it starts accelerate launch: no rank exists yet), `load`
-(train.load_base), `checkpoint` (checkpoint.save), `export` (export.save_adapter, after the last
+(train.load_base), `checkpoint` (checkpoint.store.save), `export` (export.save_adapter, after the last
 step), `teardown` (the last exit handler of a `qlaunch train` process, wrapper or rank, once its work is
 over: stop signals are ignored there, so `signalled-` cannot be written; the test sees the process live on).
 It changes nothing else: the functions are the launcher's own.
@@ -55,7 +55,7 @@ def hold_phases(train) -> None:
 
     launcher.launch.launch = held("launch", launcher.launch.launch)
     train.load_base = held("load", train.load_base)
-    train.checkpoint.save = held("checkpoint", train.checkpoint.save)
+    train.store.save = held("checkpoint", train.store.save)
     train.export.save_adapter = held("export", train.export.save_adapter)
 
 

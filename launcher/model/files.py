@@ -12,7 +12,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from .config import ConfigError
+from ..config import ConfigError
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

@@ -30,7 +30,7 @@ from bitsandbytes.nn.parametrize import (
 )
 from torch import nn
 
-from .config import QuantConfig
+from ..config import QuantConfig
 
 BLOCKSIZE = 64
 """bitsandbytes' default 4-bit block size, as its linears use it."""

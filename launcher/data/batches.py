@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .data import IGNORE_INDEX
+from .records import IGNORE_INDEX
 from .tokenized import TokenizedData
 
 

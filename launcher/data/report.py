@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 
+from ..config import RunConfig
 from .batches import GlobalBatches, Rows
-from .config import RunConfig
-from .data import IGNORE_INDEX
-from .preflight import load_tokenizer
+from .loading import load_tokenizer
+from .records import IGNORE_INDEX
 from .tokenized import load_tokenized
 
 

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from .config import ConfigError
-from .loss import IGNORE
+from ..config import ConfigError
+from ..model.loss import IGNORE
 
 ATTENTION = ("sdpa", "eager")
 """transformers attention implementations the split attention wraps."""

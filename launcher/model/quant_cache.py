@@ -12,7 +12,7 @@ bit what quantizing gives.
 An entry is keyed by the checkpoint's files (path, size, modification time), the quantization config
 and the storage dtype the strategy resolved, the versions of torch, transformers and bitsandbytes,
 and the kind of device that quantized it: "cuda" when the source rank had a GPU, else "cpu"
-(`launcher.accelerator.this_rank_device`). It is not known whether bitsandbytes' CUDA kernel gives the same
+(`launcher.collectives.this_rank_device`). It is not known whether bitsandbytes' CUDA kernel gives the same
 NF4 bits as its CPU path for the same weights (the CPU path scales by a float reciprocal and buckets
 in torch, the CUDA kernel does its own arithmetic, and double quantization's offset is a float mean
 summed in another order), so a cache shared between a machine with GPUs and one without keeps one
@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from .config import ModelConfig, QuantConfig
-from .dtypes import DTYPE_BY_NAME, DtypePolicy
+from ..config import ModelConfig, QuantConfig
+from ..dtypes import DTYPE_BY_NAME, DtypePolicy
+from ..node_cache import exclusive, fresh_temporary, say
 from .experts import quantized_experts
-from .node_cache import exclusive, fresh_temporary, say
 
 CACHE_FORMAT = 1
 """Raise when an entry's layout or meaning changes: every cached base is then quantized again."""
@@ -57,7 +57,7 @@ def cache_root(model: ModelConfig) -> Path:
 
 def checkpoint_files(model: ModelConfig) -> list[list]:
     """Every file of the model's directory (config, weights, remote code): resolved path, size, mtime."""
-    from .model_files import model_directory
+    from .files import model_directory
 
     directory = model_directory(model.path)
     found = []

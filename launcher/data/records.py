@@ -14,8 +14,8 @@ import logging
 import os
 from pathlib import Path
 
+from ..config import ConfigError, DataConfig, DataSource
 from .chat import assistant_turns, check_messages, tokenize_chat, use_chat_template
-from .config import ConfigError, DataConfig, DataSource
 
 FORMAT_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 IGNORE_INDEX = -100

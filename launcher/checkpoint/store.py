@@ -34,10 +34,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import strategies
-from .config import ConfigError, RunConfig
-from .safe_load import check_checkpoint_files, load_plain
-from .strategies import Strategy
+from .. import strategies
+from ..config import ConfigError, RunConfig
+from ..safe_load import check_checkpoint_files, load_plain
+from ..strategies import Strategy
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ConfigError
+from ..config import ConfigError
 
 
 def use_chat_template(tokenizer, chat_template: str, data_path: str) -> None:

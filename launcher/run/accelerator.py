@@ -2,7 +2,7 @@
 
 On CUDA this is a plain `Accelerator(...)` with the strategy's plugin: Accelerate picks NCCL and runs
 its FSDP or DeepSpeed path. On a machine without CUDA a distributed run gets the CPU Accelerator of
-launcher.strategies.cpu, marked with the strategy's plugin, so `accelerator.prepare` runs the same code.
+launcher.cpu_shims, marked with the strategy's plugin, so `accelerator.prepare` runs the same code.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from ..collectives import this_rank_device
+from ..config import DistConfig, TrainConfig
+from ..cpu_shims import cpu_accelerator
+from ..dtypes import cpu_has_native_bf16, resolve_compute_dtype, resolve_mixed_precision
+from ..strategies import Strategy
 from . import tracking
-from .config import DistConfig, TrainConfig
-from .dtypes import cpu_has_native_bf16, resolve_compute_dtype, resolve_mixed_precision
-from .strategies import Strategy
-from .strategies.cpu import cpu_accelerator
 
 
 def world_size_from_env() -> int:
@@ -40,12 +41,6 @@ def compute_dtype(requested: str, mixed_precision: str) -> str:
     if torch.cuda.is_available():
         return resolve_compute_dtype(requested, mixed_precision, "cuda", torch.cuda.is_bf16_supported())
     return resolve_compute_dtype(requested, mixed_precision, "cpu", cpu_has_native_bf16())
-
-
-def this_rank_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def create_accelerator(strategy: Strategy, train: TrainConfig, dist: DistConfig, output_dir: Path) -> Accelerator:

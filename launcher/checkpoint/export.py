@@ -16,14 +16,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import failures, strategies
-from .checkpoint import read_meta
-from .config import ConfigError, load_config
-from .dtypes import DTYPE_BY_NAME
-from .experts import fix_peft_stacked_parametrizations, sort_expert_parameters
-from .model import load_quantized_base, prepare_for_kbit_training
-from .safe_load import check_checkpoint_files
-from .strategies.cpu import disable_bnb_cpu_repack
+from .. import strategies
+from ..config import ConfigError, load_config
+from ..cpu_shims import disable_bnb_cpu_repack
+from ..dtypes import DTYPE_BY_NAME
+from ..model.build import load_quantized_base, prepare_for_kbit_training
+from ..model.experts import fix_peft_stacked_parametrizations, sort_expert_parameters
+from ..run import failures
+from ..safe_load import check_checkpoint_files
+from .store import read_meta
 
 ADAPTER_DIR = "adapter"
 CHECK_FILE = "adapter_check.safetensors"

@@ -26,7 +26,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from . import signals
+from .. import signals
 
 STATUS_DIR_ENV = "QLAUNCH_STATUS_DIR"
 MARKER = "preempted-{rank}"

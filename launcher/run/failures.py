@@ -19,7 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .config import ConfigError
+from ..config import ConfigError
 from .preemption import STATUS_DIR_ENV
 
 COLLECTIVE_FAILED = "a collective failed"

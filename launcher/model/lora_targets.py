@@ -12,8 +12,8 @@ import re
 
 from transformers import PretrainedConfig
 
-from .config import ConfigError, RunConfig
-from .model import linear_target_names, meta_base, peft_lora_config
+from ..config import ConfigError, RunConfig
+from .build import linear_target_names, meta_base, peft_lora_config
 
 
 def matches(target: str, name: str) -> bool:

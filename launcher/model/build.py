@@ -17,17 +17,16 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 
+from ..collectives import broadcast_object, is_source_rank, this_rank_device
+from ..config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
+from ..cpu_shims import disable_bnb_cpu_repack
+from ..dtypes import DTYPE_BY_NAME, DtypePolicy
 from . import experts
-from .accelerator import this_rank_device
-from .collectives import broadcast_object, is_source_rank
-from .config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
-from .dtypes import DTYPE_BY_NAME, DtypePolicy
 from .experts import packed_shape
+from .files import model_source
 from .loss import install_chunked_loss, loss_chunk_tokens
-from .model_files import model_source
 from .quant_cache import cached_quantized_base
 from .quantize import quantizing_on, reading_without_mmap
-from .strategies.cpu import disable_bnb_cpu_repack
 
 
 def quantization_config(quant: QuantConfig, policy: DtypePolicy) -> BitsAndBytesConfig:

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .batches import Rows
+from ..data.batches import Rows
 from .sequence_parallel import SequenceGroups
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, TrainConfig
+from ..config import ConfigError, RunConfig, TrainConfig
 
 TRACKER_DIR = "trackers"
 """Under output_dir: where trackers that write files (TensorBoard) write them, as <dir>/<train.project>/."""

@@ -19,9 +19,9 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
-from .collectives import broadcast_object, is_source_rank
-from .experts import Experts4bit
-from .strategies import clean_fqn
+from ..collectives import broadcast_object, is_source_rank
+from ..model.experts import Experts4bit
+from ..strategies import clean_fqn
 
 CHUNK = 1 << 24
 """Bytes digested at once: the int64 working copies stay a few hundred MB for any weight size."""

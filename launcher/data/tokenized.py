@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DataConfig, DataSource
-from .data import load_records, tokenize
-from .node_cache import exclusive, fresh_temporary, say
+from ..config import DataConfig, DataSource
+from ..node_cache import exclusive, fresh_temporary, say
+from .records import load_records, tokenize
 
 CACHE_FORMAT = 2
 """Raise when the tokenized table changes meaning: every cached entry is then tokenized again."""

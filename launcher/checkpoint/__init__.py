@@ -1,0 +1,1 @@
+"""Checkpoints (save, resume, world-size changes) and the adapter export."""
