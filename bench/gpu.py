@@ -31,9 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from launcher.config import STRATEGIES  # noqa: E402
 from launcher.memory.sizes import format_bytes  # noqa: E402  (no torch: --help and --report stay quick
 
-STRATEGIES = ("fsdp2", "fsdp1", "zero2", "zero3", "ddp")
 LLAMA2_7B = {
     "hidden_size": 4096,
     "intermediate_size": 11008,

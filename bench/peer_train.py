@@ -19,7 +19,6 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, Trai
 
 from launcher.config import load_config, parse_overrides
 from launcher.data.loading import load_training_data
-from launcher.data.records import collate
 from launcher.dtypes import DTYPE_BY_NAME
 from launcher.memory.measure import gradient_bytes, optimizer_state_bytes
 from launcher.run.accelerator import compute_dtype as resolved_compute_dtype
@@ -34,7 +33,7 @@ compute_dtype = DTYPE_BY_NAME[
     resolved_compute_dtype(cfg.quant.compute_dtype, "bf16" if cuda and cfg.train.mixed_precision != "no" else "no")
 ]
 
-tokenizer, data = load_training_data(cfg, WORLD)
+tokenizer, data, _ = load_training_data(cfg, WORLD)
 step_tokens: list[int] = []
 
 
@@ -47,8 +46,8 @@ class TokenizedRecords(torch.utils.data.Dataset):
 
 
 def collator(indices):
-    batch = collate(data, indices, tokenizer.pad_token_id)
-    step_tokens.append(int(batch["attention_mask"].sum()))
+    batch = data.collate(indices, tokenizer.pad_token_id)
+    step_tokens.append(data.tokens(indices))
     return batch
 
 

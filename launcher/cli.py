@@ -238,7 +238,6 @@ def cmd_data(args, extra: list[str]) -> int:
     from .data import report
 
     cfg = load_config(args.config, parse_overrides(extra))
-    preflight.check_values(cfg)
     preflight.check_dataset(cfg)
     report.run(cfg, args.samples, args.json)
     return 0

@@ -1,28 +1,41 @@
 """The run config: one typed, frozen object, filled from a YAML file and `--section.key value` overrides.
 
 Every stage of a run reads this object and nothing else; what a run resolves (the strategy, mixed
-precision) makes a new one (launcher.preflight.RunSetup), so no stage changes what another reads. Unknown keys and values of the wrong
-type are rejected here, with the fix in the message, before any process group exists.
+precision) makes a new one (launcher.preflight.RunSetup), so no stage changes what another reads. Unknown keys and
+values of the wrong type are rejected on load (launcher.typed_yaml); every value rule lives with the section that
+declares the value (its `rules`) and holds for every RunConfig, read from a file or built in code, before any
+process group exists.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal
 
 import yaml
 
-STRATEGIES = ("fsdp2", "fsdp1", "zero2", "zero3", "ddp")
-DTYPES = ("bfloat16", "float16", "float32")
+from .typed_yaml import ConfigError, build, parse_overrides, set_dotted, spoken_choices, yaml_problem
+
+__all__ = ["ConfigError", "RunConfig", "dump_config", "describe_keys", "load_config", "parse_overrides"]
+
+StrategyName = Literal["fsdp2", "fsdp1", "zero2", "zero3", "ddp"]
+Dtype = Literal["bfloat16", "float16", "float32"]
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+Offload = Literal["none", "optimizer", "params"]
+STRATEGIES: tuple[str, ...] = typing.get_args(StrategyName)
+"""The registry's names (launcher.strategies.NAMES), here for what must not import torch."""
+DTYPES: tuple[str, ...] = typing.get_args(Dtype)
+Rule = tuple[bool, str]
 
 
-class ConfigError(ValueError):
-    """A problem with the user's input, with the fix in the message."""
+def unknown_strategy(name: str) -> ConfigError | None:
+    if name in STRATEGIES:
+        return None
+    return ConfigError(f"Unknown strategy `{name}`. Choose one of: {', '.join(STRATEGIES)}.")
 
 
 @dataclass(frozen=True)
@@ -38,16 +51,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    type: str = "nf4"
+    type: Literal["nf4", "fp4"] = "nf4"
     """nf4 or fp4."""
     double_quant: bool = True
-    compute_dtype: str = "auto"
+    compute_dtype: Literal["auto", Dtype] = "auto"
     """dtype of the 4-bit matmuls: auto, bfloat16, float16 or float32. auto: the autocast dtype under mixed
     precision, else bfloat16 where the device has it natively, float16 on older GPUs, float32 on other CPUs."""
-    storage_dtype: str = "auto"
+    storage_dtype: Literal["auto", Dtype] = "auto"
     """dtype the packed 4-bit bytes are stored as; auto picks what the strategy can shard (bfloat16, as on GPUs,
     where a CPU computes in float32 for lack of bf16)."""
-    experts: str = "4bit"
+    experts: Literal["4bit", "16bit"] = "4bit"
     """MoE expert weights (fused 3D parameters): 4bit (quantized like the linears, with the same type and double
     quantization) or 16bit (kept in the compute dtype, as before)."""
 
@@ -62,6 +75,13 @@ class LoraConfig:
     target_parameters: list[str] = field(default_factory=list)
     """Parameters to adapt directly, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj] for fused MoE
     experts (peft's target_parameters). peft has no dropout there: lora.dropout then applies to the modules only."""
+
+    def rules(self, at: str) -> list[Rule]:
+        return [
+            (self.r > 0, f"`{at}r` must be a positive integer, got {self.r}."),
+            (self.alpha > 0, f"`{at}alpha` must be positive, got {self.alpha}."),
+            (0 <= self.dropout < 1, f"`{at}dropout` must be in [0, 1), got {self.dropout}."),
+        ]
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,9 @@ class DataSource:
     """Chat records: a list of {"role", "content"} messages; the loss covers the assistant turns."""
     weight: float = 1.0
     """Samples drawn from this source per epoch, as a multiple of its records (2: each twice, 0.5: a seeded half)."""
+
+    def rules(self, at: str) -> list[Rule]:
+        return [(self.weight > 0, f"`{at}weight` must be positive, got {self.weight}.")]
 
 
 @dataclass(frozen=True)
@@ -100,6 +123,22 @@ class DataConfig(DataSource):
     tokenize_workers: int = 0
     """Processes tokenizing a source (0: every core for chat records, which render in Python; 1 otherwise)."""
 
+    def rules(self, at: str) -> list[Rule]:
+        return super().rules(at) + [
+            (self.max_seq_len > 1, f"`{at}max_seq_len` must be at least 2, got {self.max_seq_len}."),
+            (
+                not (self.datasets and self.path),
+                f"Both `{at}path` and `{at}datasets` are set. Use `{at}path` for one dataset, or list every "
+                f"dataset (this one too) under `{at}datasets`.",
+            ),
+            (0 <= self.eval_fraction < 1, f"`{at}eval_fraction` must be in [0, 1), got {self.eval_fraction}."),
+            (
+                not (self.eval_path and self.eval_fraction),
+                f"Both `{at}eval_path` and `{at}eval_fraction` are set: evaluate on a held-out file, or hold out a "
+                "fraction of the training data, not both.",
+            ),
+        ]
+
     def sources(self) -> list[DataSource]:
         if self.datasets:
             return list(self.datasets)
@@ -114,7 +153,7 @@ class TrainConfig:
     micro_batch_size: int = 1
     grad_accum_steps: int = 1
     lr: float = 2e-4
-    lr_schedule: str = "cosine"
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """cosine, linear or constant, after warmup."""
     warmup_steps: int = 0
     max_steps: int = 0
@@ -137,7 +176,7 @@ class TrainConfig:
     sequence_parallel: int = 1
     """Split each sequence across this many ranks (launcher/run/sequence_parallel.py): the world is data-parallel
     groups x this; 1: every rank holds whole sequences."""
-    mixed_precision: str = "auto"
+    mixed_precision: MixedPrecision = "auto"
     """auto (bf16 on CUDA, none on CPU), no, bf16 or fp16."""
     report_to: list[str] | str = field(default_factory=list)
     """Accelerate trackers to log to as well as metrics.jsonl (one, or a list): tensorboard, wandb, mlflow, ..."""
@@ -148,10 +187,29 @@ class TrainConfig:
     check_4bit_weights: bool = False
     """Check that the 4-bit weights every rank receives in its first forward are the source rank's bytes (a
     digest per weight, in shard_report.json; costs one pass over the base at start-up)."""
-    offload: str = "none"
+    offload: Offload = "none"
     """What lives in host RAM between uses: none, optimizer (the adapter's gradients, master copies and optimizer
     states; ZeRO's offload_optimizer) or params (the frozen 4-bit base and the adapters too, with the optimizer
     state). Each strategy offers some of these; `qlaunch plan` says which fit."""
+
+    def rules(self, at: str) -> list[Rule]:
+        positive = ("micro_batch_size", "grad_accum_steps", "epochs", "log_interval")
+        return [
+            (getattr(self, k) > 0, f"`{at}{k}` must be a positive integer, got {getattr(self, k)}.") for k in positive
+        ] + [
+            (self.max_steps >= 0, f"`{at}max_steps` must be 0 (use epochs) or positive, got {self.max_steps}."),
+            (self.warmup_steps >= 0, f"`{at}warmup_steps` must be >= 0, got {self.warmup_steps}."),
+            (
+                self.loss_chunk_tokens >= 0,
+                f"`{at}loss_chunk_tokens` must be 0 (the model's own loss) or positive, got {self.loss_chunk_tokens}.",
+            ),
+            (
+                self.sequence_parallel >= 1,
+                f"`{at}sequence_parallel` must be a positive number of ranks per sequence, got {self.sequence_parallel}.",
+            ),
+            (self.lr > 0, f"`{at}lr` must be positive, got {self.lr}."),
+            (self.eval_every_steps >= 0, f"`{at}eval_every_steps` must be >= 0, got {self.eval_every_steps}."),
+        ]
 
 
 @dataclass(frozen=True)
@@ -160,6 +218,15 @@ class CheckpointConfig:
     """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
     keep_last: int = 2
     """Complete checkpoints to keep; older ones are removed only after a newer one is complete."""
+
+    def rules(self, at: str) -> list[Rule]:
+        return [
+            (
+                self.every_steps >= 0,
+                f"`{at}every_steps` must be 0 (only at the end) or positive, got {self.every_steps}.",
+            ),
+            (self.keep_last >= 1, f"`{at}keep_last` must be at least 1 (the latest checkpoint), got {self.keep_last}."),
+        ]
 
 
 @dataclass(frozen=True)
@@ -170,6 +237,19 @@ class DistConfig:
     """How long the nodes of a run wait for each other at start (head unreachable, port taken, a node that never starts)."""
     preempt_exit_code: int = 85
     """Exit status of a run stopped by SIGUSR2 or SIGTERM after a complete checkpoint; the slurm/ scripts requeue on it."""
+
+    def rules(self, at: str) -> list[Rule]:
+        seconds = ("timeout_s", "rendezvous_timeout_s")
+        return [
+            (getattr(self, k) > 0, f"`{at}{k}` must be a positive number of seconds, got {getattr(self, k)}.")
+            for k in seconds
+        ] + [
+            (
+                3 <= self.preempt_exit_code <= 125,
+                f"`{at}preempt_exit_code` must be in 3..125 (1 and 2 mean errors, above 125 the shell's own), "
+                f"got {self.preempt_exit_code}.",
+            )
+        ]
 
 
 @dataclass(frozen=True)
@@ -188,133 +268,37 @@ class RunConfig:
     resume: str = ""
     """"auto" (the latest complete checkpoint in output_dir, else start fresh), a checkpoint path, or empty."""
 
+    def __post_init__(self) -> None:
+        if self.strategy and (unknown := unknown_strategy(self.strategy)):
+            raise unknown
+        check_section(self)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return " or ".join(_type_name(arg) for arg in typing.get_args(tp))
-    if typing.get_origin(tp) is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Checks `value` against the field type `tp`; ints are accepted where floats are expected."""
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, where)
-            except ConfigError:
-                continue
-    elif typing.get_origin(tp) is list:
-        if isinstance(value, (list, tuple)):
-            return [_coerce(item, typing.get_args(tp)[0], f"{where}[{i}]") for i, item in enumerate(value)]
-    elif dataclasses.is_dataclass(tp):
-        return _build(tp, {} if value is None else value, f"{where}.")
-    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif tp in (int, float) and isinstance(value, str):
-        # PyYAML reads `1e-4` as a string (YAML 1.1 wants `1.0e-4`); accept what Python parses.
-        try:
-            return tp(value)
-        except ValueError:
-            pass
-    elif tp is bool and isinstance(value, bool) or tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
-    elif tp is str and value is False:
-        # YAML 1.1 reads `no` (and off, false) as False: the text options that take it mean "no"
-        # (`train.mixed_precision: no`).
-        return "no"
-    raise ConfigError(
-        f"`{where}` must be {_type_name(tp)}, got {value!r}. Fix the value in the YAML or on the command line."
-    )
-
-
-# Names users bring from transformers' Trainer and peft, mapped to ours for "did you mean".
-FAMILIAR_NAMES = {
-    "learning_rate": "lr",
-    "batch_size": "micro_batch_size",
-    "per_device_train_batch_size": "micro_batch_size",
-    "gradient_accumulation_steps": "grad_accum_steps",
-    "num_train_epochs": "epochs",
-    "warmup": "warmup_steps",
-    "lora_r": "r",
-    "rank": "r",
-    "lora_alpha": "alpha",
-    "lora_dropout": "dropout",
-    "max_length": "max_seq_len",
-    "seq_len": "max_seq_len",
-    "model_name_or_path": "path",
-    "output": "output_dir",
-}
-
-
-def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
-    candidates = known + [name for name, ours in FAMILIAR_NAMES.items() if ours in known]
-    close = [FAMILIAR_NAMES.get(match, match) for match in difflib.get_close_matches(key, candidates, n=1)]
-    hint = f" Did you mean `{where}{close[0]}`?" if close else ""
-    return ConfigError(
-        f"Unknown config key `{where}{key}`.{hint} Valid keys here: {', '.join(known)}. "
-        "Remove or rename it (see `qlaunch train --help` for the full list)."
-    )
-
-
-def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"`{where.rstrip('.') or 'config'}` must be a mapping of keys to values, got {data!r}.")
+@functools.cache
+def _choices(cls: type) -> dict[str, tuple[str, ...]]:
+    """The choice fields of a section and the texts each accepts."""
     hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for key, value in data.items():
-        key = str(key).replace("-", "_")
-        if key not in known:
-            raise _unknown_key(key, known, where)
-        values[key] = _coerce(value, hints[key], f"{where}{key}")
-    return cls(**values)
+    return {name: typing.get_args(tp) for name, tp in hints.items() if typing.get_origin(tp) is Literal}
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.replace("-", "_").split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"`{dotted}`: `{part}` is a value, not a section.")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
-    """Turns `--train.lr 1e-4 --lora.r=8` into [("train.lr", 1e-4), ("lora.r", 8)]; values are YAML."""
-    pairs = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or arg == "--":
-            raise ConfigError(f"Expected an override like `--train.lr 1e-4`, got `{arg}`.")
-        key, eq, raw = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(args):
-                raise ConfigError(f"`{arg}` needs a value, e.g. `{arg} VALUE`.")
-            raw = args[i + 1]
-            i += 1
-        i += 1
-        try:
-            pairs.append((key, yaml.safe_load(raw) if raw != "" else ""))
-        except yaml.YAMLError as error:
-            raise ConfigError(f"The value of `--{key}` is not valid YAML ({yaml_problem(error)}): `{raw}`.") from error
-    return pairs
-
-
-def yaml_problem(error: yaml.YAMLError) -> str:
-    """The YAML error on one line: what is wrong, and where."""
-    mark = getattr(error, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{getattr(error, 'problem', None) or 'cannot parse'}{where}"
+def check_section(section: Any, at: str = "") -> None:
+    """Every rule of `section` and of the sections inside it, in field order; the first broken one is raised."""
+    for f in dataclasses.fields(section):
+        value, where = getattr(section, f.name), f"{at}{f.name}"
+        choices = _choices(type(section)).get(f.name)
+        if choices and value not in choices:
+            raise ConfigError(f"`{where}` is `{value}`; use {spoken_choices(choices)}.")
+        if dataclasses.is_dataclass(value):
+            check_section(value, f"{where}.")
+        for i, item in enumerate(value if isinstance(value, list) else ()):
+            if dataclasses.is_dataclass(item):
+                check_section(item, f"{where}[{i}].")
+    for ok, message in section.rules(at) if hasattr(section, "rules") else ():
+        if not ok:
+            raise ConfigError(message)
 
 
 def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]] = ()) -> RunConfig:
@@ -331,8 +315,8 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]]
         if not isinstance(tree, dict):
             raise ConfigError(f"Run config `{path}` must be a mapping at the top level (keys like `model:`, `train:`).")
     for key, value in overrides:
-        _set_dotted(tree, key, value)
-    return _build(RunConfig, tree)
+        set_dotted(tree, key, value)
+    return build(RunConfig, tree)
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-DTYPE_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DTYPES = tuple(DTYPE_BY_NAME)
-COMPUTE_DTYPES = ("auto", *DTYPES)
+from .config import DTYPES
+
+DTYPE_BY_NAME = {name: getattr(torch, name) for name in DTYPES}
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,6 @@ class DtypePolicy:
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 AUTOCAST_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}
-MIXED_PRECISIONS = ("auto", "no", *AUTOCAST_DTYPES)
 
 
 def resolve_mixed_precision(

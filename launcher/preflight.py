@@ -11,16 +11,9 @@ import torch
 
 from . import strategies
 from .checkpoint import store
-from .config import ConfigError, DataConfig, RunConfig
+from .config import ConfigError, RunConfig
 from .data.records import load_records, record_kind
-from .dtypes import (
-    AUTOCAST_DTYPE_NAMES,
-    COMPUTE_DTYPES,
-    DTYPES,
-    MIXED_PRECISIONS,
-    DtypePolicy,
-    resolve_mixed_precision,
-)
+from .dtypes import AUTOCAST_DTYPE_NAMES, DtypePolicy, resolve_mixed_precision
 from .model.build import read_model_config
 from .model.files import check_weights
 from .model.lora_targets import check_lora_targets
@@ -28,85 +21,6 @@ from .run import sequence_parallel, tracking
 from .run.accelerator import compute_dtype, mixed_precision
 
 OUTPUT_MARKERS = ("adapter", "metrics.jsonl")
-
-
-def require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def check_values(cfg: RunConfig) -> None:
-    require(cfg.quant.type in ("nf4", "fp4"), f"`quant.type` is `{cfg.quant.type}`; use nf4 or fp4.")
-    require(
-        cfg.quant.compute_dtype in COMPUTE_DTYPES,
-        f"`quant.compute_dtype` is `{cfg.quant.compute_dtype}`; use one of {', '.join(COMPUTE_DTYPES)}.",
-    )
-    require(
-        cfg.quant.storage_dtype in ("auto",) + DTYPES,
-        f"`quant.storage_dtype` is `{cfg.quant.storage_dtype}`; use auto or one of {', '.join(DTYPES)}.",
-    )
-    require(
-        cfg.quant.experts in ("4bit", "16bit"),
-        f"`quant.experts` is `{cfg.quant.experts}`; use 4bit (MoE experts quantized like the linears) or 16bit.",
-    )
-    require(cfg.lora.r > 0, f"`lora.r` must be a positive integer, got {cfg.lora.r}.")
-    require(cfg.lora.alpha > 0, f"`lora.alpha` must be positive, got {cfg.lora.alpha}.")
-    require(0 <= cfg.lora.dropout < 1, f"`lora.dropout` must be in [0, 1), got {cfg.lora.dropout}.")
-    t = cfg.train
-    for key in ("micro_batch_size", "grad_accum_steps", "epochs", "log_interval"):
-        require(getattr(t, key) > 0, f"`train.{key}` must be a positive integer, got {getattr(t, key)}.")
-    require(t.max_steps >= 0, f"`train.max_steps` must be 0 (use epochs) or positive, got {t.max_steps}.")
-    require(t.warmup_steps >= 0, f"`train.warmup_steps` must be >= 0, got {t.warmup_steps}.")
-    require(
-        t.loss_chunk_tokens >= 0,
-        f"`train.loss_chunk_tokens` must be 0 (the model's own loss) or positive, got {t.loss_chunk_tokens}.",
-    )
-    require(
-        t.sequence_parallel >= 1,
-        f"`train.sequence_parallel` must be a positive number of ranks per sequence, got {t.sequence_parallel}.",
-    )
-    require(t.lr > 0, f"`train.lr` must be positive, got {t.lr}.")
-    require(
-        t.lr_schedule in ("cosine", "linear", "constant"),
-        f"`train.lr_schedule` is `{t.lr_schedule}`; use cosine, linear or constant.",
-    )
-    require(
-        t.mixed_precision in MIXED_PRECISIONS,
-        f"`train.mixed_precision` is `{t.mixed_precision}`; use {', '.join(MIXED_PRECISIONS)}.",
-    )
-    require(
-        t.offload in strategies.OFFLOAD_MODES,
-        f"`train.offload` is `{t.offload}`; use {', '.join(strategies.OFFLOAD_MODES)}.",
-    )
-    require(t.eval_every_steps >= 0, f"`train.eval_every_steps` must be >= 0, got {t.eval_every_steps}.")
-    tracking.check(t)
-    check_data_values(cfg.data)
-    for key in ("timeout_s", "rendezvous_timeout_s"):
-        require(
-            getattr(cfg.dist, key) > 0,
-            f"`dist.{key}` must be a positive number of seconds, got {getattr(cfg.dist, key)}.",
-        )
-    require(
-        3 <= cfg.dist.preempt_exit_code <= 125,
-        f"`dist.preempt_exit_code` must be in 3..125 (1 and 2 mean errors, above 125 the shell's own), got {cfg.dist.preempt_exit_code}.",
-    )
-
-
-def check_data_values(d: DataConfig) -> None:
-    require(d.max_seq_len > 1, f"`data.max_seq_len` must be at least 2, got {d.max_seq_len}.")
-    require(
-        not (d.datasets and d.path),
-        "Both `data.path` and `data.datasets` are set. Use `data.path` for one dataset, or list every dataset "
-        "(this one too) under `data.datasets`.",
-    )
-    for i, source in enumerate(d.datasets):
-        require(source.weight > 0, f"`data.datasets[{i}].weight` must be positive, got {source.weight}.")
-    require(0 <= d.eval_fraction < 1, f"`data.eval_fraction` must be in [0, 1), got {d.eval_fraction}.")
-    require(
-        not (d.eval_path and d.eval_fraction),
-        "Both `data.eval_path` and `data.eval_fraction` are set: evaluate on a held-out file, or hold out a "
-        "fraction of the training data, not both.",
-    )
 
 
 def check_model(cfg: RunConfig) -> None:
@@ -144,7 +58,7 @@ def check_run(cfg: RunConfig) -> strategies.Strategy:
     """The checks every rank runs before its process group (and `qlaunch train` before the launch); returns the
     run's strategy."""
     strategy = strategies.resolve(cfg)
-    check_values(cfg)
+    tracking.check(cfg.train)
     strategies.check(strategy, cfg)
     check_model(cfg)
     return strategy

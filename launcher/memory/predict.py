@@ -58,12 +58,6 @@ def validate(cfg: RunConfig, hardware: Hardware) -> strategies.Strategy:
             f"Optimizer `{hardware.optimizer}` is not one the launcher trains with; it runs torch AdamW "
             f"(choose one of: {', '.join(OPTIMIZERS)})."
         )
-    if cfg.train.offload not in strategies.OFFLOAD_MODES:
-        raise ConfigError(
-            f"`train.offload` is `{cfg.train.offload}`; use one of {', '.join(strategies.OFFLOAD_MODES)}."
-        )
-    if cfg.train.micro_batch_size < 1 or cfg.data.max_seq_len < 1 or cfg.lora.r < 1:
-        raise ConfigError("Micro batch, sequence length and LoRA rank must be positive integers.")
     return strategy
 
 

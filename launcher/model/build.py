@@ -5,7 +5,7 @@ host RAM (weight by weight on its GPU when CUDA is present, else on the CPU: qua
 what an earlier start quantized from the quantized-base cache (quant_cache.py).
 Every other rank builds the same module tree on the meta device from a small layout that the source
 rank broadcasts, so no rank but the source ever holds the whole model. The sharding stage
-(`launcher.sync`, driven by the strategy) then fills each rank's shard.
+(`launcher.strategies.handoff`, driven by the strategy) then fills each rank's shard.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 
-from ..config import ConfigError, QuantConfig, RunConfig
+from ..config import ConfigError, QuantConfig, RunConfig, unknown_strategy
 from ..dtypes import AUTOCAST_DTYPES, DTYPE_BY_NAME, DtypePolicy, resolve_storage_dtype
 from .base import OFFLOAD_MODES, LocalShard, Strategy, StrategySpec, clean_fqn, optimizer_state_numel, torch_optimizer
 from .ddp import DDP
@@ -50,8 +50,8 @@ DEFAULT = "fsdp2"
 
 
 def get(name: str) -> Strategy:
-    if name not in BY_NAME:
-        raise ConfigError(f"Unknown strategy `{name}`. Choose one of: {', '.join(NAMES)}.")
+    if unknown := unknown_strategy(name):
+        raise unknown
     return BY_NAME[name]()
 
 

@@ -15,6 +15,7 @@ The defaults describe one whole copy on every rank, which is what one process an
 from __future__ import annotations
 
 import tempfile
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +24,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import RunConfig, TrainConfig
+from ..config import Offload, RunConfig, TrainConfig
 from ..dtypes import DtypePolicy
 from . import handoff, portable
 from .layout import ADAM_STATES, OPTIMIZER_STATE_COMPONENTS, TensorSpec, whole
 
-OFFLOAD_MODES = ("none", "optimizer", "params")
+OFFLOAD_MODES: tuple[str, ...] = typing.get_args(Offload)
 """`train.offload`: nothing, the optimizer state, or the parameters (frozen base and adapters) with it."""
 PARAM_COMPONENTS = ("base_4bit", "frozen_dense", "experts", "biases", "norms", "lora", "shard_padding")
 """The weight components that are parameters (the quantization constants and buffers are not)."""

@@ -1,4 +1,4 @@
-"""The README's family x strategy table is the result of tests/test_matrix.py, not prose.
+"""The README's family x strategy table is the result of tests/integration/test_matrix.py, not prose.
 
 It runs after the matrix in the same pytest session (`make test` runs both) and compares the
 README's table with the one rendered from this session's cells: which passed every check, which
@@ -45,7 +45,9 @@ def test_readme_table_is_the_matrix_result(request):
     facts = request.config.stash.get(CELL_FACTS, {})
     outcomes = request.config.stash.get(CELL_OUTCOMES, {})
     missing = [(f.name, s) for f in FAMILIES for s in STRATEGIES if (f.name, s) not in outcomes]
-    assert not missing, f"run the whole matrix (tests/test_matrix.py) in this session first; missing cells: {missing}"
+    assert not missing, (
+        f"run the whole matrix (tests/integration/test_matrix.py) in this session first; missing cells: {missing}"
+    )
     table = render(facts, outcomes)
     text = README.read_text()
     assert BEGIN in text and END in text, f"README.md has no {BEGIN} ... {END} section"

@@ -129,6 +129,11 @@ CASES = [
         r"world size must divide by it; this run has 3 rank\(s\)",
     ),
     Case("budget-strategy", "budget --model {base} --strategy zero9", r"Unknown strategy `zero9`"),
+    # The one rule for a value, whichever command reads it (budget accepted a sequence of 1 token before)
+    Case("budget-seq-len-one", "budget --model {base} --seq-len 1", r"`data.max_seq_len` must be at least 2, got 1"),
+    Case("plan-lora-r-zero", "plan --model {base} --gpu-memory 24GiB --lora-r 0", r"`lora.r` must be a positive"),
+    Case("data-seq-len-one", "data --config {run} --data.max_seq_len 1", r"`data.max_seq_len` must be at least 2"),
+    Case("data-offload", "data --config {run} --train.offload gpu", r"`train.offload` is `gpu`; use none, optim"),
     Case("plan-memory-not-size", "plan --model {base} --gpu-memory lots", r"--gpu-memory `lots` is not a size"),
     Case("plan-without-memory", "plan --model {base}", r"`qlaunch plan` needs --gpu-memory"),
     Case("plan-memory-without-unit", "plan --model {base} --gpu-memory 24", r"--gpu-memory `24` has no unit"),

@@ -1,8 +1,21 @@
 """The run config: YAML + overrides onto one typed object, and clear errors for bad keys and values."""
 
+import dataclasses
+import typing
+
 import pytest
 
-from launcher.config import ConfigError, RunConfig, load_config, parse_overrides
+from launcher import config
+from launcher.config import (
+    ConfigError,
+    DataConfig,
+    DataSource,
+    QuantConfig,
+    RunConfig,
+    TrainConfig,
+    load_config,
+    parse_overrides,
+)
 
 
 def test_yaml_and_overrides_map_onto_the_typed_config(tmp_path):
@@ -59,5 +72,32 @@ def test_no_stays_a_word_where_the_option_is_a_word(tmp_path):
     path.write_text("train:\n  mixed_precision: no\n")
     assert load_config(path).train.mixed_precision == "no"
     assert load_config(None, parse_overrides(["--train.mixed_precision", "no"])).train.mixed_precision == "no"
-    with pytest.raises(ConfigError, match=r"`train.mixed_precision` must be str, got True"):
+    with pytest.raises(ConfigError, match=r"`train.mixed_precision` must be one of auto, no, bf16 or fp16, got True"):
         load_config(None, parse_overrides(["--train.mixed_precision", "yes"]))
+
+
+def test_every_value_rule_holds_for_a_config_built_in_code_too():
+    """The rules live with the sections: a RunConfig made in code (or with dataclasses.replace) meets them."""
+    with pytest.raises(ConfigError, match=r"`train.max_steps` must be 0 \(use epochs\) or positive, got -1"):
+        RunConfig(train=TrainConfig(max_steps=-1))
+    with pytest.raises(ConfigError, match=r"`data.datasets\[1\].weight` must be positive, got 0"):
+        RunConfig(data=DataConfig(datasets=[DataSource(path="a"), DataSource(path="b", weight=0)]))
+    with pytest.raises(ConfigError, match=r"`quant.storage_dtype` is `int8`; use one of auto, bfloat16, float16"):
+        dataclasses.replace(RunConfig(), quant=QuantConfig(storage_dtype="int8"))
+    with pytest.raises(ConfigError, match=r"`checkpoint.keep_last` must be at least 1"):
+        load_config(None, [("checkpoint.keep_last", 0)])
+    with pytest.raises(ConfigError, match=r"Unknown strategy `zero4`. Choose one of: fsdp2, fsdp1"):
+        RunConfig(strategy="zero4")
+    assert RunConfig(strategy="", train=TrainConfig(max_steps=0)).train.max_steps == 0
+
+
+def test_the_config_names_what_the_registry_and_dtypes_hold():
+    """config keeps the names for what must not import torch (bench/gpu.py); they are the live ones."""
+    from launcher import dtypes, strategies
+
+    assert config.STRATEGIES == strategies.NAMES
+    assert strategies.OFFLOAD_MODES == ("none", "optimizer", "params")
+    assert tuple(dtypes.DTYPE_BY_NAME) == config.DTYPES
+    assert set(dtypes.AUTOCAST_DTYPES) | {"auto", "no"} == set(typing.get_args(config.MixedPrecision))
+    for strategy in strategies.NAMES:
+        assert set(strategies.get(strategy).spec.offload_modes) <= set(strategies.OFFLOAD_MODES)

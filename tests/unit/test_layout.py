@@ -61,6 +61,7 @@ def test_no_import_cycle():
 # What every stage may import without pulling in another stage (signals: before anything heavy).
 LEAF_MODULES = [
     "launcher.config",
+    "launcher.typed_yaml",
     "launcher.dtypes",
     "launcher.resources",
     "launcher.collectives",

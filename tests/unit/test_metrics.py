@@ -31,10 +31,10 @@ def test_a_log_file_gets_a_few_dozen_plain_lines_and_every_step_in_metrics_jsonl
 )
 def test_unknown_or_missing_trackers_are_refused_before_launch(report_to, message):
     from launcher.config import ConfigError, load_config
-    from launcher.preflight import check_values
+    from launcher.run import tracking
 
     with pytest.raises(ConfigError, match=message):
-        check_values(load_config(None, [("train.report_to", report_to)]))
+        tracking.check(load_config(None, [("train.report_to", report_to)]).train)
 
 
 def test_the_run_config_becomes_flat_hyperparameters():
