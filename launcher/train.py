@@ -12,11 +12,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from accelerate import Accelerator
+from peft import PeftConfig
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from . import preflight, signals, strategies
 from .checkpoint import export, store
 from .collectives import is_source_rank
-from .config import RunConfig, dump_config
+from .config import CheckpointConfig, RunConfig, TrainConfig, dump_config
 from .data.batches import GlobalBatches, Rows
 from .data.loading import load_training_data
 from .memory.components import parameter_components
@@ -90,202 +94,279 @@ def startup_mark(stage: str) -> None:
             f.write(json.dumps({"stage": stage, "unix_time": time.time()}) + "\n")
 
 
+@dataclass
+class Training:
+    """What the loop works on: built once by `setup`, read by every step and by `finish`."""
+
+    cfg: RunConfig
+    """The run's resolved config (setup.cfg)."""
+    setup: preflight.RunSetup
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    """What the strategy steps (DeepSpeed's wrapper under ZeRO); base_optimizer is the torch AdamW inside."""
+    base_optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    tokenizer: PreTrainedTokenizerBase
+    rows: Rows
+    eval_rows: Rows | None
+    batches: GlobalBatches
+    groups: SequenceGroups
+    total_steps: int
+    start_step: int
+    meter: MemoryMeter
+    packed_check: PackedWeightCheck | None
+    adapter_total: int
+    peft_config: PeftConfig
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+@dataclass(frozen=True)
+class StepActions:
+    """What the loop does once optimizer step `done` (1-based) is complete."""
+
+    log: bool
+    evaluate: bool
+    checkpoint: bool
+    """Due by the schedule or the end; a stop every rank agreed on saves too."""
+    poll_stop: bool
+    """Ask whether every rank got a stop signal (not after the last step: it saves and ends anyway)."""
+
+
+def after_step(done: int, total: int, train: TrainConfig, checkpoint: CheckpointConfig, has_eval: bool) -> StepActions:
+    last = done == total
+    evaluate = has_eval and (last or (train.eval_every_steps > 0 and done % train.eval_every_steps == 0))
+    return StepActions(
+        log=last or evaluate or done % train.log_interval == 0,
+        evaluate=evaluate,
+        checkpoint=last or (checkpoint.every_steps > 0 and done % checkpoint.every_steps == 0),
+        poll_stop=not last,
+    )
+
+
+@dataclass
+class LoopResult:
+    losses: list[float]
+    tokens: int
+    seconds: float
+    eval_loss: float | None
+    packed: dict | None
+    """The packed-weight digests of the first forward (train.check_4bit_weights)."""
+
+
 def run(cfg: RunConfig) -> RunSummary:
     # SIGUSR2 and SIGTERM only set a flag: the run stops where every rank agrees (run/preemption.py).
     with StopSignal(cfg.dist.preempt_exit_code) as stop:
-        return _run(cfg, stop)
+        training = setup(cfg, stop)
+        result = train_loop(training, stop)
+        return finish(training, result)
 
 
-def _run(user_cfg: RunConfig, stop: StopSignal) -> RunSummary:
+def setup(user_cfg: RunConfig, stop: StopSignal) -> Training:
+    """Validate, tokenize, load, prepare, shard and resume: everything before the first step."""
     # Validate and resolve everything, and tokenize, before any process group exists.
-    setup = preflight.resolve_run(user_cfg, world_size_from_env())
-    cfg, world, policy, sharder = setup.cfg, setup.world, setup.policy, setup.sharder
-    split = cfg.train.sequence_parallel
-    data_world = world // split  # the ranks of a sequence group train on the same rows
+    resolved = preflight.resolve_run(user_cfg, world_size_from_env())
+    cfg, policy, split = resolved.cfg, resolved.policy, resolved.cfg.train.sequence_parallel
+    data_world = resolved.world // split  # the ranks of a sequence group train on the same rows
     tokenizer, rows, eval_rows = load_training_data(cfg, data_world)
-    batches = GlobalBatches(
-        len(rows), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, data_world, cfg.train.seed
-    )
-    total_steps = cfg.train.max_steps or cfg.train.epochs * batches.steps_per_epoch
+    t = cfg.train
+    batches = GlobalBatches(len(rows), t.micro_batch_size, t.grad_accum_steps, data_world, t.seed)
+    total_steps = t.max_steps or t.epochs * batches.steps_per_epoch
 
     # Load: only the source rank reads the quantized base (from the cache, or quantizing the checkpoint).
     startup_mark("load_start")
     base = load_base(cfg.model, cfg.quant, policy)
     startup_mark("load_end")
 
-    accelerator = create_accelerator(setup.strategy, cfg.train, cfg.dist, Path(cfg.output_dir))
-    stop.stop_before_training(accelerator.device)  # a signal during start-up: every rank ends here, nothing to save
-    rank, main = accelerator.process_index, accelerator.is_main_process
     output_dir = Path(cfg.output_dir)
-    if main:
+    accelerator = create_accelerator(resolved.strategy, t, cfg.dist, output_dir)
+    stop.stop_before_training(accelerator.device)  # a signal during start-up: every rank ends here, nothing to save
+    if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, output_dir / "run_config.yaml")
     tracking.start(accelerator, cfg)
     groups = sequence_parallel.new_groups(split)
 
     # Prepare: k-bit preparation and LoRA (the other ranks build a meta skeleton first).
-    model = build_model(base, cfg.quant, cfg.lora, cfg.train, policy, local_tokens(cfg.data.max_seq_len, split))
+    model = build_model(base, cfg.quant, cfg.lora, t, policy, local_tokens(cfg.data.max_seq_len, split))
     if split > 1:
         sequence_parallel.install(model, groups)
-    if main:
+    if accelerator.is_main_process:
         for note in [preflight.compute_note(user_cfg, cfg), *coverage_notes(model, cfg.lora)]:
             if note:
                 print(f"qlaunch: {note}", flush=True)
 
     # Shard: every rank ends with its own shard of the source rank's weights.
     def make_optimizer(m):
-        params = [p for p in m.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
 
     adapter_total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     components = parameter_components(model)
-    packed_check = PackedWeightCheck(model) if cfg.train.check_4bit_weights else None
+    packed_check = PackedWeightCheck(model) if t.check_4bit_weights else None
     startup_mark("shard_start")
-    model, optimizer, base_optimizer = sharder.shard(model, make_optimizer, accelerator)
+    model, optimizer, base_optimizer = resolved.sharder.shard(model, make_optimizer, accelerator)
     startup_mark("shard_end")
     if packed_check:
         packed_check.watch(model)
-    packed = None
-    scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(cfg.train, total_steps))
-    offload = ActivationOffload(accelerator.device) if cfg.train.activation_offload else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(t, total_steps))
+    offload = ActivationOffload(accelerator.device) if t.activation_offload else None
     if offload:
         offload.install(model)
-    meter = MemoryMeter(cfg, model, base_optimizer, sharder, output_dir, accelerator.device, components, offload)
+    meter = MemoryMeter(
+        cfg, model, base_optimizer, resolved.sharder, output_dir, accelerator.device, components, offload
+    )
 
-    torch.manual_seed(cfg.train.seed + rank)  # dropout masks differ across ranks, reproducibly
-    peft_config = accelerator.unwrap_model(model).peft_config[export.ADAPTER_NAME]
+    torch.manual_seed(t.seed + accelerator.process_index)  # dropout masks differ across ranks, reproducibly
     start_step = 0
-    if setup.resume_from is not None:
-        start_step = store.load(setup.resume_from, sharder, model, optimizer, scheduler)
-        if main:
-            print(f"Resuming from step {start_step}: {setup.resume_from}", flush=True)
+    if resolved.resume_from is not None:
+        start_step = store.load(resolved.resume_from, resolved.sharder, model, optimizer, scheduler)
+        if accelerator.is_main_process:
+            print(f"Resuming from step {start_step}: {resolved.resume_from}", flush=True)
+    return Training(
+        cfg=cfg,
+        setup=resolved,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        base_optimizer=base_optimizer,
+        scheduler=scheduler,
+        tokenizer=tokenizer,
+        rows=rows,
+        eval_rows=eval_rows,
+        batches=batches,
+        groups=groups,
+        total_steps=total_steps,
+        start_step=start_step,
+        meter=meter,
+        packed_check=packed_check,
+        adapter_total=adapter_total,
+        peft_config=accelerator.unwrap_model(model).peft_config[export.ADAPTER_NAME],
+    )
 
-    # Train.
-    stop.stop_before_training(accelerator.device)
-    if main:  # a start-up longer than Slurm's warning lead never trains: the log shows it coming
+
+def train_loop(t: Training, stop: StopSignal) -> LoopResult:
+    """The optimizer steps from `t.start_step` on; logs, evaluates and checkpoints as `after_step` says."""
+    device, cfg = t.accelerator.device, t.cfg
+    stop.stop_before_training(device)
+    if t.main:  # a start-up longer than Slurm's warning lead never trains: the log shows it coming
         print(
             f"qlaunch: start-up took {signals.seconds_since_start():.0f} s (this rank's start to training)", flush=True
         )
-    model.train()
+    t.model.train()
     metrics = MetricsLog(
-        output_dir,
-        total_steps,
-        enabled=main,
-        first_step=start_step,
-        on_record=lambda r: tracking.log_step(accelerator, r),
+        t.output_dir,
+        t.total_steps,
+        enabled=t.main,
+        first_step=t.start_step,
+        on_record=lambda r: tracking.log_step(t.accelerator, r),
     )
-    losses, started = [], time.perf_counter()
-    window_tokens, window_start = 0, time.perf_counter()
-    total_tokens, last_eval = 0, None
-    for step in range(start_step, total_steps):
-        loss_sum, step_targets, step_tokens, grad_norm = train_step(
-            model, optimizer, accelerator, sharder, batches, rows, tokenizer, step, groups, cfg.train.max_grad_norm
-        )
-        scheduler.step()
-        if packed_check and step == start_step:
-            packed = packed_check.result()
+    result = LoopResult(losses=[], tokens=0, seconds=0.0, eval_loss=None, packed=None)
+    started = window_start = time.perf_counter()
+    window_tokens = 0
+    for step in range(t.start_step, t.total_steps):
+        loss_sum, step_targets, step_tokens, grad_norm = train_step(t, step)
+        t.scheduler.step()
+        if t.packed_check and step == t.start_step:
+            result.packed = t.packed_check.result()
         window_tokens += step_tokens
-        total_tokens += step_tokens
+        result.tokens += step_tokens
         metrics.advance()
-        last = step + 1 == total_steps
-        every_eval = cfg.train.eval_every_steps
-        evaluate = eval_rows is not None and (last or (every_eval > 0 and (step + 1) % every_eval == 0))
-        if (step + 1) % cfg.train.log_interval == 0 or last or evaluate:
-            loss = accelerator.reduce(loss_sum, "sum").item() / step_targets
-            losses.append(loss)
+        actions = after_step(step + 1, t.total_steps, cfg.train, cfg.checkpoint, t.eval_rows is not None)
+        if actions.log:
+            loss = t.accelerator.reduce(loss_sum, "sum").item() / step_targets
+            result.losses.append(loss)
             extra = {}
-            if evaluate:
-                last_eval = eval_loss(
-                    model, accelerator, eval_rows, cfg.train.micro_batch_size, tokenizer.pad_token_id, groups
+            if actions.evaluate:
+                result.eval_loss = eval_loss(
+                    t.model, t.accelerator, t.eval_rows, cfg.train.micro_batch_size, t.tokenizer.pad_token_id, t.groups
                 )
-                extra["eval_loss"] = last_eval
+                extra["eval_loss"] = result.eval_loss
             now = time.perf_counter()
             metrics.log(
                 step=step + 1,
                 loss=loss,
-                lr=scheduler.get_last_lr()[0],
+                lr=t.scheduler.get_last_lr()[0],
                 grad_norm=grad_norm,
                 tokens=window_tokens,
                 tokens_per_s=window_tokens / (now - window_start),
                 **extra,
             )
             window_tokens, window_start = 0, now
-        every = cfg.checkpoint.every_steps
-        preempted = step + 1 < total_steps and stop.agreed(accelerator.device)  # one all-reduce: all ranks stop here
-        if (every and (step + 1) % every == 0) or step + 1 == total_steps or preempted:
-            store.save(cfg, step + 1, world, sharder, model, optimizer, scheduler, peft_config)
+        preempted = actions.poll_stop and stop.agreed(device)  # one all-reduce: all ranks stop here
+        if actions.checkpoint or preempted:
+            store.save(cfg, step + 1, t.setup.world, t.setup.sharder, t.model, t.optimizer, t.scheduler, t.peft_config)
         if preempted:
             stop.exit(step + 1)  # exits with cfg.dist.preempt_exit_code
-    seconds = time.perf_counter() - started
+    result.seconds = time.perf_counter() - started
     metrics.close()
+    return result
 
-    # Export & report.
-    meter.finish()
-    report = [rank_report(model, optimizer, setup, adapter_total, meter.peak_device_bytes(), packed)]
+
+def finish(t: Training, result: LoopResult) -> RunSummary:
+    """The memory report of every rank, the adapter and its reload check, the summary."""
+    t.meter.finish()
+    world = t.setup.world
+    report = [rank_report(t.model, t.optimizer, t.setup, t.adapter_total, t.meter.peak_device_bytes(), result.packed)]
     if dist.is_initialized():
         mine, report = report[0], [None] * world
         dist.all_gather_object(report, mine)
-    if main:
-        (output_dir / "shard_report.json").write_text(json.dumps(report, indent=2))
-        tracking.log_memory(accelerator, report, total_steps)
-    unwrapped = accelerator.unwrap_model(model)
-    full_trainable = sharder.gather_trainable(unwrapped)
-    check_ids = torch.tensor([rows.data.sample(0)[0][:CHECK_TOKENS]], device=accelerator.device)
-    model.eval()
+    if t.main:
+        (t.output_dir / "shard_report.json").write_text(json.dumps(report, indent=2))
+        tracking.log_memory(t.accelerator, report, t.total_steps)
+    unwrapped = t.accelerator.unwrap_model(t.model)
+    full_trainable = t.setup.sharder.gather_trainable(unwrapped)
+    check_ids = torch.tensor([t.rows.data.sample(0)[0][:CHECK_TOKENS]], device=t.accelerator.device)
+    t.model.eval()
     with torch.no_grad():
-        check_logits = model(input_ids=check_ids).logits
-    adapter_dir = output_dir / export.ADAPTER_DIR
-    if main:
-        export.save_adapter(unwrapped, full_trainable, output_dir)
-        export.save_check(output_dir, check_ids, check_logits)
-    accelerator.wait_for_everyone()
+        check_logits = t.model(input_ids=check_ids).logits
+    if t.main:
+        export.save_adapter(unwrapped, full_trainable, t.output_dir)
+        export.save_check(t.output_dir, check_ids, check_logits)
+    t.accelerator.wait_for_everyone()
     summary = RunSummary(
-        steps=total_steps,
-        first_loss=losses[0] if losses else float("nan"),
-        last_loss=losses[-1] if losses else float("nan"),
-        tokens_per_s=total_tokens / seconds,
-        seconds=seconds,
-        adapter_dir=str(adapter_dir),
+        steps=t.total_steps,
+        first_loss=result.losses[0] if result.losses else float("nan"),
+        last_loss=result.losses[-1] if result.losses else float("nan"),
+        tokens_per_s=result.tokens / result.seconds,
+        seconds=result.seconds,
+        adapter_dir=str(t.output_dir / export.ADAPTER_DIR),
         world_size=world,
-        strategy=setup.strategy.name,
-        eval_loss=last_eval,
+        strategy=t.setup.strategy.name,
+        eval_loss=result.eval_loss,
     )
-    if main:
-        print_summary(summary, output_dir)
-    accelerator.end_training()
+    if t.main:
+        print_summary(summary, t.output_dir)
+    t.accelerator.end_training()
     return summary
 
 
-def train_step(
-    model,
-    optimizer,
-    accelerator,
-    sharder: strategies.Strategy,
-    batches: GlobalBatches,
-    rows: Rows,
-    tokenizer,
-    step: int,
-    groups: SequenceGroups,
-    max_grad_norm: float,
-):
+def train_step(t: Training, step: int):
     """One optimizer step over this rank's micro batches; returns the loss summed over target tokens,
     the step's target and real tokens, and the gradient norm. The loss is normalized by the target
     tokens of the whole global batch, so the summed gradient equals a single process's on the same batch."""
-    step_samples = batches.step_samples(step)
-    step_targets = rows.targets(step_samples)
-    step_tokens = rows.tokens(step_samples)
+    step_samples = t.batches.step_samples(step)
+    step_targets = t.rows.targets(step_samples)
+    step_tokens = t.rows.tokens(step_samples)
     # DP averaging divides by the world size and accumulation by its step count: undo both here (the ranks of
     # a sequence group hold disjoint tokens of the same rows, so every target is still counted once).
-    num_items = step_targets / (groups.world * batches.accum)
-    loss_sum, grad_norm = torch.zeros((), device=accelerator.device), None
-    for indices in batches.rank_micro_batches(step, groups.data_rank):
-        rows_batch = {k: v.to(accelerator.device) for k, v in rows.collate(indices, tokenizer.pad_token_id).items()}
-        with accelerator.accumulate(model), groups.splitting(rows_batch, tokenizer.pad_token_id) as batch:
-            loss = model(**batch, num_items_in_batch=num_items, use_cache=False).loss
-            accelerator.backward(loss)
-            norm = sharder.optimizer_step(accelerator, model, optimizer, max_grad_norm)
+    num_items = step_targets / (t.groups.world * t.batches.accum)
+    device, pad_id = t.accelerator.device, t.tokenizer.pad_token_id
+    loss_sum, grad_norm = torch.zeros((), device=device), None
+    for indices in t.batches.rank_micro_batches(step, t.groups.data_rank):
+        rows_batch = {k: v.to(device) for k, v in t.rows.collate(indices, pad_id).items()}
+        with t.accelerator.accumulate(t.model), t.groups.splitting(rows_batch, pad_id) as batch:
+            loss = t.model(**batch, num_items_in_batch=num_items, use_cache=False).loss
+            t.accelerator.backward(loss)
+            norm = t.setup.sharder.optimizer_step(t.accelerator, t.model, t.optimizer, t.cfg.train.max_grad_norm)
             grad_norm = norm if norm is not None else grad_norm
-            optimizer.zero_grad()
+            t.optimizer.zero_grad()
         loss_sum += loss.detach().float() * num_items
     return loss_sum, step_targets, step_tokens, grad_norm
 

@@ -140,9 +140,9 @@ original_train_step = train.train_step
 def train_step(*args, **kwargs):
     named = inspect.signature(original_train_step).bind(*args, **kwargs).arguments
     result = original_train_step(*args, **kwargs)
-    step, groups = named["step"], named["groups"]
+    step, training = named["step"], named["t"]
     observed.setdefault("first_step_layer_forward_calls", observed["layer_forward_calls"])
-    observed["batches"][step] = named["batches"].rank_micro_batches(step, groups.data_rank)
+    observed["batches"][step] = training.batches.rank_micro_batches(step, training.groups.data_rank)
     time.sleep(float(os.environ.get("PROBE_STEP_SLEEP", "0")))
     if "PROBE_STALL" in os.environ and [int(x) for x in os.environ["PROBE_STALL"].split(":")] == [RANK, step + 1]:
         (probe["dir"] / "stalled").write_text(repr(time.time()))
