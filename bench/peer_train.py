@@ -33,7 +33,7 @@ compute_dtype = DTYPE_BY_NAME[
     resolved_compute_dtype(cfg.quant.compute_dtype, "bf16" if cuda and cfg.train.mixed_precision != "no" else "no")
 ]
 
-tokenizer, data, _ = load_training_data(cfg, WORLD)
+tokenizer, data, _ = load_training_data(cfg.model, cfg.data, cfg.train, WORLD)
 step_tokens: list[int] = []
 
 

@@ -31,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Multi-GPU QLoRA: 4-bit base on every rank, LoRA adapters, sharded with FSDP2, FSDP1, ZeRO-2, ZeRO-3 or DDP.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_data, _add_demo, _add_export, _add_merge, _add_verify, _add_budget, _add_plan):
+        add(commands)
+    return parser
 
+
+def _add_train(commands) -> None:
     train = commands.add_parser(
         "train",
         help="train a LoRA adapter on a 4-bit base",
@@ -53,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the full traceback of a failure (always written to <output_dir>/logs/rank-NNNNN.log)",
     )
 
+
+def _add_data(commands) -> None:
     data = commands.add_parser(
         "data",
         help="show what the data pipeline feeds the run: records, tokens, masking, padding, samples",
@@ -63,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--samples", type=int, default=3, help="samples to show (default 3)")
     data.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+
+def _add_demo(commands) -> None:
     demo = commands.add_parser(
         "demo",
         help="train the embedded default: a small Llama built locally, 2 CPU ranks, FSDP2, no downloads",
@@ -72,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nproc", type=int, default=2, help="ranks (default 2)")
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
 
+
+def _add_export(commands) -> None:
     export = commands.add_parser("export", help="turn a training checkpoint into a PEFT adapter directory")
     export.add_argument(
         "checkpoint", help="a checkpoints/step-NNNNNN directory, or a run's output directory (its latest checkpoint)"
@@ -79,18 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", help="adapter directory to write (default: <run>/export-step-NNNNNN)")
     export.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
+
+def _add_merge(commands) -> None:
     merge = commands.add_parser("merge", help="merge an adapter into a 16-bit copy of its base model")
     merge.add_argument("adapter", help="a PEFT adapter directory (e.g. <run>/adapter)")
     merge.add_argument("--output", required=True, help="where to save the merged model (must not exist)")
     merge.add_argument("--base", help="base model directory (default: the one recorded in the adapter)")
     merge.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
 
+
+def _add_verify(commands) -> None:
     verify = commands.add_parser(
         "verify", help="reload a run's adapter in one process and compare its logits with training's"
     )
     verify.add_argument("output_dir")
     verify.add_argument("--tolerance", type=float, default=1e-2, help="max |logit difference| accepted (default 1e-2)")
 
+
+def _add_budget(commands) -> None:
     budget = commands.add_parser(
         "budget",
         help="predict each rank's memory from the config alone (no weights, no GPU)",
@@ -117,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--json", action="store_true", help="print JSON instead of the table")
     budget.add_argument("--plot", metavar="FILE.png", help="also draw stacked bars per rank (needs matplotlib)")
 
+
+def _add_plan(commands) -> None:
     plan = commands.add_parser(
         "plan",
         help="list the configurations that fit your GPUs, fastest first, and the one to launch",
@@ -137,7 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="per strategy, the longest sequence (a multiple of 1,024 tokens) that fits, and its launch command",
     )
     plan.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    return parser
 
 
 BUDGET_EPILOG = """\
@@ -228,7 +246,7 @@ def cmd_train(args, extra: list[str]) -> int:
         return 0
     strategy = preflight.check_all(cfg, machines.num_processes)
     # Tokenized here, into the cache the ranks read: too little data is refused before any rank starts.
-    load_training_data(cfg, machines.num_processes)
+    load_training_data(cfg.model, cfg.data, cfg.train, machines.num_processes)
     forwarded = (["--config", args.config] if args.config else []) + extra + ["--strategy", strategy.name]
     return launch.launch(strategy, machines, forwarded, cfg.dist, output_dir=cfg.output_dir)
 
@@ -238,7 +256,7 @@ def cmd_data(args, extra: list[str]) -> int:
     from .data import report
 
     cfg = load_config(args.config, parse_overrides(extra))
-    preflight.check_dataset(cfg)
+    preflight.check_dataset(cfg.data)
     report.run(cfg, args.samples, args.json)
     return 0
 

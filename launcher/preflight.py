@@ -11,7 +11,7 @@ import torch
 
 from . import strategies
 from .checkpoint import store
-from .config import ConfigError, RunConfig
+from .config import ConfigError, DataConfig, RunConfig
 from .data.records import load_records, record_kind
 from .dtypes import AUTOCAST_DTYPE_NAMES, DtypePolicy, resolve_mixed_precision
 from .model.build import read_model_config
@@ -27,7 +27,7 @@ def check_model(cfg: RunConfig) -> None:
     """The model's config, its weight files (their headers only) and the LoRA targets on its meta skeleton."""
     config = read_model_config(cfg.model.path, cfg.model.trust_remote_code)
     check_weights(cfg.model.path, getattr(config, "transformers_weights", None))
-    check_lora_targets(cfg, config)
+    check_lora_targets(cfg.lora, cfg.model, cfg.quant, config)
     sequence_parallel.check(config, cfg.train.sequence_parallel, cfg.model.path)
 
 
@@ -47,9 +47,9 @@ def check_output_dir(cfg: RunConfig) -> None:
         )
 
 
-def check_dataset(cfg: RunConfig) -> None:
+def check_dataset(data: DataConfig) -> None:
     """Reads the records of every source and checks their fields (cheap: no tokenizer)."""
-    sources = cfg.data.sources() + ([cfg.data.eval_source()] if cfg.data.eval_path else [])
+    sources = data.sources() + ([data.eval_source()] if data.eval_path else [])
     for source in sources:
         record_kind(load_records(source).column_names, source)
 
@@ -78,7 +78,7 @@ def check_all(cfg: RunConfig, world: int) -> strategies.Strategy:
     starting any process, so that what the ranks would refuse fails once, here. Returns the run's strategy."""
     strategy = check_run(cfg)
     sequence_parallel.check_world(cfg.train.sequence_parallel, world)
-    check_dataset(cfg)
+    check_dataset(cfg.data)
     check_resume(prelaunch_resolved(cfg, strategy), strategy, world)
     return strategy
 
@@ -107,7 +107,7 @@ def prelaunch_resolved(cfg: RunConfig, strategy: strategies.Strategy) -> RunConf
 def _resumed_fingerprint(cfg: RunConfig) -> dict:
     """The fingerprint of the checkpoint `cfg.resume` names, or {} (nothing to compare with)."""
     if cfg.resume == "auto":
-        found = store.latest_complete(store.checkpoint_root(cfg))
+        found = store.latest_complete(store.checkpoint_root(cfg.output_dir))
     else:
         found = store.find_checkpoint(Path(cfg.resume)) if cfg.resume else None
     if found is None or not store.is_complete(found):
@@ -145,7 +145,7 @@ def resolve_run(cfg: RunConfig, world: int) -> RunSetup:
     precision = mixed_precision(cfg.train.mixed_precision)
     resolved = _resolved(cfg, strategy, precision, compute_dtype(cfg.quant.compute_dtype, precision))
     resume_from = check_resume(resolved, strategy, world)
-    policy = strategies.dtype_policy(resolved, strategy, precision)
+    policy = strategies.dtype_policy(resolved.quant, strategy, precision)
     return RunSetup(resolved, strategy, strategies.for_world(strategy, world), world, policy, resume_from)
 
 

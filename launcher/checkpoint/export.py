@@ -140,7 +140,7 @@ def load_for_inference(output_dir: Path, base_path: str | None = None, adapter_d
     from peft import PeftModel
 
     cfg = load_config(Path(output_dir) / "run_config.yaml", [("model.path", base_path)] if base_path else ())
-    policy = strategies.dtype_policy(cfg, strategies.get(cfg.strategy), cfg.train.mixed_precision)
+    policy = strategies.dtype_policy(cfg.quant, strategies.get(cfg.strategy), cfg.train.mixed_precision)
     base = load_quantized_base(cfg.model, cfg.quant, policy)
     fix_peft_stacked_parametrizations()  # adapters on 4-bit experts
     disable_bnb_cpu_repack(base)

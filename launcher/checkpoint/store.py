@@ -75,8 +75,8 @@ BATCH_SHAPE = {"train.micro_batch_size", "train.grad_accum_steps"}
 SINGLE = strategies.SingleProcess.spec.name
 
 
-def checkpoint_root(cfg: RunConfig) -> Path:
-    return Path(cfg.output_dir) / CHECKPOINTS
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
 
 
 def step_name(step: int) -> str:
@@ -134,7 +134,7 @@ def resolve_resume(cfg: RunConfig, strategy: Strategy, sharder: Strategy, world_
     if not cfg.resume:
         return None
     if cfg.resume == "auto":
-        path = latest_complete(checkpoint_root(cfg))
+        path = latest_complete(checkpoint_root(cfg.output_dir))
         if path is None:
             return None
     else:
@@ -244,7 +244,7 @@ def restore_rng_state(state: dict) -> None:
 def save(cfg: RunConfig, step: int, world_size: int, strategy, model, optimizer, scheduler, peft_config) -> Path:
     """Writes a checkpoint of `step` (a collective: every rank calls it)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    root = checkpoint_root(cfg)
+    root = checkpoint_root(cfg.output_dir)
     final = root / step_name(step)
     tmp = root / f"{TMP_PREFIX}{step_name(step)}"
     if rank == 0:

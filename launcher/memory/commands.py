@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError, RunConfig, load_config
-from .planner import candidates, longest_context, ranking_key
+from .planner import Candidate, candidates, longest_context, ranking_key
 from .predict import DEFAULT_RUNTIME_OVERHEAD, Hardware, predict
 from .report import plot, render, render_table, require_matplotlib
 from .sizes import GiB, format_bytes, parse_bytes
@@ -107,44 +107,49 @@ def plan_command(args) -> int:
     found = candidates(cfg, hardware, search_splits=args.sequence_parallel is None)
     fitting = sorted((c for c in found if c.fits(limit, host_limit)), key=ranking_key)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "gpu_memory_bytes": hardware.gpu_memory,
-                    "limit_bytes": limit,
-                    "world_size": hardware.world_size,
-                    "nodes": hardware.nodes,
-                    "candidates": [
-                        {
-                            "strategy": c.strategy,
-                            "micro_batch": c.micro_batch,
-                            "gradient_checkpointing": c.checkpointing,
-                            "offload": c.offload,
-                            "activation_offload": c.activation_offload,
-                            "sequence_parallel": c.sequence_parallel,
-                            "peak_bytes": c.peak_bytes,
-                            "host_bytes": c.host_bytes,
-                            "fits": c.fits(limit, host_limit),
-                            "estimated_tokens_per_s": round(c.tokens_per_s, 1),
-                        }
-                        for c in sorted(found, key=lambda c: (not c.fits(limit, host_limit), -c.tokens_per_s))
-                    ],
-                    "recommended": None
-                    if not fitting
-                    else {
-                        "strategy": fitting[0].strategy,
-                        "micro_batch": fitting[0].micro_batch,
-                        "gradient_checkpointing": fitting[0].checkpointing,
-                        "offload": fitting[0].offload,
-                        "activation_offload": fitting[0].activation_offload,
-                        "sequence_parallel": fitting[0].sequence_parallel,
-                        "command": fitting[0].launch_command(run_arguments(args)),
-                    },
-                },
-                indent=2,
-            )
-        )
-        return 0
+        print(json.dumps(plan_json(args, hardware, found, fitting, limit, host_limit), indent=2))
+    else:
+        print_plan(args, cfg, hardware, found, fitting, limit, host_limit)
+    return 0
+
+
+def _settings(c: Candidate) -> dict:
+    return {
+        "strategy": c.strategy,
+        "micro_batch": c.micro_batch,
+        "gradient_checkpointing": c.checkpointing,
+        "offload": c.offload,
+        "activation_offload": c.activation_offload,
+        "sequence_parallel": c.sequence_parallel,
+    }
+
+
+def plan_json(args, hardware, found: list[Candidate], fitting: list[Candidate], limit: int, host_limit) -> dict:
+    """Every candidate, fitting first, and the recommended one with its launch command."""
+    listed = sorted(found, key=lambda c: (not c.fits(limit, host_limit), -c.tokens_per_s))
+    return {
+        "gpu_memory_bytes": hardware.gpu_memory,
+        "limit_bytes": limit,
+        "world_size": hardware.world_size,
+        "nodes": hardware.nodes,
+        "candidates": [
+            _settings(c)
+            | {
+                "peak_bytes": c.peak_bytes,
+                "host_bytes": c.host_bytes,
+                "fits": c.fits(limit, host_limit),
+                "estimated_tokens_per_s": round(c.tokens_per_s, 1),
+            }
+            for c in listed
+        ],
+        "recommended": None
+        if not fitting
+        else _settings(fitting[0]) | {"command": fitting[0].launch_command(run_arguments(args))},
+    }
+
+
+def print_plan(args, cfg, hardware, found: list[Candidate], fitting: list[Candidate], limit: int, host_limit) -> None:
+    """The plan as text: what fits, the 15 fastest in a table, and the command for the best."""
     print(
         f"Plan for {cfg.model.path} on {hardware.world_size} GPU(s) of {format_bytes(hardware.gpu_memory)} "
         f"({hardware.nodes} node(s)), {cfg.data.max_seq_len} tokens per sequence, LoRA r={cfg.lora.r}; a configuration "
@@ -156,7 +161,7 @@ def plan_command(args) -> int:
             f"\nNothing fits: the configurations that fit the GPUs need more than {format_bytes(host_limit)} of host "
             "RAM per node. Raise --host-memory if the nodes have it, or use more GPUs."
         )
-        return 0
+        return
     if not fitting:
         smallest = min(found, key=lambda c: c.peak_bytes)
         print(
@@ -164,7 +169,7 @@ def plan_command(args) -> int:
             f"checkpointing {'on' if smallest.checkpointing else 'off'}{'' if smallest.offload == 'none' else f', offload {smallest.offload}'}{', activation offload' if smallest.activation_offload else ''}{f', sequence parallel {smallest.sequence_parallel}' if smallest.sequence_parallel > 1 else ''}) needs {format_bytes(smallest.peak_bytes)} per rank: "
             "use more GPUs, larger GPUs, or a shorter sequence length."
         )
-        return 0
+        return
     rows = [
         [
             str(i + 1),
@@ -200,7 +205,6 @@ def plan_command(args) -> int:
     )
     best = fitting[0]
     print(f"\nLaunch: {best.launch_command(run_arguments(args))}")
-    return 0
 
 
 def print_longest_context(args, cfg, hardware, limit: int, host_limit: int | None) -> int:
@@ -260,7 +264,7 @@ def print_longest_context(args, cfg, hardware, limit: int, host_limit: int | Non
         f"LoRA r={cfg.lora.r} (a multiple of 1,024 tokens; fullest rank at most {format_bytes(limit)})\n"
     )
     print(render_table(header, rows))
-    positions = getattr(ModelCache(cfg).config, "max_position_embeddings", None)
+    positions = getattr(ModelCache(cfg.model).config, "max_position_embeddings", None)
     if positions and any(result and result[0] > positions for result in found.values()):
         print(
             f"\nMemory is not the only limit: the model was trained on at most {positions:,} positions "

@@ -278,7 +278,7 @@ class MemoryMeter:
         # The report must never stop training: a model the budget cannot predict gets a note instead.
         try:
             # The end-of-training prediction reuses the model described at the start.
-            self.model_cache = self.model_cache or ModelCache(self.cfg)
+            self.model_cache = self.model_cache or ModelCache(self.cfg.model)
             return predict(self.cfg, self.hardware, activation_shape=activation_shape, cache=self.model_cache)
         except ConfigError as error:
             print(f"Memory budget: no prediction for this model ({error}); measuring only.", flush=True)

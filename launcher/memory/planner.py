@@ -166,7 +166,7 @@ def candidates(
 ) -> list[Candidate]:
     """Every configuration of `only` budgeted (`search_splits`: over the sequence-parallel sizes, else at
     `cfg`'s). With `fits`, larger micro batches are not tried once one does not fit (memory grows with them)."""
-    cache = cache or ModelCache(cfg)
+    cache = cache or ModelCache(cfg.model)
     found = []
     for strategy in only:
         if refused(cfg, strategy):
@@ -211,7 +211,7 @@ def longest_context(
     """Per strategy, the longest sequence (a multiple of `step`, at most `ceiling`) at which a configuration
     fits, with the fastest that does; memory only grows with the sequence, so doubling then bisecting finds it.
     `progress` hears of each strategy as it is done (a 70B on 8 ranks takes minutes)."""
-    cache = ModelCache(cfg)
+    cache = ModelCache(cfg.model)
 
     def fastest_at(strategy: str, seq: int) -> Candidate | None:
         run = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_seq_len=seq))

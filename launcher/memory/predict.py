@@ -162,12 +162,12 @@ def predict(
     mixed = resolve_mixed_precision(cfg.train.mixed_precision, cuda=hardware.device == "cuda")
     cfg = resolve_quant(cfg, strategy, mixed, hardware.device)
     autocast = AUTOCAST_DTYPES.get(mixed)
-    policy = strategies.dtype_policy(cfg, strategy, mixed)
+    policy = strategies.dtype_policy(cfg.quant, strategy, mixed)
     # One process runs without any sharder, as training does.
     sharder = strategies.for_world(strategy, world)
     stored = sharder.stored_policy(policy, autocast)
     compute = sharder.compute_policy(policy, autocast)
-    spec = (cache or ModelCache(cfg)).describe(cfg, stored)
+    spec = (cache or ModelCache(cfg.model)).describe(cfg, stored)
     if spec.shape is None:
         raise ConfigError(spec.unmodelled)
     d = ActivationDtypes(

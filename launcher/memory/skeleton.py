@@ -20,7 +20,7 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, ModelConfig, RunConfig
 from ..dtypes import DtypePolicy
 from ..model.build import (
     apply_quantized_layout,
@@ -211,8 +211,8 @@ class ModelCache:
     """The model's config, and the model described per storage dtypes: predictions that share the
     model, quantization and LoRA settings (qlaunch plan) build each skeleton once."""
 
-    def __init__(self, cfg: RunConfig):
-        self.config = read_model_config(cfg.model.path, cfg.model.trust_remote_code, config_only=True)
+    def __init__(self, model: ModelConfig):
+        self.config = read_model_config(model.path, model.trust_remote_code, config_only=True)
         self.specs: dict[DtypePolicy, ModelSpec] = {}
 
     def describe(self, cfg: RunConfig, stored: DtypePolicy) -> ModelSpec:

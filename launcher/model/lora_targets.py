@@ -12,7 +12,7 @@ import re
 
 from transformers import PretrainedConfig
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, LoraConfig, ModelConfig, QuantConfig
 from .build import linear_target_names, meta_base, peft_lora_config
 
 
@@ -21,12 +21,12 @@ def matches(target: str, name: str) -> bool:
     return name == target or name.endswith(f".{target}")
 
 
-def check_lora_targets(cfg: RunConfig, config: PretrainedConfig) -> None:
+def check_lora_targets(lora: LoraConfig, model: ModelConfig, quant: QuantConfig, config: PretrainedConfig) -> None:
     """A ConfigError naming the targets that match no module, and the linear layers there are."""
-    targets = cfg.lora.target_modules
+    targets = lora.target_modules
     if targets == "all-linear":  # model.linear_target_names resolves it from the model itself
         pass
-    elif not targets and not cfg.lora.target_parameters:
+    elif not targets and not lora.target_parameters:
         raise ConfigError(
             "`lora.target_modules` is empty and there is no `lora.target_parameters`: nothing would be trained. "
             "Use all-linear, or list module names such as [q_proj, v_proj]."
@@ -40,12 +40,12 @@ def check_lora_targets(cfg: RunConfig, config: PretrainedConfig) -> None:
                 f"compile ({error}). Use all-linear, or list module names such as [q_proj, v_proj]."
             ) from error
     # Module names do not depend on the dtype, which may still be "auto" here (resolved on the ranks).
-    base = meta_base(cfg.model, dataclasses.replace(cfg.quant, compute_dtype="float32"), config)
+    base = meta_base(model, dataclasses.replace(quant, compute_dtype="float32"), config)
     try:
-        peft_config = peft_lora_config(base, cfg.lora)
+        peft_config = peft_lora_config(base, lora)
     except ValueError as error:
         raise ConfigError(
-            f"`lora.target_modules` cannot be applied to `{cfg.model.path}`: {error} (peft maps the names MoE experts "
+            f"`lora.target_modules` cannot be applied to `{model.path}`: {error} (peft maps the names MoE experts "
             "had before transformers 5 onto their fused parameters). Name all the parts of a fused weight, or adapt "
             "the experts through `lora.target_parameters`."
         ) from error
@@ -64,9 +64,9 @@ def check_lora_targets(cfg: RunConfig, config: PretrainedConfig) -> None:
     if peft_config.target_parameters and peft_config.lora_dropout:
         names = ", ".join(sorted({name.rpartition(".")[2] for name in peft_config.target_parameters}))
         raise ConfigError(
-            f"`lora.target_modules` names modules that `{cfg.model.path}` holds as parameters since transformers 5 "
+            f"`lora.target_modules` names modules that `{model.path}` holds as parameters since transformers 5 "
             f"(MoE experts fused into 3D weights, the router's weight): peft adapts them as the parameters {names}, "
-            f"and takes no LoRA dropout there (lora.dropout is {cfg.lora.dropout}). Move them to "
+            f"and takes no LoRA dropout there (lora.dropout is {lora.dropout}). Move them to "
             f"`lora.target_parameters: [{names}]` (lora.dropout then applies to the modules only), or set "
             "`lora.dropout: 0`."
         )
@@ -83,7 +83,7 @@ def check_lora_targets(cfg: RunConfig, config: PretrainedConfig) -> None:
             example = next((name for name in modules if name.rpartition(".")[2] in linear), modules[-1])
             raise ConfigError(
                 f"`lora.target_modules` is `{targets}`, which peft reads as a regular expression over full module "
-                f"names (such as `{example}`), and it matches no module of `{cfg.model.path}`. {found} List names "
+                f"names (such as `{example}`), and it matches no module of `{model.path}`. {found} List names "
                 "instead, such as [q_proj, v_proj]."
             )
         return
@@ -94,10 +94,10 @@ def check_lora_targets(cfg: RunConfig, config: PretrainedConfig) -> None:
         return
     if len(missing) == len(targets):
         raise ConfigError(
-            f"No name in `lora.target_modules` ({', '.join(targets)}) matches a module of `{cfg.model.path}`. {found}"
+            f"No name in `lora.target_modules` ({', '.join(targets)}) matches a module of `{model.path}`. {found}"
         )
     raise ConfigError(
-        f"`lora.target_modules` names {', '.join(missing)}, which match no module of `{cfg.model.path}`: peft "
+        f"`lora.target_modules` names {', '.join(missing)}, which match no module of `{model.path}`: peft "
         f"would adapt the other names only, and train fewer adapters than asked. {found} Correct or drop "
         f"{'it' if len(missing) == 1 else 'them'}."
     )

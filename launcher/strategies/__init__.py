@@ -95,12 +95,12 @@ def resolve_quant(quant: QuantConfig, strategy: Strategy, compute: str) -> Quant
     return dataclasses.replace(quant, compute_dtype=compute, storage_dtype=storage)
 
 
-def dtype_policy(cfg: RunConfig, strategy: Strategy, mixed_precision: str) -> DtypePolicy:
-    """The dtypes every kind of weight is kept in: the strategy's, with `quant.storage_dtype` if set (`cfg`'s
+def dtype_policy(quant: QuantConfig, strategy: Strategy, mixed_precision: str) -> DtypePolicy:
+    """The dtypes every kind of weight is kept in: the strategy's, with `quant.storage_dtype` if set (`quant`'s
     dtypes resolved: resolve_quant)."""
-    policy = strategy.dtype_policy(DTYPE_BY_NAME[cfg.quant.compute_dtype], mixed_precision != "no")
-    if cfg.quant.storage_dtype != "auto":
-        policy = dataclasses.replace(policy, quant_storage=DTYPE_BY_NAME[cfg.quant.storage_dtype])
+    policy = strategy.dtype_policy(DTYPE_BY_NAME[quant.compute_dtype], mixed_precision != "no")
+    if quant.storage_dtype != "auto":
+        policy = dataclasses.replace(policy, quant_storage=DTYPE_BY_NAME[quant.storage_dtype])
     autocast = AUTOCAST_DTYPES.get(mixed_precision)
     if strategy.casts_parameters and autocast not in (None, policy.quant_storage):
         raise ConfigError(

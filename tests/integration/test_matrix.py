@@ -121,7 +121,7 @@ def references(family_assets, tmp_path_factory):
     def get(name: str, strategy: str) -> Path:
         chosen = strategies.get(strategy)
         cfg = resolve_quant(config(name, strategy, Path("run")), chosen, "no", "cpu")
-        key = (name, dataclasses.replace(strategies.dtype_policy(cfg, chosen, "no"), quant_storage=None))
+        key = (name, dataclasses.replace(strategies.dtype_policy(cfg.quant, chosen, "no"), quant_storage=None))
         if key not in runs:
             root = tmp_path_factory.mktemp(f"{name}-reference")
             with (

@@ -15,6 +15,11 @@ from support.launches import qlaunch, read_metrics
 FAMILY = {"zero2": "qwen2", "zero3": "mixtral-experts"}  # a dense family and 3D MoE experts with adapters
 RECORDS = 40
 STEPS = 8
+# The first step after a resume on another world size sums each gradient over another grouping of the same
+# tokens (one rank's micro batch of 4, or two ranks' of 2), and Adam magnifies fp32's order differences where a
+# gradient is near zero: measured 1.8e-5 on mixtral-experts (zero3), 6e-7 on qwen2 (zero2). A step moves the loss
+# by 4e-3 to 4e-2 here, and the matrix allows 2e-3.
+TOLERANCE = 1e-4
 
 
 def train(assets, family, strategy, out, nproc: int, micro: int, *extra: str) -> str:
@@ -59,7 +64,7 @@ def test_two_ranks_to_one_and_back_continue_the_uninterrupted_losses(runs):
     assert sorted(b) == [5, 6, 7, 8] and sorted(c) == [7, 8]
     for resumed in (b, c):
         for step, loss in resumed.items():
-            assert loss == pytest.approx(a[step], abs=1e-5), (step, a[step], loss)
+            assert loss == pytest.approx(a[step], abs=TOLERANCE), (step, a[step], loss)
     assert "Resuming from step 4" in logs["B"] and "Resuming from step 6" in logs["C"]
     assert all("Traceback" not in log for log in logs.values())
 

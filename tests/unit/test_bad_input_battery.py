@@ -207,7 +207,7 @@ def world(demo_assets, tmp_path_factory) -> dict[str, str]:
     (earlier / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     written = load_config(files["run"], [("output_dir", str(earlier)), ("train.mixed_precision", "no")])
     cfg = preflight.prelaunch_resolved(written, strategies.resolve(written))  # as its ranks wrote it
-    step = store.checkpoint_root(cfg) / store.step_name(2)
+    step = store.checkpoint_root(cfg.output_dir) / store.step_name(2)
     step.mkdir(parents=True)
     meta = {"step": 2, "world_size": 2, "strategy": "fsdp2", "checkpoint_format": "dcp"}
     (step / store.META).write_text(json.dumps({**meta, "fingerprint": store.fingerprint(cfg)}))

@@ -85,7 +85,7 @@ def run_config(path: Path, checkpointing: bool, batch: int = 1, seq: int = 16):
 def real_model(cfg):
     from launcher.model.build import build_model, load_quantized_base
 
-    policy = strategies.dtype_policy(cfg, strategies.get(cfg.strategy), "no")
+    policy = strategies.dtype_policy(cfg.quant, strategies.get(cfg.strategy), "no")
     base = load_quantized_base(cfg.model, cfg.quant, policy)
     return build_model(base, cfg.quant, cfg.lora, cfg.train, policy, cfg.data.max_seq_len).train()
 

@@ -28,7 +28,7 @@ RUNNABLE = [f for f in FAMILIES if "fsdp1" not in f.refused]
 def test_every_unit_holds_one_dtype_and_the_packed_data_keeps_the_compute_dtype(family, mixed, family_assets):
     cfg = load_config(None, [("model.path", str(family_assets(family) / "base")), ("strategy", "fsdp1")])
     cfg = resolve_quant(cfg, FSDP1, mixed, "cuda")  # the dtypes of a GPU run
-    policy = strategies.dtype_policy(cfg, FSDP1, mixed)
+    policy = strategies.dtype_policy(cfg.quant, FSDP1, mixed)
     tensors = describe_model(cfg, policy, read_model_config(cfg.model.path, False)).tensors
     unit = unit_of(tensors)
     dtypes: dict[str, set] = {}

@@ -204,7 +204,7 @@ def test_resume_from_a_directory_that_is_not_a_checkpoint(demo_assets, tmp_path,
 def fake_checkpoint(cfg, world: int = 2):
     """A complete checkpoint's meta.json (store.save's), as the ranks of `cfg` would write it."""
     setup = preflight.resolve_run(dataclasses.replace(cfg, resume=""), world)
-    step = store.checkpoint_root(cfg) / store.step_name(10)
+    step = store.checkpoint_root(cfg.output_dir) / store.step_name(10)
     step.mkdir(parents=True)
     values = store.fingerprint(setup.cfg)
     meta = {
@@ -265,12 +265,12 @@ def test_fp16_autocast_never_casts_4bit_data_stored_as_bf16():
     cfg = load_config(None, [("quant.compute_dtype", "bfloat16")])  # what "auto" is on a GPU with bf16
     for name in ("fsdp2", "fsdp1", "zero2", "zero3"):
         with pytest.raises(ConfigError, match=r"would rewrite the 4-bit data stored as torch.bfloat16.*float16"):
-            strategies.dtype_policy(cfg, strategies.get(name), "fp16")
-        assert strategies.dtype_policy(cfg, strategies.get(name), "bf16").quant_storage == torch.bfloat16
+            strategies.dtype_policy(cfg.quant, strategies.get(name), "fp16")
+        assert strategies.dtype_policy(cfg.quant, strategies.get(name), "bf16").quant_storage == torch.bfloat16
         fp16 = load_config(None, [("quant.compute_dtype", "float16")])
-        assert strategies.dtype_policy(fp16, strategies.get(name), "fp16").quant_storage == torch.float16
+        assert strategies.dtype_policy(fp16.quant, strategies.get(name), "fp16").quant_storage == torch.float16
     # DDP casts nothing (autocast only).
-    assert strategies.dtype_policy(cfg, strategies.get("ddp"), "fp16").quant_storage == torch.bfloat16
+    assert strategies.dtype_policy(cfg.quant, strategies.get("ddp"), "fp16").quant_storage == torch.bfloat16
 
 
 def test_names_peft_takes_for_experts_are_refused_where_linears_carry_them(tmp_path):
@@ -291,8 +291,7 @@ def test_names_peft_takes_for_experts_are_refused_where_linears_carry_them(tmp_p
     with pytest.raises(
         ConfigError, match=r"takes the names down_proj, gate_proj, up_proj for the experts of `deepseek_v3`"
     ):
-        check_lora_targets(cfg, config)
+        check_lora_targets(cfg.lora, cfg.model, cfg.quant, config)
     attention = "[q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj]"
-    check_lora_targets(
-        load_config(None, parse_overrides(["--model.path", str(tmp_path), "--lora.target_modules", attention])), config
-    )
+    adapted = load_config(None, parse_overrides(["--model.path", str(tmp_path), "--lora.target_modules", attention]))
+    check_lora_targets(adapted.lora, adapted.model, adapted.quant, config)
