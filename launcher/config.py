@@ -152,6 +152,9 @@ class DataConfig(DataSource):
 class TrainConfig:
     micro_batch_size: int = 1
     grad_accum_steps: int = 1
+    global_batch_size: int = 0
+    """Samples per optimizer step over all ranks; grad_accum_steps follows from it and the world size (a job
+    requeued onto fewer nodes keeps its batch). 0: micro_batch_size x grad_accum_steps x data-parallel ranks."""
     lr: float = 2e-4
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """cosine, linear or constant, after warmup."""
@@ -197,6 +200,16 @@ class TrainConfig:
         return [
             (getattr(self, k) > 0, f"`{at}{k}` must be a positive integer, got {getattr(self, k)}.") for k in positive
         ] + [
+            (
+                self.global_batch_size >= 0,
+                f"`{at}global_batch_size` must be 0 (micro batch x accumulation x ranks) or positive, got "
+                f"{self.global_batch_size}.",
+            ),
+            (
+                self.global_batch_size == 0 or self.grad_accum_steps == 1,
+                f"Set `{at}global_batch_size` or `{at}grad_accum_steps`, not both: the accumulation follows from the "
+                f"global batch ({self.global_batch_size}), the micro batch and the world size.",
+            ),
             (self.max_steps >= 0, f"`{at}max_steps` must be 0 (use epochs) or positive, got {self.max_steps}."),
             (self.warmup_steps >= 0, f"`{at}warmup_steps` must be >= 0, got {self.warmup_steps}."),
             (
@@ -210,6 +223,25 @@ class TrainConfig:
             (self.lr > 0, f"`{at}lr` must be positive, got {self.lr}."),
             (self.eval_every_steps >= 0, f"`{at}eval_every_steps` must be >= 0, got {self.eval_every_steps}."),
         ]
+
+    def for_world(self, world: int) -> TrainConfig:
+        """This section for a run of `world` ranks: a global batch becomes the accumulation that makes it."""
+        size = self.global_batch_size
+        if not size:
+            return self
+        data_world = world // self.sequence_parallel
+        per_pass = self.micro_batch_size * data_world
+        if size % per_pass:
+            fix = (
+                f"a micro_batch_size that divides {size // data_world}"
+                if size % data_world == 0
+                else f"a number of data-parallel ranks that divides {size}"
+            )
+            raise ConfigError(
+                f"`train.global_batch_size` {size} is not a multiple of micro_batch_size {self.micro_batch_size} x "
+                f"{data_world} data-parallel ranks ({per_pass} samples per pass): choose {fix}."
+            )
+        return dataclasses.replace(self, global_batch_size=0, grad_accum_steps=size // per_pass)
 
 
 @dataclass(frozen=True)

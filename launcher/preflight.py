@@ -79,11 +79,11 @@ def check_all(cfg: RunConfig, world: int) -> strategies.Strategy:
     strategy = check_run(cfg)
     sequence_parallel.check_world(cfg.train.sequence_parallel, world)
     check_dataset(cfg.data)
-    check_resume(prelaunch_resolved(cfg, strategy), strategy, world)
+    check_resume(prelaunch_resolved(cfg, strategy, world), strategy, world)
     return strategy
 
 
-def prelaunch_resolved(cfg: RunConfig, strategy: strategies.Strategy) -> RunConfig:
+def prelaunch_resolved(cfg: RunConfig, strategy: strategies.Strategy, world: int) -> RunConfig:
     """`cfg` resolved as the ranks will resolve it, where this process can know it.
 
     On CUDA, "auto" (mixed precision, compute dtype) depends on the ranks' devices and on what `accelerate
@@ -93,7 +93,7 @@ def prelaunch_resolved(cfg: RunConfig, strategy: strategies.Strategy) -> RunConf
     """
     if not torch.cuda.is_available():
         precision = resolve_mixed_precision(cfg.train.mixed_precision, cuda=False)
-        return _resolved(cfg, strategy, precision, compute_dtype(cfg.quant.compute_dtype, precision))
+        return _resolved(cfg, strategy, world, precision, compute_dtype(cfg.quant.compute_dtype, precision))
     written = _resumed_fingerprint(cfg)
     precision = cfg.train.mixed_precision
     if precision == "auto":
@@ -101,7 +101,7 @@ def prelaunch_resolved(cfg: RunConfig, strategy: strategies.Strategy) -> RunConf
     compute = cfg.quant.compute_dtype
     if compute == "auto":
         compute = AUTOCAST_DTYPE_NAMES.get(precision) or written.get("quant.compute_dtype", compute)
-    return _resolved(cfg, strategy, precision, compute)
+    return _resolved(cfg, strategy, world, precision, compute)
 
 
 def _resumed_fingerprint(cfg: RunConfig) -> dict:
@@ -115,12 +115,12 @@ def _resumed_fingerprint(cfg: RunConfig) -> dict:
     return store.read_meta(found)["fingerprint"]
 
 
-def _resolved(cfg: RunConfig, strategy: strategies.Strategy, precision: str, compute: str) -> RunConfig:
+def _resolved(cfg: RunConfig, strategy: strategies.Strategy, world: int, precision: str, compute: str) -> RunConfig:
     return dataclasses.replace(
         cfg,
         strategy=strategy.name,
         quant=strategies.resolve_quant(cfg.quant, strategy, compute),
-        train=dataclasses.replace(cfg.train, mixed_precision=precision),
+        train=dataclasses.replace(cfg.train.for_world(world), mixed_precision=precision),
     )
 
 
@@ -143,7 +143,7 @@ def resolve_run(cfg: RunConfig, world: int) -> RunSetup:
     strategy = check_run(cfg)
     sequence_parallel.check_world(cfg.train.sequence_parallel, world)
     precision = mixed_precision(cfg.train.mixed_precision)
-    resolved = _resolved(cfg, strategy, precision, compute_dtype(cfg.quant.compute_dtype, precision))
+    resolved = _resolved(cfg, strategy, world, precision, compute_dtype(cfg.quant.compute_dtype, precision))
     resume_from = check_resume(resolved, strategy, world)
     policy = strategies.dtype_policy(resolved.quant, strategy, precision)
     return RunSetup(resolved, strategy, strategies.for_world(strategy, world), world, policy, resume_from)

@@ -175,7 +175,7 @@ def setup(user_cfg: RunConfig, stop: StopSignal) -> Training:
     resolved = preflight.resolve_run(user_cfg, world_size_from_env())
     cfg, policy, split = resolved.cfg, resolved.policy, resolved.cfg.train.sequence_parallel
     data_world = resolved.world // split  # the ranks of a sequence group train on the same rows
-    tokenizer, rows, eval_rows = load_training_data(cfg.model, cfg.data, cfg.train, data_world)
+    tokenizer, rows, eval_rows = load_training_data(cfg.model, cfg.data, cfg.train, resolved.world)
     t = cfg.train
     batches = GlobalBatches(len(rows), t.micro_batch_size, t.grad_accum_steps, data_world, t.seed)
     total_steps = t.max_steps or t.epochs * batches.steps_per_epoch

@@ -71,7 +71,7 @@ RESUMABLE_CHANGES = {
     "train.run_name",
 }
 # May change when the world size does, as long as the global batch stays (resolve_resume checks it).
-BATCH_SHAPE = {"train.micro_batch_size", "train.grad_accum_steps"}
+BATCH_SHAPE = {"train.micro_batch_size", "train.grad_accum_steps", "train.global_batch_size"}
 SINGLE = strategies.SingleProcess.spec.name
 
 
@@ -193,7 +193,8 @@ def _check_global_batch(path: Path, written: dict, written_world: int, now: dict
     else:
         share, accum = was // data_world, now["train.grad_accum_steps"]
         keep = f"--train.micro_batch_size {share // accum}" if share % accum == 0 else ""
-        fix = f"Keep it with {keep or f'--train.micro_batch_size {share} --train.grad_accum_steps 1'}."
+        keep = keep or f"--train.micro_batch_size {share} --train.grad_accum_steps 1"
+        fix = f"Keep it with {keep}, or set --train.global_batch_size {was} (the accumulation then follows the ranks)."
     raise ConfigError(
         f"Cannot resume from `{path}` with a global batch of {will} samples per step "
         f"(micro_batch_size {now['train.micro_batch_size']} x grad_accum_steps {now['train.grad_accum_steps']} x "

@@ -16,20 +16,22 @@ def load_tokenizer(model: ModelConfig):
     return tokenizer
 
 
-def load_training_data(model: ModelConfig, data: DataConfig, train: TrainConfig, world_size: int):
+def load_training_data(model: ModelConfig, data: DataConfig, train: TrainConfig, world: int):
     """The tokenizer and the rows to train on (and to evaluate on, or None), checked to fill at least one
-    optimizer step."""
+    optimizer step of a run of `world` ranks."""
     tokenizer = load_tokenizer(model)
     train_data, eval_data = load_tokenized(data, tokenizer, train.seed)
     rows = Rows(train_data, data.packing, data.max_seq_len)
-    global_batch = train.micro_batch_size * train.grad_accum_steps * world_size
+    train = train.for_world(world)
+    data_world = world // train.sequence_parallel
+    global_batch = train.micro_batch_size * train.grad_accum_steps * data_world
     if len(rows) < global_batch:
         dropped = ", ".join(f"{s.dropped} of {s.records} in `{s.source.path}`" for s in train_data.sources)
         raise ConfigError(
             f"The training data makes {len(rows)} rows (records dropped, with no target token within "
             f"data.max_seq_len={data.max_seq_len}: {dropped}), but one optimizer step needs {global_batch} "
             f"(micro_batch_size {train.micro_batch_size} x grad_accum_steps {train.grad_accum_steps} x "
-            f"{world_size} ranks). Add data or lower the batch settings."
+            f"{data_world} data-parallel ranks). Add data or lower the batch settings."
         )
     eval_rows = Rows(eval_data, data.packing, data.max_seq_len) if eval_data is not None else None
     return tokenizer, rows, eval_rows

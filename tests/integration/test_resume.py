@@ -329,7 +329,7 @@ def test_resume_on_another_world_size_keeps_the_global_batch(demo_assets, small_
 
     train_args = args(demo_assets, small_data, tmp_path / "run", "zero2", 6)
     asked = load_config(train_args[1], parse_overrides(train_args[2:]) + [("train.mixed_precision", "no")])
-    cfg = preflight.prelaunch_resolved(asked, strategies.resolve(asked))  # as its ranks wrote it
+    cfg = preflight.prelaunch_resolved(asked, strategies.resolve(asked), 2)  # as its ranks wrote it
     written = tmp_path / "run" / "checkpoints" / "step-000003"
     written.mkdir(parents=True)
     (written / "meta.json").write_text(
@@ -346,9 +346,8 @@ def test_resume_on_another_world_size_keeps_the_global_batch(demo_assets, small_
     code = cli.main(["train", "--nproc", "1", *train_args, "--resume", "auto"])
     err = capsys.readouterr().err
     assert code == 2 and "with a global batch of 2 samples per step" in err and "it was trained with 4" in err
-    assert "Keep it with --train.micro_batch_size 4." in err
-    kept = load_config(
-        train_args[1], parse_overrides([*train_args[2:], "--resume", "auto", "--train.grad_accum_steps", "2"])
-    )
-    strategy = strategies.resolve(kept)
-    assert preflight.check_resume(preflight.prelaunch_resolved(kept, strategy), strategy, 1) == written  # 2 x 2 x 1
+    assert "Keep it with --train.micro_batch_size 4, or set --train.global_batch_size 4" in err
+    for keep in (["--train.grad_accum_steps", "2"], ["--train.global_batch_size", "4"]):  # 2 x 2 x 1
+        kept = load_config(train_args[1], parse_overrides([*train_args[2:], "--resume", "auto", *keep]))
+        strategy = strategies.resolve(kept)
+        assert preflight.check_resume(preflight.prelaunch_resolved(kept, strategy, 1), strategy, 1) == written

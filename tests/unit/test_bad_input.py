@@ -27,7 +27,10 @@ def train(capsys, *args) -> tuple[int, str]:
         (["--data.path", "/nonexistent/data.jsonl"], r"Dataset `/nonexistent/data.jsonl` does not exist"),
         (["--nproc", "0"], r"`--nproc` must be at least 1, got 0"),
         # Found by tokenizing before the launch (into the cache the ranks would read), not once per rank.
-        (["--train.micro_batch_size", "300"], r"makes 512 rows .* one optimizer step needs 600 .* 2 ranks"),
+        (
+            ["--train.micro_batch_size", "300"],
+            r"makes 512 rows .* one optimizer step needs 600 .* 2 data-parallel ranks",
+        ),
     ],
 )
 def test_bad_input_fails_before_launch(demo_assets, tmp_path, capsys, no_launch, extra, message):

@@ -57,6 +57,17 @@ CASES = [
     Case("lr-schedule", TRAIN + " --train.lr_schedule step", r"`train.lr_schedule` is `step`; use cosine"),
     Case("lr-zero", TRAIN + " --train.lr 0", r"`train.lr` must be positive, got 0"),
     Case(
+        "global-batch-and-accumulation",
+        TRAIN + " --train.global_batch_size 16 --train.grad_accum_steps 2",
+        r"Set `train.global_batch_size` or `train.grad_accum_steps`, not both",
+    ),
+    Case(
+        "global-batch-not-a-multiple",
+        TRAIN + " --train.global_batch_size 12",
+        r"`train.global_batch_size` 12 is not a multiple of micro_batch_size 4 x 2 data-parallel ranks \(8 samples "
+        r"per pass\): choose a micro_batch_size that divides 6",
+    ),
+    Case(
         "loss-chunk-negative",
         TRAIN + " --train.loss_chunk_tokens -1",
         r"`train.loss_chunk_tokens` must be 0 \(the model.s own loss\) or positive, got -1",
@@ -206,7 +217,7 @@ def world(demo_assets, tmp_path_factory) -> dict[str, str]:
     (earlier / "adapter" / "adapter_model.safetensors").write_bytes(b"precious")
     (earlier / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     written = load_config(files["run"], [("output_dir", str(earlier)), ("train.mixed_precision", "no")])
-    cfg = preflight.prelaunch_resolved(written, strategies.resolve(written))  # as its ranks wrote it
+    cfg = preflight.prelaunch_resolved(written, strategies.resolve(written), 2)  # as its ranks wrote it
     step = store.checkpoint_root(cfg.output_dir) / store.step_name(2)
     step.mkdir(parents=True)
     meta = {"step": 2, "world_size": 2, "strategy": "fsdp2", "checkpoint_format": "dcp"}

@@ -101,3 +101,26 @@ def test_the_config_names_what_the_registry_and_dtypes_hold():
     assert set(dtypes.AUTOCAST_DTYPES) | {"auto", "no"} == set(typing.get_args(config.MixedPrecision))
     for strategy in strategies.NAMES:
         assert set(strategies.get(strategy).spec.offload_modes) <= set(strategies.OFFLOAD_MODES)
+
+
+def test_a_global_batch_becomes_the_accumulation_for_the_world_size():
+    """A requeued job on fewer nodes keeps its global batch: the accumulation follows the ranks."""
+    train = TrainConfig(micro_batch_size=2, global_batch_size=8)
+    assert [(t.grad_accum_steps, t.global_batch_size) for t in map(train.for_world, (1, 2, 4))] == [
+        (4, 0),
+        (2, 0),
+        (1, 0),
+    ]
+    split = dataclasses.replace(train, sequence_parallel=2)
+    assert split.for_world(4).grad_accum_steps == 2  # 2 data-parallel groups of 2 ranks
+    assert TrainConfig(grad_accum_steps=3).for_world(2).grad_accum_steps == 3  # no global batch: as given
+    with pytest.raises(ConfigError, match=r"micro_batch_size 2 x 8 data-parallel ranks \(16 samples per pass\)"):
+        train.for_world(8)
+    with pytest.raises(ConfigError, match=r"choose a number of data-parallel ranks that divides 8"):
+        train.for_world(3)
+    with pytest.raises(ConfigError, match=r"choose a micro_batch_size that divides 3"):
+        TrainConfig(micro_batch_size=2, global_batch_size=6).for_world(2)
+    with pytest.raises(ConfigError, match=r"not both"):
+        RunConfig(train=TrainConfig(global_batch_size=8, grad_accum_steps=2))
+    with pytest.raises(ConfigError, match=r"`train.global_batch_size` must be 0 .* got -4"):
+        RunConfig(train=TrainConfig(global_batch_size=-4))
