@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from launcher.launch import slurm
-from support.launches import CPU_ENV, REPO, python, read_metrics
+from support.launches import CPU_ENV, REPO, python, qlaunch, read_metrics
 from support.slurm_cluster import SlurmCluster, install, wait_until
 
 SCRIPTS = REPO / "slurm"
@@ -363,3 +363,38 @@ def test_a_job_whose_start_up_outlasts_the_warning_stops_requeueing(cluster, dem
     assert output.count("Stopped before training on SIGUSR2: nothing new to checkpoint") == 3
     assert "qlaunch: error: 3 starts in a row were stopped before their first step: the stop signal came" in output
     assert "Traceback" not in output and not (out / "metrics.jsonl").exists()
+
+
+def test_a_zero_job_requeued_onto_fewer_nodes_resumes_on_fewer_ranks(cluster, demo_assets, tmp_path):
+    """A ZeRO-2 job that may run on 1 or 2 nodes (`--nodes=1-2`, 1 rank each) starts on both; one node is
+    drained and the job warned: it checkpoints, requeues and starts again on the node left. That rank converts
+    the 2 ranks' DeepSpeed checkpoint to the universal form, keeps the global batch (train.global_batch_size:
+    now 2 micro batches per step) and continues the losses of one uninterrupted process."""
+    out, log, reference = tmp_path / "run", tmp_path / "job.out", tmp_path / "reference"
+    zero = ["--strategy", "zero2", "--lora.dropout", "0", "--train.global_batch_size", "8"]  # dropout: rank-drawn
+    config, *overrides = train_args(demo_assets, reference)
+    qlaunch(reference.with_suffix(".log"), "train", "--nproc", "1", "--config", config, *overrides, *zero)
+    args = [*train_args(demo_assets, out), *zero, "--checkpoint.every_steps", str(EVERY)]
+    options = ["--nodes=1-2", "--gpus-per-node=1", f"--output={log}"]
+    job = cluster.submit(SCRIPTS / "multi_node.sbatch", args, options, JOB_ENV, tmp_path)
+    try:
+        wait_until(lambda: len(read_metrics(out)) >= PREEMPT_AFTER, 600, "training on two nodes")
+        cluster.run(["scontrol", "update", "nodename=n2", "state=drain", "reason=lost"])
+        cluster.signal_batch(job, "USR2")
+        info = cluster.wait_for(job, FINAL, 600)
+    finally:
+        cluster.run(["scontrol", "update", "nodename=n2", "state=resume"], check=False)
+    output = log.read_text()
+    assert (info["JobState"], info["Restarts"], info["NodeList"]) == ("COMPLETED", "1", "n1"), output[-3000:]
+    on_two, on_one = starts(output)
+    assert set(re.findall(r"^rank (\d+/\d+) on (\S+) ", on_two, re.M)) == {("0/2", "n1"), ("1/2", "n2")}
+    assert set(re.findall(r"^rank (\d+/\d+) on (\S+) ", on_one, re.M)) == {("0/1", "n1")}
+    step = int(re.search(r"Stopped after step (\d+) on SIGUSR2: the checkpoint is complete", on_two)[1])
+    assert f"qlaunch: converting step-{step:06d} to DeepSpeed's universal checkpoint" in on_one
+    assert f"Resuming from step {step}: {out / 'checkpoints' / f'step-{step:06d}'}" in on_one
+    assert f"Done: {STEPS} steps" in on_one and "Traceback" not in output, output[-3000:]
+    expected = {r["step"]: r["loss"] for r in read_metrics(reference)}
+    resumed = {r["step"]: r["loss"] for r in read_metrics(out)}
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for n, loss in resumed.items():  # tests/integration/test_resume_world_size.py says why 1e-4
+        assert loss == pytest.approx(expected[n], abs=1e-4), (n, loss, expected[n])
