@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # of torch>=2.13 into the venv first and this step keeps it.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-fast lint format install matrix-table
+.PHONY: demo test test-fast lint format install matrix-table coverage-table
 
 install: $(VENV)/.installed
 
@@ -38,3 +38,8 @@ format: install
 # Runs the family x strategy matrix and rewrites README.md's table from its results.
 matrix-table: install
 	QLAUNCH_WRITE_README=1 $(PY) -m pytest tests/integration/test_matrix.py tests/integration/test_readme_table.py
+
+# Walks every causal-LM family transformers ships and rewrites tests/support/family_coverage.json and README.md's
+# coverage section from the result.
+coverage-table: install
+	QLAUNCH_WRITE_README=1 $(PY) -m pytest tests/unit/test_family_coverage.py -q

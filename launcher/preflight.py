@@ -16,7 +16,7 @@ from .data.records import load_records, record_kind
 from .dtypes import AUTOCAST_DTYPE_NAMES, DtypePolicy, resolve_mixed_precision
 from .model.build import read_model_config
 from .model.files import check_weights
-from .model.lora_targets import check_lora_targets
+from .model.lora_targets import check_gradient_checkpointing, check_lora_targets, meta_model_for_checks
 from .run import sequence_parallel, tracking
 from .run.accelerator import compute_dtype, mixed_precision
 
@@ -24,10 +24,13 @@ OUTPUT_MARKERS = ("adapter", "metrics.jsonl")
 
 
 def check_model(cfg: RunConfig) -> None:
-    """The model's config, its weight files (their headers only) and the LoRA targets on its meta skeleton."""
+    """The model's config, its weight files (their headers only), and on its meta skeleton the LoRA targets and
+    gradient checkpointing."""
     config = read_model_config(cfg.model.path, cfg.model.trust_remote_code)
     check_weights(cfg.model.path, getattr(config, "transformers_weights", None))
-    check_lora_targets(cfg.lora, cfg.model, cfg.quant, config)
+    base = meta_model_for_checks(cfg.model, cfg.quant, config)
+    check_gradient_checkpointing(cfg.train, base)
+    check_lora_targets(cfg.lora, cfg.model, base)
     sequence_parallel.check(config, cfg.train.sequence_parallel, cfg.model.path)
 
 

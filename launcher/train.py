@@ -26,6 +26,7 @@ from .data.loading import load_training_data
 from .memory.components import parameter_components
 from .memory.measure import MemoryMeter
 from .model.build import build_model, coverage_notes, load_base
+from .model.loss import own_loss_note
 from .run import sequence_parallel, tracking
 from .run.accelerator import create_accelerator, world_size_from_env
 from .run.activation_offload import ActivationOffload
@@ -195,11 +196,12 @@ def setup(user_cfg: RunConfig, stop: StopSignal) -> Training:
     groups = sequence_parallel.new_groups(split)
 
     # Prepare: k-bit preparation and LoRA (the other ranks build a meta skeleton first).
+    notes = [preflight.compute_note(user_cfg, cfg), own_loss_note(base, t)]
     model = build_model(base, cfg.quant, cfg.lora, t, policy, local_tokens(cfg.data.max_seq_len, split))
     if split > 1:
         sequence_parallel.install(model, groups)
     if accelerator.is_main_process:
-        for note in [preflight.compute_note(user_cfg, cfg), *coverage_notes(model, cfg.lora)]:
+        for note in [*notes, *coverage_notes(model, cfg.lora)]:
             if note:
                 print(f"qlaunch: {note}", flush=True)
 

@@ -133,6 +133,7 @@ def estimated_tokens_per_s(result: Budget) -> float:
 
 
 def _kv_heads(config) -> int:
+    config = config.get_text_config()
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 

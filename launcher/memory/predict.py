@@ -17,7 +17,6 @@ import torch
 from .. import strategies
 from ..config import ConfigError, RunConfig
 from ..dtypes import AUTOCAST_DTYPES, cpu_has_native_bf16, resolve_compute_dtype, resolve_mixed_precision
-from ..model.loss import loss_chunk_tokens
 from ..run import sequence_parallel
 from ..run.sequence_parallel import local_tokens
 from .activations import ActivationDtypes, activation_bytes
@@ -192,7 +191,7 @@ def predict(
                 cfg.train.gradient_checkpointing,
                 d,
                 sharder.linear_saves_input,
-                loss_chunk_tokens(spec.config, cfg.train),
+                0 if spec.own_loss else cfg.train.loss_chunk_tokens,
                 split,
             ),
             spec,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import bitsandbytes as bnb
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from ..config import ConfigError, ModelConfig, RunConfig
 from ..dtypes import DtypePolicy
@@ -33,6 +34,7 @@ from ..model.build import (
 )
 from ..model.experts import BLOCKSIZE as EXPERT_BLOCKSIZE
 from ..model.experts import Experts4bit
+from ..model.loss import chunking_refusal, logit_softcap
 from ..strategies.layout import TensorSpec, containing_layer, decoder_layers, parameter_specs
 from .activations import LayerSpec, LoraSite, ModelShape
 from .components import parameter_component
@@ -106,6 +108,8 @@ class ModelSpec:
     """Per decoder layer with 4-bit experts: bytes of its experts dequantized, and of those not adapted
     (which the experts' matmuls save for backward; an adapted one saves its sum with the LoRA delta)."""
     config: object
+    own_loss: str
+    """Why the model keeps its own loss over all logits ("": the chunked loss stands in for it)."""
     shape: ModelShape | None
     """What the activations depend on; None with `unmodelled` saying why."""
     unmodelled: str = ""
@@ -164,7 +168,8 @@ def describe_model(cfg: RunConfig, policy: DtypePolicy, config) -> ModelSpec:
         buffer_bytes=sum(b.numel() * b.element_size() for b in buffers),
         quantized_elements=quantized,
         dequantized_experts=[tuple(v) for v in dequantized.values()],
-        config=config,
+        config=config.get_text_config(),
+        own_loss=chunking_refusal(base) or "",
         shape=shape,
         unmodelled=unmodelled,
     )
@@ -174,7 +179,7 @@ def model_shape(base, modules: dict[str, nn.Module], layers: list[str], layer_of
     """The decoder layers and head of the skeleton, as the activation model reads them."""
     from peft.tuners.lora import LoraLayer, ParamWrapper
 
-    config = base.config
+    config = base.config.get_text_config()  # a vision-language model's language model
     if not layers:
         raise ConfigError(
             f"`{type(config).__name__}` declares no decoder layer class; activations are not modelled for it."
@@ -199,7 +204,7 @@ def model_shape(base, modules: dict[str, nn.Module], layers: list[str], layer_of
         layers=specs,
         vocab=config.vocab_size,
         gemma_norms=any(type(m).__name__.startswith("Gemma") for m in norms),
-        final_softcap=bool(getattr(config, "final_logit_softcapping", None)),
+        final_softcap=bool(logit_softcap(config)),
         rotary_sets=max(1, len(rotary)),
         lora_on_head=next(
             (site(m) for name, m in modules.items() if isinstance(m, LoraLayer) and not layer_of(name)), None
@@ -211,8 +216,8 @@ class ModelCache:
     """The model's config, and the model described per storage dtypes: predictions that share the
     model, quantization and LoRA settings (qlaunch plan) build each skeleton once."""
 
-    def __init__(self, model: ModelConfig):
-        self.config = read_model_config(model.path, model.trust_remote_code, config_only=True)
+    def __init__(self, model: ModelConfig, config: PretrainedConfig | None = None):
+        self.config = config or read_model_config(model.path, model.trust_remote_code, config_only=True)
         self.specs: dict[DtypePolicy, ModelSpec] = {}
 
     def describe(self, cfg: RunConfig, stored: DtypePolicy) -> ModelSpec:

@@ -363,6 +363,6 @@ def build_model(
         apply_quantized_layout(base, quant, policy, broadcast_object(None))
     disable_bnb_cpu_repack(base)
     prepare_for_kbit_training(base, policy, train.gradient_checkpointing)
-    if chunk := loss_chunk_tokens(base.config, train):
+    if chunk := loss_chunk_tokens(base, train):
         install_chunked_loss(base, chunk, train.micro_batch_size * max_seq_len)
     return attach_lora(base, lora, policy, train.seed)

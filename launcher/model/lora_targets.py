@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
-from ..config import ConfigError, LoraConfig, ModelConfig, QuantConfig
+from ..config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from .build import linear_target_names, meta_base, peft_lora_config
 
 
@@ -21,8 +21,25 @@ def matches(target: str, name: str) -> bool:
     return name == target or name.endswith(f".{target}")
 
 
-def check_lora_targets(lora: LoraConfig, model: ModelConfig, quant: QuantConfig, config: PretrainedConfig) -> None:
+def meta_model_for_checks(model: ModelConfig, quant: QuantConfig, config: PretrainedConfig) -> PreTrainedModel:
+    """The model's unquantized module tree on meta, as the pre-launch checks read it (module names and classes do
+    not depend on the dtype, which may still be "auto" here: it is resolved on the ranks)."""
+    return meta_base(model, dataclasses.replace(quant, compute_dtype="float32"), config)
+
+
+def check_gradient_checkpointing(train: TrainConfig, base: PreTrainedModel) -> None:
+    """A ConfigError where the run asks for gradient checkpointing and the model's class has none."""
+    if train.gradient_checkpointing and not base.supports_gradient_checkpointing:
+        raise ConfigError(
+            f"`{type(base).__name__}` does not support gradient checkpointing, which `train.gradient_checkpointing` "
+            "asks for. Set `train.gradient_checkpointing: false` (every layer's activations are then kept for "
+            "backward: `qlaunch budget` says how much that is)."
+        )
+
+
+def check_lora_targets(lora: LoraConfig, model: ModelConfig, base: PreTrainedModel) -> None:
     """A ConfigError naming the targets that match no module, and the linear layers there are."""
+    config = base.config
     targets = lora.target_modules
     if targets == "all-linear":  # model.linear_target_names resolves it from the model itself
         pass
@@ -39,8 +56,6 @@ def check_lora_targets(lora: LoraConfig, model: ModelConfig, quant: QuantConfig,
                 f"`lora.target_modules` is `{targets}`, which peft reads as a regular expression, and it does not "
                 f"compile ({error}). Use all-linear, or list module names such as [q_proj, v_proj]."
             ) from error
-    # Module names do not depend on the dtype, which may still be "auto" here (resolved on the ranks).
-    base = meta_base(model, dataclasses.replace(quant, compute_dtype="float32"), config)
     try:
         peft_config = peft_lora_config(base, lora)
     except ValueError as error:

@@ -3,19 +3,26 @@
 transformers' causal-LM forward projects every token onto the whole vocabulary, upcasts the logits to
 fp32, keeps the fp32 log-probabilities for backward and then makes two fp32 tensors of the same size
 in backward: at 32k tokens and Llama-3's 128,256 words that is 47 GiB, most of a long-context budget.
-Here the forward of the causal LM is the model's own decoder (`model.model`) followed by the output
-layer and the loss over at most `train.loss_chunk_tokens` tokens at a time, each chunk under non-reentrant
+Here the forward of the causal LM is the model's own decoder followed by the output layer and the loss over at most `train.loss_chunk_tokens` tokens at a time, each chunk under non-reentrant
 checkpointing: a chunk's logits exist only while it is computed, in forward and again in backward,
 and what forward keeps is the final hidden states and the targets. The output layer is called as a
 module, so FSDP's and ZeRO-3's gathering hooks, a LoRA adapter on it and tied embeddings work as in
 the model's own forward. The per-token losses are the model's own (the same ops on the same values);
 only the order of the sum over tokens differs.
 
+The decoder and the output layer are found through transformers' accessors (`get_decoder()`, `base_model`,
+`get_output_embeddings()`), never by attribute name: families call them `model`, `gpt_neox`, `transformer`,
+`lm_head` or `embed_out`. A model whose causal-LM forward does more than decoder, output layer and loss (a head
+with layers of its own, scaled logits, the router's auxiliary loss) keeps its own loss, and the run says why
+(`chunking_refusal`); tests/unit/test_family_coverage.py checks the rule against every causal-LM family
+transformers ships.
+
 Forwards without labels (generation, the adapter check) run the model's own forward unchanged.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import types
 
@@ -23,27 +30,85 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 IGNORE = -100
 """The label of tokens that are not trained on (prompt, padding), as transformers uses it."""
 SCALED_LOGITS = ("logit_scale", "logits_scaling")
 """Config fields of families whose forward scales the logits before the loss (Cohere, Granite)."""
+SOFTCAP = ("final_logit_softcapping", "logits_soft_cap")
+"""Config fields of the tanh soft-capping some families apply to the logits (Gemma-2/3, RecurrentGemma), which the
+chunked loss applies as they do."""
 
 
-def chunking_refusal(config) -> str | None:
-    """Why the chunked loss cannot stand in for this model's own (None: it can)."""
-    for name in SCALED_LOGITS:
-        if getattr(config, name, None) not in (None, 1, 1.0):
-            return f"`{type(config).__name__}` scales its logits (`{name}`)"
-    if getattr(config, "output_router_logits", False):
-        return f"`{type(config).__name__}` adds the router's load-balancing loss (`output_router_logits: true`)"
+def logit_softcap(config) -> float | None:
+    return next((cap for field in SOFTCAP if (cap := getattr(config, field, None))), None)
+
+
+def decoder_of(model: nn.Module) -> nn.Module | None:
+    """The module of a causal LM that turns input ids into the final hidden states: what `get_decoder()` or
+    `base_model` names, else the one child that holds the input embeddings (Llama-4's causal LM names itself
+    in both). It must hold the input embeddings and not be the model or its output layer."""
+    embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
+    candidates = [model.get_decoder(), model.base_model, *model.children()]
+    for candidate in candidates:
+        if candidate is model or candidate is output or not isinstance(candidate, PreTrainedModel):
+            continue
+        if any(module is embeddings for module in candidate.modules()):
+            return candidate
     return None
 
 
-def loss_chunk_tokens(config, train) -> int:
+def chunking_refusal(model: nn.Module) -> str | None:
+    """Why the chunked loss cannot stand in for this causal LM's own (None: it can)."""
+    config = model.config
+    name = type(model).__name__
+    for field in SCALED_LOGITS:
+        if getattr(config, field, None) not in (None, 1, 1.0):
+            return f"`{name}` scales its logits (`{field}`)"
+    if getattr(config, "output_router_logits", False):
+        return f"`{name}` adds the router's load-balancing loss (`output_router_logits: true`)"
+    if reason := _other_loss(model):
+        return f"`{name}` {reason}"
+    output = model.get_output_embeddings()
+    if not isinstance(getattr(output, "base_layer", output), nn.Linear):  # a LoRA adapter wraps an adapted one
+        return f"`{name}` has no linear output layer (`get_output_embeddings()` gives {type(output).__name__})"
+    decoder = decoder_of(model)
+    if decoder is None:
+        return f"`{name}` names no decoder (`get_decoder()`, `base_model`) that holds its input embeddings"
+    inside = {id(p) for module in (decoder, output) for p in module.parameters()}
+    outside = sorted({n.rpartition(".")[0] for n, p in model.named_parameters() if id(p) not in inside})
+    if outside:
+        return f"`{name}` computes its logits through more than its output layer ({', '.join(outside[:3])})"
+    return None
+
+
+def _other_loss(model: nn.Module) -> str | None:
+    """Why this model's loss is not transformers' causal-LM loss (shifted labels, summed cross-entropy over the
+    counted tokens), which the chunks compute: older heads (BART's, Marian's, ...) take the labels unshifted."""
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return "has a forward whose source cannot be read to see which loss it computes"
+    if "self.loss_function(" not in source:
+        return "computes a loss of its own (not transformers' causal-LM loss)"
+    loss_type = getattr(model, "loss_type", None)
+    if getattr(model, "_loss_function", None) is not None or loss_type not in (None, "ForCausalLM"):
+        return f"computes the loss `{loss_type or 'set on the model'}`, not the causal-LM loss"
+    return None
+
+
+def loss_chunk_tokens(model: nn.Module, train) -> int:
     """Tokens per chunk this model's loss runs with (`train.loss_chunk_tokens`), 0 for its own loss."""
-    return 0 if chunking_refusal(config) else train.loss_chunk_tokens
+    return 0 if chunking_refusal(model) else train.loss_chunk_tokens
+
+
+def own_loss_note(model: nn.Module, train) -> str | None:
+    """What a run whose model keeps its own loss prints at start (None: the loss is chunked as asked)."""
+    if not train.loss_chunk_tokens or not (reason := chunking_refusal(model)):
+        return None
+    return f"the loss runs over all logits at once (the model's own), not in chunks: {reason}."
 
 
 def chunk_count(max_tokens: int, chunk_tokens: int) -> int:
@@ -58,7 +123,8 @@ def install_chunked_loss(model: nn.Module, chunk_tokens: int, max_tokens: int) -
     most `chunk_tokens` tokens for micro batches of up to `max_tokens` tokens (micro batch x max_seq_len)."""
     chunks = chunk_count(max_tokens, chunk_tokens)
     own_forward = model.forward
-    softcap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-2/3: tanh, as their forward does
+    decoder = decoder_of(model)
+    softcap = logit_softcap(model.config)
 
     def forward(self, *args, **kwargs):
         labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
@@ -66,11 +132,11 @@ def install_chunked_loss(model: nn.Module, chunk_tokens: int, max_tokens: int) -
             return own_forward(*args, **kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)
         kwargs.pop("logits_to_keep", None)
-        outputs = self.model(*args, **kwargs)
+        outputs = decoder(*args, **kwargs)
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=IGNORE)[..., 1:]
         head = self.get_output_embeddings()
-        loss = chunked_cross_entropy(head, outputs.last_hidden_state, shift_labels, num_items, chunks, softcap)
+        loss = chunked_cross_entropy(head, outputs[0], shift_labels, num_items, chunks, softcap)
         return CausalLMOutputWithPast(loss=loss)
 
     model.forward = types.MethodType(forward, model)

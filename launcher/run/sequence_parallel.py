@@ -49,6 +49,7 @@ def refusal(config, size: int) -> str | None:
     name = type(config).__name__
     if config.model_type in PER_HEAD_PARAMETERS:
         return f"`{name}`'s attention has {PER_HEAD_PARAMETERS[config.model_type]} per head"
+    config = config.get_text_config()
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     if heads % size or kv_heads % size:

@@ -90,9 +90,13 @@ def test_the_chunks_keep_no_logits_for_backward():
 def test_families_that_scale_their_logits_keep_their_own_loss():
     from transformers import CohereConfig, MixtralConfig
 
-    assert "logit_scale" in chunking_refusal(CohereConfig(logit_scale=0.0625))
-    assert "load-balancing" in chunking_refusal(MixtralConfig(output_router_logits=True))
-    assert chunking_refusal(BY_NAME["gemma2"].config(TOKENS)) is None
+    def refusal(config):
+        with torch.device("meta"):
+            return chunking_refusal(AutoModelForCausalLM.from_config(config))
+
+    assert "logit_scale" in refusal(CohereConfig(logit_scale=0.0625))
+    assert "load-balancing" in refusal(MixtralConfig(output_router_logits=True))
+    assert refusal(BY_NAME["gemma2"].config(TOKENS)) is None
 
 
 def test_every_micro_batch_calls_the_output_layer_as_often():

@@ -278,7 +278,7 @@ def test_names_peft_takes_for_experts_are_refused_where_linears_carry_them(tmp_p
     # the fused routed experts (their names before transformers 5); they would silently stay unadapted.
     from transformers import DeepseekV3Config
 
-    from launcher.model.lora_targets import check_lora_targets
+    from launcher.model.lora_targets import check_lora_targets, meta_model_for_checks
 
     config = DeepseekV3Config(
         vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
@@ -291,7 +291,7 @@ def test_names_peft_takes_for_experts_are_refused_where_linears_carry_them(tmp_p
     with pytest.raises(
         ConfigError, match=r"takes the names down_proj, gate_proj, up_proj for the experts of `deepseek_v3`"
     ):
-        check_lora_targets(cfg.lora, cfg.model, cfg.quant, config)
+        check_lora_targets(cfg.lora, cfg.model, meta_model_for_checks(cfg.model, cfg.quant, config))
     attention = "[q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj]"
     adapted = load_config(None, parse_overrides(["--model.path", str(tmp_path), "--lora.target_modules", attention]))
-    check_lora_targets(adapted.lora, adapted.model, adapted.quant, config)
+    check_lora_targets(adapted.lora, adapted.model, meta_model_for_checks(adapted.model, adapted.quant, config))
