@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..model.build import frozen_component
+from ..model.anatomy import frozen_component
 from ..strategies import clean_fqn
 from ..strategies.layout import OPTIMIZER_STATE_COMPONENTS
 

@@ -12,16 +12,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-import torch
-
 from .. import strategies
 from ..config import ConfigError, RunConfig
 from ..dtypes import AUTOCAST_DTYPES, cpu_has_native_bf16, resolve_compute_dtype, resolve_mixed_precision
 from ..run import sequence_parallel
 from ..run.sequence_parallel import local_tokens
-from .activations import ActivationDtypes, activation_bytes
+from .activations import activation_bytes
 from .components import COMPONENTS
 from .skeleton import ModelCache, ModelSpec
+from .trace import TraceRun
 
 DEFAULT_RUNTIME_OVERHEAD = 1 << 30
 """CUDA context (~0.5 GiB with lazy module loading), NCCL's own buffers and allocator slack."""
@@ -141,16 +140,6 @@ def resolve_quant(cfg: RunConfig, strategy: strategies.Strategy, mixed: str, dev
     return dataclasses.replace(cfg, quant=strategies.resolve_quant(cfg.quant, strategy, compute))
 
 
-def with_dequantized_experts(activations: dict[str, int], spec: ModelSpec, checkpointing: bool) -> dict[str, int]:
-    """`activations` with the 16-bit copies of the 4-bit experts. With checkpointing, one layer's exist at a
-    time, while it runs and while it is recomputed; without, the experts' matmuls save every layer's
-    unadapted ones for backward."""
-    if checkpointing:
-        return {**activations, "experts_dequantized": max((whole for whole, _ in spec.dequantized_experts), default=0)}
-    saved = sum(unadapted for _, unadapted in spec.dequantized_experts)
-    return {**activations, "activations": activations["activations"] + saved, "experts_dequantized": 0}
-
-
 def predict(
     cfg: RunConfig, hardware: Hardware, activation_shape: tuple[int, int] | None = None, cache: ModelCache | None = None
 ) -> Budget:
@@ -167,36 +156,22 @@ def predict(
     stored = sharder.stored_policy(policy, autocast)
     compute = sharder.compute_policy(policy, autocast)
     spec = (cache or ModelCache(cfg.model)).describe(cfg, stored)
-    if spec.shape is None:
-        raise ConfigError(spec.unmodelled)
-    d = ActivationDtypes(
-        # Gemma's norms return their input's dtype; the others promote it with their weight's.
-        stream=compute.dense if spec.shape.gemma_norms else torch.promote_types(compute.norm, compute.dense),
-        dense=compute.dense,
-        adapter=compute.adapter,
-        experts=compute.experts,
-        autocast=autocast,
-        device=hardware.device,
-    )
     split = cfg.train.sequence_parallel
     sequence_parallel.check(spec.config, split, cfg.model.path)
     batch, seq = activation_shape or (cfg.train.micro_batch_size, local_tokens(cfg.data.max_seq_len, split))
     hidden = spec.config.hidden_size
+    run = TraceRun(
+        batch=batch,
+        seq=seq,
+        checkpointing=cfg.train.gradient_checkpointing,
+        loss_chunk=0 if spec.own_loss else cfg.train.loss_chunk_tokens,
+        device=hardware.device,
+        autocast=autocast,
+        linear_saves_input=sharder.linear_saves_input,
+        split=split,
+    )
     shared = {
-        **with_dequantized_experts(
-            activation_bytes(
-                spec.shape,
-                batch,
-                seq,
-                cfg.train.gradient_checkpointing,
-                d,
-                sharder.linear_saves_input,
-                0 if spec.own_loss else cfg.train.loss_chunk_tokens,
-                split,
-            ),
-            spec,
-            cfg.train.gradient_checkpointing,
-        ),
+        **activation_bytes(spec, compute, run),
         "gathered_params": sharder.gathered_bytes(spec.tensors, compute, world, hidden),
         "comm_buckets": sharder.bucket_bytes(spec.trainable, autocast or compute.adapter, world, hidden),
         "runtime": hardware.runtime_overhead if hardware.device == "cuda" else 0,

@@ -1,6 +1,6 @@
 """The model on the meta device, built the way ranks without weights build it in training, and what
 the prediction reads off it: every tensor with its shape, dtype and component, the quantization
-constants, the buffers, and the decoder layers as the activation model sees them.
+constants, the buffers, and what a micro batch saves for backward (traced on it: trace.py).
 
 transformers' bitsandbytes quantizer replaces the same linears with 4-bit ones as in from_pretrained
 (it keeps lm_head and tied weights unquantized), the packed shapes and quantization constants follow
@@ -11,10 +11,9 @@ is exact for any model size, without weights or a GPU.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import bitsandbytes as bnb
 import torch
@@ -23,6 +22,7 @@ from transformers import PretrainedConfig
 
 from ..config import ConfigError, ModelConfig, RunConfig
 from ..dtypes import DtypePolicy
+from ..model.anatomy import decoder_layers
 from ..model.build import (
     apply_quantized_layout,
     attach_lora,
@@ -34,10 +34,10 @@ from ..model.build import (
 )
 from ..model.experts import BLOCKSIZE as EXPERT_BLOCKSIZE
 from ..model.experts import Experts4bit
-from ..model.loss import chunking_refusal, logit_softcap
-from ..strategies.layout import TensorSpec, containing_layer, decoder_layers, parameter_specs
-from .activations import LayerSpec, LoraSite, ModelShape
+from ..model.loss import chunking_refusal
+from ..strategies.layout import TensorSpec, containing_layer, parameter_specs
 from .components import parameter_component
+from .trace import Saved, TraceRun, layer_kinds, trace_saved
 
 
 def quant_state_shapes(
@@ -110,13 +110,28 @@ class ModelSpec:
     config: object
     own_loss: str
     """Why the model keeps its own loss over all logits ("": the chunked loss stands in for it)."""
-    shape: ModelShape | None
-    """What the activations depend on; None with `unmodelled` saying why."""
-    unmodelled: str = ""
+    skeleton: nn.Module
+    traces: dict = field(default_factory=dict)
 
     @property
     def trainable(self) -> list[TensorSpec]:
         return [t for t in self.tensors if t.trainable]
+
+    def saved(self, compute: DtypePolicy, run: TraceRun) -> Saved:
+        """What one micro batch of `run` saves for backward, traced on the skeleton once per run and dtypes."""
+        key = (compute, run)
+        if key not in self.traces:
+            try:
+                if "kinds" not in self.traces:
+                    self.traces["kinds"] = layer_kinds(self.skeleton, decoder_layers(self.skeleton))
+                self.traces[key] = trace_saved(self.skeleton, compute, run, self.traces["kinds"])
+            except Exception as error:  # noqa: BLE001 - a model the trace cannot run is predicted without activations
+                first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                raise ConfigError(
+                    f"its forward and backward did not run on fake tensors ({type(error).__name__}: {first[:200]}), "
+                    "so its activations cannot be traced"
+                ) from error
+        return self.traces[key]
 
 
 def is_adapted_expert(modules: dict[str, nn.Module], parametrization: str) -> bool:
@@ -157,10 +172,6 @@ def describe_model(cfg: RunConfig, policy: DtypePolicy, config) -> ModelSpec:
         for shape, dtype in quant_state_shapes(numel, blocksize, cfg.quant.double_quant).values():
             quant_bytes += math.prod(shape) * dtype.itemsize
     buffers = {id(b): b for b in skeleton.buffers()}.values()
-    try:
-        shape, unmodelled = model_shape(base, modules, layers, functools.partial(containing_layer, layers)), ""
-    except ConfigError as error:
-        shape, unmodelled = None, str(error)
     return ModelSpec(
         name=cfg.model.path,
         tensors=tensors,
@@ -170,45 +181,7 @@ def describe_model(cfg: RunConfig, policy: DtypePolicy, config) -> ModelSpec:
         dequantized_experts=[tuple(v) for v in dequantized.values()],
         config=config.get_text_config(),
         own_loss=chunking_refusal(base) or "",
-        shape=shape,
-        unmodelled=unmodelled,
-    )
-
-
-def model_shape(base, modules: dict[str, nn.Module], layers: list[str], layer_of) -> ModelShape:
-    """The decoder layers and head of the skeleton, as the activation model reads them."""
-    from peft.tuners.lora import LoraLayer, ParamWrapper
-
-    config = base.config.get_text_config()  # a vision-language model's language model
-    if not layers:
-        raise ConfigError(
-            f"`{type(config).__name__}` declares no decoder layer class; activations are not modelled for it."
-        )
-
-    def site(module) -> LoraSite:
-        dropout = module.lora_dropout["default"]
-        return LoraSite(module.in_features, module.out_features, module.r["default"], getattr(dropout, "p", 0.0))
-
-    specs = []
-    for index, layer in enumerate(layers):
-        inside = {name[len(layer) + 1 :]: m for name, m in modules.items() if name.startswith(layer + ".")}
-        lora = {
-            name: site(m) for name, m in inside.items() if isinstance(m, LoraLayer) and not isinstance(m, ParamWrapper)
-        }
-        experts = {m.parameter_name: m.r["default"] for m in inside.values() if isinstance(m, ParamWrapper)}
-        names = {name.replace(".base_layer", "") for name in inside}  # an adapted parameter wraps its module
-        specs.append(describe_layer(config, names, lora, experts, config._attn_implementation, index))
-    norms = [m for m in modules.values() if type(m).__name__.endswith("RMSNorm")]
-    rotary = [name for name, _ in base.named_buffers() if name.endswith("inv_freq") and "original" not in name]
-    return ModelShape(
-        layers=specs,
-        vocab=config.vocab_size,
-        gemma_norms=any(type(m).__name__.startswith("Gemma") for m in norms),
-        final_softcap=bool(logit_softcap(config)),
-        rotary_sets=max(1, len(rotary)),
-        lora_on_head=next(
-            (site(m) for name, m in modules.items() if isinstance(m, LoraLayer) and not layer_of(name)), None
-        ),
+        skeleton=skeleton,
     )
 
 
@@ -224,88 +197,3 @@ class ModelCache:
         if stored not in self.specs:
             self.specs[stored] = describe_model(cfg, stored, self.config)
         return self.specs[stored]
-
-
-NORM_POSITIONS = {
-    # The hidden-size norms of a decoder layer, by the names transformers gives them per position.
-    "pre_attn": ("input_layernorm",),
-    "post_attn": ("post_attention_layernorm",),
-    "pre_mlp": ("pre_feedforward_layernorm",),
-    "post_mlp": ("post_feedforward_layernorm",),
-}
-
-
-def norm_positions(names: set[str]) -> dict[str, bool]:
-    """Where a layer's hidden-size norms sit. Llama-style layers name their pre-MLP norm
-    `post_attention_layernorm`; Gemma-style layers have a separate `pre_feedforward_layernorm`,
-    and then `post_attention_layernorm` normalises the attention output."""
-    found = {pos: any(n in names for n in candidates) for pos, candidates in NORM_POSITIONS.items()}
-    if not found["pre_mlp"] and found["post_attn"]:
-        found["pre_mlp"], found["post_attn"] = True, False
-    if not found["pre_attn"]:
-        raise ConfigError(f"No input norm found in the decoder layer (modules: {', '.join(sorted(names))}).")
-    return found
-
-
-def describe_layer(
-    config, module_names: set[str], lora: dict[str, LoraSite], expert_lora: dict[str, int], attention: str, index: int
-) -> LayerSpec:
-    """A LayerSpec from a layer's module names (relative to the layer) and the model config."""
-    hidden, heads = config.hidden_size, config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    layer_types = getattr(config, "layer_types", None)
-    sliding = (
-        layer_types[index] == "sliding_attention"
-        if layer_types
-        else getattr(config, "sliding_window", None) is not None
-    )
-    shared = 0
-    if "mlp.experts" in module_names:
-        if any(name.startswith("mlp.shared_expert") for name in module_names):
-            shared = getattr(config, "shared_expert_intermediate_size", 0)
-            if not shared or not {"mlp.shared_expert.gate_proj", "mlp.shared_expert.down_proj"} <= module_names:
-                raise ConfigError(
-                    f"`{type(config).__name__}` has shared experts that are not a gated MLP "
-                    "(mlp.shared_expert.gate/up/down_proj); activations are not modelled for them."
-                )
-        if set(expert_lora) - {"gate_up_proj", "down_proj"}:
-            raise ConfigError(
-                f"Activations are modelled for adapted expert weights gate_up_proj and down_proj, not {sorted(expert_lora)}."
-            )
-        mlp, inter = "moe", getattr(config, "moe_intermediate_size", None) or config.intermediate_size
-    elif {"mlp.down_proj"} <= module_names and (
-        {"mlp.gate_proj", "mlp.up_proj"} <= module_names or "mlp.gate_up_proj" in module_names
-    ):
-        mlp, inter = "dense", config.intermediate_size
-    else:
-        raise ConfigError(
-            f"Activations are modelled for decoder layers with a gated MLP (gate/up/down projections) or routed "
-            f"experts; `{type(config).__name__}` has neither. Static components could be predicted, activations not."
-        )
-    if not (
-        {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"} <= module_names
-        or "self_attn.qkv_proj" in module_names
-    ):
-        raise ConfigError(f"`{type(config).__name__}` has no q/k/v projections that activations are modelled for.")
-    return LayerSpec(
-        hidden=hidden,
-        heads=heads,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=head_dim,
-        norms=norm_positions(module_names),
-        qk_norm="self_attn.q_norm" in module_names,
-        attention="eager" if attention == "eager" else "sdpa",
-        softcap=attention == "eager" and bool(getattr(config, "attn_logit_softcapping", None)),
-        window=getattr(config, "sliding_window", None) if sliding else None,
-        mlp=mlp,
-        intermediate=inter,
-        experts=getattr(config, "num_local_experts", None) or getattr(config, "num_experts", 0) if mlp == "moe" else 0,
-        top_k=getattr(config, "num_experts_per_tok", 0) if mlp == "moe" else 0,
-        normalize_top_k=mlp == "moe" and getattr(config, "norm_topk_prob", True),
-        shared_intermediate=shared,
-        shared_gate="mlp.shared_expert_gate" in module_names,
-        clamped_glu=mlp == "moe" and config.model_type == "gpt_oss",
-        sinks=config.model_type == "gpt_oss",
-        lora=lora,
-        expert_lora=expert_lora,
-    )

@@ -21,7 +21,8 @@ from ..collectives import broadcast_object, is_source_rank, this_rank_device
 from ..config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from ..cpu_shims import disable_bnb_cpu_repack
 from ..dtypes import DTYPE_BY_NAME, DtypePolicy
-from . import experts
+from . import experts, targets
+from .anatomy import frozen_component
 from .experts import packed_shape
 from .files import model_source
 from .loss import install_chunked_loss, loss_chunk_tokens
@@ -163,25 +164,6 @@ def apply_quantized_layout(
     model.is_loaded_in_4bit = True
 
 
-def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm")
-
-
-def frozen_component(module: nn.Module, name: str, param: torch.Tensor) -> str:
-    """What a base parameter is, as the dtype policy and the memory budget name it."""
-    if isinstance(module, bnb.nn.Linear4bit):
-        return "base_4bit" if name == "weight" else "biases"
-    if experts.is_packed_expert(module):
-        return "base_4bit"
-    if is_norm(module):
-        return "norms"
-    if name.endswith("_bias") and param.dim() == 2:  # gpt-oss's expert biases, one row per expert
-        return "biases"
-    if param.dim() == 3:
-        return "experts"
-    return "frozen_dense"
-
-
 def prepare_for_kbit_training(model: PreTrainedModel, policy: DtypePolicy, gradient_checkpointing: bool) -> None:
     """Freezes the base and sets each unquantized weight to the dtype the strategy can shard safely.
 
@@ -222,83 +204,18 @@ def assert_non_reentrant(model: nn.Module) -> None:
         raise RuntimeError("Gradient checkpointing was requested but no layer of the model supports it.")
 
 
-def linear_target_names(model: nn.Module) -> list[str]:
-    """What `all-linear` means here: the names of every nn.Linear (4-bit or not) but the output layer.
-
-    peft resolves "all-linear" itself, and for MoE families whose experts transformers 5 fused into 3D
-    parameters it then adds those parameters and the router (its v4-compatibility remap), which
-    supports no LoRA dropout and makes the router trainable. Experts are adapted only when asked for,
-    through `lora.target_parameters`."""
-    output = model.get_output_embeddings()
-    return sorted(
-        {
-            name.rpartition(".")[2]
-            for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and module is not output
-        }
-    )
-
-
-def adapted_parameter_names(model: nn.Module, targets: list[str]) -> list[str]:
-    """`lora.target_parameters` as full names: peft matches a parametrized parameter (a 4-bit expert) by its
-    full name only, where it accepts a suffix of any other."""
-    names = {
-        f"{path}.{name}"
-        for path, module in model.named_modules()
-        for name in [*module._parameters, *(getattr(module, "parametrizations", None) or {})]
-        if name != "original"
-    }
-    return sorted(n for n in names for t in targets if n == t or n.endswith("." + t))
-
-
-def peft_lora_config(model: nn.Module, lora: LoraConfig):
-    """The peft config `attach_lora` adapts `model` with. A ValueError where peft cannot map the names MoE
-    experts had before transformers 5 (a part of a fused weight without the others)."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft.utils.transformers_weight_conversion import (
-        convert_peft_config_for_transformers,
-        get_model_conversion_mapping,
-    )
-
-    targets = linear_target_names(model) if lora.target_modules == "all-linear" else lora.target_modules
-    config = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        # peft refuses dropout on adapted parameters; attach_lora sets it on the adapted modules.
-        lora_dropout=0.0 if lora.target_parameters else lora.dropout,
-        target_modules=targets,
-        target_parameters=lora.target_parameters or None,
-        # A 4-bit expert's parametrization list is a module named like the parameter (`...experts.
-        # parametrizations.down_proj`), which peft's suffix match would take for the `down_proj` linears.
-        exclude_modules=sorted(
-            {
-                f"parametrizations.{name}"
-                for _, m in model.named_modules()
-                for name in getattr(m, "parametrizations", {})
-            }
-        )
-        or None,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    # get_peft_model's first step, done here (it is idempotent) so that the parameter targets it adds are
-    # named in full: the names experts had before transformers 5 fused them (Mixtral's w1/w2/w3, DeepSeek's
-    # gate/up/down_proj) become parameter targets.
-    convert_peft_config_for_transformers(config, model=model, conversions=get_model_conversion_mapping(model))
-    config.target_parameters = adapted_parameter_names(model, sorted(config.target_parameters or ())) or None
-    return config
-
-
 def attach_lora(model: PreTrainedModel, lora: LoraConfig, policy: DtypePolicy, seed: int) -> nn.Module:
     """Adds LoRA adapters. The seed makes the source rank's init, which every rank receives, reproducible."""
     from peft import get_peft_model
     from peft.tuners.lora import LoraLayer, ParamWrapper
 
     experts.fix_peft_stacked_parametrizations()
+    targets.keep_named_modules()
     experts.sort_expert_parameters(model)
+    resolution = targets.resolve(model, lora)
     torch.manual_seed(seed)
-    peft_config = peft_lora_config(model, lora)
-    model = get_peft_model(model, peft_config)
+    model = get_peft_model(model, targets.peft_lora_config(model, lora, resolution))
+    model.qlaunch_targets = resolution
     if lora.target_parameters and lora.dropout:
         for module in model.modules():
             if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper):
@@ -330,6 +247,11 @@ def coverage_notes(model: nn.Module, lora: LoraConfig) -> list[str]:
         notes.append(
             f"lora.dropout {lora.dropout} applies to the adapted modules; peft has no dropout on adapted parameters."
         )
+    resolution = getattr(model, "qlaunch_targets", None)
+    if resolution and resolution.left_out:
+        notes.append(f"all-linear leaves out {targets.describe_left_out(resolution.left_out)}.")
+    if resolution and resolution.unprobed:
+        notes.append(f"all-linear: {resolution.unprobed}.")
     return notes
 
 

@@ -13,7 +13,8 @@ import re
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
-from .build import linear_target_names, meta_base, peft_lora_config
+from .build import meta_base
+from .targets import describe_left_out, peft_lora_config, remapped_by_peft, resolve, resolve_all_linear
 
 
 def matches(target: str, name: str) -> bool:
@@ -39,11 +40,8 @@ def check_gradient_checkpointing(train: TrainConfig, base: PreTrainedModel) -> N
 
 def check_lora_targets(lora: LoraConfig, model: ModelConfig, base: PreTrainedModel) -> None:
     """A ConfigError naming the targets that match no module, and the linear layers there are."""
-    config = base.config
     targets = lora.target_modules
-    if targets == "all-linear":  # model.linear_target_names resolves it from the model itself
-        pass
-    elif not targets and not lora.target_parameters:
+    if targets != "all-linear" and not targets and not lora.target_parameters:
         raise ConfigError(
             "`lora.target_modules` is empty and there is no `lora.target_parameters`: nothing would be trained. "
             "Use all-linear, or list module names such as [q_proj, v_proj]."
@@ -56,26 +54,15 @@ def check_lora_targets(lora: LoraConfig, model: ModelConfig, base: PreTrainedMod
                 f"`lora.target_modules` is `{targets}`, which peft reads as a regular expression, and it does not "
                 f"compile ({error}). Use all-linear, or list module names such as [q_proj, v_proj]."
             ) from error
+    resolution = resolve(base, lora)
     try:
-        peft_config = peft_lora_config(base, lora)
+        peft_config = peft_lora_config(base, lora, resolution)
     except ValueError as error:
         raise ConfigError(
             f"`lora.target_modules` cannot be applied to `{model.path}`: {error} (peft maps the names MoE experts "
             "had before transformers 5 onto their fused parameters). Name all the parts of a fused weight, or adapt "
             "the experts through `lora.target_parameters`."
         ) from error
-    asked = linear_target_names(base) if targets == "all-linear" else targets
-    remapped = set(asked if isinstance(asked, list) else ()) - set(peft_config.target_modules or ())
-    clash = sorted(remapped & set(linear_target_names(base)))
-    if clash:
-        import peft
-
-        raise ConfigError(
-            f"peft {peft.__version__} takes the names {', '.join(clash)} for the experts of `{config.model_type}` "
-            "(as they were named before transformers 5 fused them), so the linears of those names outside the "
-            "experts (dense layers, shared experts) would not be adapted. List the linears to adapt without those "
-            "names in `lora.target_modules`, and adapt the experts with `lora.target_parameters`."
-        )
     if peft_config.target_parameters and peft_config.lora_dropout:
         names = ", ".join(sorted({name.rpartition(".")[2] for name in peft_config.target_parameters}))
         raise ConfigError(
@@ -86,12 +73,18 @@ def check_lora_targets(lora: LoraConfig, model: ModelConfig, base: PreTrainedMod
             "`lora.dropout: 0`."
         )
     modules = [name for name, _ in base.named_modules()]
-    linear = linear_target_names(base)
-    found = f"Its linear layers: {', '.join(linear)} (all-linear takes them all)."
+    every = resolution if targets == "all-linear" else resolve_all_linear(base)
+    linear = sorted({name.rpartition(".")[2] for name in every.targets})
+    found = f"Its linear layers: {', '.join(linear)} (all-linear takes them"
+    found += f"; it leaves out {describe_left_out(every.left_out)})." if every.left_out else ")."
     experts = sorted({re.sub(r"^.*?\.\d+\.", "", n) for n, p in base.named_parameters() if p.dim() == 3})
     if experts:
         found += f" Its MoE experts are 3D parameters, which `lora.target_parameters: [{', '.join(experts)}]` adapts."
     if targets == "all-linear":
+        if not resolution.targets and not lora.target_parameters:
+            raise ConfigError(
+                f"`lora.target_modules: all-linear` finds no linear layer to adapt in `{model.path}`. {found}"
+            )
         return
     if isinstance(peft_config.target_modules, str):
         if not any(re.fullmatch(targets, name) for name in modules):
@@ -104,7 +97,8 @@ def check_lora_targets(lora: LoraConfig, model: ModelConfig, base: PreTrainedMod
         return
     if isinstance(targets, str):  # a regex peft resolved to the names it matched
         return
-    missing = [t for t in targets if t in peft_config.target_modules and not any(matches(t, n) for n in modules)]
+    unmatched = [t for t in targets if not any(matches(t, n) for n in modules)]
+    missing = sorted(set(unmatched) - remapped_by_peft(base, unmatched), key=unmatched.index)  # peft's expert names
     if not missing:
         return
     if len(missing) == len(targets):

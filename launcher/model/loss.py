@@ -37,8 +37,8 @@ IGNORE = -100
 """The label of tokens that are not trained on (prompt, padding), as transformers uses it."""
 SCALED_LOGITS = ("logit_scale", "logits_scaling")
 """Config fields of families whose forward scales the logits before the loss (Cohere, Granite)."""
-SOFTCAP = ("final_logit_softcapping", "logits_soft_cap")
-"""Config fields of the tanh soft-capping some families apply to the logits (Gemma-2/3, RecurrentGemma), which the
+SOFTCAP = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+"""Config fields of the tanh soft-capping some families apply to the logits (Gemma-2/3, RecurrentGemma, xLSTM), which the
 chunked loss applies as they do."""
 
 

@@ -16,12 +16,12 @@ from collections.abc import Iterator
 
 from .. import cpu_shims
 from ..dtypes import AUTOCAST_DTYPES
+from ..model.anatomy import decoder_layers
 from .base import LocalShard, Strategy, StrategySpec, clean_fqn, module_path
 from .layout import (
     ADAM_STATES,
     TensorSpec,
     add,
-    decoder_layers,
     parameter_specs,
     root_and_two_layers,
     split_flat,

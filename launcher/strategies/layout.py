@@ -46,13 +46,6 @@ class TensorSpec:
         return self.dtype.itemsize
 
 
-def decoder_layers(model: nn.Module) -> list[str]:
-    """Paths of the decoder layers: the modules of the classes the model declares unsplittable."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    classes = set(getattr(base, "_no_split_modules", None) or ())
-    return [name for name, module in model.named_modules() if type(module).__name__ in classes]
-
-
 def containing_layer(layers: list[str], module_name: str) -> str:
     """The decoder layer that holds `module_name`, "" outside the layers."""
     return next((layer for layer in layers if module_name.startswith(layer + ".")), "")

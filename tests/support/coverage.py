@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from launcher.config import ConfigError, LoraConfig, ModelConfig, RunConfig
+from launcher.config import ConfigError, DataConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
 from support.tiny_configs import TinyConfigError, tiny_config
 
 STATUSES = ("ok", "refused", "fails", "not built")
@@ -49,7 +49,18 @@ def walk(family: str) -> Outcome:
             config = tiny_config(family)
         except TinyConfigError as error:
             return Outcome(family, "not built", str(error))
-        cfg = RunConfig(model=ModelConfig(path=family), lora=LoraConfig(dropout=0.0), strategy="fsdp2")
+        # Sequences within the tiny configs' 256 positions (learned position tables are that long).
+        cfg = RunConfig(
+            model=ModelConfig(path=family),
+            lora=LoraConfig(dropout=0.0),
+            data=DataConfig(max_seq_len=128),
+            train=TrainConfig(loss_chunk_tokens=64),
+            strategy="fsdp2",
+        )
+        try:
+            runs_as_shrunk(config)
+        except TinyConfigError as error:
+            return Outcome(family, "not built", str(error).splitlines()[0][:200])
         try:
             check_targets(cfg, config)
         except ConfigError as error:
@@ -57,8 +68,6 @@ def walk(family: str) -> Outcome:
         try:
             budget = predict_budget(cfg, config)
             loss = compare_losses(cfg, config)
-        except TinyConfigError as error:
-            return Outcome(family, "not built", str(error).splitlines()[0][:200])
         except Exception as error:  # noqa: BLE001 - whatever a rank would fail with is the finding
             return Outcome(family, "fails", _first_line(error))
     status = "fails" if loss.startswith("differs") else "ok"
@@ -94,21 +103,12 @@ def predict_budget(cfg: RunConfig, config) -> str:
 
 def compare_losses(cfg: RunConfig, config) -> str:
     """Whether the chunked loss stands in for the model's own, and equals it (loss and every gradient)."""
-    from transformers import AutoModelForCausalLM
 
     from launcher.dtypes import DtypePolicy
     from launcher.model.build import attach_lora, prepare_for_kbit_training
     from launcher.model.loss import chunking_refusal, install_chunked_loss
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
-    ids = torch.randint(3, config.get_text_config().vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-    labels = ids.clone()
-    labels[:, :5] = -100
-    try:
-        _loss_and_grads(model, ids, labels)
-    except Exception as error:  # noqa: BLE001 - the family does not run as shrunk, before anything of ours
-        raise TinyConfigError(f"the shrunk model does not run: {type(error).__name__}: {error}") from error
+    model, ids, labels = _tiny(config)
     policy = DtypePolicy.uniform(torch.float32)
     prepare_for_kbit_training(model, policy, gradient_checkpointing=True)
     peft_model = attach_lora(model, cfg.lora, policy, seed=0)
@@ -122,6 +122,25 @@ def compare_losses(cfg: RunConfig, config) -> str:
     loss, grads = _loss_and_grads(peft_model, ids, labels)
     worst = max([abs(loss - own) / own.abs()] + [_relative(grads[n], g) for n, g in own_grads.items()])
     return "chunked" if worst <= 1e-4 and grads.keys() == own_grads.keys() else f"differs: relative error {worst:.1e}"
+
+
+def _tiny(config):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
+    ids = torch.randint(3, config.get_text_config().vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    return model, ids, labels
+
+
+def runs_as_shrunk(config) -> None:
+    """A TinyConfigError where the shrunk model does not train as transformers builds it, before anything of ours."""
+    try:
+        _loss_and_grads(*_tiny(config))
+    except Exception as error:  # noqa: BLE001 - any failure here is the shrinking's or the family's
+        raise TinyConfigError(f"the shrunk model does not run: {type(error).__name__}: {error}") from error
 
 
 def _loss_and_grads(model, ids, labels):

@@ -271,27 +271,3 @@ def test_fp16_autocast_never_casts_4bit_data_stored_as_bf16():
         assert strategies.dtype_policy(fp16.quant, strategies.get(name), "fp16").quant_storage == torch.float16
     # DDP casts nothing (autocast only).
     assert strategies.dtype_policy(cfg.quant, strategies.get("ddp"), "fp16").quant_storage == torch.bfloat16
-
-
-def test_names_peft_takes_for_experts_are_refused_where_linears_carry_them(tmp_path):
-    # DeepSeek-V3: its dense first layers and shared experts have gate/up/down_proj linears, names peft maps onto
-    # the fused routed experts (their names before transformers 5); they would silently stay unadapted.
-    from transformers import DeepseekV3Config
-
-    from launcher.model.lora_targets import check_lora_targets, meta_model_for_checks
-
-    config = DeepseekV3Config(
-        vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
-        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
-        v_head_dim=16, n_group=1, topk_group=1,
-    )  # fmt: skip
-    config.save_pretrained(tmp_path)
-    cfg = load_config(None, parse_overrides(["--model.path", str(tmp_path)]))
-    with pytest.raises(
-        ConfigError, match=r"takes the names down_proj, gate_proj, up_proj for the experts of `deepseek_v3`"
-    ):
-        check_lora_targets(cfg.lora, cfg.model, meta_model_for_checks(cfg.model, cfg.quant, config))
-    attention = "[q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj]"
-    adapted = load_config(None, parse_overrides(["--model.path", str(tmp_path), "--lora.target_modules", attention]))
-    check_lora_targets(adapted.lora, adapted.model, meta_model_for_checks(adapted.model, adapted.quant, config))

@@ -1,0 +1,35 @@
+"""What a causal LM is made of: where its decoder layers are, and what each of its frozen parameters is."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+from . import experts
+
+
+def decoder_layers(model: nn.Module) -> list[str]:
+    """Paths of the decoder layers: the modules of the classes the model declares unsplittable."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    classes = set(getattr(base, "_no_split_modules", None) or ())
+    return [name for name, module in model.named_modules() if type(module).__name__ in classes]
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm")
+
+
+def frozen_component(module: nn.Module, name: str, param: torch.Tensor) -> str:
+    """What a base parameter is, as the dtype policy and the memory budget name it."""
+    if isinstance(module, bnb.nn.Linear4bit):
+        return "base_4bit" if name == "weight" else "biases"
+    if experts.is_packed_expert(module):
+        return "base_4bit"
+    if is_norm(module):
+        return "norms"
+    if name.endswith("_bias") and param.dim() == 2:  # gpt-oss's expert biases, one row per expert
+        return "biases"
+    if param.dim() == 3:
+        return "experts"
+    return "frozen_dense"

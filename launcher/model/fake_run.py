@@ -1,0 +1,274 @@
+"""Running a model's forward on fake tensors: real shapes, dtypes and device types, no data and no memory.
+
+Used before launch to see what each linear layer does (model/targets.py: routers and gates, layers that never run)
+and by the memory budget to record what a micro batch saves for backward (memory/trace.py). The model may be the
+meta skeleton or a loaded one: its parameters and buffers are swapped for fake tensors of their shapes for the run.
+
+What cannot run on fake tensors is stood in for by something that does what it does as far as shapes, dtypes,
+autograd and saved tensors go:
+  * a 4-bit linear multiplies through an autograd function that saves nothing, as bitsandbytes' `MatMul4Bit`
+    (it keeps the packed weight on its context, not as a saved tensor), with `Linear4bit.forward`'s casts;
+  * a 4-bit expert's dequantization gives an empty weight of its shape and dtype;
+  * the experts' grouped matmul, whose fake kernel takes bf16 only, saves what its autograd formula saves;
+  * transformers builds the causal mask as in a real run on one sample per row (it would build one where none is
+    needed if it took the fake tensors for a graph being traced).
+
+Only one decoder layer of each kind runs (layers whose module tree, classes, settings and per-layer config entries
+are equal are one kind): the decoder's layer list, the config's per-layer lists and the layers' indices are cut to
+one representative per kind for the run and restored after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.utils.stateless import _reparametrize_module
+
+from ..dtypes import DtypePolicy
+from .anatomy import frozen_component
+from .experts import Experts4bit, is_packed_expert
+
+Patch = tuple[object, str, object]
+"""(owner, attribute, value) set for the length of a fake run."""
+
+
+def layer_kinds(model: nn.Module, layers: list[str]) -> list[tuple]:
+    """A key per decoder layer: equal for layers that save the same (same module tree and classes, same per-layer
+    config entries, same settings on their modules)."""
+    config = _text_config(model)
+    per_layer = _per_layer_lists(config, len(layers))
+    modules = dict(model.named_modules())
+    kinds = []
+    for index, path in enumerate(layers):
+        layer = modules[path]
+        tree = tuple((name, type(m).__name__, _settings(m)) for name, m in layer.named_modules())
+        kinds.append((tree, tuple(values[index] for values in per_layer.values())))
+    return kinds
+
+
+def _settings(module: nn.Module) -> tuple:
+    """A module's plain settings (sliding window, attention type, ...), not its index."""
+    return tuple(
+        sorted(
+            (k, v)
+            for k, v in vars(module).items()
+            if not k.startswith("_") and "idx" not in k and "index" not in k and isinstance(v, (bool, int, float, str))
+        )
+    )
+
+
+def _text_config(model: nn.Module):
+    return model.config.get_text_config()
+
+
+def _per_layer_lists(config, count: int) -> dict[str, list]:
+    """The config's entries that hold one value per decoder layer (layer_types, mlp_layer_types, ...)."""
+    return {
+        key: value
+        for key, value in vars(config).items()
+        if isinstance(value, (list, tuple)) and len(value) == count and count > 1 and not key.startswith("_")
+    }
+
+
+def kernel_device(device: str) -> str:
+    """The device whose kernels the trace runs: CUDA's where this torch has CUDA (fake CUDA tensors need it), else
+    the CPU's, with CUDA's dropout (its bool mask) standing in where the run is on CUDA."""
+    return "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
+
+
+def fake_parameters(model: nn.Module, compute: DtypePolicy | None, device: str) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `model` as an empty tensor of the dtype it has inside forward (`compute`'s, or
+    its own), on `device` (inside the fake mode: no memory)."""
+
+    def component_of(module, name, param):
+        return "lora" if param.requires_grad else frozen_component(module, name, param)
+
+    modules = dict(model.named_modules())
+    fakes = {}
+    for name, param in model.named_parameters():
+        owner, _, local = name.rpartition(".")
+        dtype = (compute.of(component_of(modules[owner], local, param)) if compute else None) or param.dtype
+        if not param.is_floating_point() or _is_packed(modules[owner]):
+            dtype = param.dtype
+        fakes[name] = torch.empty(param.shape, dtype=dtype, device=device, requires_grad=param.requires_grad)
+    for name, buffer in model.named_buffers():
+        fakes[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device=device)
+    return fakes
+
+
+def _is_packed(module: nn.Module) -> bool:
+    return isinstance(module, bnb.nn.Linear4bit) or is_packed_expert(module)
+
+
+def _layer_list(model: nn.Module, layers: list[str]) -> nn.ModuleList | None:
+    """The one list that holds all the decoder layers, if there is one."""
+    parents = {path.rpartition(".")[0] for path in layers}
+    parent = model.get_submodule(parents.pop()) if len(parents) == 1 else None
+    return parent if isinstance(parent, nn.ModuleList) and len(parent) == len(layers) else None
+
+
+def representatives(model: nn.Module, layers: list[str], kinds: list) -> list[int]:
+    """The layers a fake run keeps: the first of each kind, or every layer where they are not in one list (HRM's
+    two levels) and cannot be cut."""
+    if _layer_list(model, layers) is None:
+        return list(range(len(layers)))
+    return [kinds.index(kind) for kind in dict.fromkeys(kinds)]
+
+
+@contextlib.contextmanager
+def only_layers(model: nn.Module, layers: list[str], kept: list[int]) -> Iterator[list[nn.Module]]:
+    """The decoder's layer list cut to `kept` (indices into `layers`, from `representatives`), with the config's
+    per-layer lists, its layer count and each kept layer's index cut to match; all restored on exit."""
+    modules = dict(model.named_modules())
+    parent = _layer_list(model, layers)
+    if parent is None or len(kept) == len(layers):
+        yield [modules[layers[i]] for i in kept]
+        return
+    config = _text_config(model)
+    lists = _per_layer_lists(config, len(layers))
+    count_key = next(
+        (k for k in ("num_hidden_layers", "n_layer", "num_layers") if getattr(config, k, None) == len(layers)), None
+    )
+    every = list(parent)
+    kept_layers = [every[i] for i in kept]
+    indices = [
+        (m, k, getattr(m, k)) for layer in kept_layers for m in layer.modules() for k in ("layer_idx",) if hasattr(m, k)
+    ]
+    try:
+        parent._modules.clear()
+        for position, layer in enumerate(kept_layers):
+            parent._modules[str(position)] = layer
+        for key, values in lists.items():
+            object.__setattr__(config, key, type(values)(values[i] for i in kept))
+        if count_key:
+            object.__setattr__(config, count_key, len(kept))
+        for module, key, original in indices:
+            setattr(module, key, kept.index(original) if original in kept else original)
+        yield kept_layers
+    finally:
+        parent._modules.clear()
+        for position, layer in enumerate(every):
+            parent._modules[str(position)] = layer
+        for key, values in lists.items():
+            object.__setattr__(config, key, values)
+        if count_key:
+            object.__setattr__(config, count_key, len(layers))
+        for module, key, original in indices:
+            setattr(module, key, original)
+
+
+class _Frozen4bitMatmul(torch.autograd.Function):
+    """bitsandbytes' 4-bit matmul as far as memory goes: the product's shape, nothing saved."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_features: int, bias):
+        ctx.shape = x.shape
+        return torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device), None, None
+
+
+def _linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
+    inp_dtype = x.dtype
+    if self.compute_dtype is not None:
+        x = x.to(self.compute_dtype)
+    return _Frozen4bitMatmul.apply(x, self.out_features, self.bias).to(inp_dtype)
+
+
+DEQUANTIZED: set[int] = set()
+"""Storages of the dequantized 4-bit experts made during a trace: the budget counts one layer's of them as
+`experts_dequantized`, not again in `recompute`."""
+
+
+def _experts_forward(self, quantized_param: torch.Tensor) -> torch.Tensor:
+    weight = torch.empty(self.shape, dtype=self.dtype, device=quantized_param.device)
+    DEQUANTIZED.add(weight.untyped_storage()._cdata)
+    return weight
+
+
+class _GroupedMatmul(torch.autograd.Function):
+    """torch's grouped matmul (MoE experts), whose fake kernel takes bf16 only (a CUDA limit the CPU kernel that
+    real fp32 runs use does not have): its output's shape, and each operand saved where the other needs a gradient, as its autograd formula."""
+
+    @staticmethod
+    def forward(ctx, mat_a, mat_b, offs):
+        # Each operand is kept for the other's gradient only.
+        a_grad, b_grad = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(mat_a if b_grad else None, mat_b if a_grad else None, offs if a_grad or b_grad else None)
+        ctx.shapes = (mat_a.shape, mat_b.shape)
+        return mat_a.new_empty((mat_a.shape[0], mat_b.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.new_empty(ctx.shapes[0]), grad.new_empty(ctx.shapes[1]), None
+
+
+def _grouped_mm(mat_a, mat_b, *, offs=None, bias=None, out_dtype=None):
+    return _GroupedMatmul.apply(mat_a, mat_b, offs)
+
+
+@contextlib.contextmanager
+def patched(patches: list[Patch]) -> Iterator[None]:
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, value in patches:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in originals:
+            setattr(owner, name, value)
+
+
+def stand_ins() -> list[Patch]:
+    """What every fake run needs (see the module docstring)."""
+    import transformers.masking_utils as masking
+
+    return [
+        (bnb.nn.Linear4bit, "forward", _linear4bit_forward),
+        (Experts4bit, "forward", _experts_forward),
+        (torch.nn.functional, "grouped_mm", _grouped_mm),
+        (masking, "is_tracing", lambda *args, **kwargs: False),
+        (masking, "find_packed_sequence_indices", lambda position_ids: None),
+    ]
+
+
+@contextlib.contextmanager
+def _quiet_fake_kernels() -> Iterator[None]:
+    """torch logs a traceback for every fake kernel that fails before raising; the caller reports the error."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def fake_run(
+    model: nn.Module,
+    layers: list[str],
+    kept: list[int],
+    device: str,
+    compute: DtypePolicy | None = None,
+    patches: tuple[Patch, ...] = (),
+) -> Iterator[tuple[list[nn.Module], dict[str, torch.Tensor]]]:
+    """Inside: `model` cut to the decoder layers `kept` (indices into `layers`), its parameters and buffers fake
+    tensors on `device` (in `compute`'s dtypes, or their own), under the fake mode; yields the kept layers and the
+    fake parameters. Call the model inside."""
+    with warnings.catch_warnings(), _quiet_fake_kernels(), only_layers(model, layers, kept) as kept_layers:
+        warnings.simplefilter("ignore")
+        DEQUANTIZED.clear()
+        with FakeTensorMode(allow_non_fake_inputs=False), patched([*stand_ins(), *patches]):
+            fakes = fake_parameters(model, compute, device)  # of the kept layers only, the others are out
+            with _reparametrize_module(model, fakes, tie_weights=True, strict=False):
+                yield kept_layers, fakes

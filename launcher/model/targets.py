@@ -1,0 +1,310 @@
+"""What `all-linear` adapts, decided from what each module is and does, not from its name.
+
+A candidate is every linear projection (`nn.Linear`, 4-bit or not, and transformers' `Conv1D`, GPT-2's) but the
+output layer. One forward on fake tensors (fake_run.py, one decoder layer of each kind) shows what each does:
+  * a router or gate is left out: a module that returns something other than a tensor (Llama-4's router derives
+    from `nn.Linear` and returns a tuple), or whose output goes, through casts, views and elementwise ops only (a
+    sigmoid, a bias), into a softmax or a top-k (routing weights), or into a sigmoid as one value per token
+    (Qwen2-MoE's shared-expert gate);
+  * a module that never runs in the forward is left out (an adapter there would get no gradient);
+  * a module peft refuses for the architecture is left out (Mamba's `out_proj`, whose fused kernels read the weight
+    directly): peft's own check decides.
+MoE experts, fused into 3D parameters since transformers 5, are not modules: `lora.target_parameters` adapts them.
+
+peft (0.21) takes some names MoE experts had before transformers 5 (`gate_proj`, `up_proj`, `down_proj`, Mixtral's
+`w1`..`w3`) for the fused experts of some families, even where a dense layer or a shared expert has a linear of that
+name (peft issue 3711). Those linears are named in full, and `keep_named_modules` makes peft keep a target that
+names a module of the model in full as that module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers.pytorch_utils import Conv1D
+
+from ..config import LoraConfig
+from .anatomy import decoder_layers
+from .fake_run import fake_run, layer_kinds, representatives
+
+ROUTING = {"_softmax", "_log_softmax", "topk"}
+"""aten ops whose input is routing scores."""
+PASS_THROUGH = {"_to_copy", "view", "_unsafe_view", "reshape", "clone", "contiguous", "t", "transpose", "alias"}
+"""aten ops whose output is still the module's output, cast or viewed (so are those whose output has its shape)."""
+
+
+@dataclass
+class Resolution:
+    """`all-linear` on one model: what is adapted and what is left out, and why."""
+
+    targets: list[str]
+    """Full module paths of the linears to adapt."""
+    left_out: dict[str, str] = field(default_factory=dict)
+    """Full module path -> why it is not adapted."""
+    unprobed: str = ""
+    """Why the modules' roles could not be seen ("": they were)."""
+
+
+def is_projection(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def resolve(model: nn.Module, lora: LoraConfig) -> Resolution:
+    """The modules `lora.target_modules` adapts on `model` (loaded or on meta, k-bit prepared or not, before LoRA):
+    `all-linear` resolved here; a list as peft matches it (exact name or a dotted suffix)."""
+    if lora.target_modules == "all-linear":
+        return resolve_all_linear(model)
+    if isinstance(lora.target_modules, str):  # a regular expression over full names, as peft reads it
+        pattern = re.compile(lora.target_modules)
+        return Resolution([n for n, m in model.named_modules() if is_projection(m) and pattern.fullmatch(n)])
+    names = [n for n, _ in model.named_modules()]
+    return Resolution([n for n in names for t in lora.target_modules if n == t or n.endswith("." + t)])
+
+
+def peft_targets(model: nn.Module, resolution: Resolution) -> list[str]:
+    """`resolution.targets` as peft's `target_modules`: the leaf name where it names exactly those modules and peft
+    keeps it (readable, and what plain peft reloads), the full name otherwise (a leaf shared with a module left out,
+    or one peft takes for fused experts)."""
+    chosen = set(resolution.targets)
+    by_leaf: dict[str, list[str]] = {}
+    for name, _ in model.named_modules():
+        by_leaf.setdefault(name.rpartition(".")[2], []).append(name)
+    remapped = remapped_by_peft(model, sorted({n.rpartition(".")[2] for n in chosen}))
+    names = []
+    for leaf, modules in sorted(by_leaf.items()):
+        mine = [m for m in modules if m in chosen]
+        if not mine:
+            continue
+        names += mine if len(mine) < len(modules) or leaf in remapped else [leaf]
+    return names
+
+
+def remapped_by_peft(model: nn.Module, leaves: list[str]) -> set[str]:
+    """The names peft's transformers-5 conversion takes for fused MoE experts on this model (peft issue 3711)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.utils.transformers_weight_conversion import (
+        convert_peft_config_for_transformers,
+        get_model_conversion_mapping,
+    )
+
+    conversions = get_model_conversion_mapping(model)
+    remapped = set()
+    for leaf in leaves:
+        trial = PeftLoraConfig(target_modules=[leaf])
+        try:
+            convert_peft_config_for_transformers(trial, model=model, conversions=conversions)
+        except ValueError:  # a part of a fused expert weight named without the others
+            remapped.add(leaf)
+            continue
+        if leaf not in (trial.target_modules or ()):
+            remapped.add(leaf)
+    return remapped
+
+
+def keep_named_modules() -> None:
+    """peft (0.21) converts the targets of some MoE families for transformers 5 by leaf name, so a linear named in
+    full (`model.layers.0.mlp.gate_proj`, a dense layer) becomes the fused experts' parameter (peft issue 3711,
+    fixed upstream in peft PR 3715). Here a target that names a module of the model in full stays that module."""
+    import peft.utils.transformers_weight_conversion as conversion
+
+    if getattr(conversion, "_qlaunch_fixed", False):
+        return
+    convert = conversion._convert_peft_config_moe
+
+    def _convert_peft_config_moe(peft_config, model):
+        targets = peft_config.target_modules
+        names = {name for name, _ in model.named_modules()}
+        named = set() if isinstance(targets, str) else {t for t in targets or () if "." in t and t in names}
+        if named:
+            peft_config.target_modules = set(targets) - named
+        convert(peft_config, model)
+        if named:
+            peft_config.target_modules = set(peft_config.target_modules or ()) | named
+
+    conversion._convert_peft_config_moe = _convert_peft_config_moe
+    conversion._qlaunch_fixed = True
+
+
+def describe_left_out(left_out: dict[str, str]) -> str:
+    """`{module: why}` in a line: the leaf names, grouped by why."""
+    grouped: dict[str, set[str]] = {}
+    for name, why in left_out.items():
+        grouped.setdefault(why, set()).add(name.rpartition(".")[2])
+    return "; ".join(f"{', '.join(sorted(leaves))} ({why})" for why, leaves in sorted(grouped.items()))
+
+
+def resolve_all_linear(model: nn.Module) -> Resolution:
+    """`all-linear` on `model` (a transformers causal LM, on meta or loaded, before LoRA)."""
+    output = model.get_output_embeddings()
+    candidates = [name for name, m in model.named_modules() if is_projection(m) and m is not output]
+    left_out = dict.fromkeys(_refused_by_peft(model, candidates), "peft refuses it for this architecture")
+    try:
+        roles = probe(model, [c for c in candidates if c not in left_out])
+    except Exception as error:  # noqa: BLE001 - a forward fake tensors cannot run: every candidate is adapted
+        first = (str(error).strip().splitlines() or [""])[0][:160]
+        return Resolution(
+            [c for c in candidates if c not in left_out],
+            left_out,
+            f"its forward did not run on fake tensors ({type(error).__name__}: {first}), so routers and gates "
+            "could not be told from projections: every linear layer is adapted",
+        )
+    for name, role in roles.items():
+        if role != "projection":
+            left_out[name] = role
+    return Resolution([c for c in candidates if c not in left_out], left_out)
+
+
+def _refused_by_peft(model: nn.Module, candidates: list[str]) -> list[str]:
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
+
+    config = LoraConfig(target_modules=["unused"])
+    refused = []
+    for name in candidates:
+        try:
+            _check_lora_target_modules_mamba(config, model, name.rpartition(".")[2])
+        except ValueError:
+            refused.append(name)
+    return refused
+
+
+def probe(model: nn.Module, candidates: list[str]) -> dict[str, str]:
+    """Each candidate's role in one forward: "projection", "router or gate", or "never runs in the forward"."""
+    layers = decoder_layers(model)
+    kinds = layer_kinds(model, layers)
+    kept = representatives(model, layers, kinds)
+    # A layer that does not run stands for the first of its kind: the same relative path has the same role.
+    stands_for = {layers[i]: layers[i if i in kept else kinds.index(kinds[i])] for i in range(len(layers))}
+    observed = {_representative(c, stands_for) for c in candidates}
+    modules = dict(model.named_modules())
+    watch = _Watch()
+    with (
+        fake_run(model, layers, kept, "cpu") as _,
+        watch,
+        contextlib.ExitStack() as hooks,
+    ):
+        for name in observed:
+            handle = modules[name].register_forward_hook(lambda m, a, out, name=name: watch.produced(name, out))
+            hooks.callback(handle.remove)
+        ids = torch.zeros((1, 8), dtype=torch.long, device="cpu")
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    roles = {}
+    for name in candidates:
+        seen = _representative(name, stands_for)
+        if seen not in watch.ran:
+            roles[name] = "never runs in the forward"
+        elif seen in watch.routers or (seen in watch.gated and _width(modules[name]) == 1):
+            roles[name] = "router or gate"
+        else:
+            roles[name] = "projection"
+    return roles
+
+
+def _representative(name: str, stands_for: dict[str, str]) -> str:
+    for layer, first in stands_for.items():
+        if name.startswith(layer + "."):
+            return first + name[len(layer) :]
+    return name
+
+
+def _width(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.nf
+
+
+class _Watch(TorchDispatchMode):
+    """Which watched modules ran, and what their outputs went into."""
+
+    def __init__(self):
+        super().__init__()
+        self.ran: set[str] = set()
+        self.routers: set[str] = set()
+        self.gated: set[str] = set()
+        self.outputs: dict[int, tuple[str, torch.Tensor]] = {}
+
+    def produced(self, name: str, output) -> None:
+        self.ran.add(name)
+        if not isinstance(output, torch.Tensor):
+            self.routers.add(name)
+        else:
+            self.outputs[id(output)] = (name, output)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        op = func._schema.name.split("::")[-1]
+        for arg in torch.utils._pytree.tree_leaves((args, kwargs)):
+            owner = self.outputs.get(id(arg)) if isinstance(arg, torch.Tensor) else None
+            if owner is None or owner[1] is not arg:
+                continue
+            name = owner[0]
+            if op in ROUTING:
+                self.routers.add(name)
+            if op == "sigmoid":
+                self.gated.add(name)
+            elementwise = isinstance(result, torch.Tensor) and result.shape == arg.shape
+            if isinstance(result, torch.Tensor) and (op in PASS_THROUGH or elementwise):
+                self.outputs[id(result)] = (name, result)
+        return result
+
+
+def adapted_parameter_names(model: nn.Module, targets: list[str]) -> list[str]:
+    """`lora.target_parameters` as full names: peft matches a parametrized parameter (a 4-bit expert) by its
+    full name only, where it accepts a suffix of any other."""
+    names = {
+        f"{path}.{name}"
+        for path, module in model.named_modules()
+        for name in [*module._parameters, *(getattr(module, "parametrizations", None) or {})]
+        if name != "original"
+    }
+    return sorted(n for n in names for t in targets if n == t or n.endswith("." + t))
+
+
+def peft_lora_config(model: nn.Module, lora: LoraConfig, resolution: Resolution | None = None):
+    """The peft config `attach_lora` adapts `model` with (`resolution`: `resolve(model, lora)`, if known). A
+    ValueError where peft cannot map the names MoE experts had before transformers 5 (a part of a fused weight
+    without the others)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.utils.transformers_weight_conversion import (
+        convert_peft_config_for_transformers,
+        get_model_conversion_mapping,
+    )
+
+    keep_named_modules()
+    resolution = resolution or resolve(model, lora)
+    targets = peft_targets(model, resolution) if resolution.targets else lora.target_modules
+    if isinstance(lora.target_modules, list) and resolution.targets:
+        # Names of no module go to peft as they are: names experts had before transformers 5 become parameter
+        # targets there, others its error.
+        names = [n for n, _ in model.named_modules()]
+        targets += [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        # peft refuses dropout on adapted parameters; attach_lora sets it on the adapted modules.
+        lora_dropout=0.0 if lora.target_parameters else lora.dropout,
+        target_modules=targets,
+        target_parameters=lora.target_parameters or None,
+        # A 4-bit expert's parametrization list is a module named like the parameter (`...experts.
+        # parametrizations.down_proj`), which peft's suffix match would take for the `down_proj` linears.
+        exclude_modules=sorted(
+            {
+                f"parametrizations.{name}"
+                for _, m in model.named_modules()
+                for name in getattr(m, "parametrizations", {})
+            }
+        )
+        or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    # get_peft_model's first step, done here (it is idempotent) so that the parameter targets it adds are
+    # named in full: the names experts had before transformers 5 fused them (Mixtral's w1/w2/w3, DeepSeek's
+    # gate/up/down_proj) become parameter targets.
+    convert_peft_config_for_transformers(config, model=model, conversions=get_model_conversion_mapping(model))
+    config.target_parameters = adapted_parameter_names(model, sorted(config.target_parameters or ())) or None
+    return config

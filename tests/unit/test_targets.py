@@ -1,0 +1,74 @@
+"""`all-linear` decided by what modules are and do (launcher/model/targets.py), on families whose names mislead:
+routers that derive from nn.Linear, gates, Mamba's projections, GPT-2's Conv1D, and MoE families whose dense and
+shared-expert linears carry the names peft takes for fused experts."""
+
+import pytest
+import torch
+from peft import get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from launcher.config import LoraConfig
+from launcher.model import targets
+from support.tiny_configs import meta_model, tiny_config
+
+
+def resolution(family: str):
+    model = meta_model(tiny_config(family))
+    return model, targets.resolve(model, LoraConfig())
+
+
+def leaves(names) -> set[str]:
+    return {name.rpartition(".")[2] for name in names}
+
+
+@pytest.mark.parametrize(
+    "family,left_out,why",
+    [
+        ("llama4_text", {"router"}, "router or gate"),  # derives from nn.Linear, returns a tuple
+        ("phimoe", {"router"}, "router or gate"),
+        ("afmoe", {"gate"}, "router or gate"),  # an nn.Linear whose output reaches a top-k through a sigmoid
+        ("qwen2_moe", {"shared_expert_gate"}, "router or gate"),  # one sigmoid gate value per token
+        ("falcon_h1", {"out_proj"}, "peft refuses it for this architecture"),  # Mamba kernels read the weight
+        ("nemotron_h", {"out_proj"}, "peft refuses it for this architecture"),
+    ],
+)
+def test_routers_gates_and_what_peft_refuses_are_left_out(family, left_out, why):
+    model, found = resolution(family)
+    assert leaves(found.left_out) == left_out and set(found.left_out.values()) == {why}, found.left_out
+    assert not leaves(found.targets) & left_out
+    output = model.get_output_embeddings()
+    assert all(model.get_submodule(name) is not output for name in found.targets)
+
+
+def test_attention_gates_wider_than_one_value_are_adapted():
+    """MiniMax's attention output gate is a projection (a sigmoid per hidden unit), not a router."""
+    _, found = resolution("minimax")
+    assert "output_gate" in leaves(found.targets) and not found.left_out
+
+
+def test_gpt2_conv1d_projections_are_linear():
+    _, found = resolution("gpt2")
+    assert leaves(found.targets) == {"c_attn", "c_fc", "c_proj"}
+
+
+@pytest.mark.parametrize("family", ["glm4_moe", "deepseek_v3", "ernie4_5_moe", "qwen3_next"])
+def test_dense_and_shared_expert_linears_are_adapted_as_modules_and_experts_stay_parameters(family):
+    """peft 0.21 takes gate/up/down_proj for fused experts in these families (issue 3711): they are named in full and
+    kept as modules, so the dense first layers' and shared experts' MLPs are adapted and the experts are not."""
+    model, found = resolution(family)
+    mlp = {n for n in found.targets if leaves([n]) & {"gate_proj", "up_proj", "down_proj"}}
+    assert mlp and all("experts." not in n.replace("shared_experts.", "").replace("shared_expert.", "") for n in mlp)
+    config = targets.peft_lora_config(model, LoraConfig(dropout=0.0), found)
+    assert set(config.target_modules) >= mlp and not config.target_parameters
+    with torch.device("meta"):
+        adapted = get_peft_model(model, config)
+    wrapped = {n.removeprefix("base_model.model.") for n, m in adapted.named_modules() if isinstance(m, LoraLayer)}
+    assert wrapped == set(found.targets)
+
+
+def test_peft_keeps_a_target_named_in_full_and_still_remaps_a_bare_name():
+    model = meta_model(tiny_config("glm4_moe"))
+    dense = next(n for n, _ in model.named_modules() if n.endswith("mlp.gate_proj") and "experts" not in n)
+    assert targets.remapped_by_peft(model, ["gate_proj", "q_proj"]) == {"gate_proj"}
+    targets.keep_named_modules()
+    assert targets.remapped_by_peft(model, [dense]) == set()
