@@ -31,7 +31,7 @@ def check_model(cfg: RunConfig) -> None:
     base = meta_model_for_checks(cfg.model, cfg.quant, config)
     check_gradient_checkpointing(cfg.train, base)
     check_lora_targets(cfg.lora, cfg.model, base)
-    sequence_parallel.check(config, cfg.train.sequence_parallel, cfg.model.path)
+    sequence_parallel.check(config, cfg.train.sequence_parallel, cfg.model.path, base)
 
 
 def check_output_dir(cfg: RunConfig) -> None:

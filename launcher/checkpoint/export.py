@@ -22,6 +22,7 @@ from ..cpu_shims import disable_bnb_cpu_repack
 from ..dtypes import DTYPE_BY_NAME
 from ..model.build import load_quantized_base, prepare_for_kbit_training
 from ..model.experts import fix_peft_stacked_parametrizations, sort_expert_parameters
+from ..model.targets import keep_named_modules
 from ..run import failures
 from ..safe_load import check_checkpoint_files
 from .store import read_meta
@@ -115,6 +116,7 @@ def merge_adapter(adapter_dir: Path, output: Path, base_path: str | None = None,
     base_path = base_path or LoraConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPE_BY_NAME[dtype])
     sort_expert_parameters(base)  # the adapter's nesting, as training built it
+    keep_named_modules()  # linears named in full stay modules (peft issue 3711)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
     def write(tmp: Path) -> None:
@@ -143,6 +145,7 @@ def load_for_inference(output_dir: Path, base_path: str | None = None, adapter_d
     policy = strategies.dtype_policy(cfg.quant, strategies.get(cfg.strategy), cfg.train.mixed_precision)
     base = load_quantized_base(cfg.model, cfg.quant, policy)
     fix_peft_stacked_parametrizations()  # adapters on 4-bit experts
+    keep_named_modules()  # linears named in full stay modules (peft issue 3711)
     disable_bnb_cpu_repack(base)
     prepare_for_kbit_training(base, policy, gradient_checkpointing=False)
     if torch.cuda.is_available():

@@ -26,6 +26,7 @@ from ..config import ConfigError
 from ..strategies import Strategy, clean_fqn
 from ..strategies.handoff import quant_state_owners
 from .components import COMPONENTS, WEIGHT_COMPONENTS, parameter_components
+from .cuda_peaks import CudaPeaks
 from .predict import Budget, Hardware, predict
 from .report import plot_stacked, rank_groups, render_table
 from .sizes import format_bytes
@@ -46,6 +47,7 @@ class StorageTally:
     def __init__(self, exclude: set[int] = frozenset()):
         self.exclude = exclude
         self.seen: set[int] = set()
+        self.storages: dict[int, torch.UntypedStorage] = {}
         self.bytes = 0
 
     def add(self, tensor: torch.Tensor) -> int:
@@ -54,6 +56,7 @@ class StorageTally:
         if nbytes == 0 or pointer in self.seen or pointer in self.exclude:
             return 0
         self.seen.add(pointer)
+        self.storages[pointer] = storage
         self.bytes += nbytes
         return nbytes
 
@@ -114,7 +117,15 @@ def measure_weights(
     for buffer in model.buffers():
         buffers.add(buffer)
     held["buffers"] = buffers.bytes
-    return held, storages.seen
+    return held, storages.storages
+
+
+def still_at(storages: dict[int, torch.UntypedStorage], pointer: int) -> bool:
+    """Whether a storage noted at `pointer` is still there. One that was freed (or resized to nothing, as FSDP frees
+    gathered parameters) no longer is, and a new tensor may sit at its old address: an activation there must not
+    be taken for a weight."""
+    storage = storages.get(pointer)
+    return storage is not None and storage.data_ptr() == pointer and storage.nbytes() > 0
 
 
 class FirstStepProbe:
@@ -126,11 +137,14 @@ class FirstStepProbe:
     parameters while the module runs (after FSDP or ZeRO-3 have gathered them).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, weight_storages: set[int], offload=None):
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, weight_storages: dict[int, object], offload=None
+    ):
         self.weight_storages = weight_storages
         self.offload = offload
         """An ActivationOffload whose hooks these replace during the first step: each saved tensor goes on to it."""
         self.running_params: dict[int, int] = {}
+        self.running_storages: dict[int, torch.UntypedStorage] = {}
         self.started_pointers: list[list[int]] = []
         self.saved: dict[int, int] = {}
         self.saved_hooks = None
@@ -151,9 +165,11 @@ class FirstStepProbe:
             self.handles.append(module.register_forward_hook(self._module_finished))
 
     def _module_started(self, module, args):
-        pointers = [p.untyped_storage().data_ptr() for p in module.parameters(recurse=False)]
-        for pointer in pointers:
+        storages = [p.untyped_storage() for p in module.parameters(recurse=False)]
+        pointers = [storage.data_ptr() for storage in storages]
+        for pointer, storage in zip(pointers, storages, strict=True):
             self.running_params[pointer] = self.running_params.get(pointer, 0) + 1
+            self.running_storages[pointer] = storage
         self.started_pointers.append(pointers)
 
     def _module_finished(self, module, args, output):
@@ -161,13 +177,13 @@ class FirstStepProbe:
         for pointer in self.started_pointers.pop():
             self.running_params[pointer] -= 1
             if not self.running_params[pointer]:
-                del self.running_params[pointer]
+                del self.running_params[pointer], self.running_storages[pointer]
 
     def _pack(self, tensor: torch.Tensor):
         if tensor.device.type != "meta":
             storage = tensor.untyped_storage()
             pointer = storage.data_ptr()
-            if pointer not in self.running_params and pointer not in self.weight_storages:
+            if not still_at(self.running_storages, pointer) and not still_at(self.weight_storages, pointer):
                 self.saved[pointer] = storage.nbytes()
         return self.offload.pack(tensor) if self.offload else tensor
 
@@ -199,42 +215,8 @@ class FirstStepProbe:
         self.measured.update(optimizer_states=optimizer_state_bytes(optimizer), activations=self.activations)
         for handle in self.handles:
             handle.remove()
+        self.weight_storages, self.running_storages = {}, {}  # the references, no longer needed
         self.done = True
-
-
-class CudaPeaks:
-    """torch.cuda's own statistics, per optimizer step: peak allocated and reserved bytes."""
-
-    KEPT_STEPS = 10
-
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.after_sharding = torch.cuda.memory_allocated()
-        self.peak_before_training = torch.cuda.max_memory_allocated()
-        self.steps: list[dict[str, int]] = []
-        self.max_allocated = self.max_reserved = 0
-        torch.cuda.reset_peak_memory_stats()
-        self.handle = optimizer.register_step_post_hook(self._after_step)
-
-    def _after_step(self, optimizer, args, kwargs):
-        allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-        self.max_allocated, self.max_reserved = max(self.max_allocated, allocated), max(self.max_reserved, reserved)
-        if len(self.steps) < self.KEPT_STEPS:
-            self.steps.append({"peak_allocated_bytes": allocated, "peak_reserved_bytes": reserved})
-        torch.cuda.reset_peak_memory_stats()
-
-    def peak_allocated(self) -> int:
-        """Peak allocated bytes over the whole run: loading and sharding, every step, and what came after
-        the last step's reset."""
-        return max(self.peak_before_training, self.max_allocated, torch.cuda.max_memory_allocated())
-
-    def report(self) -> dict:
-        self.handle.remove()
-        return {
-            "allocated_after_sharding_bytes": self.after_sharding,
-            "peak_allocated_bytes": self.max_allocated,
-            "peak_reserved_bytes": self.max_reserved,
-            "first_steps": self.steps,
-        }
 
 
 def error_pct(predicted: int, measured: int) -> float | None:

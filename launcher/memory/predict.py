@@ -157,7 +157,7 @@ def predict(
     compute = sharder.compute_policy(policy, autocast)
     spec = (cache or ModelCache(cfg.model)).describe(cfg, stored)
     split = cfg.train.sequence_parallel
-    sequence_parallel.check(spec.config, split, cfg.model.path)
+    sequence_parallel.check(spec.config, split, cfg.model.path, spec.skeleton)
     batch, seq = activation_shape or (cfg.train.micro_batch_size, local_tokens(cfg.data.max_seq_len, split))
     hidden = spec.config.hidden_size
     run = TraceRun(

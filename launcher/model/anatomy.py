@@ -30,6 +30,6 @@ def frozen_component(module: nn.Module, name: str, param: torch.Tensor) -> str:
         return "norms"
     if name.endswith("_bias") and param.dim() == 2:  # gpt-oss's expert biases, one row per expert
         return "biases"
-    if param.dim() == 3:
+    if experts.is_expert_parameter(module, name, param):
         return "experts"
     return "frozen_dense"

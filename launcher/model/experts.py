@@ -52,8 +52,14 @@ def packed_shape(numel: int, storage: torch.dtype) -> tuple[int, int]:
 
 
 def is_expert_parameter(module: nn.Module, name: str, param: torch.Tensor) -> bool:
-    """A fused MoE expert weight: a floating 3D parameter (experts x out x in) held directly by its module."""
-    return param.dim() == 3 and param.is_floating_point() and not parametrize.is_parametrized(module, name)
+    """A fused MoE expert weight: a floating 3D parameter (experts x out x in) held directly by its module, which
+    is no convolution (a Mamba or short-convolution layer's weight is 3D too: channels x 1 x kernel)."""
+    return (
+        param.dim() == 3
+        and param.is_floating_point()
+        and not isinstance(module, nn.modules.conv._ConvNd)
+        and not parametrize.is_parametrized(module, name)
+    )
 
 
 def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Module, str]]:

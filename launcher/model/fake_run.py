@@ -189,8 +189,8 @@ DEQUANTIZED: set[int] = set()
 `experts_dequantized`, not again in `recompute`."""
 
 
-def _experts_forward(self, quantized_param: torch.Tensor) -> torch.Tensor:
-    weight = torch.empty(self.shape, dtype=self.dtype, device=quantized_param.device)
+def _experts_forward(self, quantized_param: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    weight = torch.empty(self.shape, dtype=dtype or self.dtype, device=quantized_param.device)
     DEQUANTIZED.add(weight.untyped_storage()._cdata)
     return weight
 
@@ -228,13 +228,13 @@ def patched(patches: list[Patch]) -> Iterator[None]:
             setattr(owner, name, value)
 
 
-def stand_ins() -> list[Patch]:
-    """What every fake run needs (see the module docstring)."""
+def stand_ins(experts_dtype: torch.dtype | None = None) -> list[Patch]:
+    """What every fake run needs (see the module docstring); 4-bit experts dequantize to `experts_dtype`, if given."""
     import transformers.masking_utils as masking
 
     return [
         (bnb.nn.Linear4bit, "forward", _linear4bit_forward),
-        (Experts4bit, "forward", _experts_forward),
+        (Experts4bit, "forward", lambda self, packed: _experts_forward(self, packed, experts_dtype)),
         (torch.nn.functional, "grouped_mm", _grouped_mm),
         (masking, "is_tracing", lambda *args, **kwargs: False),
         (masking, "find_packed_sequence_indices", lambda position_ids: None),
@@ -261,14 +261,18 @@ def fake_run(
     device: str,
     compute: DtypePolicy | None = None,
     patches: tuple[Patch, ...] = (),
+    uniform: torch.dtype | None = None,
 ) -> Iterator[tuple[list[nn.Module], dict[str, torch.Tensor]]]:
     """Inside: `model` cut to the decoder layers `kept` (indices into `layers`), its parameters and buffers fake
-    tensors on `device` (in `compute`'s dtypes, or their own), under the fake mode; yields the kept layers and the
+    tensors on `device` (in `compute`'s dtypes, or their own; every float one and the dequantized 4-bit experts in
+    `uniform`, if given), under the fake mode; yields the kept layers and the
     fake parameters. Call the model inside."""
     with warnings.catch_warnings(), _quiet_fake_kernels(), only_layers(model, layers, kept) as kept_layers:
         warnings.simplefilter("ignore")
         DEQUANTIZED.clear()
-        with FakeTensorMode(allow_non_fake_inputs=False), patched([*stand_ins(), *patches]):
-            fakes = fake_parameters(model, compute, device)  # of the kept layers only, the others are out
+        with FakeTensorMode(allow_non_fake_inputs=False), patched([*stand_ins(uniform), *patches]):
+            fakes = fake_parameters(
+                model, DtypePolicy.uniform(uniform) if uniform else compute, device
+            )  # of the kept layers only, the others are out
             with _reparametrize_module(model, fakes, tie_weights=True, strict=False):
                 yield kept_layers, fakes

@@ -35,8 +35,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 IGNORE = -100
 """The label of tokens that are not trained on (prompt, padding), as transformers uses it."""
-SCALED_LOGITS = ("logit_scale", "logits_scaling")
-"""Config fields of families whose forward scales the logits before the loss (Cohere, Granite)."""
+SCALED_LOGITS = ("logit_scale", "logits_scaling", "lm_head_multiplier")
+"""Config fields of families whose forward scales the logits before the loss (Cohere, Granite, Falcon-H1)."""
 SOFTCAP = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 """Config fields of the tanh soft-capping some families apply to the logits (Gemma-2/3, RecurrentGemma, xLSTM), which the
 chunked loss applies as they do."""
@@ -62,7 +62,7 @@ def decoder_of(model: nn.Module) -> nn.Module | None:
 
 def chunking_refusal(model: nn.Module) -> str | None:
     """Why the chunked loss cannot stand in for this causal LM's own (None: it can)."""
-    config = model.config
+    config = model.config.get_text_config()
     name = type(model).__name__
     for field in SCALED_LOGITS:
         if getattr(config, field, None) not in (None, 1, 1.0):
@@ -124,7 +124,7 @@ def install_chunked_loss(model: nn.Module, chunk_tokens: int, max_tokens: int) -
     chunks = chunk_count(max_tokens, chunk_tokens)
     own_forward = model.forward
     decoder = decoder_of(model)
-    softcap = logit_softcap(model.config)
+    softcap = logit_softcap(model.config.get_text_config())
 
     def forward(self, *args, **kwargs):
         labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)

@@ -184,7 +184,8 @@ def probe(model: nn.Module, candidates: list[str]) -> dict[str, str]:
     modules = dict(model.named_modules())
     watch = _Watch()
     with (
-        fake_run(model, layers, kept, "cpu") as _,
+        # Roles do not depend on dtypes: every float one fp32, so no family's dtype rule can stop the forward.
+        fake_run(model, layers, kept, "cpu", uniform=torch.float32) as _,
         watch,
         contextlib.ExitStack() as hooks,
     ):

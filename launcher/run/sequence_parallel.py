@@ -63,10 +63,38 @@ def refusal(config, size: int) -> str | None:
     return None
 
 
-def check(config, size: int, model_path: str) -> None:
-    """A ConfigError if this model's attention cannot be split `size` ways."""
-    if reason := refusal(config, size):
+def check(config, size: int, model_path: str, model=None) -> None:
+    """A ConfigError if this model's attention (and, given `model`, its layers) cannot be split `size` ways."""
+    if reason := refusal(config, size) or (size > 1 and model is not None and layers_refusal(model)):
         raise ConfigError(f"`train.sequence_parallel: {size}` cannot split `{model_path}`: {reason}.")
+
+
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layers_refusal(model) -> str | None:
+    """Why this model's layers cannot run on 1/N of each sequence: the split wraps attention only, so a layer that
+    mixes tokens in another way (a convolution over the sequence: Mamba, linear attention, short convolutions), or
+    an attention whose mask the split does not build (Llama-4's chunks), would see its slice alone."""
+    from torch import nn
+
+    from ..model.anatomy import decoder_layers
+
+    config = model.config.get_text_config()
+    if getattr(config, "attention_chunk_size", None):
+        return "its chunked attention (`attention_chunk_size`) needs a mask the split does not build"
+    others = sorted({t for t in getattr(config, "layer_types", None) or () if t not in ATTENTION_LAYER_TYPES})
+    if others:
+        return f"its layers of type {', '.join(others)} mix tokens outside attention, which the split wraps alone"
+    modules = dict(model.named_modules())
+    for layer in decoder_layers(model):
+        convolutions = [n for n, m in modules[layer].named_modules() if isinstance(m, nn.Conv1d)]
+        if convolutions:
+            return (
+                f"its layers convolve over the sequence (`{convolutions[0]}`), outside attention, which the split "
+                "wraps alone"
+            )
+    return None
 
 
 def check_world(size: int, world: int) -> None:

@@ -35,12 +35,23 @@ def wrapped_modules(tensors: list[TensorSpec]) -> set[str]:
     (or, outside the layers, the root's) frozen bytes have."""
     by_dtype: dict[str, Counter] = {}
     module_dtypes: dict[str, set] = {}
+    # A convolution's weights are gathered with its parent: the convolution kernels of SSM and short-convolution
+    # layers take `conv.weight` as an argument, outside the convolution module's forward.
+    convolutions = {
+        t.module for t in tensors if not t.trainable and t.component == "frozen_dense" and len(t.shape) == 3
+    }
+    home = {t.name: t.module.rpartition(".")[0] if t.module in convolutions else t.module for t in tensors}
     for t in tensors:
-        module_dtypes.setdefault(t.module, set()).add(t.dtype)
+        module_dtypes.setdefault(home[t.name], set()).add(t.dtype)
         if not t.trainable:
             by_dtype.setdefault(t.layer, Counter())[t.dtype] += t.numel * t.itemsize
     main = {layer: max(sorted(counts, key=str), key=counts.__getitem__) for layer, counts in by_dtype.items()}
-    own = {t.module for t in tensors if t.trainable or t.dtype != main[t.layer]}
+    own = {home[t.name] for t in tensors if t.trainable or t.dtype != main[t.layer]}
+    # Inside a frozen unit of its own dtype a frozen module joins that unit: its weights are gathered with its parent's, which
+    # may read them outside the module's forward (Qwen3-Next's linear attention passes `conv1d.weight` to its
+    # convolution function).
+    trained = {t.module for t in tensors if t.trainable}
+    own = {m for m in own if m in trained or not _inside_unit_of(m, own - trained, module_dtypes)}
     mixed = sorted(m for m in own if len(module_dtypes[m]) > 1)
     if mixed:
         raise ValueError(f"FSDP1 needs one dtype per unit, and `{mixed[0]}` holds weights of several dtypes")
@@ -51,6 +62,16 @@ def wrapped_modules(tensors: list[TensorSpec]) -> set[str]:
         | own
         | {t.module for t in tensors if _under_unit_of_other_dtype(t, own, module_dtypes)}
     )
+
+
+def _inside_unit_of(module: str, own: set[str], module_dtypes: dict[str, set]) -> bool:
+    """Whether an ancestor of `module` is a unit (of `own`, frozen weights) holding only `module`'s (one) dtype."""
+    parent = module.rpartition(".")[0]
+    while parent:
+        if parent in own and module_dtypes[parent] == module_dtypes[module] and len(module_dtypes[module]) == 1:
+            return True
+        parent = parent.rpartition(".")[0]
+    return False
 
 
 def _under_unit_of_other_dtype(t: TensorSpec, own: set[str], module_dtypes: dict[str, set]) -> bool:

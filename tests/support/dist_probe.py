@@ -113,10 +113,12 @@ def observe_shard(original):
         observed["optimizer_type"] = type(result[2]).__name__
         observed["tie_after_shard"] = embedding_tie(accelerator.unwrap_model(sharded))
         # transformers checkpoints a decoder layer's `forward` (not `__call__`), so the recompute
-        # shows as a second call of its submodules: count the MLP's.
+        # shows as a second call of its submodules: count its first one's (a norm, or attention).
+        base = accelerator.unwrap_model(sharded)
+        layer_classes = set(getattr(getattr(base, "get_base_model", lambda: base)(), "_no_split_modules", ()) or ())
         for module in sharded.modules():
-            if type(module).__name__.endswith("DecoderLayer"):
-                module.mlp.register_forward_pre_hook(count_layer_call)
+            if any(cls.__name__ in layer_classes for cls in type(module).__mro__):
+                next(module.children()).register_forward_pre_hook(count_layer_call)
         return result
 
     return shard

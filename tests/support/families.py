@@ -177,6 +177,81 @@ def _gpt_oss(tokens):
     )
 
 
+def _gpt_neox(tokens):
+    from transformers import GPTNeoXConfig
+
+    common = _common(tokens, rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)
+    del common["num_key_value_heads"]
+    return GPTNeoXConfig(**common)
+
+
+def _exaone4(tokens):
+    from transformers import Exaone4Config
+
+    return Exaone4Config(
+        **_common(
+            tokens, sliding_window=16, layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False
+        )
+    )
+
+
+def _glm4_moe(tokens):
+    from transformers import Glm4MoeConfig
+
+    return Glm4MoeConfig(
+        **_common(
+            tokens,
+            moe_intermediate_size=64,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            tie_word_embeddings=False,
+        )
+    )
+
+
+def _qwen3_next(tokens):
+    from transformers import Qwen3NextConfig
+
+    return Qwen3NextConfig(
+        **_common(
+            tokens,
+            head_dim=16,
+            layer_types=["linear_attention", "full_attention"],
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=64,
+            tie_word_embeddings=False,
+        )
+    )
+
+
+def _falcon_h1(tokens):
+    from transformers import FalconH1Config
+
+    return FalconH1Config(
+        **_common(
+            tokens,
+            head_dim=16,
+            mamba_d_ssm=128,
+            mamba_n_heads=8,
+            mamba_d_head=16,
+            mamba_n_groups=1,
+            mamba_d_state=16,
+            mamba_chunk_size=16,
+            tie_word_embeddings=False,
+        )
+    )
+
+
 FAMILIES = [
     Family("llama", "untied embeddings (Llama-2/3 8B+)", lambda t: _llama(t, False)),
     Family("llama-tied", "tied embeddings (Llama-3.2 1B/3B)", lambda t: _llama(t, True), tied=True),
@@ -199,6 +274,11 @@ FAMILIES = [
         run_args=("--lora.target_parameters", "[mlp.experts.gate_up_proj, mlp.experts.down_proj]"),
         refused={"fsdp1": "reads the adapter weights outside their modules' forward"},
     ),
+    Family("gpt-neox", "a plain (non-gated) MLP, LayerNorm, parallel residual, partial rotary", _gpt_neox),
+    Family("exaone4", "norms after the attention and the MLP, sliding and full layers", _exaone4),
+    Family("glm4-moe", "MoE: a dense first layer, a shared expert, sigmoid routing (GLM-4.5)", _glm4_moe, moe=True),
+    Family("qwen3-next", "hybrid: gated delta-rule linear attention and full attention, MoE", _qwen3_next, moe=True),
+    Family("falcon-h1", "hybrid: Mamba-2 beside attention in every layer", _falcon_h1),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
 

@@ -72,3 +72,25 @@ def test_peft_keeps_a_target_named_in_full_and_still_remaps_a_bare_name():
     assert targets.remapped_by_peft(model, ["gate_proj", "q_proj"]) == {"gate_proj"}
     targets.keep_named_modules()
     assert targets.remapped_by_peft(model, [dense]) == set()
+
+
+@pytest.mark.parametrize(
+    "family,reason",
+    [
+        ("qwen3_next", "layers of type linear_attention"),
+        ("lfm2", "layers of type conv"),
+        ("falcon_h1", "layers of type hybrid"),
+        ("mamba", "mix tokens outside attention"),
+        ("llama4_text", "chunked attention"),
+        ("llama", None),
+        ("gemma3_text", None),  # sliding and full attention layers split
+    ],
+)
+def test_sequence_parallelism_refuses_layers_that_mix_tokens_outside_attention(family, reason):
+    from launcher.run.sequence_parallel import layers_refusal
+
+    config = tiny_config(family)
+    if family == "lfm2":  # the shrunk config keeps its first two layers, both attention
+        config.layer_types = ["conv", "full_attention"]
+    found = layers_refusal(meta_model(config))
+    assert (found is None) if reason is None else reason in found, found
