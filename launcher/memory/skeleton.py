@@ -128,7 +128,7 @@ class ModelSpec:
             except Exception as error:  # noqa: BLE001 - a model the trace cannot run is predicted without activations
                 first = str(error).strip().splitlines()[0] if str(error).strip() else ""
                 raise ConfigError(
-                    f"its forward and backward did not run on fake tensors ({type(error).__name__}: {first[:200]}), "
+                    f"its forward did not run on fake tensors ({type(error).__name__}: {first[:200]}), "
                     "so its activations cannot be traced"
                 ) from error
         return self.traces[key]
