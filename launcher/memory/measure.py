@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..config import ConfigError
 from ..strategies import Strategy, clean_fqn
@@ -146,7 +147,9 @@ class FirstStepProbe:
         self.running_params: dict[int, int] = {}
         self.running_storages: dict[int, torch.UntypedStorage] = {}
         self.started_pointers: list[list[int]] = []
-        self.saved: dict[int, int] = {}
+        self.saved = 0
+        """Bytes saved for backward so far by the forward pass running now."""
+        self.saved_storages: dict[int, StorageWeakRef] = {}
         self.saved_hooks = None
         self.activations = 0
         self.activation_shape: tuple[int, int] | None = None
@@ -184,14 +187,23 @@ class FirstStepProbe:
             storage = tensor.untyped_storage()
             pointer = storage.data_ptr()
             if not still_at(self.running_storages, pointer) and not still_at(self.weight_storages, pointer):
-                self.saved[pointer] = storage.nbytes()
+                self._count_saved(storage)
         return self.offload.pack(tensor) if self.offload else tensor
+
+    def _count_saved(self, storage: torch.UntypedStorage) -> None:
+        # Offload copies each saved tensor to the host and drops it: a later activation may then sit at the address
+        # of one already counted, and is another storage all the same.
+        pointer = storage.data_ptr()
+        counted = self.saved_storages.get(pointer)
+        if counted is None or counted.expired():
+            self.saved_storages[pointer] = StorageWeakRef(storage)
+            self.saved += storage.nbytes()
 
     def _unpack(self, packed):
         return self.offload.unpack(packed) if self.offload else packed
 
     def _forward_started(self, module, args, kwargs):
-        self.saved = {}
+        self.saved, self.saved_storages = 0, {}
         self.saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self.saved_hooks.__enter__()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -199,10 +211,9 @@ class FirstStepProbe:
 
     def _forward_finished(self, module, args, output):
         self.saved_hooks.__exit__(None, None, None)
-        saved = sum(self.saved.values())
-        if saved >= self.activations:
-            self.activations, self.activation_shape = saved, self.shape
-        self.saved = {}
+        if self.saved >= self.activations:
+            self.activations, self.activation_shape = self.saved, self.shape
+        self.saved, self.saved_storages = 0, {}
 
     def _before_step(self, optimizer, args, kwargs):
         master = StorageTally(exclude=self.weight_storages)

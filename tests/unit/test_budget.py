@@ -132,6 +132,35 @@ def test_meta_skeleton_is_the_loaded_model(shape_dirs, family_assets, family):
     assert predicted.model.buffer_bytes == held["buffers"] > 0
 
 
+def test_offloaded_activations_at_a_reused_address_are_each_counted():
+    """Offload drops each saved tensor once copied to the host: the allocator may put the next activation at the
+    same address, and the probe must count it as the new storage it is (a rank was measured 25% low). Two tensors
+    made over one buffer, one after the other, stand for that allocator."""
+    from launcher.run.activation_offload import ActivationOffload
+
+    class TwoAtOneAddress(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+            self.memory = bytearray(4096 * 4)
+
+        def forward(self, input_ids):
+            first = torch.frombuffer(self.memory, dtype=torch.float32)
+            out = (first * self.scale).sum()  # saves `first`, which offload copies to the host
+            address = first.data_ptr()
+            del first  # nothing holds it now
+            second = torch.frombuffer(self.memory, dtype=torch.float32)
+            assert second.data_ptr() == address
+            return out + (second * self.scale).sum()
+
+    model = TwoAtOneAddress()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = measure.FirstStepProbe(model, optimizer, {}, offload=ActivationOffload(torch.device("cpu")))
+    model(input_ids=torch.ones(1, 8, dtype=torch.long)).backward()
+    optimizer.step()
+    assert probe.measured["activations"] == 2 * 4096 * 4
+
+
 @pytest.mark.parametrize("shape", [(64, 64), (100, 60), (33, 96)])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32, torch.uint8])
