@@ -182,6 +182,11 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, help="number of nodes (default 1)")
     parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (with --nodes, instead of --world-size)")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (data.max_seq_len)")
+    parser.add_argument(
+        "--objective",
+        choices=["sft", "dpo", "orpo"],
+        help="train.objective: sft (default); dpo and orpo run two sequences (chosen, rejected) per sample",
+    )
     parser.add_argument("--lora-r", type=int, help="LoRA rank (lora.r)")
     parser.add_argument("--lora-targets", help="comma-separated module names, or all-linear (lora.target_modules)")
     parser.add_argument(
@@ -215,7 +220,7 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args, extra: list[str]) -> int:
-    from . import launch, preflight, train
+    from . import launch, objectives, preflight, train
     from .data.loading import load_training_data
     from .launch import starts
     from .run import failures
@@ -246,18 +251,18 @@ def cmd_train(args, extra: list[str]) -> int:
         return 0
     strategy = preflight.check_all(cfg, machines.num_processes)
     # Tokenized here, into the cache the ranks read: too little data is refused before any rank starts.
-    load_training_data(cfg.model, cfg.data, cfg.train, machines.num_processes)
+    load_training_data(cfg.model, cfg.data, cfg.train, machines.num_processes, objectives.get(cfg).pairs)
     forwarded = (["--config", args.config] if args.config else []) + extra + ["--strategy", strategy.name]
     return launch.launch(strategy, machines, forwarded, cfg.dist, output_dir=cfg.output_dir)
 
 
 def cmd_data(args, extra: list[str]) -> int:
-    from . import preflight
+    from . import objectives, preflight
     from .data import report
 
     cfg = load_config(args.config, parse_overrides(extra))
-    preflight.check_dataset(cfg.data)
-    report.run(cfg, args.samples, args.json)
+    preflight.check_dataset(cfg.data, cfg.train.objective)
+    report.run(cfg, args.samples, args.json, objectives.get(cfg).pairs)
     return 0
 
 

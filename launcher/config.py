@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .objective_config import DPOConfig, Objective, ORPOConfig
 from .typed_yaml import ConfigError, build, parse_overrides, set_dotted, spoken_choices, yaml_problem
 
 __all__ = ["ConfigError", "RunConfig", "dump_config", "describe_keys", "load_config", "parse_overrides"]
@@ -96,6 +97,9 @@ class DataSource:
     completion_field: str = "completion"
     messages_field: str = "messages"
     """Chat records: a list of {"role", "content"} messages; the loss covers the assistant turns."""
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    """Preference pairs (train.objective dpo, orpo): prompt, chosen and rejected, texts or message lists."""
     weight: float = 1.0
     """Samples drawn from this source per epoch, as a multiple of its records (2: each twice, 0.5: a seeded half)."""
 
@@ -122,6 +126,9 @@ class DataConfig(DataSource):
     """Where tokenized data is kept between runs (empty: $QLAUNCH_DATA_CACHE, else ~/.cache/qlaunch/data)."""
     tokenize_workers: int = 0
     """Processes tokenizing a source (0: every core for chat records, which render in Python; 1 otherwise)."""
+    max_prompt_len: int = 0
+    """Preference pairs: a longer prompt keeps its last this many tokens (0: prompts are not cut; a pair whose prompt
+    leaves no room for its completions within max_seq_len is refused)."""
 
     def rules(self, at: str) -> list[Rule]:
         return super().rules(at) + [
@@ -130,6 +137,11 @@ class DataConfig(DataSource):
                 not (self.datasets and self.path),
                 f"Both `{at}path` and `{at}datasets` are set. Use `{at}path` for one dataset, or list every "
                 f"dataset (this one too) under `{at}datasets`.",
+            ),
+            (
+                0 <= self.max_prompt_len < self.max_seq_len,
+                f"`{at}max_prompt_len` must be 0 (prompts not cut) or below max_seq_len ({self.max_seq_len}), so that "
+                f"a completion fits after the prompt; got {self.max_prompt_len}.",
             ),
             (0 <= self.eval_fraction < 1, f"`{at}eval_fraction` must be in [0, 1), got {self.eval_fraction}."),
             (
@@ -150,6 +162,8 @@ class DataConfig(DataSource):
 
 @dataclass(frozen=True)
 class TrainConfig:
+    objective: Objective = "sft"
+    """sft (next-token loss on the targets), dpo (pairs; see `dpo:`) or orpo (pairs; see `orpo:`)."""
     micro_batch_size: int = 1
     grad_accum_steps: int = 1
     global_batch_size: int = 0
@@ -291,6 +305,8 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    orpo: ORPOConfig = field(default_factory=ORPOConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     strategy: str = ""

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from . import strategies
+from . import objectives, strategies
 from .checkpoint import store
 from .config import ConfigError, DataConfig, RunConfig
-from .data.records import load_records, record_kind
+from .data.records import check_kind, load_records, record_kind
 from .dtypes import AUTOCAST_DTYPE_NAMES, DtypePolicy, resolve_mixed_precision
 from .model.build import read_model_config
 from .model.files import check_weights
@@ -50,11 +50,12 @@ def check_output_dir(cfg: RunConfig) -> None:
         )
 
 
-def check_dataset(data: DataConfig) -> None:
-    """Reads the records of every source and checks their fields (cheap: no tokenizer)."""
+def check_dataset(data: DataConfig, objective: str = "sft") -> None:
+    """Reads the records of every source and checks their fields and that `objective` trains on them (cheap: no
+    tokenizer)."""
     sources = data.sources() + ([data.eval_source()] if data.eval_path else [])
     for source in sources:
-        record_kind(load_records(source).column_names, source)
+        check_kind(record_kind(load_records(source).column_names, source), objectives.REGISTRY[objective].pairs, source)
 
 
 def check_run(cfg: RunConfig) -> strategies.Strategy:
@@ -62,6 +63,7 @@ def check_run(cfg: RunConfig) -> strategies.Strategy:
     run's strategy."""
     strategy = strategies.resolve(cfg)
     tracking.check(cfg.train)
+    objectives.get(cfg).check()
     strategies.check(strategy, cfg)
     check_model(cfg)
     return strategy
@@ -81,7 +83,7 @@ def check_all(cfg: RunConfig, world: int) -> strategies.Strategy:
     starting any process, so that what the ranks would refuse fails once, here. Returns the run's strategy."""
     strategy = check_run(cfg)
     sequence_parallel.check_world(cfg.train.sequence_parallel, world)
-    check_dataset(cfg.data)
+    check_dataset(cfg.data, cfg.train.objective)
     check_resume(prelaunch_resolved(cfg, strategy, world), strategy, world)
     return strategy
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from peft import PeftConfig
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from . import preflight, signals, strategies
+from . import preflight, signals
 from .checkpoint import export, store
 from .collectives import is_source_rank
 from .config import CheckpointConfig, RunConfig, TrainConfig, dump_config
@@ -27,29 +26,19 @@ from .memory.components import parameter_components
 from .memory.measure import MemoryMeter
 from .model.build import build_model, coverage_notes, load_base
 from .model.loss import own_loss_note
+from .objectives import ModelCalls, Objective
+from .objectives import get as get_objective
 from .run import sequence_parallel, tracking
 from .run.accelerator import create_accelerator, world_size_from_env
 from .run.activation_offload import ActivationOffload
-from .run.evaluate import eval_loss
+from .run.evaluate import add_sums, evaluate, reduce_sums
 from .run.metrics import MetricsLog
 from .run.packed_check import PackedWeightCheck
 from .run.preemption import StopSignal
 from .run.sequence_parallel import SequenceGroups, local_tokens
+from .run.summary import RunSummary, print_summary, rank_report
 
 CHECK_TOKENS = 32
-
-
-@dataclass
-class RunSummary:
-    steps: int
-    first_loss: float
-    last_loss: float
-    tokens_per_s: float
-    seconds: float
-    adapter_dir: str
-    world_size: int
-    strategy: str
-    eval_loss: float | None = None
 
 
 def lr_lambda(train_cfg, total_steps: int):
@@ -66,25 +55,6 @@ def lr_lambda(train_cfg, total_steps: int):
         return 1.0
 
     return factor
-
-
-def rank_report(
-    model, optimizer, setup: preflight.RunSetup, adapter_total: int, peak_device_bytes: int | None, packed: dict | None
-) -> dict:
-    """What this rank holds after sharding: adapter and optimizer-state elements, for the report."""
-    shards = [s for s in setup.sharder.local_shards(model) if s.trainable]
-    trainable_local = sum(min(s.local.numel(), s.full_numel - s.start) for s in shards)
-    return {
-        "rank": dist.get_rank() if dist.is_initialized() else 0,
-        "strategy": setup.strategy.name,
-        "adapter_elements_total": adapter_total,
-        "adapter_elements_local": trainable_local,
-        "optimizer_state_elements_local": strategies.optimizer_state_numel(optimizer),
-        "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        # torch.cuda's own peak would cover only the time since the meter's last per-step reset.
-        "peak_device_bytes": peak_device_bytes,
-        "packed_weights_in_first_forward": packed,
-    }
 
 
 def startup_mark(stage: str) -> None:
@@ -119,6 +89,8 @@ class Training:
     packed_check: PackedWeightCheck | None
     adapter_total: int
     peft_config: PeftConfig
+    objective: Objective
+    calls: ModelCalls
 
     @property
     def output_dir(self) -> Path:
@@ -176,7 +148,8 @@ def setup(user_cfg: RunConfig, stop: StopSignal) -> Training:
     resolved = preflight.resolve_run(user_cfg, world_size_from_env())
     cfg, policy, split = resolved.cfg, resolved.policy, resolved.cfg.train.sequence_parallel
     data_world = resolved.world // split  # the ranks of a sequence group train on the same rows
-    tokenizer, rows, eval_rows = load_training_data(cfg.model, cfg.data, cfg.train, resolved.world)
+    objective = get_objective(cfg)
+    tokenizer, rows, eval_rows = load_training_data(cfg.model, cfg.data, cfg.train, resolved.world, objective.pairs)
     t = cfg.train
     batches = GlobalBatches(len(rows), t.micro_batch_size, t.grad_accum_steps, data_world, t.seed)
     total_steps = t.max_steps or t.epochs * batches.steps_per_epoch
@@ -231,6 +204,7 @@ def setup(user_cfg: RunConfig, stop: StopSignal) -> Training:
         start_step = store.load(resolved.resume_from, resolved.sharder, model, optimizer, scheduler)
         if accelerator.is_main_process:
             print(f"Resuming from step {start_step}: {resolved.resume_from}", flush=True)
+    peft_model = accelerator.unwrap_model(model)
     return Training(
         cfg=cfg,
         setup=resolved,
@@ -249,7 +223,9 @@ def setup(user_cfg: RunConfig, stop: StopSignal) -> Training:
         meter=meter,
         packed_check=packed_check,
         adapter_total=adapter_total,
-        peft_config=accelerator.unwrap_model(model).peft_config[export.ADAPTER_NAME],
+        peft_config=peft_model.peft_config[export.ADAPTER_NAME],
+        objective=objective,
+        calls=ModelCalls(model, peft_model),
     )
 
 
@@ -273,7 +249,7 @@ def train_loop(t: Training, stop: StopSignal) -> LoopResult:
     started = window_start = time.perf_counter()
     window_tokens = 0
     for step in range(t.start_step, t.total_steps):
-        loss_sum, step_targets, step_tokens, grad_norm = train_step(t, step)
+        loss_sum, sums, step_tokens, grad_norm = train_step(t, step)
         t.scheduler.step()
         if t.packed_check and step == t.start_step:
             result.packed = t.packed_check.result()
@@ -282,14 +258,24 @@ def train_loop(t: Training, stop: StopSignal) -> LoopResult:
         metrics.advance()
         actions = after_step(step + 1, t.total_steps, cfg.train, cfg.checkpoint, t.eval_rows is not None)
         if actions.log:
-            loss = t.accelerator.reduce(loss_sum, "sum").item() / step_targets
+            # Each micro batch's loss is its share of the step's (see train_step): their sum over ranks and micro
+            # batches, over the parts, is the step's loss.
+            loss_total, step_sums = reduce_sums(t.accelerator, loss_sum, sums)
+            loss = loss_total / step_parts(t)
             result.losses.append(loss)
-            extra = {}
+            extra = t.objective.metrics(step_sums, t.objective.totals(t.rows, t.batches.step_samples(step)))
             if actions.evaluate:
-                result.eval_loss = eval_loss(
-                    t.model, t.accelerator, t.eval_rows, cfg.train.micro_batch_size, t.tokenizer.pad_token_id, t.groups
+                evaluated = evaluate(
+                    t.objective,
+                    t.calls,
+                    t.accelerator,
+                    t.eval_rows,
+                    cfg.train.micro_batch_size,
+                    t.tokenizer.pad_token_id,
+                    t.groups,
                 )
-                extra["eval_loss"] = result.eval_loss
+                result.eval_loss = evaluated["eval_loss"]
+                extra.update(evaluated)
             now = time.perf_counter()
             metrics.log(
                 step=step + 1,
@@ -315,7 +301,17 @@ def finish(t: Training, result: LoopResult) -> RunSummary:
     """The memory report of every rank, the adapter and its reload check, the summary."""
     t.meter.finish()
     world = t.setup.world
-    report = [rank_report(t.model, t.optimizer, t.setup, t.adapter_total, t.meter.peak_device_bytes(), result.packed)]
+    report = [
+        rank_report(
+            t.model,
+            t.optimizer,
+            t.setup.sharder,
+            t.setup.strategy.name,
+            t.adapter_total,
+            t.meter.peak_device_bytes(),
+            result.packed,
+        )
+    ]
     if dist.is_initialized():
         mine, report = report[0], [None] * world
         dist.all_gather_object(report, mine)
@@ -349,37 +345,30 @@ def finish(t: Training, result: LoopResult) -> RunSummary:
     return summary
 
 
+def step_parts(t: Training) -> int:
+    """What DP averaging (the world size) and accumulation (its step count) divide each micro batch's gradient by."""
+    return t.groups.world * t.batches.accum
+
+
 def train_step(t: Training, step: int):
-    """One optimizer step over this rank's micro batches; returns the loss summed over target tokens,
-    the step's target and real tokens, and the gradient norm. The loss is normalized by the target
-    tokens of the whole global batch, so the summed gradient equals a single process's on the same batch."""
+    """One optimizer step over this rank's micro batches; returns the sum of their losses, their metric sums, the
+    step's real tokens and the gradient norm. Each micro batch's loss is its sums divided by the totals of the whole
+    global batch (target tokens, pairs) over `step_parts`, so the summed gradient equals a single process's on the
+    same batch."""
     step_samples = t.batches.step_samples(step)
-    step_targets = t.rows.targets(step_samples)
     step_tokens = t.rows.tokens(step_samples)
-    # DP averaging divides by the world size and accumulation by its step count: undo both here (the ranks of
-    # a sequence group hold disjoint tokens of the same rows, so every target is still counted once).
-    num_items = step_targets / (t.groups.world * t.batches.accum)
+    # The ranks of a sequence group hold disjoint tokens of the same rows, so every target is still counted once.
+    share = {name: total / step_parts(t) for name, total in t.objective.totals(t.rows, step_samples).items()}
     device, pad_id = t.accelerator.device, t.tokenizer.pad_token_id
-    loss_sum, grad_norm = torch.zeros((), device=device), None
+    loss_sum, sums, grad_norm = torch.zeros((), device=device), {}, None
     for indices in t.batches.rank_micro_batches(step, t.groups.data_rank):
-        rows_batch = {k: v.to(device) for k, v in t.rows.collate(indices, pad_id).items()}
+        rows_batch = {k: v.to(device) for k, v in t.objective.collate(t.rows, indices, pad_id).items()}
         with t.accelerator.accumulate(t.model), t.groups.splitting(rows_batch, pad_id) as batch:
-            loss = t.model(**batch, num_items_in_batch=num_items, use_cache=False).loss
+            loss, micro_sums = t.objective.loss(t.calls, batch, share)
             t.accelerator.backward(loss)
             norm = t.setup.sharder.optimizer_step(t.accelerator, t.model, t.optimizer, t.cfg.train.max_grad_norm)
             grad_norm = norm if norm is not None else grad_norm
             t.optimizer.zero_grad()
-        loss_sum += loss.detach().float() * num_items
-    return loss_sum, step_targets, step_tokens, grad_norm
-
-
-def print_summary(s: RunSummary, output_dir: Path) -> None:
-    print(
-        f"\nDone: {s.steps} steps in {s.seconds:.1f} s on {s.world_size} rank(s) with {s.strategy}; "
-        f"loss {s.first_loss:.4f} -> {s.last_loss:.4f}"
-        + (f", eval loss {s.eval_loss:.4f}" if s.eval_loss is not None else "")
-        + f"; {s.tokens_per_s:,.0f} tokens/s.\n"
-        f"Adapter (PEFT format): {s.adapter_dir}\n"
-        f"Metrics: {output_dir / 'metrics.jsonl'}   Check it reloads: qlaunch verify {output_dir}",
-        flush=True,
-    )
+        loss_sum += loss.detach().float()
+        add_sums(sums, micro_sums)
+    return loss_sum, sums, step_tokens, grad_norm

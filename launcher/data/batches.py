@@ -104,20 +104,10 @@ class Rows:
         return int(self._lengths[self.samples(row)].sum())
 
     def collate(self, rows: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-        built = [self.build_row(r) for r in rows]
-        length = max(len(ids) for ids, _, _ in built)
-        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-        positions = torch.arange(length).repeat(len(rows), 1)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for row, (ids, target, position) in enumerate(built):
-            n = len(ids)
-            input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = ids, target, 1
-            positions[row, :n] = position
-            positions[row, n:] = torch.arange(length - n)  # padding is a sample of its own, never a target
+        batch = padded([self.build_row(r) for r in rows], pad_id)
         if self.packing:
-            return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+            return {"input_ids": batch["input_ids"], "labels": batch["labels"], "position_ids": batch["position_ids"]}
+        return {"input_ids": batch["input_ids"], "labels": batch["labels"], "attention_mask": batch["attention_mask"]}
 
     def build_row(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, labels, positions = [], [], []
@@ -128,3 +118,24 @@ class Rows:
             ids += sample_ids
             positions += range(len(sample_ids))
         return torch.tensor(ids), torch.tensor(labels), torch.tensor(positions)
+
+
+def sequence(ids: list[int], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One unpacked sample as `padded` takes it (its first token is never predicted)."""
+    return torch.tensor(ids), torch.tensor([IGNORE_INDEX, *labels[1:]]), torch.arange(len(ids))
+
+
+def padded(built: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of (ids, labels, positions) padded on the right to the longest: input_ids, labels, position_ids and
+    attention_mask."""
+    length = max(len(ids) for ids, _, _ in built)
+    input_ids = torch.full((len(built), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(built), length), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.arange(length).repeat(len(built), 1)
+    attention_mask = torch.zeros((len(built), length), dtype=torch.long)
+    for row, (ids, target, position) in enumerate(built):
+        n = len(ids)
+        input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = ids, target, 1
+        positions[row, :n] = position
+        positions[row, n:] = torch.arange(length - n)  # padding is a sample of its own, never a target
+    return {"input_ids": input_ids, "labels": labels, "position_ids": positions, "attention_mask": attention_mask}

@@ -16,11 +16,11 @@ def load_tokenizer(model: ModelConfig):
     return tokenizer
 
 
-def load_training_data(model: ModelConfig, data: DataConfig, train: TrainConfig, world: int):
+def load_training_data(model: ModelConfig, data: DataConfig, train: TrainConfig, world: int, pairs: bool = False):
     """The tokenizer and the rows to train on (and to evaluate on, or None), checked to fill at least one
-    optimizer step of a run of `world` ranks."""
+    optimizer step of a run of `world` ranks. `pairs`: the objective trains on preference pairs."""
     tokenizer = load_tokenizer(model)
-    train_data, eval_data = load_tokenized(data, tokenizer, train.seed)
+    train_data, eval_data = load_tokenized(data, tokenizer, train.seed, pairs)
     rows = Rows(train_data, data.packing, data.max_seq_len)
     train = train.for_world(world)
     data_world = world // train.sequence_parallel

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..config import ConfigError, DataConfig, DataSource
 from .chat import assistant_turns, check_messages, tokenize_chat, use_chat_template
+from .pairs import PairEncoder, pair_features
 
 FORMAT_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 IGNORE_INDEX = -100
@@ -71,7 +72,10 @@ def load_records(source: DataSource):
 
 
 def record_kind(columns: list[str], source: DataSource) -> str:
-    """'text', 'tokens', 'messages' or 'prompt_completion', or a ConfigError naming the fields that are missing."""
+    """'text', 'tokens', 'messages', 'pairs' or 'prompt_completion', or a ConfigError naming the fields that are
+    missing."""
+    if source.chosen_field in columns and source.rejected_field in columns:
+        return "pairs"
     if source.text_field in columns:
         return "text"
     if "input_ids" in columns:
@@ -82,7 +86,8 @@ def record_kind(columns: list[str], source: DataSource) -> str:
         return "prompt_completion"
     raise ConfigError(
         f"Dataset `{source.path}` has fields {sorted(columns)}, but each record needs `{source.text_field}`, "
-        f"`{source.messages_field}`, `{source.prompt_field}` and `{source.completion_field}`, or `input_ids`. Rename "
+        f"`{source.messages_field}`, `{source.prompt_field}` and `{source.completion_field}`, `input_ids`, or (pairs) "
+        f"`{source.chosen_field}` and `{source.rejected_field}`. Rename "
         "the fields in the data or set `data.text_field` / `data.messages_field` / `data.prompt_field` / "
         "`data.completion_field` (in a `data.datasets` entry: its own `text_field` and so on)."
     )
@@ -102,17 +107,38 @@ def features():
     )
 
 
-def tokenize(records, tokenizer, source: DataSource, cfg: DataConfig, cache_file: str | None = None):
-    """The records as a `datasets.Dataset` of token ids and labels (see `features`), batched; records left
-    with no target token within `max_seq_len` are dropped. Written to `cache_file` (one file per worker:
-    `<name>_NNNNN_of_NNNNN.arrow` when several), else kept in memory."""
+def check_kind(kind: str, pairs: bool, source: DataSource) -> None:
+    """Pairs train a preference objective, and only pairs do."""
+    if (kind == "pairs") != pairs:
+        held = "preference pairs (`chosen`, `rejected`)" if kind == "pairs" else f"{kind.replace('_', '/')} records"
+        wanted = "dpo or orpo" if kind == "pairs" else "sft"
+        raise ConfigError(
+            f"Dataset `{source.path}` holds {held}, which train.objective `{'dpo/orpo' if pairs else 'sft'}` does not "
+            f"train on. Set `train.objective` to {wanted}, or point data.path at {'SFT records' if pairs else 'pairs'}."
+        )
+
+
+def is_chat(records, kind: str, source: DataSource) -> bool:
+    """Whether the records are message lists (rendered with the chat template)."""
+    field = {"prompt_completion": source.prompt_field, "pairs": source.chosen_field}.get(kind)
+    return kind == "messages" or (field is not None and len(records) > 0 and isinstance(records[0][field], list))
+
+
+def tokenize(
+    records, tokenizer, source: DataSource, cfg: DataConfig, pairs: bool = False, cache_file: str | None = None
+):
+    """The records as a `datasets.Dataset` of token ids and labels (see `features`, or pairs.py for `pairs`),
+    batched; records left with no target token within `max_seq_len` are dropped. Written to `cache_file` (one file
+    per worker: `<name>_NNNNN_of_NNNNN.arrow` when several), else kept in memory."""
     kind = record_kind(records.column_names, source)
-    chat = kind == "messages" or (
-        kind == "prompt_completion" and len(records) > 0 and isinstance(records[0][source.prompt_field], list)
-    )
+    check_kind(kind, pairs, source)
+    chat = is_chat(records, kind, source)
     if chat:
         use_chat_template(tokenizer, cfg.chat_template, source.path)
-    encode = Encoder(tokenizer, "chat" if chat else kind, source, cfg.max_seq_len)
+    if pairs:
+        encode, table_features = PairEncoder(tokenizer, source, cfg, chat), pair_features()
+    else:
+        encode, table_features = Encoder(tokenizer, "chat" if chat else kind, source, cfg.max_seq_len), features()
     workers = tokenize_workers(cfg.tokenize_workers, chat, len(records))
     try:
         return records.map(
@@ -120,7 +146,7 @@ def tokenize(records, tokenizer, source: DataSource, cfg: DataConfig, cache_file
             batched=True,
             with_indices=True,
             remove_columns=records.column_names,
-            features=features(),
+            features=table_features,
             cache_file_name=cache_file,
             keep_in_memory=cache_file is None,
             load_from_cache_file=False,

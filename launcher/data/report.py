@@ -37,9 +37,9 @@ def row_efficiency(rows: Rows, micro_batch_size: int, seed: int) -> float:
     return real / padded if padded else 0.0
 
 
-def report(cfg: RunConfig, samples: int) -> dict:
+def report(cfg: RunConfig, samples: int, pairs: bool = False) -> dict:
     tokenizer = load_tokenizer(cfg.model)
-    train, held_out = load_tokenized(cfg.data, tokenizer, cfg.train.seed)
+    train, held_out = load_tokenized(cfg.data, tokenizer, cfg.train.seed, pairs)
     rows = Rows(train, cfg.data.packing, cfg.data.max_seq_len)
     return {
         "sources": [
@@ -64,8 +64,16 @@ def report(cfg: RunConfig, samples: int) -> dict:
         "rows": len(rows),
         "micro_batch_size": cfg.train.micro_batch_size,
         "row_efficiency": round(row_efficiency(rows, cfg.train.micro_batch_size, cfg.train.seed), 4),
-        "samples": [segments(*train.sample(i), tokenizer) for i in range(min(samples, len(train)))],
+        "pairs": pairs,
+        "samples": [shown(train, i, tokenizer, pairs) for i in range(min(samples, len(train)))],
     }
+
+
+def shown(data, i: int, tokenizer, pairs: bool) -> dict:
+    """Sample i as `segments`: a pair's chosen and rejected sequences, else its one sequence."""
+    if pairs:
+        return {"chosen": segments(*data.sample(i), tokenizer), "rejected": segments(*data.rejected(i), tokenizer)}
+    return {"sequence": segments(*data.sample(i), tokenizer)}
 
 
 def render(summary: dict) -> str:
@@ -81,17 +89,21 @@ def render(summary: dict) -> str:
     layout = "packed into" if summary["packing"] else "in"
     lines += [
         f"Training samples: {summary['train_samples']:,} ({summary['eval_samples']:,} held out for eval)",
-        f"  tokens: {summary['tokens']:,}, of which the loss covers {summary['target_tokens']:,} "
+        f"  tokens: {summary['tokens']:,} ({'both sequences of each pair' if summary['pairs'] else 'padding aside'}); "
+        f"{'the chosen completions hold' if summary['pairs'] else 'the loss covers'} {summary['target_tokens']:,} "
         f"({summary['target_tokens'] / max(1, summary['tokens']):.1%})",
         f"  rows: {layout} {summary['rows']:,} rows; micro batches of {summary['micro_batch_size']} are "
         f"{summary['row_efficiency']:.1%} real tokens",
     ]
+    what = "Pair" if summary["pairs"] else "Sample"
     for n, sample in enumerate(summary["samples"]):
-        lines.append(f"\nSample {n} (the loss ignores the parts in [[...]]):")
-        lines.append("".join(s["text"] if s["loss"] else f"[[{s['text']}]]" for s in sample))
+        lines.append(f"\n{what} {n} (the loss ignores the parts in [[...]]):")
+        for name, runs in sample.items():
+            text = "".join(s["text"] if s["loss"] else f"[[{s['text']}]]" for s in runs)
+            lines.append(f"{name}: {text}" if summary["pairs"] else text)
     return "\n".join(lines)
 
 
-def run(cfg: RunConfig, samples: int, as_json: bool) -> None:
-    summary = report(cfg, samples)
+def run(cfg: RunConfig, samples: int, as_json: bool, pairs: bool = False) -> None:
+    summary = report(cfg, samples, pairs)
     print(json.dumps(summary, indent=2) if as_json else render(summary))

@@ -51,7 +51,11 @@ class SourceData:
         import pyarrow.compute as pc
 
         arrow = self.table.data
-        self.lengths = pc.list_value_length(arrow.column("input_ids")).to_numpy().astype(np.int64)
+        self.lengths = sum(
+            pc.list_value_length(arrow.column(name)).to_numpy().astype(np.int64)
+            for name in ("input_ids", "rejected_input_ids")
+            if name in arrow.column_names
+        )
         self.targets = arrow.column("targets").to_numpy().astype(np.int64)
 
 
@@ -82,8 +86,14 @@ class TokenizedData:
         return out
 
     def sample(self, i: int) -> tuple[list[int], list[int]]:
+        """Sample i's ids and labels (of a pair: the chosen sequence)."""
         row = self.sources[self.parts[i]].table[int(self.rows[i])]
         return row["input_ids"], row["labels"]
+
+    def rejected(self, i: int) -> tuple[list[int], list[int]]:
+        """The rejected sequence of pair i."""
+        row = self.sources[self.parts[i]].table[int(self.rows[i])]
+        return row["rejected_input_ids"], row["rejected_labels"]
 
     def subset(self, indices: np.ndarray) -> TokenizedData:
         return TokenizedData(self.sources, self.parts[indices], self.rows[indices])
@@ -110,7 +120,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
-def cache_key(source: DataSource, tokenizer_print: str, cfg: DataConfig) -> str:
+def cache_key(source: DataSource, tokenizer_print: str, cfg: DataConfig, pairs: bool) -> str:
     stat = Path(source.path).stat()
     what = {
         "format": CACHE_FORMAT,
@@ -119,33 +129,36 @@ def cache_key(source: DataSource, tokenizer_print: str, cfg: DataConfig) -> str:
         "tokenizer": tokenizer_print,
         "chat_template": cfg.chat_template,
         "max_seq_len": cfg.max_seq_len,
+        "pairs": [pairs, cfg.max_prompt_len] if pairs else False,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def tokenized_source(source: DataSource, tokenizer, cfg: DataConfig, tokenizer_print: str) -> SourceData:
+def tokenized_source(
+    source: DataSource, tokenizer, cfg: DataConfig, tokenizer_print: str, pairs: bool = False
+) -> SourceData:
     """The source's tokens: read from the cache, or tokenized into it by the first process to ask; tokenized
     in memory where the cache cannot be written (a full or read-only disk costs the next start, not this one)."""
     root = cache_root(cfg)
-    key = cache_key(source, tokenizer_print, cfg)
+    key = cache_key(source, tokenizer_print, cfg, pairs)
     entry, hit = root / key, True
     try:
         root.mkdir(parents=True, exist_ok=True)
         if not entry.is_dir():
             with exclusive(root, key, f"waiting for another process tokenizing `{source.path}` into {entry}"):
                 if not entry.is_dir():
-                    build_entry(source, tokenizer, cfg, root, key)
+                    build_entry(source, tokenizer, cfg, root, key, pairs)
                     hit = False
     except OSError as error:
         say(f"could not write the tokenized data into the cache {root} ({error}); tokenized in memory, not cached")
-        return tokenized_in_memory(source, tokenizer, cfg)
+        return tokenized_in_memory(source, tokenizer, cfg, pairs)
     meta = json.loads((entry / "meta.json").read_text())
     if hit:
         say(f"`{source.path}`: {meta['kept']:,} samples read from the cache {entry}, not tokenized again")
     return open_entry(source, entry, meta, hit)
 
 
-def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key: str) -> None:
+def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key: str, pairs: bool) -> None:
     """Tokenizes into `<key>.tmp-<pid>` and renames it to `<key>` once complete: an entry is whole or absent."""
     import datasets
 
@@ -155,7 +168,7 @@ def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key:
     if sys.stderr.isatty():  # tokenizing a large dataset takes minutes: show it (a bar in a log file is noise)
         datasets.enable_progress_bars()
     try:
-        table = tokenize(records, tokenizer, source, cfg, cache_file=str(partial / "data.arrow"))
+        table = tokenize(records, tokenizer, source, cfg, pairs, cache_file=str(partial / "data.arrow"))
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -175,9 +188,9 @@ def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key:
     say(f"`{source.path}`: {meta['records']:,} records tokenized in {meta['tokenize_s']:.1f} s into {root / key}")
 
 
-def tokenized_in_memory(source: DataSource, tokenizer, cfg: DataConfig) -> SourceData:
+def tokenized_in_memory(source: DataSource, tokenizer, cfg: DataConfig, pairs: bool) -> SourceData:
     records = load_records(source)
-    table = tokenize(records, tokenizer, source, cfg)
+    table = tokenize(records, tokenizer, source, cfg, pairs)
     return SourceData(source, table, len(records), len(records) - len(table), truncated_count(table), "", False)
 
 
@@ -194,11 +207,13 @@ def open_entry(source: DataSource, entry: Path, meta: dict, hit: bool) -> Source
     return SourceData(source, table, meta["records"], dropped, meta["truncated"], str(entry), hit)
 
 
-def load_tokenized(cfg: DataConfig, tokenizer, seed: int) -> tuple[TokenizedData, TokenizedData | None]:
+def load_tokenized(
+    cfg: DataConfig, tokenizer, seed: int, pairs: bool = False
+) -> tuple[TokenizedData, TokenizedData | None]:
     """The training samples, mixed from every source by weight, and the eval samples (None without an
     eval split). Both are pure functions of the data, the tokenizer, the options and the seed."""
     fingerprint = tokenizer_fingerprint(tokenizer)
-    sources = [tokenized_source(s, tokenizer, cfg, fingerprint) for s in cfg.sources()]
+    sources = [tokenized_source(s, tokenizer, cfg, fingerprint, pairs) for s in cfg.sources()]
     rng = np.random.default_rng(seed)
     train_parts, eval_parts = [], []
     for k, source in enumerate(sources):
@@ -208,7 +223,7 @@ def load_tokenized(cfg: DataConfig, tokenizer, seed: int) -> tuple[TokenizedData
         train_parts.append((k, weighted(np.sort(rows[held:]), source.source.weight, rng)))
     train = combine(sources, train_parts)
     if cfg.eval_path:
-        eval_data = tokenized_source(cfg.eval_source(), tokenizer, cfg, fingerprint)
+        eval_data = tokenized_source(cfg.eval_source(), tokenizer, cfg, fingerprint, pairs)
         return train, combine([eval_data], [(0, np.arange(len(eval_data.table)))])
     return train, combine(sources, eval_parts) if cfg.eval_fraction > 0 else None
 

@@ -22,7 +22,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .. import strategies
+from .. import objectives, strategies
 from ..config import RunConfig
 from ..run import sequence_parallel
 from .predict import Budget, Hardware, predict
@@ -100,13 +100,16 @@ def estimated_tokens_per_s(result: Budget) -> float:
     cfg, hardware, model = result.cfg, result.hardware, result.model
     world, c = hardware.world_size, model.config
     split = cfg.train.sequence_parallel
-    tokens = cfg.train.micro_batch_size * sequence_parallel.local_tokens(cfg.data.max_seq_len, split)
+    objective = objectives.get(cfg)
+    sequences = objective.sequences_per_sample * cfg.train.micro_batch_size
+    tokens = sequences * sequence_parallel.local_tokens(cfg.data.max_seq_len, split)
     # Matmul work of one forward on this rank's tokens: 2 flops per weight per token, and causal attention's
     # scores and mix (1/split of the heads over the whole sequence is as much as all heads over this rank's).
     forward = 2 * result.model_params * tokens + 2 * c.num_hidden_layers * tokens * cfg.data.max_seq_len * c.hidden_size
     weights = sum(t.numel * t.itemsize for t in model.tensors)
     one_pass = max(forward / GPU_FLOPS, weights / HBM_BYTES_PER_S)
-    compute = (3 if cfg.train.gradient_checkpointing else 2) * one_pass
+    passes = (3 if cfg.train.gradient_checkpointing else 2) + (1 if objective.uses_reference else 0)
+    compute = passes * one_pass
     bandwidth = INTER_NODE_BYTES_PER_S if hardware.nodes > 1 else INTRA_NODE_BYTES_PER_S
     lora = sum(t.numel * t.itemsize for t in model.trainable)
     share = (world - 1) / world

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from .. import strategies
 from ..config import ConfigError, RunConfig
 from ..dtypes import AUTOCAST_DTYPES, cpu_has_native_bf16, resolve_compute_dtype, resolve_mixed_precision
+from ..objectives import sequences_per_sample
 from ..run import sequence_parallel
 from ..run.sequence_parallel import local_tokens
 from .activations import activation_bytes
@@ -158,7 +159,10 @@ def predict(
     spec = (cache or ModelCache(cfg.model)).describe(cfg, stored)
     split = cfg.train.sequence_parallel
     sequence_parallel.check(spec.config, split, cfg.model.path, spec.skeleton)
-    batch, seq = activation_shape or (cfg.train.micro_batch_size, local_tokens(cfg.data.max_seq_len, split))
+    # A pair is two sequences (chosen, rejected) in one forward; the reference forward runs without gradient and
+    # saves nothing for backward.
+    sequences = sequences_per_sample(cfg.train) * cfg.train.micro_batch_size
+    batch, seq = activation_shape or (sequences, local_tokens(cfg.data.max_seq_len, split))
     hidden = spec.config.hidden_size
     run = TraceRun(
         batch=batch,

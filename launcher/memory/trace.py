@@ -33,7 +33,7 @@ from torch import nn
 from ..dtypes import DtypePolicy
 from ..model.anatomy import decoder_layers
 from ..model.fake_run import DEQUANTIZED, Patch, fake_run, kernel_device, layer_kinds, representatives
-from ..model.loss import install_chunked_loss
+from ..model.loss import install_loss
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ def _chunked_loss(skeleton: nn.Module, run: TraceRun) -> Iterator[None]:
     # Two chunks save what any number saves (each chunk's checkpoint keeps views of the same hidden states and
     # targets), at a fraction of the trace's time on long sequences.
     tokens = run.batch * run.seq
-    install_chunked_loss(base, max(run.loss_chunk, -(-tokens // 2)), tokens)
+    install_loss(base, max(run.loss_chunk, -(-tokens // 2)), tokens)
     try:
         yield
     finally:

@@ -21,11 +21,12 @@ from ..collectives import broadcast_object, is_source_rank, this_rank_device
 from ..config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from ..cpu_shims import disable_bnb_cpu_repack
 from ..dtypes import DTYPE_BY_NAME, DtypePolicy
+from ..objectives import sequences_per_sample
 from . import experts, targets
 from .anatomy import frozen_component
 from .experts import packed_shape
 from .files import model_source
-from .loss import install_chunked_loss, loss_chunk_tokens
+from .loss import install_loss, loss_chunk_tokens
 from .quant_cache import cached_quantized_base
 from .quantize import quantizing_on, reading_without_mmap
 
@@ -285,6 +286,7 @@ def build_model(
         apply_quantized_layout(base, quant, policy, broadcast_object(None))
     disable_bnb_cpu_repack(base)
     prepare_for_kbit_training(base, policy, train.gradient_checkpointing)
-    if chunk := loss_chunk_tokens(base, train):
-        install_chunked_loss(base, chunk, train.micro_batch_size * max_seq_len)
+    install_loss(
+        base, loss_chunk_tokens(base, train), sequences_per_sample(train) * train.micro_batch_size * max_seq_len
+    )
     return attach_lora(base, lora, policy, train.seed)

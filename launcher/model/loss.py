@@ -17,7 +17,9 @@ with layers of its own, scaled logits, the router's auxiliary loss) keeps its ow
 (`chunking_refusal`); tests/unit/test_family_coverage.py checks the rule against every causal-LM family
 transformers ships.
 
-Forwards without labels (generation, the adapter check) run the model's own forward unchanged.
+Forwards without labels (generation, the adapter check) run the model's own forward unchanged. Preference
+objectives ask for each sequence's log-probability of its targets (`sequence_logps=True`) through the same
+chunks: the per-token values are one float per token, never the logits of the batch.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import inspect
 import math
 import types
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 IGNORE = -100
 """The label of tokens that are not trained on (prompt, padding), as transformers uses it."""
@@ -118,28 +122,73 @@ def chunk_count(max_tokens: int, chunk_tokens: int) -> int:
     return max(1, math.ceil(max_tokens / chunk_tokens))
 
 
-def install_chunked_loss(model: nn.Module, chunk_tokens: int, max_tokens: int) -> None:
-    """Makes `model`'s (a transformers causal LM's) forward compute its loss in `chunk_count` chunks of at
-    most `chunk_tokens` tokens for micro batches of up to `max_tokens` tokens (micro batch x max_seq_len)."""
-    chunks = chunk_count(max_tokens, chunk_tokens)
+@dataclass
+class SequenceLogps(ModelOutput):
+    """What the forward returns with `sequence_logps=True`: each sequence's log-probability of its target tokens."""
+
+    sequence_logps: torch.Tensor | None = None
+
+
+def install_loss(model: nn.Module, chunk_tokens: int, max_tokens: int) -> None:
+    """Makes `model`'s (a transformers causal LM's) forward with labels compute its loss in `chunk_count` chunks of at
+    most `chunk_tokens` tokens for micro batches of up to `max_tokens` tokens (0: the model's own loss), and, called
+    with `sequence_logps=True`, return each sequence's summed log-probability of its targets instead (`SequenceLogps`:
+    through the same chunks, or from the model's own logits where it keeps its own loss)."""
+    chunks = chunk_count(max_tokens, chunk_tokens) if chunk_tokens else 0
     own_forward = model.forward
-    decoder = decoder_of(model)
+    decoder = decoder_of(model) if chunks else None
     softcap = logit_softcap(model.config.get_text_config())
 
-    def forward(self, *args, **kwargs):
-        labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
-        if labels is None and shift_labels is None:
+    def forward(self, *args, sequence_logps: bool = False, **kwargs):
+        labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
+        if (labels is None and shift_labels is None) or not (chunks or sequence_logps):
             return own_forward(*args, **kwargs)
+        labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
         num_items = kwargs.pop("num_items_in_batch", None)
         kwargs.pop("logits_to_keep", None)
-        outputs = decoder(*args, **kwargs)
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=IGNORE)[..., 1:]
+        if not chunks:
+            return SequenceLogps(sequence_logps=target_logps(own_forward(*args, **kwargs).logits, shift_labels).sum(-1))
+        hidden = decoder(*args, **kwargs)[0]
         head = self.get_output_embeddings()
-        loss = chunked_cross_entropy(head, outputs[0], shift_labels, num_items, chunks, softcap)
-        return CausalLMOutputWithPast(loss=loss)
+        if sequence_logps:
+            return SequenceLogps(sequence_logps=chunked_sequence_logps(head, hidden, shift_labels, chunks, softcap))
+        return CausalLMOutputWithPast(
+            loss=chunked_cross_entropy(head, hidden, shift_labels, num_items, chunks, softcap)
+        )
 
     model.forward = types.MethodType(forward, model)
+
+
+def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The log-probability of each target under `logits` (fp32), 0 where the target is IGNORE."""
+    return -F.cross_entropy(
+        logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE, reduction="none"
+    ).view(targets.shape)
+
+
+def chunked_sequence_logps(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunks: int, softcap: float | None = None
+) -> torch.Tensor:
+    """Each sequence's summed log-probability of its targets (`targets`: (batch, length), already shifted), the
+    logits made `chunks` pieces at a time as `chunked_cross_entropy` makes them."""
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).to(hidden.device)
+    per_token = torch.cat(
+        [
+            checkpoint(_chunk_logps, head, h, t, softcap, use_reentrant=False)
+            for h, t in zip(flat_hidden.tensor_split(chunks), flat_targets.tensor_split(chunks), strict=True)
+        ]
+    )
+    return per_token.view(targets.shape).sum(-1)
+
+
+def _chunk_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None):
+    return target_logps(_softcapped(head(hidden), softcap), targets)
+
+
+def _softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
 def chunked_cross_entropy(
@@ -167,7 +216,4 @@ def chunked_cross_entropy(
 
 
 def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None):
-    logits = head(hidden)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(_softcapped(head(hidden), softcap).float(), targets, ignore_index=IGNORE, reduction="sum")

@@ -1,10 +1,10 @@
-"""Eval loss on the sharded model.
+"""Evaluation of the sharded model on the eval split: the objective's loss and metrics.
 
 Each data-parallel group evaluates every `world`-th row (a sequence-parallel group splits each row as in
 training); all ranks run the same number of forwards (a sharded forward is a collective), a rank with no
-row left repeating row 0 and counting nothing. The loss is summed over
-target tokens on every rank and divided once by the target tokens of the whole split: the same number
-a single process gets on the same rows.
+row left repeating row 0 and counting nothing. Each forward's loss is its sums divided by the totals of the
+whole split (target tokens, pairs), so summing every forward on every rank gives the number a single process
+gets on the same rows.
 """
 
 from __future__ import annotations
@@ -14,22 +14,48 @@ import math
 import torch
 
 from ..data.batches import Rows
+from ..objectives import ModelCalls, Objective
 from .sequence_parallel import SequenceGroups
 
 
-def eval_loss(model, accelerator, rows: Rows, micro_batch_size: int, pad_id: int, groups: SequenceGroups) -> float:
+def evaluate(
+    objective: Objective,
+    calls: ModelCalls,
+    accelerator,
+    rows: Rows,
+    micro_batch_size: int,
+    pad_id: int,
+    groups: SequenceGroups,
+) -> dict[str, float]:
+    """`eval_loss` and the objective's metrics as `eval_<name>`."""
     world, rank = groups.data_world, groups.data_rank
     mine = list(range(rank, len(rows), world))
     forwards = math.ceil(math.ceil(len(rows) / world) / micro_batch_size)
-    loss_sum = torch.zeros((), device=accelerator.device)
-    model.eval()
+    totals = objective.totals(rows, range(len(rows)))
+    loss_sum, sums = torch.zeros((), device=accelerator.device), {}
+    calls.model.eval()
     with torch.no_grad():
         for n in range(forwards):
             chunk = mine[n * micro_batch_size : (n + 1) * micro_batch_size]
-            rows_batch = {k: v.to(accelerator.device) for k, v in rows.collate(chunk or [0], pad_id).items()}
+            rows_batch = {k: v.to(accelerator.device) for k, v in objective.collate(rows, chunk or [0], pad_id).items()}
             with groups.splitting(rows_batch, pad_id) as batch:
-                loss = model(**batch, num_items_in_batch=1, use_cache=False).loss  # 1: the sum, not the mean
+                loss, forward_sums = objective.loss(calls, batch, totals)
             if chunk:
                 loss_sum += loss.float()
-    model.train()
-    return accelerator.reduce(loss_sum, "sum").item() / rows.targets(range(len(rows)))
+                add_sums(sums, forward_sums)
+    calls.model.train()
+    loss, reduced = reduce_sums(accelerator, loss_sum, sums)
+    return {"eval_loss": loss, **{f"eval_{k}": v for k, v in objective.metrics(reduced, totals).items()}}
+
+
+def add_sums(into: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> None:
+    for name, value in sums.items():
+        into[name] = into[name] + value.float() if name in into else value.float()
+
+
+def reduce_sums(accelerator, loss_sum: torch.Tensor, sums: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+    """`loss_sum` and `sums` summed over every rank, in one all-reduce."""
+    names = sorted(sums)
+    stacked = torch.stack([loss_sum.float(), *(sums[name] for name in names)])
+    values = accelerator.reduce(stacked, "sum").tolist()
+    return values[0], dict(zip(names, values[1:], strict=True))

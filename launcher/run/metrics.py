@@ -72,8 +72,9 @@ class MetricsLog:
         shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", "tok_s": f"{record['tokens_per_s']:.0f}"}
         if record.get("grad_norm") is not None:
             shown["grad_norm"] = f"{record['grad_norm']:.3f}"
-        if "eval_loss" in record:
-            shown["eval_loss"] = f"{record['eval_loss']:.4f}"
+        for key, name in (("rewards/accuracies", "acc"), ("rewards/margins", "margin"), ("eval_loss", "eval_loss")):
+            if key in record:
+                shown[name] = f"{record[key]:.4f}"
         if self.interactive:
             self.bar.set_postfix(shown)
         elif record["step"] % self.line_every == 0 or record["step"] == self.total_steps or "eval_loss" in record:

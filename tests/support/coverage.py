@@ -106,7 +106,7 @@ def compare_losses(cfg: RunConfig, config) -> str:
 
     from launcher.dtypes import DtypePolicy
     from launcher.model.build import attach_lora, prepare_for_kbit_training
-    from launcher.model.loss import chunking_refusal, install_chunked_loss
+    from launcher.model.loss import chunking_refusal, install_loss
 
     model, ids, labels = _tiny(config)
     policy = DtypePolicy.uniform(torch.float32)
@@ -118,7 +118,7 @@ def compare_losses(cfg: RunConfig, config) -> str:
     own, own_grads = _loss_and_grads(peft_model, ids, labels)
     if reason := chunking_refusal(model):
         return f"own: {reason}"
-    install_chunked_loss(model, chunk_tokens=7, max_tokens=ids.numel())
+    install_loss(model, chunk_tokens=7, max_tokens=ids.numel())
     loss, grads = _loss_and_grads(peft_model, ids, labels)
     worst = max([abs(loss - own) / own.abs()] + [_relative(grads[n], g) for n, g in own_grads.items()])
     return "chunked" if worst <= 1e-4 and grads.keys() == own_grads.keys() else f"differs: relative error {worst:.1e}"

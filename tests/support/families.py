@@ -42,6 +42,10 @@ class Family:
     """Run-config overrides of this row (none: the defaults)."""
     refused: dict[str, str] = field(default_factory=dict)
     """Strategies that refuse this row before launch -> a part of the one-line reason."""
+    pairs: bool = False
+    """Its data is preference pairs (support/pairs.py), for a preference objective in `run_args`."""
+    layer_forwards: int = 2
+    """Forwards of each decoder layer per micro step: forward and recomputation (and DPO's reference forward)."""
 
 
 def _common(tokens: dict, **extra) -> dict:
@@ -274,6 +278,23 @@ FAMILIES = [
         run_args=("--lora.target_parameters", "[mlp.experts.gate_up_proj, mlp.experts.down_proj]"),
         refused={"fsdp1": "reads the adapter weights outside their modules' forward"},
     ),
+    Family(
+        "llama-tied-dpo",
+        "DPO (sigmoid) on pairs: chosen and rejected in one forward, the reference is the adapter switched off",
+        lambda t: _llama(t, True),
+        tied=True,
+        run_args=("--train.objective", "dpo", "--dpo.beta", "0.5"),
+        pairs=True,
+        layer_forwards=3,
+    ),
+    Family(
+        "qwen3-moe-orpo",
+        "ORPO on pairs (the chosen NLL plus the odds-ratio term, no reference) on an MoE",
+        _qwen3_moe,
+        moe=True,
+        run_args=("--train.objective", "orpo"),
+        pairs=True,
+    ),
     Family("gpt-neox", "a plain (non-gated) MLP, LayerNorm, parallel residual, partial rotary", _gpt_neox),
     Family("exaone4", "norms after the attention and the MLP, sliding and full layers", _exaone4),
     Family("glm4-moe", "MoE: a dense first layer, a shared expert, sigmoid routing (GLM-4.5)", _glm4_moe, moe=True),
@@ -323,7 +344,8 @@ def build_family(family: Family, root: Path, seed: int = 0) -> Path:
 
     root.mkdir(parents=True, exist_ok=True)
     data = write_dataset(root / "data.jsonl", records=64, words=30)
-    tokenizer = build_tokenizer(corpus(data))
+    texts = corpus(data)
+    tokenizer = build_tokenizer(texts)
     tokens = dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
@@ -334,8 +356,11 @@ def build_family(family: Family, root: Path, seed: int = 0) -> Path:
     # transformers picks the tokenizer class from the model type (Qwen2's splits digits apart): whatever
     # it picks must give real ids that decode back to the text.
     reloaded = AutoTokenizer.from_pretrained(root / "base")
-    sample = corpus(data)[0]
-    ids = reloaded(sample)["input_ids"]
-    if len(ids) < 10 or max(ids) >= VOCAB or reloaded.decode(ids, skip_special_tokens=True) != sample:
+    ids = reloaded(texts[0])["input_ids"]
+    if len(ids) < 10 or max(ids) >= VOCAB or reloaded.decode(ids, skip_special_tokens=True) != texts[0]:
         raise RuntimeError(f"{family.name}: {type(reloaded).__name__} does not tokenize the data after from_pretrained")
+    if family.pairs:
+        from support.pairs import write_pairs
+
+        write_pairs(data, records=64, seed=seed)
     return root

@@ -116,6 +116,38 @@ CASES = [
         r"weight` must be positive",
     ),
     Case("eval-fraction", TRAIN + " --data.eval_fraction 1.5", r"`data.eval_fraction` must be in \[0, 1\)"),
+    # Preference training
+    Case("pairs-under-sft", TRAIN + " --data.path {pairs}", r"holds preference pairs .* Set `train.objective` to dpo"),
+    Case(
+        "sft-data-under-dpo", TRAIN + " --train.objective dpo", r"holds text records, which train.objective `dpo/orpo`"
+    ),
+    Case("objective-unknown", TRAIN + " --train.objective ppo", r"`train.objective` is `ppo`; use sft, dpo or orpo"),
+    Case(
+        "dpo-loss-unknown",
+        TRAIN + " --dpo.loss_type kto",
+        r"`dpo.loss_type` is `kto`; use one of sigmoid, ipo, hinge or simpo",
+    ),
+    Case("dpo-beta-zero", TRAIN + " --train.objective dpo --dpo.beta 0", r"`dpo.beta` must be positive"),
+    Case(
+        "dpo-smoothing-hinge",
+        TRAIN + " --train.objective dpo --dpo.loss_type hinge --dpo.label_smoothing 0.1",
+        r"`dpo.label_smoothing` applies to the sigmoid and simpo losses",
+    ),
+    Case("pairs-packed", TRAIN + " --train.objective dpo --data.path {pairs} --data.packing true", r"not packed"),
+    Case(
+        "pairs-split",
+        TRAIN + " --train.objective orpo --data.path {pairs} --train.sequence_parallel 2",
+        r"does not split sequences across ranks",
+    ),
+    Case("pair-empty", TRAIN + " --train.objective dpo --data.path {empty_pair}", r"record 1: `rejected` is missing"),
+    Case(
+        "prompt-too-long",
+        TRAIN + " --train.objective dpo --data.path {long_prompt}",
+        r"record 0: its prompt is \d+ tokens, which leaves no room.*data.max_prompt_len",
+    ),
+    Case(
+        "prompt-len-over-seq", TRAIN + " --data.max_prompt_len 64", r"`data.max_prompt_len` must be 0 .* below max_seq"
+    ),
     # Model and LoRA
     Case("model-missing", TRAIN + " --model.path {root}/nope", r"Model `.*nope` not found"),
     Case("model-no-weights", TRAIN + " --model.path {no_weights}", r"has config.json but no weights"),
@@ -201,6 +233,10 @@ def world(demo_assets, tmp_path_factory) -> dict[str, str]:
     write("bad_json", "bad.jsonl", b'{"text": "a b"}\n{"text": \n')
     write("latin1", "latin1.jsonl", b'{"text": "caf\xe9 t1 t2"}\n' * 8)
     write("qa", "qa.jsonl", json.dumps({"question": "t1", "answer": "t2"}).encode() + b"\n")
+    pair = {"prompt": "t1 t8", "chosen": " t15", "rejected": " t3"}
+    write("pairs", "pairs.jsonl", (json.dumps(pair) + "\n").encode() * 8)
+    write("empty_pair", "empty-pair.jsonl", (json.dumps(pair) + "\n" + json.dumps({**pair, "rejected": ""})).encode())
+    write("long_prompt", "long-prompt.jsonl", json.dumps({**pair, "prompt": " ".join(["t1"] * 200)}).encode())
     files["no_weights"] = shutil.copytree(demo_assets / "base", root / "no-weights")
     (files["no_weights"] / "model.safetensors").unlink()
     files["truncated"] = shutil.copytree(demo_assets / "base", root / "truncated")

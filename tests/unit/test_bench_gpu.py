@@ -23,7 +23,7 @@ def gpu():
 
 
 def fake_run(path: Path, ranks: int = 2, activations: tuple[int, ...] = (300 * MiB, 300 * MiB)) -> Path:
-    """A finished fsdp2 run on CUDA as the launcher writes it (MemoryMeter.finish, train.rank_report, MetricsLog)."""
+    """A finished fsdp2 run on CUDA as the launcher writes it (MemoryMeter.finish, run.summary.rank_report, MetricsLog)."""
     path.mkdir(parents=True)
     weights = {"base_4bit": 2 * GiB, "quant_states": 200 * MiB, "frozen_dense": 250 * MiB, "experts": 0}
     weights |= {"biases": 0, "norms": 256 * 1024, "buffers": 64, "lora": 40 * MiB, "shard_padding": 0}

@@ -169,7 +169,7 @@ def test_qlaunch_data_shows_counts_masking_and_padding(tmp_path, chat_tokenizer,
     (source,) = summary["sources"]
     assert (source["records_read"], source["records_kept"]) == (3, 2)
     assert source["records_dropped_no_target_within_max_seq_len"] == 1
-    assert [[s["text"] for s in sample if s["loss"]] for sample in summary["samples"]] == [
+    assert [[s["text"] for s in sample["sequence"] if s["loss"]] for sample in summary["samples"]] == [
         ["Four.</s>\n", "Six, as it was before.</s>\n"],
         ["Four.</s>\n"],
     ]

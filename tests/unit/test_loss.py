@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from launcher.model.loss import chunking_refusal, install_chunked_loss
+from launcher.model.loss import chunking_refusal, install_loss
 from support.families import BY_NAME
 
 TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
@@ -45,7 +45,7 @@ def test_chunked_loss_and_gradients_equal_the_model_s_own(family, chunk, packed)
     model, inputs = tiny(family), batch(packed)
     num_items = float((inputs["labels"][:, 1:] != -100).sum())
     own_loss, own_grads = loss_and_grads(model, inputs, num_items)
-    install_chunked_loss(model, chunk, max_tokens=inputs["input_ids"].numel())
+    install_loss(model, chunk, max_tokens=inputs["input_ids"].numel())
     loss, grads = loss_and_grads(model, inputs, num_items)
     torch.testing.assert_close(loss, own_loss, rtol=1e-6, atol=0)
     assert grads.keys() == own_grads.keys()
@@ -57,7 +57,7 @@ def test_mean_reduction_without_num_items_and_forwards_without_labels():
     model, inputs = tiny("llama"), batch(False)
     own = model(**inputs).loss
     logits = model(input_ids=inputs["input_ids"]).logits
-    install_chunked_loss(model, 5, max_tokens=48)
+    install_loss(model, 5, max_tokens=48)
     torch.testing.assert_close(model(**inputs).loss, own, rtol=1e-6, atol=0)
     assert torch.equal(model(input_ids=inputs["input_ids"]).logits, logits)
 
@@ -83,7 +83,7 @@ def test_the_chunks_keep_no_logits_for_backward():
         return max(sizes)
 
     assert largest_saved() >= vocab_bytes
-    install_chunked_loss(model, 8, max_tokens=48)
+    install_loss(model, 8, max_tokens=48)
     assert largest_saved() < vocab_bytes / 3
 
 
@@ -104,7 +104,7 @@ def test_every_micro_batch_calls_the_output_layer_as_often():
     must make as many calls as a full one, or the ranks' collectives no longer pair up."""
     model, calls = tiny("llama"), []
     model.lm_head.register_forward_hook(lambda *args: calls.append(1))
-    install_chunked_loss(model, 7, max_tokens=48)
+    install_loss(model, 7, max_tokens=48)
     for length in (24, 9, 2):
         calls.clear()
         ids = torch.randint(3, 512, (2, length))

@@ -1,0 +1,50 @@
+"""The run config's sections of the objectives (`dpo:`, `orpo:`) and their names; launcher.config holds them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Rule = tuple[bool, str]
+OBJECTIVES = ("sft", "dpo", "orpo")
+"""`train.objective`: what the loss is (launcher.objectives)."""
+Objective = Literal["sft", "dpo", "orpo"]
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """`train.objective: dpo`: the DPO family, on (prompt, chosen, rejected) pairs."""
+
+    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
+    """sigmoid (DPO), ipo, hinge (SLiC): against the reference (the base with the adapter off); simpo: no reference,
+    each completion's log-probability averaged over its tokens, with a target margin `simpo_gamma`."""
+    beta: float = 0.1
+    """How far the policy may move from the reference (IPO's tau; SimPO's reward scale, 2.0 in its paper)."""
+    label_smoothing: float = 0.0
+    """sigmoid and simpo: the share of pairs assumed mislabeled (conservative DPO); 0 is plain DPO."""
+    simpo_gamma: float = 0.5
+    """simpo: the reward margin the chosen completion must win by."""
+
+    def rules(self, at: str) -> list[Rule]:
+        return [
+            (self.beta > 0, f"`{at}beta` must be positive, got {self.beta}."),
+            (
+                0 <= self.label_smoothing < 0.5,
+                f"`{at}label_smoothing` must be in [0, 0.5), got {self.label_smoothing}.",
+            ),
+            (
+                self.label_smoothing == 0 or self.loss_type in ("sigmoid", "simpo"),
+                f"`{at}label_smoothing` applies to the sigmoid and simpo losses, not `{self.loss_type}`.",
+            ),
+        ]
+
+
+@dataclass(frozen=True)
+class ORPOConfig:
+    """`train.objective: orpo`: the chosen completion's NLL plus `beta` times the odds-ratio term; no reference."""
+
+    beta: float = 0.1
+    """The odds-ratio term's weight (the paper's lambda; TRL calls it beta)."""
+
+    def rules(self, at: str) -> list[Rule]:
+        return [(self.beta > 0, f"`{at}beta` must be positive, got {self.beta}.")]
