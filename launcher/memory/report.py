@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import ConfigError
+from ..objectives import sequences_per_sample
 from .components import COMPONENTS
 from .predict import Budget
 from .sizes import BINARY_UNITS, format_bytes, format_count
@@ -31,11 +32,19 @@ def render_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def micro_batch(train) -> str:
+    """The micro batch as the budget counts it: its samples (a pair is two sequences)."""
+    sequences = sequences_per_sample(train)
+    if sequences == 1:
+        return str(train.micro_batch_size)
+    return f"{train.micro_batch_size} ({train.objective}: {sequences * train.micro_batch_size} sequences)"
+
+
 def render(budget: Budget) -> str:
     h, cfg = budget.hardware, budget.cfg
     summary = (
         f"Memory budget per rank: {cfg.model.path} ({format_count(budget.model_params)} parameters, 4-bit {cfg.quant.type}), "
-        f"{budget.strategy} on {h.world_size} rank(s) ({h.nodes} node(s)), micro batch {cfg.train.micro_batch_size} x "
+        f"{budget.strategy} on {h.world_size} rank(s) ({h.nodes} node(s)), micro batch {micro_batch(cfg.train)} x "
         f"{cfg.data.max_seq_len} tokens, checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}, "
         f"mixed precision {budget.mixed_precision}, LoRA r={cfg.lora.r}{'' if cfg.train.offload == 'none' else f', offload {cfg.train.offload}'}"
     )

@@ -1,0 +1,109 @@
+"""Preference training learns the preference, on two ranks: DPO on fsdp2 and zero3, ORPO on fsdp2.
+
+The pairs (support/pairs.py): a chosen completion answers in words of the first tenth of the vocabulary, a
+rejected one in the rest. The base model prefers the chosen completion (a higher log-probability per token) on
+about half of the held-out pairs; after 30 steps the trained adapter must prefer it on at least 90%: DPO's
+implicit reward (the log ratio to the reference, the adapter switched off) and ORPO's policy alike, on pairs
+from a file it never trained on. The reference-loss equality and the budget of both objectives on every
+strategy are the matrix's rows llama-tied-dpo and qwen3-moe-orpo (test_matrix.py).
+"""
+
+import json
+
+import pytest
+import torch
+
+from support.launches import probe_runs_command, read_metrics, run_command
+from support.pairs import write_pairs
+
+STEPS = 30
+LAUNCHES = {"fsdp2": ("dpo", "orpo"), "zero3": ("dpo",)}
+MAX_SEQ_LEN = 48
+
+
+@pytest.fixture(scope="module")
+def assets(family_assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("preference")
+    return {
+        "base": family_assets("llama") / "base",
+        "train": write_pairs(root / "train.jsonl", 256, seed=1),
+        "held_out": write_pairs(root / "held-out.jsonl", 64, seed=2),
+        "root": root,
+    }
+
+
+def args(objective: str, assets: dict, out) -> list[str]:
+    return [
+        "--model.path", str(assets["base"]),
+        "--data.path", str(assets["train"]),
+        "--data.eval_path", str(assets["held_out"]),
+        "--data.max_seq_len", str(MAX_SEQ_LEN),
+        "--train.objective", objective,
+        "--dpo.beta", "0.5",
+        "--orpo.beta", "0.5",
+        "--train.max_steps", str(STEPS),
+        "--train.micro_batch_size", "4",
+        "--train.lr", "5e-3",
+        "--train.eval_every_steps", str(STEPS),
+        "--output_dir", str(out),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(assets) -> dict[tuple[str, str], list[dict]]:
+    """(strategy, objective) -> the run's metrics.jsonl records; each strategy's runs share one launch."""
+    found = {}
+    for strategy, objectives in LAUNCHES.items():
+        root = assets["root"] / strategy
+        root.mkdir()
+        outs = {objective: root / objective for objective in objectives}
+        runs_file = root / "runs.json"
+        runs_file.write_text(
+            json.dumps(
+                [{"probe_dir": str(out / "probe"), "args": args(o, assets, out / "run")} for o, out in outs.items()]
+            )
+        )
+        run_command(probe_runs_command(strategy, runs_file), root / "launch.log", timeout=600)
+        found |= {(strategy, o): read_metrics(out / "run") for o, out in outs.items()}
+    return found
+
+
+def base_preference(assets) -> float:
+    """The share of held-out pairs whose chosen completion the base model gives a higher log-probability per
+    token than the rejected one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.config import DataConfig, RunConfig, TrainConfig
+    from launcher.data.batches import Rows
+    from launcher.data.tokenized import load_tokenized
+    from launcher.model.loss import install_loss
+    from launcher.objectives import get
+    from launcher.objectives.base import target_counts
+
+    tokenizer = AutoTokenizer.from_pretrained(assets["base"])
+    data_cfg = DataConfig(path=str(assets["held_out"]), max_seq_len=MAX_SEQ_LEN, cache_dir=str(assets["root"]))
+    rows = Rows(load_tokenized(data_cfg, tokenizer, 0, pairs=True)[0], False, MAX_SEQ_LEN)
+    batch = get(RunConfig(train=TrainConfig(objective="dpo"))).collate(rows, list(range(len(rows))), 0)
+    model = AutoModelForCausalLM.from_pretrained(assets["base"], dtype=torch.float32)
+    install_loss(model, 0, 0)
+    with torch.no_grad():
+        per_token = model(**batch, sequence_logps=True).sequence_logps / target_counts(batch)
+    chosen, rejected = per_token.chunk(2)
+    return (chosen > rejected).float().mean().item()
+
+
+def test_preference_training_learns_the_held_out_preference(runs, assets):
+    before = base_preference(assets)
+    after = {key: records[-1]["eval_rewards/accuracies"] for key, records in runs.items()}
+    print(f"held-out pairs preferred: base {before:.2f}; after {STEPS} steps: {after}")
+    assert 0.2 <= before <= 0.8, before
+    for key, records in runs.items():
+        assert len(records) == STEPS and records[-1]["step"] == STEPS, key
+        assert after[key] >= 0.9, (key, after[key])
+        assert records[-1]["eval_rewards/margins"] > 0, key
+    for strategy in ("fsdp2", "zero3"):
+        dpo = runs[(strategy, "dpo")]
+        # The reference is the adapter switched off: at the first step the policy is the reference.
+        assert dpo[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+        assert dpo[0]["loss"] == pytest.approx(0.6931472, abs=1e-5)
+    assert runs[("fsdp2", "orpo")][-1]["eval_nll_loss"] < runs[("fsdp2", "orpo")][0]["nll_loss"]
