@@ -9,12 +9,11 @@ every token). `tokenize` runs batched through `datasets.map`; tokenized.py keeps
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 from pathlib import Path
 
 from ..config import ConfigError, DataConfig, DataSource
+from ..quiet import quiet_logger
 from .chat import assistant_turns, check_messages, tokenize_chat, use_chat_template
 from .pairs import PairEncoder, pair_features
 
@@ -36,17 +35,6 @@ def dataset_format(source: DataSource) -> str:
             "(`data.format`, or `format` in its `data.datasets` entry) to json, jsonl, parquet or text."
         )
     return FORMAT_BY_SUFFIX[suffix]
-
-
-@contextlib.contextmanager
-def quiet_logger(name: str):
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def load_records(source: DataSource):

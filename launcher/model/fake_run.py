@@ -21,7 +21,6 @@ one representative per kind for the run and restored after.
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 from collections.abc import Iterator
 
@@ -32,6 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.utils.stateless import _reparametrize_module
 
 from ..dtypes import DtypePolicy
+from ..quiet import quiet_logger
 from .anatomy import frozen_component
 from .experts import Experts4bit, is_packed_expert
 
@@ -242,18 +242,6 @@ def stand_ins(experts_dtype: torch.dtype | None = None) -> list[Patch]:
 
 
 @contextlib.contextmanager
-def _quiet_fake_kernels() -> Iterator[None]:
-    """torch logs a traceback for every fake kernel that fails before raising; the caller reports the error."""
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-@contextlib.contextmanager
 def fake_run(
     model: nn.Module,
     layers: list[str],
@@ -267,7 +255,11 @@ def fake_run(
     tensors on `device` (in `compute`'s dtypes, or their own; every float one and the dequantized 4-bit experts in
     `uniform`, if given), under the fake mode; yields the kept layers and the
     fake parameters. Call the model inside."""
-    with warnings.catch_warnings(), _quiet_fake_kernels(), only_layers(model, layers, kept) as kept_layers:
+    with (
+        warnings.catch_warnings(),
+        quiet_logger("torch._subclasses.fake_tensor"),
+        only_layers(model, layers, kept) as kept_layers,
+    ):
         warnings.simplefilter("ignore")
         DEQUANTIZED.clear()
         with FakeTensorMode(allow_non_fake_inputs=False), patched([*stand_ins(uniform), *patches]):
