@@ -257,6 +257,7 @@ def fake_run(
     fake parameters. Call the model inside."""
     with (
         warnings.catch_warnings(),
+        # torch logs a traceback for every fake kernel that fails before raising; the caller reports the error.
         quiet_logger("torch._subclasses.fake_tensor"),
         only_layers(model, layers, kept) as kept_layers,
     ):
