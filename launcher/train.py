@@ -205,6 +205,10 @@ def setup(user_cfg: RunConfig, stop: StopSignal) -> Training:
         if accelerator.is_main_process:
             print(f"Resuming from step {start_step}: {resolved.resume_from}", flush=True)
     peft_model = accelerator.unwrap_model(model)
+    calls = ModelCalls(model, peft_model)
+    objective.prepare(
+        calls, accelerator, [r for r in (rows, eval_rows) if r is not None], tokenizer.pad_token_id, groups
+    )
     return Training(
         cfg=cfg,
         setup=resolved,
@@ -225,7 +229,7 @@ def setup(user_cfg: RunConfig, stop: StopSignal) -> Training:
         adapter_total=adapter_total,
         peft_config=peft_model.peft_config[export.ADAPTER_NAME],
         objective=objective,
-        calls=ModelCalls(model, peft_model),
+        calls=calls,
     )
 
 

@@ -69,6 +69,9 @@ class Objective:
                 "are summed over its whole sequences): set train.sequence_parallel 1."
             )
 
+    def prepare(self, calls: ModelCalls, accelerator, splits: list[Rows], pad_id: int, groups) -> None:
+        """What the objective computes once, after sharding and before the first step (every rank calls it)."""
+
     def totals(self, rows: Rows, samples) -> dict[str, float]:
         """What the loss of these samples is normalized by (summed over them), e.g. target tokens or pairs."""
         raise NotImplementedError

@@ -2,7 +2,8 @@
 
 A micro batch of B pairs is one forward of 2B sequences, the chosen ones first; each sequence's log-probability
 of its completion comes through the chunked loss (launcher.model.loss), never the batch's logits. DPO's
-reference is the same model with its adapter switched off, under no gradient: no second copy of the base.
+reference is the same model with its adapter switched off, under no gradient: no second copy of the base; with
+`dpo.precompute_reference` it is computed so once before training (reference.py).
 The losses are TRL's (DPOTrainer, CPOTrainer's simpo, ORPOTrainer), checked against TRL in
 tests/unit/test_objectives.py; the logged metrics carry TRL's names. Each micro batch's loss is its sum over
 pairs divided by the pairs of the whole optimizer step, so that ranks and accumulation add up to one
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from ..data.batches import padded, sequence
 from .base import Objective, target_counts
+from .reference import reference_table
 
 PAIR_METRICS = (
     "rewards/chosen",
@@ -75,6 +77,23 @@ class DPO(PairObjective):
 
     name = "dpo"
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.tables: dict[int, torch.Tensor] = {}
+        """id(rows) -> the precomputed reference of each pair of those rows (dpo.precompute_reference)."""
+
+    def prepare(self, calls, accelerator, splits, pad_id, groups):
+        if self.cfg.dpo.precompute_reference:
+            for rows in splits:
+                self.tables[id(rows)] = reference_table(self.cfg, self, calls, accelerator, rows, pad_id, groups)
+
+    def collate(self, rows, samples, pad_id):
+        batch = super().collate(rows, samples, pad_id)
+        if id(rows) in self.tables:
+            table = self.tables[id(rows)][samples]
+            batch["reference_logps"] = torch.cat([table[:, 0], table[:, 1]])
+        return batch
+
     @property
     def uses_reference(self) -> bool:
         return self.cfg.dpo.loss_type != "simpo"
@@ -82,6 +101,7 @@ class DPO(PairObjective):
     def loss(self, calls, batch, totals):
         options = self.cfg.dpo
         beta = options.beta
+        precomputed = batch.pop("reference_logps", None)
         chosen, rejected = calls.sequence_logps(batch).float().chunk(2)
         chosen_tokens, rejected_tokens = target_counts(batch).clamp(min=1).chunk(2)
         if options.loss_type == "simpo":
@@ -90,7 +110,8 @@ class DPO(PairObjective):
             logits = chosen - rejected - options.simpo_gamma / beta
             losses = smoothed_sigmoid_loss(beta * logits, options.label_smoothing)
         else:
-            reference_chosen, reference_rejected = calls.reference_logps(batch).float().chunk(2)
+            reference = precomputed if precomputed is not None else calls.reference_logps(batch)
+            reference_chosen, reference_rejected = reference.float().chunk(2)
             chosen_ratio, rejected_ratio = chosen - reference_chosen, rejected - reference_rejected
             chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
             if options.loss_type == "sigmoid":

@@ -12,7 +12,7 @@ from launcher.config import DataConfig
 from launcher.data.batches import pack
 from launcher.data.loading import load_tokenizer
 from launcher.data.tokenized import load_tokenized
-from support.launches import assert_budget_rows, qlaunch, read_metrics
+from support.launches import assert_budget_rows, probe_runs_command, read_metrics, run_command, tail
 
 TRAIN_SAMPLES, EVAL_FRACTION, SEED = 8, 0.2, 0
 
@@ -37,7 +37,7 @@ def test_packed_and_unpacked_runs_log_the_same_losses(family_assets, tmp_path, s
     data.write_text("".join((assets / "data.jsonl").read_text().splitlines(keepends=True)[:10]))
     capacity = capacity_for_two_rows(str(assets / "base"), str(data))
     common = (
-        *("train", "--nproc", "2", "--strategy", strategy, "--model.path", str(assets / "base")),
+        *("--strategy", strategy, "--model.path", str(assets / "base")),
         *("--data.path", str(data), "--data.max_seq_len", str(capacity), "--data.eval_fraction", str(EVAL_FRACTION)),
         *("--train.max_steps", "2", "--train.eval_every_steps", "1", "--train.seed", str(SEED)),
         *(
@@ -47,25 +47,31 @@ def test_packed_and_unpacked_runs_log_the_same_losses(family_assets, tmp_path, s
             "float32",
         ),  # no dropout masks; fp32: differences are rounding
     )
-    runs = {}
     # The packed run's loss is chunked across sample and row boundaries, the unpacked run's is the model's own.
-    for packing, micro, loss_chunk in ((True, 1, 7), (False, 4, 0)):
-        out = tmp_path / f"packing-{packing}"
-        log = tmp_path / f"packing-{packing}.log"
-        qlaunch(
-            log,
-            *common,
-            "--data.packing",
-            str(packing).lower(),
-            "--train.micro_batch_size",
-            str(micro),
-            "--train.loss_chunk_tokens",
-            str(loss_chunk),
-            "--output_dir",
-            str(out),
+    # Both run in one launch (dist_probe.py --runs): the unpacked one after the packed one.
+    options = {True: (1, 7), False: (4, 0)}
+    outs = {packing: tmp_path / f"packing-{packing}" for packing in options}
+    runs_file, log = tmp_path / "runs.json", tmp_path / "launch.log"
+    runs_file.write_text(
+        json.dumps(
+            [
+                {
+                    "probe_dir": str(outs[packing] / "probe"),
+                    "args": [
+                        *common,
+                        *("--data.packing", str(packing).lower(), "--train.micro_batch_size", str(micro)),
+                        *("--train.loss_chunk_tokens", str(loss_chunk), "--output_dir", str(outs[packing] / "run")),
+                    ],
+                }
+                for packing, (micro, loss_chunk) in options.items()
+            ]
         )
-        runs[packing] = read_metrics(out)
-        assert_budget_rows(json.loads((out / "memory_budget.json").read_text()), (strategy, family, packing))
+    )
+    assert run_command(probe_runs_command(strategy, runs_file), log, timeout=900).returncode == 0, tail(log)
+    runs = {}
+    for packing, out in outs.items():
+        runs[packing] = read_metrics(out / "run")
+        assert_budget_rows(json.loads((out / "run" / "memory_budget.json").read_text()), (strategy, family, packing))
     assert "read from the cache" in log.read_text()  # the unpacked run: tokenized by the packed run's ranks
     packed, unpacked = runs[True], runs[False]
     assert [r["step"] for r in packed] == [r["step"] for r in unpacked] == [1, 2]

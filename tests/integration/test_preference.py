@@ -4,7 +4,8 @@ The pairs (support/pairs.py): a chosen completion answers in words of the first 
 rejected one in the rest. The base model prefers the chosen completion (a higher log-probability per token) on
 about half of the held-out pairs; after 30 steps the trained adapter must prefer it on at least 90%: DPO's
 implicit reward (the log ratio to the reference, the adapter switched off) and ORPO's policy alike, on pairs
-from a file it never trained on. The reference-loss equality and the budget of both objectives on every
+from a file it never trained on. DPO's reference is the adapter switched off, or
+precomputed once before training (and read back by a later launch). The reference-loss equality and the budget of both objectives on every
 strategy are the matrix's rows llama-tied-dpo and qwen3-moe-orpo (test_matrix.py).
 """
 
@@ -13,11 +14,13 @@ import json
 import pytest
 import torch
 
-from support.launches import probe_runs_command, read_metrics, run_command
+from support.launches import probe_runs_command, read_metrics, run_command, tail
 from support.pairs import write_pairs
 
 STEPS = 30
-LAUNCHES = {"fsdp2": ("dpo", "orpo"), "zero3": ("dpo",)}
+LAUNCHES = {"fsdp2": ("dpo", "dpo-precomputed", "orpo"), "zero3": ("dpo", "dpo-precomputed")}
+"""Each strategy's runs, in one launch; dpo-precomputed computes its reference once before training (zero3's reads
+the table fsdp2's run kept beside the data cache)."""
 MAX_SEQ_LEN = 48
 
 
@@ -32,7 +35,8 @@ def assets(family_assets, tmp_path_factory):
     }
 
 
-def args(objective: str, assets: dict, out) -> list[str]:
+def args(run: str, assets: dict, out) -> list[str]:
+    objective, _, precomputed = run.partition("-")
     return [
         "--model.path", str(assets["base"]),
         "--data.path", str(assets["train"]),
@@ -45,6 +49,8 @@ def args(objective: str, assets: dict, out) -> list[str]:
         "--train.micro_batch_size", "4",
         "--train.lr", "5e-3",
         "--train.eval_every_steps", str(STEPS),
+        "--dpo.precompute_reference", str(bool(precomputed)).lower(),
+        "--data.cache_dir", str(assets["root"] / "cache"),
         "--output_dir", str(out),
     ]  # fmt: skip
 
@@ -63,8 +69,10 @@ def runs(assets) -> dict[tuple[str, str], list[dict]]:
                 [{"probe_dir": str(out / "probe"), "args": args(o, assets, out / "run")} for o, out in outs.items()]
             )
         )
-        run_command(probe_runs_command(strategy, runs_file), root / "launch.log", timeout=600)
+        log = root / "launch.log"
+        assert run_command(probe_runs_command(strategy, runs_file), log, timeout=600).returncode == 0, tail(log)
         found |= {(strategy, o): read_metrics(out / "run") for o, out in outs.items()}
+        found[(strategy, "log")] = log.read_text()
     return found
 
 
@@ -94,6 +102,7 @@ def base_preference(assets) -> float:
 
 def test_preference_training_learns_the_held_out_preference(runs, assets):
     before = base_preference(assets)
+    logs = {key: runs.pop(key) for key in list(runs) if key[1] == "log"}
     after = {key: records[-1]["eval_rewards/accuracies"] for key, records in runs.items()}
     print(f"held-out pairs preferred: base {before:.2f}; after {STEPS} steps: {after}")
     assert 0.2 <= before <= 0.8, before
@@ -102,8 +111,12 @@ def test_preference_training_learns_the_held_out_preference(runs, assets):
         assert after[key] >= 0.9, (key, after[key])
         assert records[-1]["eval_rewards/margins"] > 0, key
     for strategy in ("fsdp2", "zero3"):
-        dpo = runs[(strategy, "dpo")]
+        dpo, precomputed = runs[(strategy, "dpo")], runs[(strategy, "dpo-precomputed")]
         # The reference is the adapter switched off: at the first step the policy is the reference.
         assert dpo[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
         assert dpo[0]["loss"] == pytest.approx(0.6931472, abs=1e-5)
+        # Precomputed once, it is the same reference (computed in other micro batches: bf16 rounding apart).
+        assert [r["loss"] for r in precomputed[:5]] == pytest.approx([r["loss"] for r in dpo[:5]], abs=5e-3)
+    assert "reference log-probabilities of 256 pairs computed and kept" in logs[("fsdp2", "log")]
+    assert "reference log-probabilities of 256 pairs read from" in logs[("zero3", "log")]
     assert runs[("fsdp2", "orpo")][-1]["eval_nll_loss"] < runs[("fsdp2", "orpo")][0]["nll_loss"]

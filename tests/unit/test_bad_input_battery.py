@@ -133,6 +133,11 @@ CASES = [
         TRAIN + " --train.objective dpo --dpo.loss_type hinge --dpo.label_smoothing 0.1",
         r"`dpo.label_smoothing` applies to the sigmoid and simpo losses",
     ),
+    Case(
+        "precompute-simpo",
+        TRAIN + " --train.objective dpo --dpo.loss_type simpo --dpo.precompute_reference true",
+        r"SimPO has no reference to precompute",
+    ),
     Case("pairs-packed", TRAIN + " --train.objective dpo --data.path {pairs} --data.packing true", r"not packed"),
     Case(
         "pairs-split",
