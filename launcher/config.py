@@ -76,6 +76,9 @@ class LoraConfig:
     target_parameters: list[str] = field(default_factory=list)
     """Parameters to adapt directly, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj] for fused MoE
     experts (peft's target_parameters). peft has no dropout there: lora.dropout then applies to the modules only."""
+    init_from: str = ""
+    """A PEFT LoRA adapter directory to continue training (its r, alpha and targets replace these); with DPO its
+    weights are the reference too (SFT, then DPO from the SFT adapter)."""
 
     def rules(self, at: str) -> list[Rule]:
         return [

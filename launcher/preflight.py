@@ -14,6 +14,7 @@ from .checkpoint import store
 from .config import ConfigError, DataConfig, RunConfig
 from .data.records import check_kind, load_records, record_kind
 from .dtypes import AUTOCAST_DTYPE_NAMES, DtypePolicy, resolve_mixed_precision
+from .model.adapter_init import adopted
 from .model.build import read_model_config
 from .model.files import check_weights
 from .model.lora_targets import check_gradient_checkpointing, check_lora_targets, meta_model_for_checks
@@ -30,7 +31,7 @@ def check_model(cfg: RunConfig) -> None:
     check_weights(cfg.model.path, getattr(config, "transformers_weights", None))
     base = meta_model_for_checks(cfg.model, cfg.quant, config)
     check_gradient_checkpointing(cfg.train, base)
-    check_lora_targets(cfg.lora, cfg.model, base)
+    check_lora_targets(adopted(cfg.lora), cfg.model, base)
     sequence_parallel.check(config, cfg.train.sequence_parallel, cfg.model.path, base)
 
 
@@ -123,6 +124,7 @@ def _resumed_fingerprint(cfg: RunConfig) -> dict:
 def _resolved(cfg: RunConfig, strategy: strategies.Strategy, world: int, precision: str, compute: str) -> RunConfig:
     return dataclasses.replace(
         cfg,
+        lora=adopted(cfg.lora),
         strategy=strategy.name,
         quant=strategies.resolve_quant(cfg.quant, strategy, compute),
         train=dataclasses.replace(cfg.train.for_world(world), mixed_precision=precision),

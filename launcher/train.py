@@ -198,17 +198,17 @@ def setup(user_cfg: RunConfig, stop: StopSignal) -> Training:
         cfg, model, base_optimizer, resolved.sharder, output_dir, accelerator.device, components, offload
     )
 
+    # What the objective computes once (DPO's precomputed reference) sees the adapter as it starts: before a resume.
+    peft_model = accelerator.unwrap_model(model)
+    calls = ModelCalls(model, peft_model)
+    splits = [r for r in (rows, eval_rows) if r is not None]
+    objective.prepare(calls, accelerator, splits, tokenizer.pad_token_id, groups)
     torch.manual_seed(t.seed + accelerator.process_index)  # dropout masks differ across ranks, reproducibly
     start_step = 0
     if resolved.resume_from is not None:
         start_step = store.load(resolved.resume_from, resolved.sharder, model, optimizer, scheduler)
         if accelerator.is_main_process:
             print(f"Resuming from step {start_step}: {resolved.resume_from}", flush=True)
-    peft_model = accelerator.unwrap_model(model)
-    calls = ModelCalls(model, peft_model)
-    objective.prepare(
-        calls, accelerator, [r for r in (rows, eval_rows) if r is not None], tokenizer.pad_token_id, groups
-    )
     return Training(
         cfg=cfg,
         setup=resolved,

@@ -23,6 +23,7 @@ from ..cpu_shims import disable_bnb_cpu_repack
 from ..dtypes import DTYPE_BY_NAME, DtypePolicy
 from ..objectives import sequences_per_sample
 from . import experts, targets
+from .adapter_init import load_adapter_weights
 from .anatomy import frozen_component
 from .experts import packed_shape
 from .files import model_source
@@ -289,4 +290,7 @@ def build_model(
     install_loss(
         base, loss_chunk_tokens(base, train), sequences_per_sample(train) * train.micro_batch_size * max_seq_len
     )
-    return attach_lora(base, lora, policy, train.seed)
+    model = attach_lora(base, lora, policy, train.seed)
+    if lora.init_from and is_source_rank():  # every rank receives the source rank's adapter weights
+        load_adapter_weights(model, lora.init_from)
+    return model

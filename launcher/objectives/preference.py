@@ -83,7 +83,7 @@ class DPO(PairObjective):
         """id(rows) -> the precomputed reference of each pair of those rows (dpo.precompute_reference)."""
 
     def prepare(self, calls, accelerator, splits, pad_id, groups):
-        if self.cfg.dpo.precompute_reference:
+        if self.uses_reference and (self.cfg.dpo.precompute_reference or self.cfg.lora.init_from):
             for rows in splits:
                 self.tables[id(rows)] = reference_table(self.cfg, self, calls, accelerator, rows, pad_id, groups)
 

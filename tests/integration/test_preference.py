@@ -18,10 +18,15 @@ from support.launches import probe_runs_command, read_metrics, run_command, tail
 from support.pairs import write_pairs
 
 STEPS = 30
-LAUNCHES = {"fsdp2": ("dpo", "dpo-precomputed", "orpo"), "zero3": ("dpo", "dpo-precomputed")}
-"""Each strategy's runs, in one launch; dpo-precomputed computes its reference once before training (zero3's reads
-the table fsdp2's run kept beside the data cache)."""
+LAUNCHES = {
+    "fsdp2": ("dpo", "dpo-precomputed", "orpo", "sft", "sft-continued", "dpo-from-sft"),
+    "zero3": ("dpo", "dpo-precomputed"),
+}
+"""Each strategy's runs, in one launch, in this order: dpo-precomputed computes its reference once before training
+(zero3's reads the table fsdp2's run kept beside the data cache); sft trains an adapter on the SFT data, which
+sft-continued continues and dpo-from-sft starts from and takes as its reference (`lora.init_from`)."""
 MAX_SEQ_LEN = 48
+SFT_STEPS = 20
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +34,7 @@ def assets(family_assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("preference")
     return {
         "base": family_assets("llama") / "base",
+        "sft_data": family_assets("llama") / "data.jsonl",
         "train": write_pairs(root / "train.jsonl", 256, seed=1),
         "held_out": write_pairs(root / "held-out.jsonl", 64, seed=2),
         "root": root,
@@ -36,22 +42,30 @@ def assets(family_assets, tmp_path_factory):
 
 
 def args(run: str, assets: dict, out) -> list[str]:
-    objective, _, precomputed = run.partition("-")
-    return [
+    sft_adapter = str(assets["root"] / "fsdp2" / "sft" / "run" / "adapter")
+    common = [
         "--model.path", str(assets["base"]),
+        "--train.micro_batch_size", "4",
+        "--train.lr", "5e-3",
+        "--lora.dropout", "0",
+        "--data.cache_dir", str(assets["root"] / "cache"),
+        "--output_dir", str(out),
+    ]  # fmt: skip
+    if run.startswith("sft"):
+        data = ["--data.path", str(assets["sft_data"]), "--data.max_seq_len", "64"]
+        steps = ["--train.max_steps", str(SFT_STEPS if run == "sft" else 4)]
+        return common + data + steps + (["--lora.init_from", sft_adapter] if run == "sft-continued" else [])
+    return common + [
         "--data.path", str(assets["train"]),
         "--data.eval_path", str(assets["held_out"]),
         "--data.max_seq_len", str(MAX_SEQ_LEN),
-        "--train.objective", objective,
+        "--train.objective", run.partition("-")[0],
         "--dpo.beta", "0.5",
         "--orpo.beta", "0.5",
         "--train.max_steps", str(STEPS),
-        "--train.micro_batch_size", "4",
-        "--train.lr", "5e-3",
         "--train.eval_every_steps", str(STEPS),
-        "--dpo.precompute_reference", str(bool(precomputed)).lower(),
-        "--data.cache_dir", str(assets["root"] / "cache"),
-        "--output_dir", str(out),
+        "--dpo.precompute_reference", str(run == "dpo-precomputed").lower(),
+        *(["--lora.init_from", sft_adapter] if run == "dpo-from-sft" else []),
     ]  # fmt: skip
 
 
@@ -102,7 +116,8 @@ def base_preference(assets) -> float:
 
 def test_preference_training_learns_the_held_out_preference(runs, assets):
     before = base_preference(assets)
-    logs = {key: runs.pop(key) for key in list(runs) if key[1] == "log"}
+    logs = {key: value for key, value in runs.items() if key[1] == "log"}
+    runs = {key: value for key, value in runs.items() if key[1] != "log" and not key[1].startswith("sft")}
     after = {key: records[-1]["eval_rewards/accuracies"] for key, records in runs.items()}
     print(f"held-out pairs preferred: base {before:.2f}; after {STEPS} steps: {after}")
     assert 0.2 <= before <= 0.8, before
@@ -120,3 +135,18 @@ def test_preference_training_learns_the_held_out_preference(runs, assets):
     assert "reference log-probabilities of 256 pairs computed and kept" in logs[("fsdp2", "log")]
     assert "reference log-probabilities of 256 pairs read from" in logs[("zero3", "log")]
     assert runs[("fsdp2", "orpo")][-1]["eval_nll_loss"] < runs[("fsdp2", "orpo")][0]["nll_loss"]
+
+
+def test_sft_then_dpo_continues_the_sft_adapter_and_takes_it_as_the_reference(runs):
+    sft, continued = runs[("fsdp2", "sft")], runs[("fsdp2", "sft-continued")]
+    from_sft, fresh = runs[("fsdp2", "dpo-from-sft")], runs[("fsdp2", "dpo")]
+    # lora.init_from alone: training goes on where the adapter left off, not from the base.
+    first, last, went_on = sft[0]["loss"], sft[-1]["loss"], continued[0]["loss"]
+    assert len(sft) == SFT_STEPS and last < first - 0.3, (first, last)
+    assert abs(went_on - last) < abs(went_on - first) / 3, (first, last, went_on)
+    # DPO from the SFT adapter: the policy starts as the SFT adapter (other log-probabilities than the base's),
+    # and so does the reference (precomputed before the first step): the first margin is 0, the first loss log 2.
+    assert from_sft[0]["logps/chosen"] != pytest.approx(fresh[0]["logps/chosen"], abs=0.5)
+    assert from_sft[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-3)
+    assert from_sft[0]["loss"] == pytest.approx(0.6931472, abs=1e-3)
+    assert from_sft[-1]["eval_rewards/accuracies"] >= 0.9

@@ -138,6 +138,8 @@ CASES = [
         TRAIN + " --train.objective dpo --dpo.loss_type simpo --dpo.precompute_reference true",
         r"SimPO has no reference to precompute",
     ),
+    Case("init-from-missing", TRAIN + " --lora.init_from {root}/nope", r"`lora.init_from` is `.*nope`, which has no"),
+    Case("init-from-not-lora", TRAIN + " --lora.init_from {dora}", r"is not a plain LoRA adapter"),
     Case("pairs-packed", TRAIN + " --train.objective dpo --data.path {pairs} --data.packing true", r"not packed"),
     Case(
         "pairs-split",
@@ -238,6 +240,10 @@ def world(demo_assets, tmp_path_factory) -> dict[str, str]:
     write("bad_json", "bad.jsonl", b'{"text": "a b"}\n{"text": \n')
     write("latin1", "latin1.jsonl", b'{"text": "caf\xe9 t1 t2"}\n' * 8)
     write("qa", "qa.jsonl", json.dumps({"question": "t1", "answer": "t2"}).encode() + b"\n")
+    files["dora"] = root / "dora-adapter"
+    files["dora"].mkdir()
+    (files["dora"] / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True, "r": 8}))
+    (files["dora"] / "adapter_model.safetensors").write_bytes(b"")
     pair = {"prompt": "t1 t8", "chosen": " t15", "rejected": " t3"}
     write("pairs", "pairs.jsonl", (json.dumps(pair) + "\n").encode() * 8)
     write("empty_pair", "empty-pair.jsonl", (json.dumps(pair) + "\n" + json.dumps({**pair, "rejected": ""})).encode())
