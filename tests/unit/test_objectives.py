@@ -65,8 +65,8 @@ def setup(request, family_assets, tmp_path_factory):
 
     base = family_assets(request.param) / "base"
     root = tmp_path_factory.mktemp(f"pairs-{request.param}")
+    torch.manual_seed(0)  # peft draws A from the global generator: the same model whatever ran before
     ours, theirs = lora_model(base, fused=False), lora_model(base, fused=True)
-    torch.manual_seed(0)
     with torch.no_grad():
         for name, param in ours.named_parameters():
             if "lora_B" in name:
@@ -177,7 +177,8 @@ def test_simpo_equals_trl_cpo_simpo(setup, label_smoothing):
     chosen, rejected = (logps / tokens).chunk(2)
     losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(trainer, chosen, rejected)
     losses.mean().backward()
-    assert loss == pytest.approx(losses.mean().item(), rel=1e-4)
+    assert loss > 1e-3, loss  # not saturated: the comparison means something
+    assert loss == pytest.approx(losses.mean().item(), rel=1e-4, abs=1e-6)
     assert metrics["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), rel=1e-4)
     assert metrics["rewards/margins"] == pytest.approx((chosen_rewards - rejected_rewards).mean().item(), rel=1e-4)
     assert_same(grads, gradients(theirs), rtol=1e-3, atol=1e-6)
