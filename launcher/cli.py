@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, describe_keys, load_config, parse_overrides
+from .objective_config import OBJECTIVES
 
 TRAIN_EPILOG = """\
 Any run-config key can be set or overridden on the command line as --section.key VALUE
@@ -184,7 +185,7 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (data.max_seq_len)")
     parser.add_argument(
         "--objective",
-        choices=["sft", "dpo", "orpo"],
+        choices=OBJECTIVES,
         help="train.objective: sft (default); dpo and orpo run two sequences (chosen, rejected) per sample",
     )
     parser.add_argument("--lora-r", type=int, help="LoRA rank (lora.r)")

@@ -253,7 +253,7 @@ def train_loop(t: Training, stop: StopSignal) -> LoopResult:
     started = window_start = time.perf_counter()
     window_tokens = 0
     for step in range(t.start_step, t.total_steps):
-        loss_sum, sums, step_tokens, grad_norm = train_step(t, step)
+        loss_sum, sums, totals, step_tokens, grad_norm = train_step(t, step)
         t.scheduler.step()
         if t.packed_check and step == t.start_step:
             result.packed = t.packed_check.result()
@@ -267,7 +267,7 @@ def train_loop(t: Training, stop: StopSignal) -> LoopResult:
             loss_total, step_sums = reduce_sums(t.accelerator, loss_sum, sums)
             loss = loss_total / step_parts(t)
             result.losses.append(loss)
-            extra = t.objective.metrics(step_sums, t.objective.totals(t.rows, t.batches.step_samples(step)))
+            extra = t.objective.metrics(step_sums, totals)
             if actions.evaluate:
                 evaluated = evaluate(
                     t.objective,
@@ -356,13 +356,14 @@ def step_parts(t: Training) -> int:
 
 def train_step(t: Training, step: int):
     """One optimizer step over this rank's micro batches; returns the sum of their losses, their metric sums, the
-    step's real tokens and the gradient norm. Each micro batch's loss is its sums divided by the totals of the whole
+    global batch's totals, the step's real tokens and the gradient norm. Each micro batch's loss is its sums divided by the totals of the whole
     global batch (target tokens, pairs) over `step_parts`, so the summed gradient equals a single process's on the
     same batch."""
     step_samples = t.batches.step_samples(step)
     step_tokens = t.rows.tokens(step_samples)
     # The ranks of a sequence group hold disjoint tokens of the same rows, so every target is still counted once.
-    share = {name: total / step_parts(t) for name, total in t.objective.totals(t.rows, step_samples).items()}
+    totals = t.objective.totals(t.rows, step_samples)
+    share = {name: total / step_parts(t) for name, total in totals.items()}
     device, pad_id = t.accelerator.device, t.tokenizer.pad_token_id
     loss_sum, sums, grad_norm = torch.zeros((), device=device), {}, None
     for indices in t.batches.rank_micro_batches(step, t.groups.data_rank):
@@ -375,4 +376,4 @@ def train_step(t: Training, step: int):
             t.optimizer.zero_grad()
         loss_sum += loss.detach().float()
         add_sums(sums, micro_sums)
-    return loss_sum, sums, step_tokens, grad_norm
+    return loss_sum, sums, totals, step_tokens, grad_norm

@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .records import IGNORE_INDEX
+from .labels import IGNORE_INDEX
 from .tokenized import TokenizedData
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from ..config import ConfigError, DataConfig, DataSource
 from .chat import check_messages, tokenize_chat
+from .labels import IGNORE_INDEX, target_tokens
 
-IGNORE_INDEX = -100
 COLUMNS = ("input_ids", "labels", "rejected_input_ids", "rejected_labels", "targets", "truncated")
 """The tokenized table of pairs: chosen ids and labels, rejected ids and labels, the chosen completion's target
 tokens, whether either was cut."""
@@ -65,7 +65,7 @@ class PairEncoder:
             out["labels"].append(chosen[1])
             out["rejected_input_ids"].append(rejected[0])
             out["rejected_labels"].append(rejected[1])
-            out["targets"].append(sum(label != IGNORE_INDEX for label in chosen[1][1:]))
+            out["targets"].append(target_tokens(chosen[1]))
             out["truncated"].append(cut)
         return out
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from ..config import ConfigError, DataConfig, DataSource
 from ..quiet import quiet_logger
 from .chat import assistant_turns, check_messages, tokenize_chat, use_chat_template
+from .labels import IGNORE_INDEX, target_tokens
 from .pairs import PairEncoder, pair_features
 
 FORMAT_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
-IGNORE_INDEX = -100
 
 
 def dataset_format(source: DataSource) -> str:
@@ -224,8 +224,3 @@ def chat_record(tokenizer, record: dict, source: DataSource, where: str) -> tupl
         targets = list(range(len(prompt), len(messages)))
     ids, in_target = tokenize_chat(tokenizer, messages, targets, where)
     return ids, [token if keep else IGNORE_INDEX for token, keep in zip(ids, in_target, strict=True)]
-
-
-def target_tokens(labels: list[int]) -> int:
-    """Tokens that count in the loss: shifted labels that are not ignored."""
-    return len(labels) - 1 - labels[1:].count(IGNORE_INDEX) if labels else 0

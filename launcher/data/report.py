@@ -11,8 +11,8 @@ import json
 
 from ..config import RunConfig
 from .batches import GlobalBatches, Rows
+from .labels import IGNORE_INDEX
 from .loading import load_tokenizer
-from .records import IGNORE_INDEX
 from .tokenized import load_tokenized
 
 

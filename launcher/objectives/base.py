@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import ConfigError, RunConfig
 from ..data.batches import Rows
+from ..data.labels import IGNORE_INDEX
 
 
 @dataclass
@@ -37,7 +38,7 @@ class ModelCalls:
 
 def target_counts(batch: dict) -> torch.Tensor:
     """Each sequence's target tokens (labels are shifted by the loss: the first never counts)."""
-    return (batch["labels"][:, 1:] != -100).sum(-1)
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
 
 
 class Objective:

@@ -6,7 +6,8 @@ import pytest
 
 from launcher.config import ConfigError, DataConfig
 from launcher.data.batches import GlobalBatches
-from launcher.data.records import IGNORE_INDEX, load_records, record_kind
+from launcher.data.labels import IGNORE_INDEX
+from launcher.data.records import load_records, record_kind
 from launcher.data.records import tokenize as tokenize_records
 from launcher.demo import build_tokenizer
 from support.families import TURNS_TEMPLATE

@@ -12,7 +12,8 @@ import torch
 
 from launcher.config import ConfigError, DataConfig, DataSource, load_config
 from launcher.data.batches import GlobalBatches, Rows, pack
-from launcher.data.records import IGNORE_INDEX, features, target_tokens
+from launcher.data.labels import IGNORE_INDEX, target_tokens
+from launcher.data.records import features
 from launcher.data.tokenized import (
     SourceData,
     TokenizedData,
