@@ -186,7 +186,8 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--objective",
         choices=OBJECTIVES,
-        help="train.objective: sft (default); dpo and orpo run two sequences (chosen, rejected) per sample",
+        help="train.objective: sft (default); dpo and orpo run two sequences (chosen, rejected) per sample; kto one, "
+        "and forwards without gradient for the reference and the KL term",
     )
     parser.add_argument("--lora-r", type=int, help="LoRA rank (lora.r)")
     parser.add_argument("--lora-targets", help="comma-separated module names, or all-linear (lora.target_modules)")
@@ -221,7 +222,7 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args, extra: list[str]) -> int:
-    from . import launch, objectives, preflight, train
+    from . import launch, preflight, train
     from .data.loading import load_training_data
     from .launch import starts
     from .run import failures
@@ -252,18 +253,18 @@ def cmd_train(args, extra: list[str]) -> int:
         return 0
     strategy = preflight.check_all(cfg, machines.num_processes)
     # Tokenized here, into the cache the ranks read: too little data is refused before any rank starts.
-    load_training_data(cfg.model, cfg.data, cfg.train, machines.num_processes, objectives.get(cfg).pairs)
+    load_training_data(cfg.model, cfg.data, cfg.train, machines.num_processes)
     forwarded = (["--config", args.config] if args.config else []) + extra + ["--strategy", strategy.name]
     return launch.launch(strategy, machines, forwarded, cfg.dist, output_dir=cfg.output_dir)
 
 
 def cmd_data(args, extra: list[str]) -> int:
-    from . import objectives, preflight
+    from . import preflight
     from .data import report
 
     cfg = load_config(args.config, parse_overrides(extra))
     preflight.check_dataset(cfg.data, cfg.train.objective)
-    report.run(cfg, args.samples, args.json, objectives.get(cfg).pairs)
+    report.run(cfg, args.samples, args.json)
     return 0
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .objective_config import DPOConfig, Objective, ORPOConfig
+from .objective_config import DPOConfig, KTOConfig, Objective, ORPOConfig
 from .typed_yaml import ConfigError, build, parse_overrides, set_dotted, spoken_choices, yaml_problem
 
 __all__ = ["ConfigError", "RunConfig", "dump_config", "describe_keys", "load_config", "parse_overrides"]
@@ -102,7 +102,10 @@ class DataSource:
     """Chat records: a list of {"role", "content"} messages; the loss covers the assistant turns."""
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
-    """Preference pairs (train.objective dpo, orpo): prompt, chosen and rejected, texts or message lists."""
+    """Preference pairs (train.objective dpo, orpo, kto): prompt, chosen and rejected, texts or message lists."""
+    label_field: str = "label"
+    """Unpaired preference records (train.objective kto): prompt, completion, and this field, true where the
+    completion is desirable and false where it is not."""
     weight: float = 1.0
     """Samples drawn from this source per epoch, as a multiple of its records (2: each twice, 0.5: a seeded half)."""
 
@@ -166,7 +169,8 @@ class DataConfig(DataSource):
 @dataclass(frozen=True)
 class TrainConfig:
     objective: Objective = "sft"
-    """sft (next-token loss on the targets), dpo (pairs; see `dpo:`) or orpo (pairs; see `orpo:`)."""
+    """sft (next-token loss on the targets), dpo (pairs; see `dpo:`), orpo (pairs; see `orpo:`) or kto (completions
+    labelled desirable or not, or pairs; see `kto:`)."""
     micro_batch_size: int = 1
     grad_accum_steps: int = 1
     global_batch_size: int = 0
@@ -310,6 +314,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     orpo: ORPOConfig = field(default_factory=ORPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     strategy: str = ""

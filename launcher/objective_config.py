@@ -1,4 +1,5 @@
-"""The run config's sections of the objectives (`dpo:`, `orpo:`) and their names; launcher.config holds them."""
+"""The run config's sections of the objectives (`dpo:`, `orpo:`, `kto:`) and their names; launcher.config holds
+them."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 Rule = tuple[bool, str]
-OBJECTIVES = ("sft", "dpo", "orpo")
+OBJECTIVES = ("sft", "dpo", "orpo", "kto")
 """`train.objective`: what the loss is (launcher.objectives)."""
-Objective = Literal["sft", "dpo", "orpo"]
+Objective = Literal["sft", "dpo", "orpo", "kto"]
+RECORDS = {"sft": "sft", "dpo": "pairs", "orpo": "pairs", "kto": "unpaired"}
+"""What each objective trains on, as the tokenized data holds it: SFT samples, preference pairs (prompt, chosen,
+rejected), or unpaired completions labelled desirable or not (pairs given to kto are split into one of each)."""
 
 
 @dataclass(frozen=True)
@@ -55,3 +59,30 @@ class ORPOConfig:
 
     def rules(self, at: str) -> list[Rule]:
         return [(self.beta > 0, f"`{at}beta` must be positive, got {self.beta}.")]
+
+
+@dataclass(frozen=True)
+class KTOConfig:
+    """`train.objective: kto`: completions labelled desirable or not (or pairs, each split into one of each), against
+    the reference (the base with the adapter off), with the KL term estimated from mismatched completions."""
+
+    beta: float = 0.1
+    """How far the policy may move from the reference."""
+    desirable_weight: float = 1.0
+    """The desirable completions' loss weight (KTO's lambda_D)."""
+    undesirable_weight: float = 1.0
+    """The undesirable completions' loss weight (lambda_U): KTO's authors advise desirable_weight x desirable
+    completions / (undesirable_weight x undesirable ones) between 1 and 4/3."""
+    precompute_reference: bool = False
+    """Compute the reference's log-probabilities (of each completion and of its mismatched one) once, before the
+    first step (kept beside the data cache), instead of reference forwards at every step."""
+
+    def rules(self, at: str) -> list[Rule]:
+        return [
+            (self.beta > 0, f"`{at}beta` must be positive, got {self.beta}."),
+            (
+                self.desirable_weight > 0 and self.undesirable_weight > 0,
+                f"`{at}desirable_weight` and `{at}undesirable_weight` must be positive, got "
+                f"{self.desirable_weight} and {self.undesirable_weight}.",
+            ),
+        ]

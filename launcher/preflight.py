@@ -56,7 +56,7 @@ def check_dataset(data: DataConfig, objective: str = "sft") -> None:
     tokenizer)."""
     sources = data.sources() + ([data.eval_source()] if data.eval_path else [])
     for source in sources:
-        check_kind(record_kind(load_records(source).column_names, source), objectives.REGISTRY[objective].pairs, source)
+        check_kind(record_kind(load_records(source).column_names, source), objective, source)
 
 
 def check_run(cfg: RunConfig) -> strategies.Strategy:

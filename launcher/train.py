@@ -149,7 +149,7 @@ def setup(user_cfg: RunConfig, stop: StopSignal) -> Training:
     cfg, policy, split = resolved.cfg, resolved.policy, resolved.cfg.train.sequence_parallel
     data_world = resolved.world // split  # the ranks of a sequence group train on the same rows
     objective = get_objective(cfg)
-    tokenizer, rows, eval_rows = load_training_data(cfg.model, cfg.data, cfg.train, resolved.world, objective.pairs)
+    tokenizer, rows, eval_rows = load_training_data(cfg.model, cfg.data, cfg.train, resolved.world)
     t = cfg.train
     batches = GlobalBatches(len(rows), t.micro_batch_size, t.grad_accum_steps, data_world, t.seed)
     total_steps = t.max_steps or t.epochs * batches.steps_per_epoch
@@ -366,7 +366,9 @@ def train_step(t: Training, step: int):
     share = {name: total / step_parts(t) for name, total in totals.items()}
     device, pad_id = t.accelerator.device, t.tokenizer.pad_token_id
     loss_sum, sums, grad_norm = torch.zeros((), device=device), {}, None
-    for indices in t.batches.rank_micro_batches(step, t.groups.data_rank):
+    micro_batches = t.batches.rank_micro_batches(step, t.groups.data_rank)
+    t.objective.begin(t.calls, t.accelerator, t.rows, micro_batches, pad_id)  # KTO's KL term over the whole step
+    for indices in micro_batches:
         rows_batch = {k: v.to(device) for k, v in t.objective.collate(t.rows, indices, pad_id).items()}
         with t.accelerator.accumulate(t.model), t.groups.splitting(rows_batch, pad_id) as batch:
             loss, micro_sums = t.objective.loss(t.calls, batch, share)

@@ -21,7 +21,9 @@ class ConfigError(ValueError):
 
 
 def spoken_choices(choices: tuple[str, ...]) -> str:
-    """`a or b`, `a, b or c`, `one of a, b, c or d`."""
+    """`a`, `a or b`, `a, b or c`, `one of a, b, c or d`."""
+    if len(choices) == 1:
+        return choices[0]
     listed = f"{', '.join(choices[:-1])} or {choices[-1]}"
     return f"one of {listed}" if len(choices) > 3 else listed
 

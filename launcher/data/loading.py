@@ -10,17 +10,23 @@ from .tokenized import load_tokenized
 def load_tokenizer(model: ModelConfig):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    except OSError as error:  # a missing directory, or a hub id not in the local cache
+        raise ConfigError(
+            f"Cannot read a tokenizer from `{model.path}`: {error}. Set `model.path` to a directory written by "
+            "`save_pretrained` (or a hub id in the local cache)."
+        ) from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
 
 
-def load_training_data(model: ModelConfig, data: DataConfig, train: TrainConfig, world: int, pairs: bool = False):
-    """The tokenizer and the rows to train on (and to evaluate on, or None), checked to fill at least one
-    optimizer step of a run of `world` ranks. `pairs`: the objective trains on preference pairs."""
+def load_training_data(model: ModelConfig, data: DataConfig, train: TrainConfig, world: int):
+    """The tokenizer and the rows to train on (and to evaluate on, or None), in the shape `train.objective` trains
+    on, checked to fill at least one optimizer step of a run of `world` ranks."""
     tokenizer = load_tokenizer(model)
-    train_data, eval_data = load_tokenized(data, tokenizer, train.seed, pairs)
+    train_data, eval_data = load_tokenized(data, tokenizer, train.seed, train.objective)
     rows = Rows(train_data, data.packing, data.max_seq_len)
     train = train.for_world(world)
     data_world = world // train.sequence_parallel

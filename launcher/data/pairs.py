@@ -1,4 +1,5 @@
-"""Preference pairs: records of a prompt and two completions, `chosen` and `rejected`, in TRL's formats.
+"""Preference records in TRL's formats: pairs of a prompt and two completions, `chosen` and `rejected`, and (KTO)
+unpaired completions labelled desirable or not.
 
 The prompt and the completions are strings, or message lists rendered with the tokenizer's chat template (the
 completions' turns are the targets); without a `prompt` field, `chosen` and `rejected` are whole conversations
@@ -7,6 +8,9 @@ chosen and prompt + rejected, each with the loss on its completion only. A promp
 `data.max_prompt_len` keeps its last tokens (peers cut from the left: the end of the prompt is what the
 completion answers); a completion that does not fit after its prompt within `data.max_seq_len` keeps its
 start. A pair whose prompt leaves no room for a completion is refused, naming the record.
+
+KTO's records are a prompt, a completion and a boolean `label`, tokenized the same way; pairs given to KTO are
+split into their chosen completion (desirable) and their rejected one (not), as TRL splits them.
 """
 
 from __future__ import annotations
@@ -30,6 +34,21 @@ def pair_features():
             "labels": ids,
             "rejected_input_ids": ids,
             "rejected_labels": ids,
+            "targets": Value("int32"),
+            "truncated": Value("bool"),
+        }
+    )
+
+
+def unpaired_features():
+    from datasets import Features, List, Value
+
+    ids = List(Value("int32"))
+    return Features(
+        {
+            "input_ids": ids,
+            "labels": ids,
+            "desirable": Value("bool"),
             "targets": Value("int32"),
             "truncated": Value("bool"),
         }
@@ -121,3 +140,41 @@ class PairEncoder:
                 "prompt's last tokens, or raise data.max_seq_len."
             )
         return ids[: self.max_seq_len], labels[: self.max_seq_len]
+
+
+class UnpairedEncoder(PairEncoder):
+    """`datasets.map`'s batched function for KTO: labelled completions, or pairs split into one of each."""
+
+    def __init__(self, tokenizer, source: DataSource, cfg: DataConfig, chat: bool, kind: str):
+        super().__init__(tokenizer, source, cfg, chat)
+        self.kind = kind
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out = {name: [] for name in ("input_ids", "labels", "desirable", "targets", "truncated")}
+        records = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        for record, index in zip(records, indices, strict=True):
+            for (ids, labels), desirable, cut in self.completions(
+                record, f"Dataset `{self.source.path}`, record {index}"
+            ):
+                out["input_ids"].append(ids)
+                out["labels"].append(labels)
+                out["desirable"].append(desirable)
+                out["targets"].append(target_tokens(labels))
+                out["truncated"].append(cut)
+        return out
+
+    def completions(self, record: dict, where: str) -> list:
+        if self.kind == "pairs":
+            chosen, rejected, cut = self.encode(record, where)
+            return [(chosen, True, cut), (rejected, False, cut)]
+        s = self.source
+        label, completion = record.get(s.label_field), record.get(s.completion_field)
+        if not isinstance(label, bool):
+            raise ConfigError(
+                f"{where}: `{s.label_field}` is {label!r}; KTO takes true (a desirable completion) or false (an "
+                "undesirable one)."
+            )
+        if not completion:
+            raise ConfigError(f"{where}: `{s.completion_field}` is missing or empty.")
+        ids, labels = self.sequence(record.get(s.prompt_field), completion, f"{where}, `{s.completion_field}`")
+        return [(self.fit(ids, labels, where), label, len(ids) > self.max_seq_len)]

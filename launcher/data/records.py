@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..config import ConfigError, DataConfig, DataSource
+from ..config import ConfigError, DataConfig, DataSource, spoken_choices
+from ..objective_config import RECORDS
 from ..quiet import quiet_logger
 from .chat import assistant_turns, check_messages, tokenize_chat, use_chat_template
 from .labels import IGNORE_INDEX, target_tokens
-from .pairs import PairEncoder, pair_features
+from .pairs import PairEncoder, UnpairedEncoder, pair_features, unpaired_features
 
 FORMAT_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 
@@ -60,8 +61,8 @@ def load_records(source: DataSource):
 
 
 def record_kind(columns: list[str], source: DataSource) -> str:
-    """'text', 'tokens', 'messages', 'pairs' or 'prompt_completion', or a ConfigError naming the fields that are
-    missing."""
+    """'text', 'tokens', 'messages', 'pairs', 'unpaired' (prompt, completion, label) or 'prompt_completion', or a
+    ConfigError naming the fields that are missing."""
     if source.chosen_field in columns and source.rejected_field in columns:
         return "pairs"
     if source.text_field in columns:
@@ -71,11 +72,12 @@ def record_kind(columns: list[str], source: DataSource) -> str:
     if source.messages_field in columns:
         return "messages"
     if source.prompt_field in columns and source.completion_field in columns:
-        return "prompt_completion"
+        return "unpaired" if source.label_field in columns else "prompt_completion"
     raise ConfigError(
         f"Dataset `{source.path}` has fields {sorted(columns)}, but each record needs `{source.text_field}`, "
         f"`{source.messages_field}`, `{source.prompt_field}` and `{source.completion_field}`, `input_ids`, or (pairs) "
-        f"`{source.chosen_field}` and `{source.rejected_field}`. Rename "
+        f"`{source.chosen_field}` and `{source.rejected_field}`, or (kto) `{source.prompt_field}`, "
+        f"`{source.completion_field}` and `{source.label_field}`. Rename "
         "the fields in the data or set `data.text_field` / `data.messages_field` / `data.prompt_field` / "
         "`data.completion_field` (in a `data.datasets` entry: its own `text_field` and so on)."
     )
@@ -95,36 +97,53 @@ def features():
     )
 
 
-def check_kind(kind: str, pairs: bool, source: DataSource) -> None:
-    """Pairs train a preference objective, and only pairs do."""
-    if (kind == "pairs") != pairs:
-        held = "preference pairs (`chosen`, `rejected`)" if kind == "pairs" else f"{kind.replace('_', '/')} records"
-        wanted = "dpo or orpo" if kind == "pairs" else "sft"
-        raise ConfigError(
-            f"Dataset `{source.path}` holds {held}, which train.objective `{'dpo/orpo' if pairs else 'sft'}` does not "
-            f"train on. Set `train.objective` to {wanted}, or point data.path at {'SFT records' if pairs else 'pairs'}."
-        )
+TAKES = {
+    "sft": ("text", "tokens", "messages", "prompt_completion"),
+    "pairs": ("pairs",),
+    "unpaired": ("unpaired", "pairs"),
+}
+"""The record kinds each tokenized shape (objective_config.RECORDS) is made from."""
+HELD = {
+    "pairs": "preference pairs (`chosen`, `rejected`)",
+    "unpaired": "completions labelled desirable or not (`prompt`, `completion`, `label`)",
+}
+
+
+def check_kind(kind: str, objective: str, source: DataSource) -> None:
+    """Each objective trains on its own kind of records (objective_config.RECORDS)."""
+    if kind in TAKES[RECORDS[objective]]:
+        return
+    takers = spoken_choices(tuple(name for name, records in RECORDS.items() if kind in TAKES[records]))
+    wanted = {"sft": "SFT records", "pairs": "preference pairs", "unpaired": "labelled completions or pairs"}
+    raise ConfigError(
+        f"Dataset `{source.path}` holds {HELD.get(kind, kind.replace('_', '/') + ' records')}, which train.objective "
+        f"`{objective}` does not train on. Set `train.objective` to {takers}, or point data.path at "
+        f"{wanted[RECORDS[objective]]}."
+    )
 
 
 def is_chat(records, kind: str, source: DataSource) -> bool:
     """Whether the records are message lists (rendered with the chat template)."""
-    field = {"prompt_completion": source.prompt_field, "pairs": source.chosen_field}.get(kind)
+    field = {"prompt_completion": source.prompt_field, "unpaired": source.prompt_field, "pairs": source.chosen_field}
+    field = field.get(kind)
     return kind == "messages" or (field is not None and len(records) > 0 and isinstance(records[0][field], list))
 
 
 def tokenize(
-    records, tokenizer, source: DataSource, cfg: DataConfig, pairs: bool = False, cache_file: str | None = None
+    records, tokenizer, source: DataSource, cfg: DataConfig, objective: str = "sft", cache_file: str | None = None
 ):
-    """The records as a `datasets.Dataset` of token ids and labels (see `features`, or pairs.py for `pairs`),
-    batched; records left with no target token within `max_seq_len` are dropped. Written to `cache_file` (one file
-    per worker: `<name>_NNNNN_of_NNNNN.arrow` when several), else kept in memory."""
+    """The records as a `datasets.Dataset` of token ids and labels (see `features`, or pairs.py for preference
+    records), batched; records left with no target token within `max_seq_len` are dropped. Written to `cache_file`
+    (one file per worker: `<name>_NNNNN_of_NNNNN.arrow` when several), else kept in memory."""
     kind = record_kind(records.column_names, source)
-    check_kind(kind, pairs, source)
+    check_kind(kind, objective, source)
     chat = is_chat(records, kind, source)
     if chat:
         use_chat_template(tokenizer, cfg.chat_template, source.path)
-    if pairs:
+    if RECORDS[objective] == "pairs":
         encode, table_features = PairEncoder(tokenizer, source, cfg, chat), pair_features()
+    elif RECORDS[objective] == "unpaired":
+        encode, table_features = UnpairedEncoder(tokenizer, source, cfg, chat, kind), unpaired_features()
     else:
         encode, table_features = Encoder(tokenizer, "chat" if chat else kind, source, cfg.max_seq_len), features()
     workers = tokenize_workers(cfg.tokenize_workers, chat, len(records))

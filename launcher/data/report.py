@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from ..config import RunConfig
+from ..objective_config import RECORDS
 from .batches import GlobalBatches, Rows
 from .labels import IGNORE_INDEX
 from .loading import load_tokenizer
@@ -37,9 +38,10 @@ def row_efficiency(rows: Rows, micro_batch_size: int, seed: int) -> float:
     return real / padded if padded else 0.0
 
 
-def report(cfg: RunConfig, samples: int, pairs: bool = False) -> dict:
+def report(cfg: RunConfig, samples: int) -> dict:
     tokenizer = load_tokenizer(cfg.model)
-    train, held_out = load_tokenized(cfg.data, tokenizer, cfg.train.seed, pairs)
+    records = RECORDS[cfg.train.objective]
+    train, held_out = load_tokenized(cfg.data, tokenizer, cfg.train.seed, cfg.train.objective)
     rows = Rows(train, cfg.data.packing, cfg.data.max_seq_len)
     return {
         "sources": [
@@ -64,15 +66,20 @@ def report(cfg: RunConfig, samples: int, pairs: bool = False) -> dict:
         "rows": len(rows),
         "micro_batch_size": cfg.train.micro_batch_size,
         "row_efficiency": round(row_efficiency(rows, cfg.train.micro_batch_size, cfg.train.seed), 4),
-        "pairs": pairs,
-        "samples": [shown(train, i, tokenizer, pairs) for i in range(min(samples, len(train)))],
+        "pairs": records == "pairs",
+        "desirable": int(train.desirable.sum()) if records == "unpaired" else None,
+        "samples": [shown(train, i, tokenizer, records) for i in range(min(samples, len(train)))],
     }
 
 
-def shown(data, i: int, tokenizer, pairs: bool) -> dict:
-    """Sample i as `segments`: a pair's chosen and rejected sequences, else its one sequence."""
-    if pairs:
+def shown(data, i: int, tokenizer, records: str) -> dict:
+    """Sample i as `segments`: a pair's chosen and rejected sequences, a labelled completion's one sequence
+    under its label, else its one sequence."""
+    if records == "pairs":
         return {"chosen": segments(*data.sample(i), tokenizer), "rejected": segments(*data.rejected(i), tokenizer)}
+    if records == "unpaired":
+        label = "desirable" if data.desirable[i] else "undesirable"
+        return {label: segments(*data.sample(i), tokenizer)}
     return {"sequence": segments(*data.sample(i), tokenizer)}
 
 
@@ -95,15 +102,18 @@ def render(summary: dict) -> str:
         f"  rows: {layout} {summary['rows']:,} rows; micro batches of {summary['micro_batch_size']} are "
         f"{summary['row_efficiency']:.1%} real tokens",
     ]
+    if summary.get("desirable") is not None:
+        undesirable = summary["train_samples"] - summary["desirable"]
+        lines.append(f"  labels: {summary['desirable']:,} desirable, {undesirable:,} undesirable completions")
     what = "Pair" if summary["pairs"] else "Sample"
     for n, sample in enumerate(summary["samples"]):
         lines.append(f"\n{what} {n} (the loss ignores the parts in [[...]]):")
         for name, runs in sample.items():
             text = "".join(s["text"] if s["loss"] else f"[[{s['text']}]]" for s in runs)
-            lines.append(f"{name}: {text}" if summary["pairs"] else text)
+            lines.append(text if name == "sequence" else f"{name}: {text}")
     return "\n".join(lines)
 
 
-def run(cfg: RunConfig, samples: int, as_json: bool, pairs: bool = False) -> None:
-    summary = report(cfg, samples, pairs)
+def run(cfg: RunConfig, samples: int, as_json: bool) -> None:
+    summary = report(cfg, samples)
     print(json.dumps(summary, indent=2) if as_json else render(summary))

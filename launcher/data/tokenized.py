@@ -24,9 +24,10 @@ import numpy as np
 
 from ..config import DataConfig, DataSource
 from ..node_cache import exclusive, fresh_temporary, say
+from ..objective_config import RECORDS
 from .records import load_records, tokenize
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 """Raise when the tokenized table changes meaning: every cached entry is then tokenized again."""
 
 
@@ -46,6 +47,8 @@ class SourceData:
     cache_hit: bool
     lengths: np.ndarray = field(init=False)
     targets: np.ndarray = field(init=False)
+    desirable: np.ndarray = field(init=False)
+    """KTO's samples: whether each completion is desirable (all true for other data)."""
 
     def __post_init__(self):
         import pyarrow.compute as pc
@@ -57,6 +60,8 @@ class SourceData:
             if name in arrow.column_names
         )
         self.targets = arrow.column("targets").to_numpy().astype(np.int64)
+        has_label = "desirable" in arrow.column_names
+        self.desirable = arrow.column("desirable").to_numpy(zero_copy_only=False) if has_label else self.targets >= 0
 
 
 @dataclass
@@ -77,6 +82,10 @@ class TokenizedData:
     @property
     def targets(self) -> np.ndarray:
         return self._gather("targets")
+
+    @property
+    def desirable(self) -> np.ndarray:
+        return self._gather("desirable").astype(bool)
 
     def _gather(self, name: str) -> np.ndarray:
         out = np.zeros(len(self), dtype=np.int64)
@@ -120,7 +129,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
-def cache_key(source: DataSource, tokenizer_print: str, cfg: DataConfig, pairs: bool) -> str:
+def cache_key(source: DataSource, tokenizer_print: str, cfg: DataConfig, records: str) -> str:
     stat = Path(source.path).stat()
     what = {
         "format": CACHE_FORMAT,
@@ -129,36 +138,36 @@ def cache_key(source: DataSource, tokenizer_print: str, cfg: DataConfig, pairs: 
         "tokenizer": tokenizer_print,
         "chat_template": cfg.chat_template,
         "max_seq_len": cfg.max_seq_len,
-        "pairs": [pairs, cfg.max_prompt_len] if pairs else False,
+        "records": [records, cfg.max_prompt_len] if records != "sft" else records,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def tokenized_source(
-    source: DataSource, tokenizer, cfg: DataConfig, tokenizer_print: str, pairs: bool = False
+    source: DataSource, tokenizer, cfg: DataConfig, tokenizer_print: str, objective: str = "sft"
 ) -> SourceData:
     """The source's tokens: read from the cache, or tokenized into it by the first process to ask; tokenized
     in memory where the cache cannot be written (a full or read-only disk costs the next start, not this one)."""
     root = cache_root(cfg)
-    key = cache_key(source, tokenizer_print, cfg, pairs)
+    key = cache_key(source, tokenizer_print, cfg, RECORDS[objective])
     entry, hit = root / key, True
     try:
         root.mkdir(parents=True, exist_ok=True)
         if not entry.is_dir():
             with exclusive(root, key, f"waiting for another process tokenizing `{source.path}` into {entry}"):
                 if not entry.is_dir():
-                    build_entry(source, tokenizer, cfg, root, key, pairs)
+                    build_entry(source, tokenizer, cfg, root, key, objective)
                     hit = False
     except OSError as error:
         say(f"could not write the tokenized data into the cache {root} ({error}); tokenized in memory, not cached")
-        return tokenized_in_memory(source, tokenizer, cfg, pairs)
+        return tokenized_in_memory(source, tokenizer, cfg, objective)
     meta = json.loads((entry / "meta.json").read_text())
     if hit:
         say(f"`{source.path}`: {meta['kept']:,} samples read from the cache {entry}, not tokenized again")
     return open_entry(source, entry, meta, hit)
 
 
-def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key: str, pairs: bool) -> None:
+def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key: str, objective: str) -> None:
     """Tokenizes into `<key>.tmp-<pid>` and renames it to `<key>` once complete: an entry is whole or absent."""
     import datasets
 
@@ -168,7 +177,7 @@ def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key:
     if sys.stderr.isatty():  # tokenizing a large dataset takes minutes: show it (a bar in a log file is noise)
         datasets.enable_progress_bars()
     try:
-        table = tokenize(records, tokenizer, source, cfg, pairs, cache_file=str(partial / "data.arrow"))
+        table = tokenize(records, tokenizer, source, cfg, objective, cache_file=str(partial / "data.arrow"))
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -188,9 +197,9 @@ def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key:
     say(f"`{source.path}`: {meta['records']:,} records tokenized in {meta['tokenize_s']:.1f} s into {root / key}")
 
 
-def tokenized_in_memory(source: DataSource, tokenizer, cfg: DataConfig, pairs: bool) -> SourceData:
+def tokenized_in_memory(source: DataSource, tokenizer, cfg: DataConfig, objective: str) -> SourceData:
     records = load_records(source)
-    table = tokenize(records, tokenizer, source, cfg, pairs)
+    table = tokenize(records, tokenizer, source, cfg, objective)
     return SourceData(source, table, len(records), len(records) - len(table), truncated_count(table), "", False)
 
 
@@ -208,12 +217,12 @@ def open_entry(source: DataSource, entry: Path, meta: dict, hit: bool) -> Source
 
 
 def load_tokenized(
-    cfg: DataConfig, tokenizer, seed: int, pairs: bool = False
+    cfg: DataConfig, tokenizer, seed: int, objective: str = "sft"
 ) -> tuple[TokenizedData, TokenizedData | None]:
     """The training samples, mixed from every source by weight, and the eval samples (None without an
     eval split). Both are pure functions of the data, the tokenizer, the options and the seed."""
     fingerprint = tokenizer_fingerprint(tokenizer)
-    sources = [tokenized_source(s, tokenizer, cfg, fingerprint, pairs) for s in cfg.sources()]
+    sources = [tokenized_source(s, tokenizer, cfg, fingerprint, objective) for s in cfg.sources()]
     rng = np.random.default_rng(seed)
     train_parts, eval_parts = [], []
     for k, source in enumerate(sources):
@@ -223,7 +232,7 @@ def load_tokenized(
         train_parts.append((k, weighted(np.sort(rows[held:]), source.source.weight, rng)))
     train = combine(sources, train_parts)
     if cfg.eval_path:
-        eval_data = tokenized_source(cfg.eval_source(), tokenizer, cfg, fingerprint, pairs)
+        eval_data = tokenized_source(cfg.eval_source(), tokenizer, cfg, fingerprint, objective)
         return train, combine([eval_data], [(0, np.arange(len(eval_data.table)))])
     return train, combine(sources, eval_parts) if cfg.eval_fraction > 0 else None
 

@@ -108,7 +108,7 @@ def estimated_tokens_per_s(result: Budget) -> float:
     forward = 2 * result.model_params * tokens + 2 * c.num_hidden_layers * tokens * cfg.data.max_seq_len * c.hidden_size
     weights = sum(t.numel * t.itemsize for t in model.tensors)
     one_pass = max(forward / GPU_FLOPS, weights / HBM_BYTES_PER_S)
-    passes = (3 if cfg.train.gradient_checkpointing else 2) + (1 if objective.uses_reference else 0)
+    passes = (3 if cfg.train.gradient_checkpointing else 2) + objective.forwards_without_grad
     compute = passes * one_pass
     bandwidth = INTER_NODE_BYTES_PER_S if hardware.nodes > 1 else INTRA_NODE_BYTES_PER_S
     lora = sum(t.numel * t.itemsize for t in model.trainable)

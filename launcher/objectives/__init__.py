@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from ..objective_config import OBJECTIVES
 from .base import ModelCalls, Objective
+from .kto import KTO
 from .preference import DPO, ORPO
 from .sft import SFT
 
-REGISTRY: dict[str, type[Objective]] = {cls.name: cls for cls in (SFT, DPO, ORPO)}
+REGISTRY: dict[str, type[Objective]] = {cls.name: cls for cls in (SFT, DPO, ORPO, KTO)}
 assert tuple(REGISTRY) == OBJECTIVES, "objective_config.OBJECTIVES lists the registry's names"
 
 __all__ = ["ModelCalls", "Objective", "REGISTRY", "get", "sequences_per_sample"]

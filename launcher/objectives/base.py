@@ -11,6 +11,7 @@ from torch import nn
 from ..config import ConfigError, RunConfig
 from ..data.batches import Rows
 from ..data.labels import IGNORE_INDEX
+from ..objective_config import RECORDS
 
 
 @dataclass
@@ -45,8 +46,6 @@ class Objective:
     """What a run optimizes. Subclasses set the class attributes and implement the methods."""
 
     name: ClassVar[str]
-    pairs: ClassVar[bool] = False
-    """Trains on preference pairs (data/pairs.py), not on SFT records."""
     sequences_per_sample: ClassVar[int] = 1
     """Sequences a sample makes in a micro batch (the budget's and the loss chunks' batch)."""
 
@@ -54,24 +53,45 @@ class Objective:
         self.cfg = cfg
 
     @property
+    def records(self) -> str:
+        """What it trains on: sft, pairs or unpaired (objective_config.RECORDS)."""
+        return RECORDS[self.name]
+
+    @property
     def uses_reference(self) -> bool:
         """Runs a reference forward (no gradient) beside each training forward."""
         return False
 
+    @property
+    def forwards_without_grad(self) -> int:
+        """Forwards without gradient per micro batch (the reference's, the KL term's), each over as many
+        sequences as the training forward: the planner counts their time."""
+        return 0
+
     def check(self) -> None:
         """Refuses, before launch, what this objective cannot train with (ConfigError)."""
-        if self.pairs and self.cfg.data.packing:
+        if self.records != "sft" and self.cfg.data.packing:
             raise ConfigError(
-                f"train.objective `{self.name}` trains on pairs, which are not packed: set data.packing false."
+                f"train.objective `{self.name}` sums each completion's log-probability, and its sequences are not "
+                "packed: set data.packing false."
             )
-        if self.pairs and self.cfg.train.sequence_parallel > 1:
+        if self.records != "sft" and self.cfg.train.sequence_parallel > 1:
             raise ConfigError(
-                f"train.objective `{self.name}` does not split sequences across ranks yet (each pair's log-probabilities "
-                "are summed over its whole sequences): set train.sequence_parallel 1."
+                f"train.objective `{self.name}` does not split sequences across ranks yet (each completion's "
+                "log-probability is summed over its whole sequence): set train.sequence_parallel 1."
             )
 
     def prepare(self, calls: ModelCalls, accelerator, splits: list[Rows], pad_id: int, groups) -> None:
         """What the objective computes once, after sharding and before the first step (every rank calls it)."""
+
+    def begin(self, calls: ModelCalls, accelerator, rows: Rows, batches: list[list[int]], pad_id: int) -> None:
+        """What a step (or an evaluation) computes before its micro batches, from this rank's: `batches` holds
+        one list of samples per forward (every rank runs as many forwards; an empty list counts nothing)."""
+
+    def reference_batch(self, rows: Rows, samples: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+        """The sequences whose reference log-probabilities are precomputed for these samples: two per sample, in
+        two halves (objectives/reference.py)."""
+        raise NotImplementedError
 
     def totals(self, rows: Rows, samples) -> dict[str, float]:
         """What the loss of these samples is normalized by (summed over them), e.g. target tokens or pairs."""

@@ -42,7 +42,6 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 class PairObjective(Objective):
-    pairs = True
     sequences_per_sample = 2
 
     def totals(self, rows, samples) -> dict[str, float]:
@@ -54,6 +53,9 @@ class PairObjective(Objective):
         built = [sequence(*data.sample(s)) for s in samples] + [sequence(*data.rejected(s)) for s in samples]
         batch = padded(built, pad_id)
         return {key: batch[key] for key in ("input_ids", "labels", "attention_mask")}
+
+    def reference_batch(self, rows, samples, pad_id):
+        return PairObjective.collate(self, rows, samples, pad_id)
 
     def metrics(self, sums, totals):
         return {name: sums[name] / totals["pairs"] for name in PAIR_METRICS if name in sums}
@@ -82,8 +84,17 @@ class DPO(PairObjective):
         self.tables: dict[int, torch.Tensor] = {}
         """id(rows) -> the precomputed reference of each pair of those rows (dpo.precompute_reference)."""
 
+    @property
+    def precomputes(self) -> bool:
+        """The reference is precomputed: asked for, or the adapter continued (its starting point is the reference)."""
+        return self.uses_reference and (self.cfg.dpo.precompute_reference or bool(self.cfg.lora.init_from))
+
+    @property
+    def forwards_without_grad(self) -> int:
+        return int(self.uses_reference and not self.precomputes)
+
     def prepare(self, calls, accelerator, splits, pad_id, groups):
-        if self.uses_reference and (self.cfg.dpo.precompute_reference or self.cfg.lora.init_from):
+        if self.precomputes:
             for rows in splits:
                 self.tables[id(rows)] = reference_table(self.cfg, self, calls, accelerator, rows, pad_id, groups)
 

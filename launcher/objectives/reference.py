@@ -1,11 +1,12 @@
-"""DPO's reference log-probabilities computed once, before the first step (`dpo.precompute_reference`, and
-always when training continues an adapter, `lora.init_from`).
+"""The reference log-probabilities of DPO and KTO computed once, before the first step
+(`dpo.precompute_reference`, `kto.precompute_reference`, and always when training continues an adapter,
+`lora.init_from`).
 
 The reference is the model as training starts: the base with the adapter switched off, or with the adapter
 it continues (SFT, then DPO from the SFT adapter: no second adapter, no second model). It is computed before a
 resumed run loads its checkpoint, so a resume computes the same table. One pass without gradient, in eval
-mode (no dropout), over every pair of the training (and eval) split: each
-data-parallel rank takes every `world`-th pair, all ranks run the same number of forwards (a sharded forward is
+mode (no dropout), over every sample of the training (and eval) split, two sequences each (a pair's chosen and
+rejected; KTO's completion and its mismatched one): each data-parallel rank takes every `world`-th sample, all ranks run the same number of forwards (a sharded forward is
 a collective), and one all-reduce gives every rank the whole table. Training then runs no reference forward. The
 table is kept on each node beside the data cache (`data.cache_dir`), keyed by the model's files and the
 tokenized data, so a requeued or resumed job reads it instead of computing it again; every rank must find it
@@ -38,6 +39,7 @@ def table_key(cfg, rows: Rows) -> str:
     """What decides the reference's values: the base model's files, the adapter continued, and the tokenized
     pairs (their cache entries already key the data, the tokenizer and the options)."""
     what = {
+        "objective": cfg.train.objective,
         "model": files_of(cfg.model.path),
         "adapter": files_of(cfg.lora.init_from) if cfg.lora.init_from else None,
         "data": [s.cache_dir or s.source.path for s in rows.data.sources],
@@ -48,12 +50,12 @@ def table_key(cfg, rows: Rows) -> str:
 
 
 def reference_table(cfg, objective, calls: ModelCalls, accelerator, rows: Rows, pad_id: int, groups) -> torch.Tensor:
-    """(pairs, 2): each pair's chosen and rejected log-probability under the reference, read from the node's
-    cache or computed (and cached) here."""
+    """(samples, 2): the reference log-probabilities of each sample's two sequences (objective.reference_batch),
+    read from the node's cache or computed (and cached) here."""
     path = cache_root(cfg.data) / f"reference-{table_key(cfg, rows)}.pt"
     have = torch.tensor(1.0 if path.is_file() else 0.0, device=accelerator.device)
     if accelerator.reduce(have, "sum").item() == accelerator.num_processes:
-        say(f"DPO's reference log-probabilities of {len(rows):,} pairs read from {path}")
+        say(f"the reference log-probabilities of {len(rows):,} samples read from {path}")
         return torch.load(path, map_location="cpu", weights_only=True)
     adapter_on = bool(cfg.lora.init_from)
     table = compute(objective, calls, accelerator, rows, cfg.train.micro_batch_size, pad_id, groups, adapter_on)
@@ -63,9 +65,9 @@ def reference_table(cfg, objective, calls: ModelCalls, accelerator, rows: Rows, 
             partial = path.with_name(f"{path.name}.tmp-{os.getpid()}")
             torch.save(table, partial)
             os.replace(partial, path)  # whole or absent
-            say(f"DPO's reference log-probabilities of {len(rows):,} pairs computed and kept in {path}")
+            say(f"the reference log-probabilities of {len(rows):,} samples computed and kept in {path}")
         except OSError as error:
-            say(f"could not keep DPO's reference log-probabilities in {path} ({error}); a restart computes them again")
+            say(f"could not keep the reference log-probabilities in {path} ({error}); a restart computes them again")
     return table
 
 
@@ -80,7 +82,8 @@ def compute(
     with torch.no_grad():
         for n in range(forwards):
             chunk = mine[n * micro : (n + 1) * micro]
-            batch = {k: v.to(accelerator.device) for k, v in objective.collate(rows, chunk or [0], pad_id).items()}
+            sequences = objective.reference_batch(rows, chunk or [0], pad_id)
+            batch = {k: v.to(accelerator.device) for k, v in sequences.items()}
             logps = calls.sequence_logps(batch) if adapter_on else calls.reference_logps(batch)
             if chunk:
                 table[chunk, 0], table[chunk, 1] = logps.float().chunk(2)

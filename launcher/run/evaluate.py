@@ -33,10 +33,11 @@ def evaluate(
     forwards = math.ceil(math.ceil(len(rows) / world) / micro_batch_size)
     totals = objective.totals(rows, range(len(rows)))
     loss_sum, sums = torch.zeros((), device=accelerator.device), {}
+    chunks = [mine[n * micro_batch_size : (n + 1) * micro_batch_size] for n in range(forwards)]
     calls.model.eval()
     with torch.no_grad():
-        for n in range(forwards):
-            chunk = mine[n * micro_batch_size : (n + 1) * micro_batch_size]
+        objective.begin(calls, accelerator, rows, chunks, pad_id)
+        for chunk in chunks:
             rows_batch = {k: v.to(accelerator.device) for k, v in objective.collate(rows, chunk or [0], pad_id).items()}
             with groups.splitting(rows_batch, pad_id) as batch:
                 loss, forward_sums = objective.loss(calls, batch, totals)

@@ -14,7 +14,8 @@ matters for a sharded QLoRA run:
   * the adapter reloads in one process with the sharded model's logits, and it matters;
   * every rank's shard is rank 0's bytes, packed 4-bit data and quantization constants included;
   * tied embeddings are one parameter and one storage before and after sharding;
-  * checkpointing is non-reentrant (each layer runs twice per micro step, three times with DPO's reference);
+  * checkpointing is non-reentrant (each layer runs twice per micro step; three times with DPO's reference, five
+    with KTO's reference and KL term);
   * the memory budget: static components to the byte, activations within 10%, on every rank.
 Each cell records what is 4-bit and what is adapted; test_readme_table.py renders the README's table
 from these records. `-m matrix_smoke` runs one cell per family (each strategy twice).

@@ -45,7 +45,8 @@ class Family:
     pairs: bool = False
     """Its data is preference pairs (support/pairs.py), for a preference objective in `run_args`."""
     layer_forwards: int = 2
-    """Forwards of each decoder layer per micro step: forward and recomputation (and DPO's reference forward)."""
+    """Forwards of each decoder layer per micro step: forward and recomputation (and DPO's reference forward; KTO's
+    reference forward and its two forwards of the KL term)."""
 
 
 def _common(tokens: dict, **extra) -> dict:
@@ -294,6 +295,15 @@ FAMILIES = [
         moe=True,
         run_args=("--train.objective", "orpo"),
         pairs=True,
+    ),
+    Family(
+        "qwen2-kto",
+        "KTO on pairs split into labelled completions; the KL term from mismatched ones, before each step",
+        _qwen2,
+        tied=True,
+        run_args=("--train.objective", "kto", "--kto.beta", "0.5"),
+        pairs=True,
+        layer_forwards=5,
     ),
     Family("gpt-neox", "a plain (non-gated) MLP, LayerNorm, parallel residual, partial rotary", _gpt_neox),
     Family("exaone4", "norms after the attention and the MLP, sliding and full layers", _exaone4),

@@ -48,3 +48,15 @@ def write_pairs(
                     record = {"chosen": user + answers[0], "rejected": user + answers[1]}
             f.write(json.dumps(record) + "\n")
     return Path(path)
+
+
+def write_unpaired(path: Path, records: int = 64, seed: int = 0, prompt_words: int = 6, answer_words: int = 4) -> Path:
+    """KTO's records: each pair's chosen completion labelled true or its rejected one labelled false, at random."""
+    rng = random.Random(seed)
+    with Path(path).open("w") as f:
+        for _ in range(records):
+            prompt, chosen, rejected = pair(rng, prompt_words, answer_words)
+            desirable = rng.random() < 0.5
+            record = {"prompt": prompt, "completion": chosen if desirable else rejected, "label": desirable}
+            f.write(json.dumps(record) + "\n")
+    return Path(path)

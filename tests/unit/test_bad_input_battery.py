@@ -117,11 +117,33 @@ CASES = [
     ),
     Case("eval-fraction", TRAIN + " --data.eval_fraction 1.5", r"`data.eval_fraction` must be in \[0, 1\)"),
     # Preference training
-    Case("pairs-under-sft", TRAIN + " --data.path {pairs}", r"holds preference pairs .* Set `train.objective` to dpo"),
     Case(
-        "sft-data-under-dpo", TRAIN + " --train.objective dpo", r"holds text records, which train.objective `dpo/orpo`"
+        "pairs-under-sft",
+        TRAIN + " --data.path {pairs}",
+        r"holds preference pairs .* Set `train.objective` to dpo, orpo or kto",
     ),
-    Case("objective-unknown", TRAIN + " --train.objective ppo", r"`train.objective` is `ppo`; use sft, dpo or orpo"),
+    Case("sft-data-under-dpo", TRAIN + " --train.objective dpo", r"holds text records, which train.objective `dpo`"),
+    Case(
+        "labelled-under-sft",
+        TRAIN + " --data.path {labelled}",
+        r"holds completions labelled desirable or not .* Set `train.objective` to kto",
+    ),
+    Case("labelled-under-orpo", TRAIN + " --train.objective orpo --data.path {labelled}", r"train.objective `orpo`"),
+    Case(
+        "label-not-boolean",
+        TRAIN + " --train.objective kto --data.path {bad_label}",
+        r"record 1: `label` is 'yes'; KTO takes true .* or false",
+    ),
+    Case(
+        "kto-weight-zero",
+        TRAIN + " --train.objective kto --kto.undesirable_weight 0",
+        r"must be positive, got 1.0 and 0",
+    ),
+    Case(
+        "objective-unknown",
+        TRAIN + " --train.objective ppo",
+        r"`train.objective` is `ppo`; use one of sft, dpo, orpo or kto",
+    ),
     Case(
         "dpo-loss-unknown",
         TRAIN + " --dpo.loss_type kto",
@@ -171,6 +193,11 @@ CASES = [
     ),
     # Other commands
     Case("data-cmd-missing-file", "data --config {run} --data.path {root}/nope.jsonl", r"Dataset .* does not exist"),
+    Case(
+        "data-cmd-model-missing",
+        "data --config {run} --model.path {root}/nope",
+        r"Cannot read a tokenizer from `.*nope`",
+    ),
     Case("budget-model-missing", "budget --model {root}/nope", r"Model `.*nope` not found"),
     Case("budget-world-zero", "budget --model {base} --world-size 0", r"World size 0 .* not a whole number"),
     Case(
@@ -248,6 +275,13 @@ def world(demo_assets, tmp_path_factory) -> dict[str, str]:
     write("pairs", "pairs.jsonl", (json.dumps(pair) + "\n").encode() * 8)
     write("empty_pair", "empty-pair.jsonl", (json.dumps(pair) + "\n" + json.dumps({**pair, "rejected": ""})).encode())
     write("long_prompt", "long-prompt.jsonl", json.dumps({**pair, "prompt": " ".join(["t1"] * 200)}).encode())
+    labelled = {"prompt": "t1 t8", "completion": " t15", "label": True}
+    write("labelled", "labelled.jsonl", (json.dumps(labelled) + "\n").encode() * 8)
+    write(
+        "bad_label",
+        "bad-label.jsonl",
+        (json.dumps(labelled) + "\n" + json.dumps({**labelled, "label": "yes"})).encode(),
+    )
     files["no_weights"] = shutil.copytree(demo_assets / "base", root / "no-weights")
     (files["no_weights"] / "model.safetensors").unlink()
     files["truncated"] = shutil.copytree(demo_assets / "base", root / "truncated")

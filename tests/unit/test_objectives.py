@@ -3,8 +3,9 @@
 The same LoRA model twice (one family with tied embeddings, one MoE): ours computes each sequence's log-probability
 through the chunked loss and the DPO reference with the adapter switched off; TRL's runs its fused LM head and its
 trainers' loss code (DPOTrainer._compute_loss for sigmoid, ipo and hinge; CPOTrainer.cpo_loss for simpo;
-ORPOTrainer's log-probabilities and odds_ratio_loss for ORPO) on the same batch. Losses, TRL's metrics and the
-adapter's gradients must agree. Then the pair data: TRL's three record forms, prompt truncation, refusals.
+ORPOTrainer's log-probabilities and odds_ratio_loss for ORPO; KTOTrainer._compute_loss for KTO) on the same batch.
+Losses, TRL's metrics and the adapter's gradients must agree. Then the data: TRL's three pair forms, prompt
+truncation, KTO's labelled completions, refusals.
 """
 
 from collections import defaultdict
@@ -18,10 +19,10 @@ from launcher.config import ConfigError, DataConfig, RunConfig, TrainConfig
 from launcher.data.batches import Rows
 from launcher.data.tokenized import load_tokenized
 from launcher.model.loss import install_loss
-from launcher.objective_config import DPOConfig, ORPOConfig
+from launcher.objective_config import DPOConfig, KTOConfig, ORPOConfig
 from launcher.objectives import ModelCalls, get
 from support.families import TURNS_TEMPLATE
-from support.pairs import write_pairs
+from support.pairs import write_pairs, write_unpaired
 
 FAMILIES = ["llama-tied", "qwen3-moe"]
 MAX_SEQ_LEN = 48
@@ -42,6 +43,10 @@ class OneProcess:
         return tensor
 
     gather_for_metrics = gather
+
+    @staticmethod
+    def reduce(tensor, op):
+        return tensor
 
 
 def lora_model(base, fused: bool):
@@ -74,9 +79,13 @@ def setup(request, family_assets, tmp_path_factory):
     theirs.load_state_dict(ours.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(base)
     data_cfg = DataConfig(path=str(write_pairs(root / "pairs.jsonl", 8)), max_seq_len=MAX_SEQ_LEN, cache_dir=str(root))
-    data, _ = load_tokenized(data_cfg, tokenizer, 0, pairs=True)
+    data, _ = load_tokenized(data_cfg, tokenizer, 0, "dpo")
     rows = Rows(data, False, MAX_SEQ_LEN)
-    return ours, theirs, rows, tokenizer.pad_token_id
+    unpaired_cfg = DataConfig(
+        path=str(write_unpaired(root / "unpaired.jsonl", 8)), max_seq_len=MAX_SEQ_LEN, cache_dir=str(root)
+    )
+    unpaired = Rows(load_tokenized(unpaired_cfg, tokenizer, 0, "kto")[0], False, MAX_SEQ_LEN)
+    return SimpleNamespace(ours=ours, theirs=theirs, rows=rows, unpaired=unpaired, pad_id=tokenizer.pad_token_id)
 
 
 def ours_loss(model, rows, pad_id, objective: str, backward: bool = True, **options):
@@ -84,8 +93,10 @@ def ours_loss(model, rows, pad_id, objective: str, backward: bool = True, **opti
         train=TrainConfig(objective=objective),
         dpo=DPOConfig(**options) if objective == "dpo" else DPOConfig(),
         orpo=ORPOConfig(**options) if objective == "orpo" else ORPOConfig(),
+        kto=KTOConfig(**options) if objective == "kto" else KTOConfig(),
     )
     chosen = get(cfg)
+    chosen.begin(ModelCalls(model, model), OneProcess(), rows, [SAMPLES], pad_id)
     batch = chosen.collate(rows, SAMPLES, pad_id)
     totals = chosen.totals(rows, SAMPLES)
     model.zero_grad()
@@ -93,6 +104,25 @@ def ours_loss(model, rows, pad_id, objective: str, backward: bool = True, **opti
     if backward:
         loss.backward()
     return loss.item(), chosen.metrics({k: v.item() for k, v in sums.items()}, totals), gradients(model), batch
+
+
+def ours_kto(model, rows, pad_id, **options):
+    """Ours on KTO's samples, and the batch TRL's collator would make of them: each sample's completion and its
+    mismatched one (the same ones ours pairs it with)."""
+    loss, metrics, grads, batch = ours_loss(model, rows, pad_id, "kto", **options)
+    objective = get(RunConfig(train=TrainConfig(objective="kto")))
+    kl = objective.reference_batch(rows, SAMPLES, pad_id)
+    half = len(SAMPLES)
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "completion_mask": (batch["labels"] != -100).long(),
+        "KL_input_ids": kl["input_ids"][half:],
+        "KL_attention_mask": kl["attention_mask"][half:],
+        "KL_completion_mask": (kl["labels"][half:] != -100).long(),
+        "label": torch.as_tensor(rows.data.desirable[SAMPLES]),
+    }
+    return loss, metrics, grads, inputs
 
 
 def gradients(model) -> dict[str, torch.Tensor]:
@@ -137,6 +167,32 @@ def trl_dpo_loss(model, batch, loss_type: str, beta: float):
     return loss.item(), {k: v[-1] for k, v in trainer._metrics["train"].items()}, gradients(model)
 
 
+def trl_kto_loss(model, inputs, beta: float, desirable_weight: float, undesirable_weight: float):
+    from trl import KTOTrainer
+
+    trainer = SimpleNamespace(
+        model=model,
+        ref_model=None,
+        accelerator=OneProcess(),
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None),
+        aux_loss_enabled=False,
+        precompute_ref_logps=False,
+        calculate_KL=True,
+        loss_type="kto",
+        beta=beta,
+        desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    trainer._compute_kl_logps = lambda model, batch: KTOTrainer._compute_kl_logps(trainer, model, batch)
+    model.zero_grad()
+    loss = KTOTrainer._compute_loss(trainer, model, inputs, False)
+    loss.backward()
+    return loss.item(), {k: v[-1] for k, v in trainer._metrics["train"].items()}, gradients(model)
+
+
 def trl_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sequence's summed log-probability of its completion, from TRL's fused LM head, and its token count."""
     outputs = model(
@@ -147,7 +203,7 @@ def trl_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
 def test_dpo_equals_trl(setup, loss_type):
-    ours, theirs, rows, pad_id = setup
+    ours, theirs, rows, pad_id = setup.ours, setup.theirs, setup.rows, setup.pad_id
     loss, metrics, grads, batch = ours_loss(ours, rows, pad_id, "dpo", loss_type=loss_type, beta=0.5)
     their_loss, their_metrics, their_grads = trl_dpo_loss(theirs, batch, loss_type, 0.5)
     assert loss == pytest.approx(their_loss, rel=1e-4, abs=1e-6)
@@ -161,7 +217,7 @@ def test_dpo_equals_trl(setup, loss_type):
 def test_simpo_equals_trl_cpo_simpo(setup, label_smoothing):
     from trl.experimental.cpo import CPOTrainer
 
-    ours, theirs, rows, pad_id = setup
+    ours, theirs, rows, pad_id = setup.ours, setup.theirs, setup.rows, setup.pad_id
     options = dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5, label_smoothing=label_smoothing)
     loss, metrics, grads, batch = ours_loss(ours, rows, pad_id, "dpo", **options)
     trainer = SimpleNamespace(
@@ -187,7 +243,7 @@ def test_simpo_equals_trl_cpo_simpo(setup, label_smoothing):
 def test_orpo_equals_trl(setup):
     from trl.experimental.orpo import ORPOTrainer
 
-    ours, theirs, rows, pad_id = setup
+    ours, theirs, rows, pad_id = setup.ours, setup.theirs, setup.rows, setup.pad_id
     loss, metrics, grads, batch = ours_loss(ours, rows, pad_id, "orpo", beta=0.2)
     theirs.zero_grad()
     logits = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -211,11 +267,46 @@ def test_orpo_equals_trl(setup):
 def test_the_reference_is_the_base_with_the_adapter_off(setup):
     """Where the adapter is off, DPO's reference equals the policy: the log ratios, rewards and margins are 0 and
     the sigmoid loss is log 2."""
-    ours, _, rows, pad_id = setup
+    ours, rows, pad_id = setup.ours, setup.rows, setup.pad_id
     with ours.disable_adapter():
         loss, metrics, _, _ = ours_loss(ours, rows, pad_id, "dpo", backward=False, loss_type="sigmoid")
     assert loss == pytest.approx(0.6931472, rel=1e-5)
     assert metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.fixture
+def kto_setup(setup):
+    """The adapter trained a few steps toward KTO's completions, so that the policy gives every completion more
+    than the reference does and the KL term is positive (a random adapter's is clamped to 0); restored after."""
+    before = {name: p.detach().clone() for name, p in setup.ours.named_parameters() if p.requires_grad}
+    calls = ModelCalls(setup.ours, setup.ours)
+    batch = get(RunConfig(train=TrainConfig(objective="kto"))).reference_batch(setup.unpaired, SAMPLES, setup.pad_id)
+    optimizer = torch.optim.Adam([p for p in setup.ours.parameters() if p.requires_grad], lr=0.01)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (-calls.sequence_logps(batch).sum()).backward()
+        optimizer.step()
+    setup.theirs.load_state_dict(setup.ours.state_dict())
+    yield setup
+    with torch.no_grad():
+        for name, p in setup.ours.named_parameters():
+            if name in before:
+                p.copy_(before[name])
+    setup.theirs.load_state_dict(setup.ours.state_dict())
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 1.5)])
+def test_kto_equals_trl(kto_setup, weights):
+    setup = kto_setup
+    options = dict(beta=0.5, desirable_weight=weights[0], undesirable_weight=weights[1])
+    loss, metrics, grads, inputs = ours_kto(setup.ours, setup.unpaired, setup.pad_id, **options)
+    their_loss, their_metrics, their_grads = trl_kto_loss(setup.theirs, inputs, **options)
+    assert 0 < int(inputs["label"].sum()) < len(SAMPLES), "both kinds of completion in the batch"
+    assert metrics["kl"] > 1e-4, "the KL term is not clamped away: the comparison covers it"
+    assert loss == pytest.approx(their_loss, rel=1e-4, abs=1e-6)
+    for name, value in metrics.items():
+        assert value == pytest.approx(their_metrics[name], rel=1e-4, abs=1e-5), name
+    assert_same(grads, their_grads, rtol=1e-3, atol=1e-6)
 
 
 # --- Pair data --------------------------------------------------------------------------------------------------
@@ -228,7 +319,7 @@ def tokenized_pairs(tmp_path, family_assets, form: str, **data):
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = write_pairs(tmp_path / f"{form}.jsonl", 4, form=form)
     options = dict(max_seq_len=MAX_SEQ_LEN, cache_dir=str(tmp_path / "cache"), chat_template=TURNS_TEMPLATE, **data)
-    data, _ = load_tokenized(DataConfig(path=str(path), **options), tokenizer, 0, pairs=True)
+    data, _ = load_tokenized(DataConfig(path=str(path), **options), tokenizer, 0, "dpo")
     return data, tokenizer
 
 
@@ -274,6 +365,70 @@ def test_a_bad_pair_is_refused_naming_its_record(tmp_path, family_assets, record
     tokenizer = AutoTokenizer.from_pretrained(family_assets("llama") / "base")
     with pytest.raises(ConfigError, match=message) as error:
         load_tokenized(
-            DataConfig(path=str(path), max_seq_len=MAX_SEQ_LEN, cache_dir=str(tmp_path)), tokenizer, 0, pairs=True
+            DataConfig(path=str(path), max_seq_len=MAX_SEQ_LEN, cache_dir=str(tmp_path)), tokenizer, 0, "dpo"
         )
     assert "record 1" in str(error.value)
+
+
+# --- KTO's data ---------------------------------------------------------------------------------------------------
+
+
+def tokenized_for_kto(tmp_path, family_assets, lines: list[dict]):
+    import json
+
+    from transformers import AutoTokenizer
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    tokenizer = AutoTokenizer.from_pretrained(family_assets("llama") / "base")
+    config = DataConfig(path=str(path), max_seq_len=MAX_SEQ_LEN, cache_dir=str(tmp_path / "cache"))
+    return load_tokenized(config, tokenizer, 0, "kto")[0], tokenizer
+
+
+def completion_text(data, i: int, tokenizer) -> str:
+    ids, labels = data.sample(i)
+    return tokenizer.decode(
+        [t for t, label in zip(ids, labels, strict=True) if label != -100], skip_special_tokens=True
+    )
+
+
+def test_kto_takes_labelled_completions_and_splits_pairs(tmp_path, family_assets):
+    unpaired = [
+        {"prompt": "t1 t8", "completion": " t3 t5", "label": True},
+        {"prompt": "t2 t9", "completion": " t200", "label": False},
+    ]
+    data, tokenizer = tokenized_for_kto(tmp_path / "unpaired", family_assets, unpaired)
+    assert data.desirable.tolist() == [True, False]
+    assert completion_text(data, 0, tokenizer).split()[:2] == ["t3", "t5"]
+    pairs, tokenizer = tokenized_for_kto(
+        tmp_path / "pairs", family_assets, [{"prompt": "t1", "chosen": " t8", "rejected": " t210"}]
+    )
+    assert pairs.desirable.tolist() == [True, False], "a pair is its chosen completion, desirable, and its rejected one"
+    assert [completion_text(pairs, i, tokenizer).split()[0] for i in range(2)] == ["t8", "t210"]
+
+
+@pytest.mark.parametrize("label", ["yes", 1, None])
+def test_a_label_that_is_not_true_or_false_is_refused_naming_its_record(tmp_path, family_assets, label):
+    lines = [
+        {"prompt": "t1", "completion": " t8", "label": True},
+        {"prompt": "t1", "completion": " t3", "label": label},
+    ]
+    with pytest.raises(ConfigError, match="record 1: `label` is .*KTO takes true") as error:
+        tokenized_for_kto(tmp_path, family_assets, lines)
+    assert repr(label) in str(error.value)
+
+
+def test_kto_s_mismatched_completions_pair_each_prompt_with_another_sample_s(tmp_path, family_assets):
+    lines = [{"prompt": f"t{10 * k}", "completion": f" t{10 * k + 1}", "label": k % 2 == 0} for k in range(6)]
+    data, tokenizer = tokenized_for_kto(tmp_path, family_assets, lines)
+    objective = get(RunConfig(train=TrainConfig(objective="kto")))
+    rows = Rows(data, False, MAX_SEQ_LEN)
+    samples = list(range(len(rows)))
+    partners = objective.partner_of(rows, samples)
+    assert sorted(partners) == samples and all(p != s for p, s in zip(partners, samples, strict=True))
+    built = objective.mismatched(rows, samples)
+    for sample, partner, (ids, labels, _) in zip(samples, partners, built, strict=True):
+        prompt = tokenizer.decode(ids[labels == -100], skip_special_tokens=True).split()
+        completion = tokenizer.decode(ids[labels != -100], skip_special_tokens=True).split()
+        assert prompt[-1] == f"t{10 * sample}" and completion[0] == f"t{10 * partner + 1}"
