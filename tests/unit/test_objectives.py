@@ -432,3 +432,28 @@ def test_kto_s_mismatched_completions_pair_each_prompt_with_another_sample_s(tmp
         prompt = tokenizer.decode(ids[labels == -100], skip_special_tokens=True).split()
         completion = tokenizer.decode(ids[labels != -100], skip_special_tokens=True).split()
         assert prompt[-1] == f"t{10 * sample}" and completion[0] == f"t{10 * partner + 1}"
+
+
+def test_a_precomputed_reference_is_not_reused_for_a_changed_model_adapter_or_objective(setup, tmp_path):
+    """The table is keyed by what decides its values: another model's files, another adapter continued or another
+    objective read another table (computed again), never a stale one."""
+    import dataclasses
+    import os
+    import shutil
+
+    from launcher.config import LoraConfig, ModelConfig
+    from launcher.objectives.reference import table_key
+
+    model = tmp_path / "model"
+    shutil.copytree(setup.ours.get_base_model().config.name_or_path, model)
+    adapter = tmp_path / "adapter"
+    setup.ours.save_pretrained(adapter)
+    base = RunConfig(model=ModelConfig(path=str(model)), train=TrainConfig(objective="dpo"))
+    key = table_key(base, setup.rows)
+    assert table_key(base, setup.rows) == key
+    weights = next(model.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten
+    changed = table_key(base, setup.rows)
+    continued = table_key(dataclasses.replace(base, lora=LoraConfig(init_from=str(adapter))), setup.rows)
+    kto = table_key(dataclasses.replace(base, train=TrainConfig(objective="kto")), setup.rows)
+    assert len({key, changed, continued, kto}) == 4
