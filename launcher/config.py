@@ -18,10 +18,11 @@ from typing import Any, Literal
 
 import yaml
 
+from .adapter_config import LoraConfig
 from .objective_config import DPOConfig, KTOConfig, Objective, ORPOConfig
 from .typed_yaml import ConfigError, build, parse_overrides, set_dotted, spoken_choices, yaml_problem
 
-__all__ = ["ConfigError", "RunConfig", "dump_config", "describe_keys", "load_config", "parse_overrides"]
+__all__ = ["ConfigError", "LoraConfig", "RunConfig", "dump_config", "describe_keys", "load_config", "parse_overrides"]
 
 StrategyName = Literal["fsdp2", "fsdp1", "zero2", "zero3", "ddp"]
 Dtype = Literal["bfloat16", "float16", "float32"]
@@ -64,28 +65,6 @@ class QuantConfig:
     experts: Literal["4bit", "16bit"] = "4bit"
     """MoE expert weights (fused 3D parameters): 4bit (quantized like the linears, with the same type and double
     quantization) or 16bit (kept in the compute dtype, as before)."""
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] | str = "all-linear"
-    """Module names (or all-linear: every nn.Linear but the output layer). MoE experts are not modules."""
-    target_parameters: list[str] = field(default_factory=list)
-    """Parameters to adapt directly, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj] for fused MoE
-    experts (peft's target_parameters). peft has no dropout there: lora.dropout then applies to the modules only."""
-    init_from: str = ""
-    """A PEFT LoRA adapter directory to continue training (its r, alpha and targets replace these); with DPO its
-    weights are the reference too (SFT, then DPO from the SFT adapter)."""
-
-    def rules(self, at: str) -> list[Rule]:
-        return [
-            (self.r > 0, f"`{at}r` must be a positive integer, got {self.r}."),
-            (self.alpha > 0, f"`{at}alpha` must be positive, got {self.alpha}."),
-            (0 <= self.dropout < 1, f"`{at}dropout` must be in [0, 1), got {self.dropout}."),
-        ]
 
 
 @dataclass(frozen=True)
@@ -188,6 +167,9 @@ class TrainConfig:
     """Eval loss every N optimizer steps (and at the end) when the data has an eval split; 0: at the end only."""
     log_interval: int = 1
     weight_decay: float = 0.0
+    loraplus_lr_ratio: float = 0.0
+    """LoRA+: the adapters' B matrices learn at lr x this ratio (16 in its paper), in an optimizer group of their
+    own that every strategy keeps; 0: one learning rate for all."""
     max_grad_norm: float = 1.0
     """0 disables clipping."""
     gradient_checkpointing: bool = True
@@ -221,6 +203,10 @@ class TrainConfig:
         return [
             (getattr(self, k) > 0, f"`{at}{k}` must be a positive integer, got {getattr(self, k)}.") for k in positive
         ] + [
+            (
+                self.loraplus_lr_ratio >= 0,
+                f"`{at}loraplus_lr_ratio` must be 0 (off) or positive, got {self.loraplus_lr_ratio}.",
+            ),
             (
                 self.global_batch_size >= 0,
                 f"`{at}global_batch_size` must be 0 (micro batch x accumulation x ranks) or positive, got "

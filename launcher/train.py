@@ -37,6 +37,7 @@ from .run.packed_check import PackedWeightCheck
 from .run.preemption import StopSignal
 from .run.sequence_parallel import SequenceGroups, local_tokens
 from .run.summary import RunSummary, print_summary, rank_report
+from .strategies.param_groups import parameter_groups
 
 CHECK_TOKENS = 32
 
@@ -180,7 +181,7 @@ def setup(user_cfg: RunConfig, stop: StopSignal) -> Training:
 
     # Shard: every rank ends with its own shard of the source rank's weights.
     def make_optimizer(m):
-        return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(parameter_groups(m, t.lr, t.loraplus_lr_ratio), lr=t.lr, weight_decay=t.weight_decay)
 
     adapter_total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     components = parameter_components(model)

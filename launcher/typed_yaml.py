@@ -35,6 +35,9 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(arg) for arg in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict:
+        key, value = typing.get_args(tp)
+        return f"a mapping of {_type_name(key)} to {_type_name(value)}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -49,6 +52,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif typing.get_origin(tp) is list:
         if isinstance(value, (list, tuple)):
             return [_coerce(item, typing.get_args(tp)[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    elif typing.get_origin(tp) is dict:
+        if isinstance(value, dict):
+            key_type, value_type = typing.get_args(tp)
+            return {
+                _coerce(k, key_type, f"{where} key"): _coerce(v, value_type, f"{where}.{k}") for k, v in value.items()
+            }
     elif dataclasses.is_dataclass(tp):
         return build(tp, {} if value is None else value, f"{where}.")
     elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -35,6 +35,9 @@ def adopted(lora: LoraConfig) -> LoraConfig:
         alpha=int(config["lora_alpha"]),
         target_modules=sorted(targets) if isinstance(targets, (list, set)) else targets,
         target_parameters=sorted(config.get("target_parameters") or []),
+        use_rslora=bool(config.get("use_rslora")),
+        rank_pattern=dict(config.get("rank_pattern") or {}),
+        alpha_pattern=dict(config.get("alpha_pattern") or {}),
     )
 
 

@@ -22,6 +22,31 @@ def matches(target: str, name: str) -> bool:
     return name == target or name.endswith(f".{target}")
 
 
+def pattern_matches(key: str, name: str) -> bool:
+    """peft's rule for a key of `rank_pattern` / `alpha_pattern` (peft.utils.other.get_pattern_key)."""
+    return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
+def check_patterns(lora: LoraConfig, model: ModelConfig, adapted: list[str]) -> None:
+    """A ConfigError for a `rank_pattern` or `alpha_pattern` key that matches no adapted module: peft would give
+    every module `r` (or `alpha`) without a word."""
+    for option, pattern in (("rank_pattern", lora.rank_pattern), ("alpha_pattern", lora.alpha_pattern)):
+        for key in pattern:
+            try:
+                found = any(pattern_matches(key, name) for name in adapted)
+            except re.error as error:
+                raise ConfigError(
+                    f"`lora.{option}` key `{key}` is not a regular expression peft can read: {error}."
+                ) from error
+            if not found:
+                leaves = sorted({name.rpartition(".")[2] for name in adapted})
+                raise ConfigError(
+                    f"`lora.{option}` names `{key}`, which matches no module this run adapts in `{model.path}` "
+                    f"(adapted: {', '.join(leaves)}; a key is a module name or a regular expression matching the end "
+                    "of a full name, such as `q_proj` or `layers\\.0\\.self_attn\\.q_proj`)."
+                )
+
+
 def meta_model_for_checks(model: ModelConfig, quant: QuantConfig, config: PretrainedConfig) -> PreTrainedModel:
     """The model's unquantized module tree on meta, as the pre-launch checks read it (module names and classes do
     not depend on the dtype, which may still be "auto" here: it is resolved on the ranks)."""
@@ -72,6 +97,8 @@ def check_lora_targets(lora: LoraConfig, model: ModelConfig, base: PreTrainedMod
             f"`lora.target_parameters: [{names}]` (lora.dropout then applies to the modules only), or set "
             "`lora.dropout: 0`."
         )
+    adapted = list(resolution.targets) + [n.rpartition(".")[0] for n in peft_config.target_parameters or ()]
+    check_patterns(lora, model, adapted)
     modules = [name for name, _ in base.named_modules()]
     every = resolution if targets == "all-linear" else resolve_all_linear(base)
     linear = sorted({name.rpartition(".")[2] for name in every.targets})

@@ -286,6 +286,9 @@ def peft_lora_config(model: nn.Module, lora: LoraConfig, resolution: Resolution 
     config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
+        use_rslora=lora.use_rslora,
+        rank_pattern=dict(lora.rank_pattern),
+        alpha_pattern=dict(lora.alpha_pattern),
         # peft refuses dropout on adapted parameters; attach_lora sets it on the adapted modules.
         lora_dropout=0.0 if lora.target_parameters else lora.dropout,
         target_modules=targets,

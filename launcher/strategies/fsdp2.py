@@ -10,6 +10,7 @@ from ..collectives import is_source_rank, scatter_rows_
 from . import handoff
 from .base import OFFLOAD_PARAMS, LocalShard, Strategy, StrategySpec
 from .layout import ADAM_STATES, TensorSpec, add, chunk_rows, root_and_two_layers, units
+from .param_groups import regroup
 
 
 class FSDP2(Strategy):
@@ -53,8 +54,7 @@ class FSDP2(Strategy):
         full, trainable = handed
         # Accelerate maps the optimizer onto the sharded parameters by data pointer, which is 0 for
         # every meta tensor on non-source ranks; map by name instead (the optimizer state is empty).
-        params = dict(model.named_parameters())
-        optimizer.param_groups[0]["params"] = [params[name] for name in trainable]
+        regroup(optimizer, dict(model.named_parameters()), trainable)
         if dist.get_world_size() == 1:
             return
         if not is_source_rank():

@@ -305,6 +305,22 @@ FAMILIES = [
         pairs=True,
         layer_forwards=5,
     ),
+    Family(
+        "llama-tied-variants",
+        "rsLoRA, a rank and an alpha pattern, LoRA+ (the B matrices at twice the learning rate)",
+        lambda t: _llama(t, True),
+        tied=True,
+        run_args=(
+            "--lora.use_rslora",
+            "true",
+            "--lora.rank_pattern",
+            "{q_proj: 4, down_proj: 8}",
+            "--lora.alpha_pattern",
+            "{v_proj: 8}",
+            "--train.loraplus_lr_ratio",
+            "16",
+        ),  # fmt: skip
+    ),
     Family("gpt-neox", "a plain (non-gated) MLP, LayerNorm, parallel residual, partial rotary", _gpt_neox),
     Family("exaone4", "norms after the attention and the MLP, sliding and full layers", _exaone4),
     Family("glm4-moe", "MoE: a dense first layer, a shared expert, sigmoid routing (GLM-4.5)", _glm4_moe, moe=True),

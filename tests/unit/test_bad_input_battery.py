@@ -183,6 +183,9 @@ CASES = [
     Case("model-truncated", TRAIN + " --model.path {truncated}", r"model.safetensors` is truncated"),
     Case("lora-target-none", TRAIN + " --lora.target_modules [nope]", r"No name in `lora.target_modules` \(nope\)"),
     Case("lora-target-typo", TRAIN + " --lora.target_modules [q_proj,v_porj]", r"v_porj.*q_proj"),
+    Case("rank-pattern-none", TRAIN + " --lora.rank_pattern '{{nope: 4}}'", r"`lora.rank_pattern` names `nope`, which"),
+    Case("rank-pattern-zero", TRAIN + " --lora.rank_pattern '{{q_proj: 0}}'", r"`lora.rank_pattern.q_proj` must be a"),
+    Case("loraplus-negative", TRAIN + " --train.loraplus_lr_ratio -1", r"`train.loraplus_lr_ratio` must be 0 \(off\)"),
     # Outputs and resume
     Case("earlier-run", "train --config {run} --nproc 2 --output_dir {earlier}", r"already holds a run.*overwrite"),
     Case("resume-not-checkpoint", TRAIN + " --resume {root}", r"is not a complete checkpoint \(no meta.json\)"),

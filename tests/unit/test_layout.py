@@ -62,6 +62,7 @@ def test_no_import_cycle():
 LEAF_MODULES = [
     "launcher.config",
     "launcher.objective_config",
+    "launcher.adapter_config",
     "launcher.quiet",
     "launcher.typed_yaml",
     "launcher.dtypes",

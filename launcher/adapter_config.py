@@ -1,0 +1,38 @@
+"""The run config's `lora:` section: what adapters train and how they start; launcher.config holds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+Rule = tuple[bool, str]
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    """Module names (or all-linear: every nn.Linear but the output layer). MoE experts are not modules."""
+    target_parameters: list[str] = field(default_factory=list)
+    """Parameters to adapt directly, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj] for fused MoE
+    experts (peft's target_parameters). peft has no dropout there: lora.dropout then applies to the modules only."""
+    init_from: str = ""
+    """A PEFT LoRA adapter directory to continue training (its r, alpha and targets replace these); with DPO its
+    weights are the reference too (SFT, then DPO from the SFT adapter)."""
+    use_rslora: bool = False
+    """Rank-stabilized LoRA: adapters scaled by alpha / sqrt(r) instead of alpha / r, so a higher rank still learns."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Ranks of some adapted modules: a module's name, or a regular expression matching the end of its full name
+    (peft's rank_pattern: `q_proj`, `layers\\.0\\..*`), to its rank; the others take `r`."""
+    alpha_pattern: dict[str, int] = field(default_factory=dict)
+    """Alphas of some adapted modules, matched as `rank_pattern`; the others take `alpha`."""
+
+    def rules(self, at: str) -> list[Rule]:
+        patterns = [(f"rank_pattern.{k}", v) for k, v in self.rank_pattern.items()]
+        patterns += [(f"alpha_pattern.{k}", v) for k, v in self.alpha_pattern.items()]
+        return [
+            (self.r > 0, f"`{at}r` must be a positive integer, got {self.r}."),
+            (self.alpha > 0, f"`{at}alpha` must be positive, got {self.alpha}."),
+            (0 <= self.dropout < 1, f"`{at}dropout` must be in [0, 1), got {self.dropout}."),
+        ] + [(value > 0, f"`{at}{key}` must be a positive integer, got {value}.") for key, value in patterns]
