@@ -155,7 +155,11 @@ class FirstStepProbe:
         self.activation_shape: tuple[int, int] | None = None
         self.shape: tuple[int, int] | None = None
         """(batch, sequence) of the forward pass running now."""
-        self.measured: dict[str, int] = {}
+        self.measured: dict[str, int] = {"gradients": 0}
+        self.master = StorageTally(exclude=weight_storages)
+        self.groups_left = len(optimizer.param_groups)
+        """DeepSpeed steps its torch optimizer one parameter group at a time (each group's fp32 gradients freed
+        after its step): the first step is over once every group has stepped."""
         self.done = False
         self.handles = [
             model.register_forward_pre_hook(self._forward_started, with_kwargs=True),
@@ -216,14 +220,18 @@ class FirstStepProbe:
         self.saved, self.saved_storages = 0, {}
 
     def _before_step(self, optimizer, args, kwargs):
-        master = StorageTally(exclude=self.weight_storages)
         for group in optimizer.param_groups:
             for param in group["params"]:
-                master.add(param)
-        self.measured.update(gradients=gradient_bytes(optimizer), master_weights=master.bytes)
+                self.master.add(param)
+        gradients = max(self.measured["gradients"], gradient_bytes(optimizer))  # the groups' at once, at most
+        self.measured.update(gradients=gradients, master_weights=self.master.bytes)
 
     def _after_step(self, optimizer, args, kwargs):
+        self.groups_left -= sum(1 for group in optimizer.param_groups if group["params"])  # ZeRO-3 empties the others
+        if self.groups_left > 0:
+            return
         self.measured.update(optimizer_states=optimizer_state_bytes(optimizer), activations=self.activations)
+        self.master = StorageTally()  # its references, no longer needed
         for handle in self.handles:
             handle.remove()
         self.weight_storages, self.running_storages = {}, {}  # the references, no longer needed

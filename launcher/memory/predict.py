@@ -18,6 +18,7 @@ from ..dtypes import AUTOCAST_DTYPES, cpu_has_native_bf16, resolve_compute_dtype
 from ..objectives import sequences_per_sample
 from ..run import sequence_parallel
 from ..run.sequence_parallel import local_tokens
+from ..strategies.param_groups import group_index
 from .activations import activation_bytes
 from .components import COMPONENTS
 from .skeleton import ModelCache, ModelSpec
@@ -180,12 +181,15 @@ def predict(
         "comm_buckets": sharder.bucket_bytes(spec.trainable, autocast or compute.adapter, world, hidden),
         "runtime": hardware.runtime_overhead if hardware.device == "cuda" else 0,
     }
+    groups = 2 if cfg.train.loraplus_lr_ratio else 1  # LoRA+: DeepSpeed flattens and steps each group apart
+    tensors = [dataclasses.replace(t, group=group_index(t.name, groups)) if t.trainable else t for t in spec.tensors]
+    trainable = [t for t in tensors if t.trainable]
     ranks = []
     for rank in range(world):
         components = dict.fromkeys(COMPONENTS, 0)
-        components.update(sharder.held_weights(spec.tensors, world, rank))
+        components.update(sharder.held_weights(tensors, world, rank))
         components.update(quant_states=spec.quant_state_bytes, buffers=spec.buffer_bytes)
-        components.update(sharder.held_optimizer(spec.trainable, world, rank))
+        components.update(sharder.held_optimizer(trainable, world, rank))
         components.update(shared)
         host = {}
         # On CPU ranks host RAM is the memory the run is measured in: nothing moves.

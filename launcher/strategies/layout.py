@@ -36,6 +36,8 @@ class TensorSpec:
     """Path of the module that owns it."""
     layer: str
     """Path of the decoder layer that holds it, "" outside the layers (FSDP wraps each layer on its own)."""
+    group: int = 0
+    """The optimizer's parameter group of a trainable one (param_groups.py: LoRA+ puts B matrices in group 1)."""
 
     @property
     def numel(self) -> int:
@@ -136,6 +138,11 @@ def root_and_two_layers(tensors: list[TensorSpec], compute: DtypePolicy) -> int:
     full = {unit: sum(bytes_as(t, compute) for t in members) for unit, members in grouped.items()}
     root = full.pop("", 0)
     return root + 2 * max(full.values(), default=0)
+
+
+def by_group(trainable: list[TensorSpec]) -> list[list[TensorSpec]]:
+    """The trainable parameters of each optimizer group, in group order."""
+    return [[t for t in trainable if t.group == g] for g in sorted({t.group for t in trainable})]
 
 
 def fp32_partition(numel: int) -> dict[str, int]:

@@ -11,7 +11,7 @@ from ..config import ConfigError
 from ..resources import shipped_dir
 from . import handoff, portable
 from .base import Strategy, torch_optimizer
-from .layout import fp32_partition
+from .layout import by_group, fp32_partition
 
 CHECKPOINT_TAG = "zero"
 
@@ -113,7 +113,11 @@ class ZeRO(Strategy):
         return (hidden_size * hidden_size if size == "auto" else int(size)) * grad_dtype.itemsize
 
     def held_optimizer(self, trainable, world, rank):
-        return fp32_partition(self.partition_numel(trainable, world, rank))
+        parts = [fp32_partition(self.partition_numel(group, world, rank)) for group in by_group(trainable)]
+        held = {name: sum(part[name] for part in parts) for name in parts[0]} if parts else {}
+        if parts:  # DeepSpeed steps one group at a time and frees its fp32 gradients after its step
+            held["gradients"] = max(part["gradients"] for part in parts)
+        return held
 
     def partition_numel(self, trainable, world: int, rank: int) -> int:
         """Trainable elements in this rank's fp32 partition, padding included."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from . import handoff
 from .base import OFFLOAD_OPTIMIZER, StrategySpec
-from .layout import TensorSpec, whole
+from .layout import TensorSpec, by_group, whole
 from .zero import ZeRO
 
 
@@ -38,10 +38,10 @@ class ZeRO2(ZeRO):
         trainable = [t for t in tensors if t.trainable]
         held = whole(tensors)
         # The trainable parameters become views of one flat buffer, whole on every rank.
+        # DeepSpeed flattens each optimizer group into a buffer of its own, each padded.
+        padding = sum(self._flat(group, world)[0] - sum(t.numel for t in group) for group in by_group(trainable))
         if trainable:
-            held["shard_padding"] = (self._flat(trainable, world)[0] - sum(t.numel for t in trainable)) * trainable[
-                0
-            ].itemsize
+            held["shard_padding"] = padding * trainable[0].itemsize
         return held
 
     def partition_numel(self, trainable, world, rank):

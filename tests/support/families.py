@@ -318,7 +318,7 @@ FAMILIES = [
             "--lora.alpha_pattern",
             "{v_proj: 8}",
             "--train.loraplus_lr_ratio",
-            "16",
+            "2",
         ),  # fmt: skip
     ),
     Family("gpt-neox", "a plain (non-gated) MLP, LayerNorm, parallel residual, partial rotary", _gpt_neox),

@@ -9,6 +9,7 @@ families) asks for the record to be rewritten: `make coverage-table` (QLAUNCH_WR
 
 import functools
 import json
+import multiprocessing
 import os
 from collections import Counter
 
@@ -28,8 +29,18 @@ FAMILIES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
 @functools.cache
+def outcomes() -> dict[str, Outcome]:
+    """Every family walked, in as many fresh processes as there are cores (the walks are independent and each
+    seeds what it draws; spawned, not forked, from a process whose torch may run threads)."""
+    workers = min(len(FAMILIES), os.cpu_count() or 1)
+    if workers == 1:
+        return {family: walk(family) for family in FAMILIES}
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return dict(zip(FAMILIES, pool.map(walk, FAMILIES, chunksize=1), strict=True))
+
+
 def outcome(family: str) -> Outcome:
-    return walk(family)
+    return outcomes()[family]
 
 
 @functools.cache
