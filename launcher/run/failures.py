@@ -3,7 +3,7 @@
 The traceback goes to `<output_dir>/logs/rank-NNNNN.log`, not to the terminal (`--debug` prints it
 too). Under `qlaunch train` a rank hands its line to the wrapper's status folder (`error-<rank>`) and
 the wrapper prints it once the run has ended, ranks with the same error on one line; torchrun's own
-report of the failure stays off the terminal (launch/accelerate_entry.py). Under a plain
+report of the failure stays off the terminal (launcher/accelerate_entry.py). Under a plain
 `accelerate launch` each rank prints its line itself, and torchrun adds its report after it.
 """
 
@@ -19,6 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
+from .. import quiet
 from ..config import ConfigError
 from .preemption import STATUS_DIR_ENV
 
@@ -122,6 +123,7 @@ def _size(n: int) -> str:
 def write_log(error: BaseException, output_dir: str | Path, rank: int) -> Path | None:
     """Appends the traceback to the rank's log; None when the output directory cannot be written."""
     path = rank_log(output_dir, rank)
+    quiet.to_rank_log(path)  # what other libraries said before the error, if the run failed before naming its log
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as log:

@@ -110,7 +110,7 @@ def test_accelerate_launch_failures_are_one_line(monkeypatch, capsys):
     import accelerate.commands.launch as accelerate_launch
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    from launcher.launch import accelerate_entry
+    from launcher import accelerate_entry
 
     monkeypatch.delenv(failures.DEBUG_ENV, raising=False)
     argv = ["--num_processes", "2", "-m", "launcher", "train"]
