@@ -5,6 +5,7 @@ import torch
 
 from launcher.config import ConfigError
 from launcher.run import failures
+from launcher.run.disk_full import disk_full
 from launcher.run.preemption import STATUS_DIR_ENV
 
 
@@ -181,5 +182,5 @@ def test_a_full_disk_under_the_adapter_says_what_needed_how_much(tmp_path):
     assert list(out.iterdir()) == []  # the half-written folder is gone
     line = failures.cause_and_fix(raised.value, timeout_s=30, output_dir=out)
     assert line.startswith(f"no space left on device in {out} (") and "the adapter needs 3.0 MiB)" in line
-    assert failures.disk_full(SafetensorError("I/O error: os error 28")) is not None
-    assert failures.disk_full(SafetensorError("invalid header")) is None
+    assert disk_full(SafetensorError("I/O error: os error 28")) is not None
+    assert disk_full(SafetensorError("invalid header")) is None
