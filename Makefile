@@ -4,16 +4,34 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that the test machines carry; on a CUDA machine install your CUDA build
 # of torch>=2.13 into the venv first and this step keeps it.
 TORCH ?= torch==2.13.0
+# The exact versions the suite last passed with (`make lock` refreshes them); `make install LOCK=` takes the
+# newest versions above pyproject.toml's lower bounds instead.
+LOCK ?= constraints.txt
+# uv (from PyPI, pinned by the lock) installs the locked packages in parallel; `make install UV=` uses pip alone.
+# torch is installed by pip first (uv does not see the local CPU wheel) and uv keeps it: the lock leaves it out.
+UV ?= $(VENV)/bin/uv
+INSTALLER = $(if $(UV),$(UV) pip install -q --python $(PY),$(PY) -m pip install -q)
 
-.PHONY: demo test test-fast lint format install matrix-table coverage-table
+.PHONY: demo test test-fast lint format install lock matrix-table coverage-table
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,plot]"
+	$(if $(UV),$(PY) -m pip install -q $(if $(LOCK),-c $(LOCK)) uv)
+	$(INSTALLER) $(if $(LOCK),-c $(LOCK)) -e ".[test,plot]"
 	touch $@
+
+# A new venv with the newest versions above the lower bounds, frozen into the lock, then the whole suite on it:
+# commit constraints.txt once it passes.
+lock:
+	rm -rf $(VENV)
+	$(MAKE) install LOCK=
+	{ echo "# make lock: the versions the suite last passed with (torch: the Makefile's TORCH)"; \
+	  $(PY) -m pip freeze --exclude-editable | grep -iv '^torch=='; } > constraints.txt
+	touch $(VENV)/.installed
+	$(MAKE) test
 
 demo: install
 	$(VENV)/bin/qlaunch demo

@@ -10,6 +10,11 @@ if TRAINING:
     # fatal, and acted on where the run can stop cleanly (see signals.py). Installed before the heavy imports.
     signals.listen()
 
+from . import quiet  # noqa: E402
+
+# Before the heavy imports too: bitsandbytes and DeepSpeed announce themselves as they are imported.
+quiet.install()
+
 from .cli import main as cli_main  # noqa: E402
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import ConfigError, describe_keys, load_config, parse_overrides
 from .objective_config import OBJECTIVES
+from .quiet import VERBOSE_ENV
 
 TRAIN_EPILOG = """\
 Any run-config key can be set or overridden on the command line as --section.key VALUE
@@ -34,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_train, _add_data, _add_demo, _add_export, _add_merge, _add_verify, _add_budget, _add_plan):
         add(commands)
+    for command in commands.choices.values():
+        command.add_argument(
+            "--verbose",
+            action="store_true",
+            help=f"also show other libraries' notices and deprecation warnings (or {VERBOSE_ENV}=1); the ranks "
+            "write them to <output_dir>/logs/rank-NNNNN.log either way",
+        )
     return parser
 
 
@@ -340,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "data"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # the ranks inherit it
     try:
         if args.command == "train":
             return cmd_train(args, extra)

@@ -43,6 +43,7 @@ def build_base_model(
     """A random-weight Llama and its tokenizer, written with `save_pretrained` (kv_heads < heads: grouped-query attention)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(
@@ -59,7 +60,13 @@ def build_base_model(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar for writing one small file says nothing
+    try:
+        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(path)
     return path
 

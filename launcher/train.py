@@ -16,7 +16,7 @@ from peft import PeftConfig
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from . import preflight, signals
+from . import preflight, quiet, signals
 from .checkpoint import export, store
 from .collectives import is_source_rank
 from .config import CheckpointConfig, RunConfig, TrainConfig, dump_config
@@ -28,7 +28,7 @@ from .model.build import build_model, coverage_notes, load_base
 from .model.loss import own_loss_note
 from .objectives import ModelCalls, Objective
 from .objectives import get as get_objective
-from .run import sequence_parallel, tracking
+from .run import failures, sequence_parallel, tracking
 from .run.accelerator import create_accelerator, world_size_from_env
 from .run.activation_offload import ActivationOffload
 from .run.evaluate import add_sums, evaluate, reduce_sums
@@ -166,6 +166,7 @@ def setup(user_cfg: RunConfig, stop: StopSignal) -> Training:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, output_dir / "run_config.yaml")
+    quiet.to_rank_log(failures.rank_log(output_dir, accelerator.process_index))  # past the checks on output_dir
     tracking.start(accelerator, cfg)
     groups = sequence_parallel.new_groups(split)
 

@@ -23,7 +23,7 @@ from ..dtypes import DTYPE_BY_NAME
 from ..model.build import load_quantized_base, prepare_for_kbit_training
 from ..model.experts import fix_peft_stacked_parametrizations, sort_expert_parameters
 from ..model.targets import keep_named_modules
-from ..run import failures
+from ..run import disk_full
 from ..safe_load import check_checkpoint_files
 from .store import read_meta
 
@@ -37,12 +37,11 @@ def _removed_on_failure(tmp: Path, final: Path, what: str, needed: int):
     """A write to `tmp` that fails leaves nothing behind; one that meets a full disk says where and how much
     it needed."""
     try:
-        yield
-    except Exception as error:
+        with disk_full.writing(final, what, needed):  # reads the room left before the partial write is removed
+            yield
+    except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.unlink(missing_ok=True)
-        if failures.disk_full(error) is not None:
-            raise failures.no_space(final, what, needed) from error
         raise
 
 

@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from .. import strategies
 from ..config import ConfigError, RunConfig
+from ..run import disk_full
 from ..safe_load import check_checkpoint_files, load_plain
 from ..strategies import Strategy
 
@@ -254,12 +255,13 @@ def save(cfg: RunConfig, step: int, world_size: int, strategy, model, optimizer,
         (tmp / "rng").mkdir(parents=True)
     _barrier()
 
-    strategy.save_trainable(model, optimizer, tmp / "trainable")
-    _save_small(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
-    if rank == 0:
-        _save_small(scheduler.state_dict(), tmp / "scheduler.pt")
-        peft_config.save_pretrained(tmp)
-    _fsync_tree(tmp)
+    with disk_full.writing(final, "checkpoint", checkpoint_bytes(root, model)):
+        strategy.save_trainable(model, optimizer, tmp / "trainable")
+        _save_small(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
+        if rank == 0:
+            _save_small(scheduler.state_dict(), tmp / "scheduler.pt")
+            peft_config.save_pretrained(tmp)
+        _fsync_tree(tmp)
     _barrier()  # every rank's files are on disk
 
     if rank == 0:
@@ -284,6 +286,19 @@ def save(cfg: RunConfig, step: int, world_size: int, strategy, model, optimizer,
         _prune(root, keep=cfg.checkpoint.keep_last, newest=final)
     _barrier()
     return final
+
+
+def checkpoint_bytes(root: Path, model) -> int:
+    """What a checkpoint needs: the size of the run's latest one, else at least this rank's adapter weights."""
+    latest = latest_complete(root)
+    if latest is not None:
+        return sum(f.stat().st_size for f in latest.rglob("*") if f.is_file())
+    total = 0
+    for p in model.parameters():
+        if p.requires_grad:  # this rank's part: a DTensor's local shard, ZeRO-3's partition
+            local = p.to_local() if hasattr(p, "to_local") else getattr(p, "ds_tensor", p)
+            total += local.numel() * local.element_size()
+    return total
 
 
 def _save_small(obj, path: Path) -> None:

@@ -48,7 +48,7 @@ def accelerate_command(
     cmd = [
         sys.executable,
         "-m",
-        "launcher.launch.accelerate_entry",
+        "launcher.accelerate_entry",
         "--config_file",
         str(config),
         "--num_processes",

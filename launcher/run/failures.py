@@ -3,27 +3,26 @@
 The traceback goes to `<output_dir>/logs/rank-NNNNN.log`, not to the terminal (`--debug` prints it
 too). Under `qlaunch train` a rank hands its line to the wrapper's status folder (`error-<rank>`) and
 the wrapper prints it once the run has ended, ranks with the same error on one line; torchrun's own
-report of the failure stays off the terminal (launch/accelerate_entry.py). Under a plain
+report of the failure stays off the terminal (launcher/accelerate_entry.py). Under a plain
 `accelerate launch` each rank prints its line itself, and torchrun adds its report after it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
-import shutil
 import sys
 import time
 import traceback
 from pathlib import Path
 
+from .. import quiet
 from ..config import ConfigError
+from .disk_full import disk_full, disk_full_message
 from .preemption import STATUS_DIR_ENV
 
 COLLECTIVE_FAILED = "a collective failed"
-NO_SPACE_TEXTS = ("No space left on device", "os error 28")
 DEBUG_ENV = "QLAUNCH_DEBUG"
 LOGS = "logs"
 REPORT = "error-{rank}"
@@ -46,12 +45,14 @@ def cause_and_fix(error: BaseException, timeout_s: float, output_dir: str | Path
     import torch
 
     where = ""
-    failed = getattr(error, "failures", None)  # torch.distributed.checkpoint's CheckpointException, per rank
+    # torch.distributed.checkpoint's CheckpointException, per rank (the cause of a full disk named by disk_full.writing)
+    failed = getattr(error, "failures", None) or getattr(error.__cause__, "failures", None)
     if isinstance(failed, dict) and failed:
         where = f"torch.distributed.checkpoint failed on rank {', '.join(map(str, sorted(failed)))}: "
-        error = next(iter(failed.values()))[0]  # (exception, its stack summary)
     if (full := disk_full(error)) is not None:
         return where + disk_full_message(full, Path(output_dir))
+    if isinstance(failed, dict) and failed:
+        error = next(iter(failed.values()))[0]  # (exception, its stack summary)
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     named = f"{type(error).__name__}: {text}" if text else type(error).__name__
     if isinstance(error, torch.OutOfMemoryError) or "out of memory" in text.lower():
@@ -74,54 +75,10 @@ def cause_and_fix(error: BaseException, timeout_s: float, output_dir: str | Path
     return where + named
 
 
-def disk_full(error: BaseException | None) -> OSError | None:
-    """The "no space left on device" OSError behind `error` (itself, its cause or context, or a rank's error
-    inside torch.distributed.checkpoint's CheckpointException), if any."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            return error
-        if any(mark in str(error) for mark in NO_SPACE_TEXTS):  # safetensors' writer: no OSError, only its text
-            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        failed = getattr(error, "failures", None)
-        if isinstance(failed, dict) and failed:
-            return next((found for inner, _ in failed.values() if (found := disk_full(inner))), None)
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def no_space(path: Path, what: str, needed: int) -> OSError:
-    """The error to raise where writing `what` (`needed` bytes) to `path` met a full disk."""
-    error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    error.needed = (what, needed)
-    return error
-
-
-def disk_full_message(error: OSError, output_dir: Path) -> str:
-    """Which directory is full, how much it has left, how big what the run writes there is, and what to do."""
-    directory = Path(error.filename).parent if error.filename else output_dir
-    while not directory.exists() and directory != directory.parent:
-        directory = directory.parent
-    free = shutil.disk_usage(directory).free
-    checkpoints = [path for path in (output_dir / "checkpoints").glob("step-*") if path.is_dir()]
-    sizes = [sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) for path in checkpoints]
-    size = f"; a checkpoint of this run is {_size(max(sizes))}" if sizes else ""
-    if needed := getattr(error, "needed", None):  # (what, bytes) where the writer knows it
-        size += f"; the {needed[0]} needs {_size(needed[1])}"
-    return (
-        f"no space left on device in {directory} ({_size(free)} free{size}). Free space there, keep fewer "
-        "checkpoints (checkpoint.keep_last), or set output_dir on a disk with room and resume with --resume auto."
-    )
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
 def write_log(error: BaseException, output_dir: str | Path, rank: int) -> Path | None:
     """Appends the traceback to the rank's log; None when the output directory cannot be written."""
     path = rank_log(output_dir, rank)
+    quiet.to_rank_log(path)  # what other libraries said before the error, if the run failed before naming its log
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as log:

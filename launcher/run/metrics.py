@@ -14,6 +14,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import disk_full
+
 
 def bars_only_on_a_terminal() -> None:
     """Off a terminal the libraries' own progress bars (transformers' "Loading weights", ...) stay off too."""
@@ -65,8 +67,9 @@ class MetricsLog:
         record["elapsed_s"] = round(time.perf_counter() - self._started, 3)
         record["unix_time"] = round(time.time(), 3)
         self.records.append(record)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        with disk_full.writing(self.path, "metrics record", len(line)), self.path.open("a") as f:
+            f.write(line)
         if self.on_record is not None:  # the experiment trackers
             self.on_record(record)
         shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", "tok_s": f"{record['tokens_per_s']:.0f}"}

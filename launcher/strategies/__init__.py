@@ -1,7 +1,7 @@
 """Every difference between FSDP2, FSDP1, ZeRO-2, ZeRO-3 and DDP lives in this package.
 
 `base.py` says what a strategy is and does; one file per strategy holds its runtime and byte-layout
-hooks side by side; `handoff.py` moves the source rank's weights; `cpu.py` holds every CPU shim.
+hooks side by side; `handoff.py` moves the source rank's weights; `launcher/cpu_shims.py` holds every CPU shim.
 This module is the registry: the rest of the launcher gets a strategy by name, from the run config
 and the `accelerate launch` environment, and asks it questions instead of testing its name.
 """

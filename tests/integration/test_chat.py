@@ -1,13 +1,13 @@
 """Chat data for real: multi-turn `messages` records, rendered with the chat template the run config
 names, packed, with an eval split, train a family's model on 2 ranks, logged to TensorBoard as well
-(tests/unit/test_data.py checks the assistant mask token by token, test_packing.py the packed losses)."""
+(the terminal shows qlaunch's lines alone; tests/unit/test_data.py checks the assistant mask token by token, test_packing.py the packed losses)."""
 
 import json
 
 import pytest
 
 from support.families import TURNS_TEMPLATE, corpus
-from support.launches import qlaunch, read_metrics
+from support.launches import other_libraries_lines, qlaunch, read_metrics
 
 
 def test_chat_records_train_with_the_configured_template_on_two_ranks(family_assets, tmp_path):
@@ -23,9 +23,9 @@ def test_chat_records_train_with_the_configured_template_on_two_ranks(family_ass
     data.write_text("".join(json.dumps(chat) + "\n" for chat in chats))
     template = tmp_path / "turns.jinja"
     template.write_text(TURNS_TEMPLATE)
-    out, steps = tmp_path / "run", 3
+    out, steps, log = tmp_path / "run", 3, tmp_path / "train.log"
     qlaunch(
-        tmp_path / "train.log",
+        log,
         *("train", "--nproc", "2", "--strategy", "zero3", "--model.path", str(assets / "base")),
         *("--data.path", str(data), "--data.chat_template", str(template), "--data.max_seq_len", "96"),
         *("--data.packing", "true", "--data.eval_fraction", "0.25", "--train.report_to", "tensorboard"),
@@ -36,6 +36,9 @@ def test_chat_records_train_with_the_configured_template_on_two_ranks(family_ass
     assert len(losses) == steps and all(0 < loss < 20 for loss in losses), losses
     assert [r["step"] for r in records if "eval_loss" in r] == [steps] and 0 < records[-1]["eval_loss"] < 20
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # The terminal holds qlaunch's lines alone; the rank logs what other libraries said (DeepSpeed on every CPU).
+    assert other_libraries_lines(log.read_text()) == [], log.read_text()
+    assert "Setting accelerator to CPU" in (out / "logs" / "rank-00001.log").read_text()
 
     # TensorBoard, offline: the same scalars as metrics.jsonl, and each rank's peak memory.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -49,3 +52,11 @@ def test_chat_records_train_with_the_configured_template_on_two_ranks(family_ass
     assert scalars["eval_loss"] == [(steps, pytest.approx(records[-1]["eval_loss"], rel=1e-6))]
     for rank in (0, 1):
         assert scalars[f"memory/rank{rank}/peak_host_rss_mib"][0][1] > 100
+
+
+def test_the_budget_command_prints_its_table_alone(family_assets, tmp_path):
+    """`qlaunch budget` as a user runs it (a process of its own, which imports torch, bitsandbytes, DeepSpeed)."""
+    log = tmp_path / "budget.log"
+    qlaunch(log, "budget", "--model", str(family_assets("qwen3") / "base"), "--strategy", "zero3", "--world-size", "2")
+    text = log.read_text()
+    assert text.startswith("Memory budget per rank:") and other_libraries_lines(text) == [], text

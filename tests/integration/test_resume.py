@@ -8,6 +8,7 @@ through a checkpoint too; the kill tests use the demo's Llama.
 """
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -277,7 +278,7 @@ def test_killed_rank_ends_the_job_and_auto_resume_continues(demo_assets, small_d
     wait_for(lambda: (out / "checkpoints" / "step-000006" / "meta.json").is_file(), 300, proc, log)
     pid = int((tmp_path / "killed" / "pid-rank1").read_text())
     killed_at = time.monotonic()
-    __import__("os").kill(pid, signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=120)
     assert proc.returncode != 0
     assert time.monotonic() - killed_at < 60, "the job did not end soon after a rank died"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -99,3 +100,15 @@ def qlaunch(log: Path, *args: str, expect: int | None = 0, env: dict | None = No
     if expect is not None:
         assert proc.returncode == expect, tail(log)
     return proc
+
+
+# What other libraries write to a terminal: Python warnings (`file:line: XWarning: ...` and the source line after
+# it), logging records in DeepSpeed's or torch's formats, torchrun's banner, bitsandbytes' kernel-hub notice and
+# DeepSpeed's op builds. None of these may reach the terminal of a run that was not asked to be --verbose.
+OTHER_LIBRARIES = re.compile(
+    r"Warning: |warnings\.warn\(|site-packages/|\[(WARNING|INFO)\]|^[WI]\d{4} |\*{5}|kernels-community|built successfully"
+)
+
+
+def other_libraries_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if OTHER_LIBRARIES.search(line)]

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch.distributed as dist
@@ -38,7 +39,7 @@ def test_bad_input_fails_before_launch(demo_assets, tmp_path, capsys, no_launch,
         capsys, "--config", str(demo_assets / "run.yaml"), "--nproc", "2", "--output_dir", str(tmp_path / "out"), *extra
     )
     assert code == 2
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
     assert not dist.is_initialized()
     assert not (tmp_path / "out").exists()
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pandas
 import pytest
 
 from launcher.config import ConfigError, DataConfig
@@ -52,7 +53,7 @@ def test_text_records_train_on_every_token_and_are_truncated(tmp_path, tokenizer
 @pytest.mark.parametrize(
     "suffix,writer",
     [
-        (".parquet", lambda p, rows: __import__("pandas").DataFrame(rows).to_parquet(p)),
+        (".parquet", lambda p, rows: pandas.DataFrame(rows).to_parquet(p)),
         (".txt", lambda p, rows: p.write_text("\n".join(r["text"] for r in rows) + "\n")),
         (".json", lambda p, rows: p.write_text(json.dumps(rows))),
     ],

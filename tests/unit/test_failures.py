@@ -5,6 +5,7 @@ import torch
 
 from launcher.config import ConfigError
 from launcher.run import failures
+from launcher.run.disk_full import disk_full
 from launcher.run.preemption import STATUS_DIR_ENV
 
 
@@ -110,7 +111,7 @@ def test_accelerate_launch_failures_are_one_line(monkeypatch, capsys):
     import accelerate.commands.launch as accelerate_launch
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    from launcher.launch import accelerate_entry
+    from launcher import accelerate_entry
 
     monkeypatch.delenv(failures.DEBUG_ENV, raising=False)
     argv = ["--num_processes", "2", "-m", "launcher", "train"]
@@ -181,5 +182,5 @@ def test_a_full_disk_under_the_adapter_says_what_needed_how_much(tmp_path):
     assert list(out.iterdir()) == []  # the half-written folder is gone
     line = failures.cause_and_fix(raised.value, timeout_s=30, output_dir=out)
     assert line.startswith(f"no space left on device in {out} (") and "the adapter needs 3.0 MiB)" in line
-    assert failures.disk_full(SafetensorError("I/O error: os error 28")) is not None
-    assert failures.disk_full(SafetensorError("invalid header")) is None
+    assert disk_full(SafetensorError("I/O error: os error 28")) is not None
+    assert disk_full(SafetensorError("invalid header")) is None

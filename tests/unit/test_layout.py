@@ -73,7 +73,14 @@ LEAF_MODULES = [
     "launcher.safe_load",
     "launcher.cpu_shims",
 ]
-ENTRY_POINTS = ["launcher.__main__", "launcher.cli", "launcher.train", "launcher.preflight", "launcher.demo"]
+ENTRY_POINTS = [
+    "launcher.__main__",
+    "launcher.accelerate_entry",
+    "launcher.cli",
+    "launcher.train",
+    "launcher.preflight",
+    "launcher.demo",
+]
 # The stages, in the order a run meets them: a package imports only leaves, itself, and the ones before it.
 STAGES = ["data", "objectives", "model", "strategies", "run", "checkpoint", "memory", "launch"]
 

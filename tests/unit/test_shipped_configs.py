@@ -1,11 +1,12 @@
 """Every file in accelerate_configs/ and ds_configs/ is used by a test or validated here.
 
-The single-node configs are launched for real by test_strategies.py. Here every config, the
+The single-node configs are launched for real by tests/integration/test_matrix.py. Here every config, the
 multi-node ones too, goes through Accelerate's own `accelerate launch` argument handling, and the
 environment it would give each rank must select the intended strategy in the launcher.
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ def test_config_selects_its_strategy(strategy, multinode, monkeypatch):
     )
     monkeypatch.chdir(REPO)
     env = launch_env(folder / strategies.get(strategy).spec.accelerate_config, extra)
-    for key in list(__import__("os").environ):
+    for key in list(os.environ):
         if key.startswith(("ACCELERATE_", "FSDP_")):
             monkeypatch.delenv(key)
     for key, value in env.items():

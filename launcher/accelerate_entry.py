@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from ..run.failures import debugging
+from . import quiet
+from .run.failures import debugging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,4 +40,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    quiet.install()  # torchrun's banner, and what accelerate's imports announce
     sys.exit(main())
