@@ -95,9 +95,9 @@ def runs(assets) -> dict[tuple[str, str], list[dict]]:
     return found
 
 
-def base_preference(assets) -> float:
-    """The share of held-out pairs whose chosen completion the base model gives a higher log-probability per
-    token than the rejected one."""
+def held_out_pairs(assets):
+    """The held-out pairs as one batch (chosen sequences, then rejected), and the base model in fp32 computing
+    each sequence's log-probability of its completion."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from launcher.config import DataConfig, RunConfig, TrainConfig
@@ -105,7 +105,6 @@ def base_preference(assets) -> float:
     from launcher.data.tokenized import load_tokenized
     from launcher.model.loss import install_loss
     from launcher.objectives import get
-    from launcher.objectives.base import target_counts
 
     tokenizer = AutoTokenizer.from_pretrained(assets["base"])
     data_cfg = DataConfig(path=str(assets["held_out"]), max_seq_len=MAX_SEQ_LEN, cache_dir=str(assets["root"]))
@@ -113,6 +112,15 @@ def base_preference(assets) -> float:
     batch = get(RunConfig(train=TrainConfig(objective="dpo"))).collate(rows, list(range(len(rows))), 0)
     model = AutoModelForCausalLM.from_pretrained(assets["base"], dtype=torch.float32)
     install_loss(model, 0, 0)
+    return batch, model
+
+
+def base_preference(assets) -> float:
+    """The share of held-out pairs whose chosen completion the base model gives a higher log-probability per
+    token than the rejected one."""
+    from launcher.objectives.base import target_counts
+
+    batch, model = held_out_pairs(assets)
     with torch.no_grad():
         per_token = model(**batch, sequence_logps=True).sequence_logps / target_counts(batch)
     chosen, rejected = per_token.chunk(2)
@@ -161,20 +169,8 @@ def implicit_reward_preference(assets, adapter) -> float:
     """The share of held-out pairs whose chosen completion gets the higher implicit reward (log-probability under
     the adapter minus under the base) from the adapter trained by KTO."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from launcher.config import DataConfig, RunConfig, TrainConfig
-    from launcher.data.batches import Rows
-    from launcher.data.tokenized import load_tokenized
-    from launcher.model.loss import install_loss
-    from launcher.objectives import get
-
-    tokenizer = AutoTokenizer.from_pretrained(assets["base"])
-    data_cfg = DataConfig(path=str(assets["held_out"]), max_seq_len=MAX_SEQ_LEN, cache_dir=str(assets["root"]))
-    rows = Rows(load_tokenized(data_cfg, tokenizer, 0, "dpo")[0], False, MAX_SEQ_LEN)
-    batch = get(RunConfig(train=TrainConfig(objective="dpo"))).collate(rows, list(range(len(rows))), 0)
-    base = AutoModelForCausalLM.from_pretrained(assets["base"], dtype=torch.float32)
-    install_loss(base, 0, 0)
+    batch, base = held_out_pairs(assets)
     model = PeftModel.from_pretrained(base, adapter).eval()
     with torch.no_grad():
         policy = model(**batch, sequence_logps=True).sequence_logps

@@ -135,16 +135,27 @@ def assert_same(ours: dict, theirs: dict, **tolerance):
         torch.testing.assert_close(ours[name], theirs[name], **tolerance, msg=name)
 
 
-def trl_dpo_loss(model, batch, loss_type: str, beta: float):
-    from trl import DPOTrainer
-
-    trainer = SimpleNamespace(
+def trl_trainer(model, **fields) -> SimpleNamespace:
+    """What TRL's trainers' loss code reads of `self`, for one process, the reference by the adapter switched off."""
+    return SimpleNamespace(
         model=model,
         ref_model=None,
         accelerator=OneProcess(),
         args=SimpleNamespace(gradient_checkpointing_kwargs=None),
         aux_loss_enabled=False,
         precompute_ref_logps=False,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+        **fields,
+    )
+
+
+def trl_dpo_loss(model, batch, loss_type: str, beta: float):
+    from trl import DPOTrainer
+
+    trainer = trl_trainer(
+        model,
         ld_alpha=None,
         f_divergence_type="reverse_kl",
         loss_types=[loss_type],
@@ -152,9 +163,6 @@ def trl_dpo_loss(model, batch, loss_type: str, beta: float):
         beta=beta,
         label_smoothing=0.0,
         use_weighting=False,
-        _metrics=defaultdict(lambda: defaultdict(list)),
-        _total_train_tokens=0,
-        _tp_size=1,
     )
     inputs = {
         "input_ids": batch["input_ids"],
@@ -170,21 +178,13 @@ def trl_dpo_loss(model, batch, loss_type: str, beta: float):
 def trl_kto_loss(model, inputs, beta: float, desirable_weight: float, undesirable_weight: float):
     from trl import KTOTrainer
 
-    trainer = SimpleNamespace(
-        model=model,
-        ref_model=None,
-        accelerator=OneProcess(),
-        args=SimpleNamespace(gradient_checkpointing_kwargs=None),
-        aux_loss_enabled=False,
-        precompute_ref_logps=False,
+    trainer = trl_trainer(
+        model,
         calculate_KL=True,
         loss_type="kto",
         beta=beta,
         desirable_weight=desirable_weight,
         undesirable_weight=undesirable_weight,
-        _metrics=defaultdict(lambda: defaultdict(list)),
-        _total_train_tokens=0,
-        _tp_size=1,
     )
     trainer._compute_kl_logps = lambda model, batch: KTOTrainer._compute_kl_logps(trainer, model, batch)
     model.zero_grad()
