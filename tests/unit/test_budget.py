@@ -541,24 +541,23 @@ def test_plan_finds_llama_3_8b_at_64k_and_128k_tokens_and_bounds_host_ram(tmp_pa
 
 
 def test_longest_context_is_the_last_multiple_of_1024_that_fits(tmp_path, capsys):
-    from launcher.memory.planner import candidates, longest_context
+    from launcher.memory.planner import candidates
 
     config = {**LLAMA_2_70B, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 4}
     config |= {"num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
+    args = ["plan", "--model", str(path), "--world-size", "2", "--gpu-memory", "3GiB", "--longest-context", "--json"]
+    assert cli.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    found, limit = report["strategies"], report["limit_bytes"]
+    assert set(found) == set(strategies.NAMES)
     cfg = load_config(None, [("model.path", str(path))])
     hardware = predict.Hardware(world_size=2, gpu_memory=3 * 2**30)
-    limit = int(hardware.gpu_memory * 0.9)
-    found = longest_context(cfg, hardware, limit, None)
-    assert set(found) == set(strategies.NAMES)
     for strategy in ("fsdp2", "ddp"):
-        seq, best = found[strategy]
-        assert seq % 1024 == 0 and best.fits(limit) and best.strategy == strategy
+        seq = found[strategy]["max_seq_len"]
+        assert seq % 1024 == 0 and found[strategy]["peak_bytes"] <= limit
+        assert f"--data.max_seq_len {seq} " in found[strategy]["command"]
         longer = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_seq_len=seq + 1024))
         assert not any(c.fits(limit) for c in candidates(longer, hardware, only=(strategy,)))
-    assert found["fsdp2"][0] > found["ddp"][0]  # sharding leaves more room for activations
-    args = ["plan", "--model", str(path), "--world-size", "2", "--gpu-memory", "3GiB", "--longest-context"]
-    assert cli.main(args) == 0
-    text = capsys.readouterr().out
-    assert f"--data.max_seq_len {found['fsdp2'][0]} " in text and f"{found['fsdp2'][0]:,}" in text
+    assert found["fsdp2"]["max_seq_len"] > found["ddp"]["max_seq_len"]  # sharding leaves more room for activations
