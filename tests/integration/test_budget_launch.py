@@ -17,7 +17,7 @@ from launcher.config import DistConfig
 from launcher.demo import build_base_model, write_dataset
 from launcher.memory import measure
 from support.families import BY_NAME
-from support.launches import assert_budget_rows, load_probes, probe_launch_command, read_metrics, run_command, tail
+from support.launches import assert_budget_rows, load_probes, probe_runs_command, read_metrics, run_command, tail
 
 UNEVEN_WORLD = 3
 SHARDING = [name for name in strategies.NAMES if strategies.get(name).spec.shards_adapter_state]
@@ -92,12 +92,20 @@ def test_uneven_shards_are_predicted_to_the_byte(uneven_run):
 OFFLOAD_WORLD = 2
 OFFLOAD_STEPS = 3
 TIED_FAMILIES = ["gemma2"]
-# Biases (and a tie) under ZeRO-3 offload; adapted 3D experts under both ZeRO modes. Each run is a launch.
+# Biases (and a tie) under ZeRO-3 offload; adapted 3D experts under both ZeRO modes.
 ZERO_RUNS = [
     ("qwen2", "zero3", "params"),
     ("mixtral-experts", "zero3", "params"),
     ("mixtral-experts", "zero2", "optimizer"),
 ]
+LAUNCHES = {
+    "fsdp2": [("params", None), ("none", None), ("params", "gemma2"), ("none", "gemma2")]
+    + [("none", family) for family, _, _ in ZERO_RUNS if family != "gemma2"],
+    "zero3": [("params", None)] + [(offload, family) for family, s, offload in ZERO_RUNS if s == "zero3"],
+    "zero2": [(offload, family) for family, s, offload in ZERO_RUNS if s == "zero2"],
+}
+"""Each strategy's runs (train.offload, family; None: the uneven Llama above), in one launch whose ranks run them in
+turn (dist_probe.py --runs)."""
 
 
 class OffloadRun(NamedTuple):
@@ -109,32 +117,39 @@ class OffloadRun(NamedTuple):
 
 @pytest.fixture(scope="module")
 def offload_runs(request, family_assets, tmp_path_factory):
-    """(strategy, train.offload, family) -> OffloadRun, each launched once per module; family None is the
-    uneven Llama above."""
+    """(strategy, train.offload, family) -> OffloadRun; the first ask of a strategy launches all its runs."""
     runs: dict[tuple, OffloadRun] = {}
+
+    def args(strategy: str, offload: str, family: str | None, out: Path) -> list[str]:
+        if family is None:
+            assets, family_args = request.getfixturevalue("uneven_assets"), []
+        else:
+            assets, family_args = family_assets(family), [*BY_NAME[family].run_args, "--data.max_seq_len", "64"]
+        return [
+            *family_args,
+            *("--model.path", str(assets / "base"), "--data.path", str(assets / "data.jsonl")),
+            *("--strategy", strategy, "--output_dir", str(out), "--train.offload", offload),
+            *("--lora.dropout", "0", "--train.lr", "3e-3", "--train.max_steps", str(OFFLOAD_STEPS)),
+        ]
 
     def get(strategy: str, offload: str, family: str | None = None) -> OffloadRun:
         if (strategy, offload, family) not in runs:
-            root = tmp_path_factory.mktemp(f"offload-{family or 'uneven'}-{strategy}-{offload}")
-            if family is None:
-                assets, family_args = request.getfixturevalue("uneven_assets"), []
-            else:
-                assets, family_args = family_assets(family), [*BY_NAME[family].run_args, "--data.max_seq_len", "64"]
-            args = [
-                *family_args,
-                *("--model.path", str(assets / "base"), "--data.path", str(assets / "data.jsonl")),
-                *("--strategy", strategy, "--output_dir", str(root / "run"), "--train.offload", offload),
-                *("--lora.dropout", "0", "--train.lr", "3e-3", "--train.max_steps", str(OFFLOAD_STEPS)),
+            root = tmp_path_factory.mktemp(f"offload-{strategy}")
+            roots = {key: root / f"{key[1] or 'uneven'}-{key[0]}" for key in LAUNCHES[strategy]}
+            spec = [
+                {"probe_dir": str(r / "probe"), "args": args(strategy, *key, r / "run")} for key, r in roots.items()
             ]
-            proc = run_command(probe_launch_command(strategy, root / "probe", args, OFFLOAD_WORLD), root / "launch.log")
+            (root / "runs.json").write_text(json.dumps(spec))
+            proc = run_command(probe_runs_command(strategy, root / "runs.json", OFFLOAD_WORLD), root / "launch.log")
             assert proc.returncode == 0, tail(root / "launch.log")
-            metrics = read_metrics(root / "run")
-            runs[strategy, offload, family] = OffloadRun(
-                [m["loss"] for m in metrics],
-                [m["grad_norm"] for m in metrics],
-                load_probes(root / "probe", OFFLOAD_WORLD),
-                json.loads((root / "run" / measure.REPORT_JSON).read_text()),
-            )
+            for (run_offload, run_family), run_root in roots.items():
+                metrics = read_metrics(run_root / "run")
+                runs[strategy, run_offload, run_family] = OffloadRun(
+                    [m["loss"] for m in metrics],
+                    [m["grad_norm"] for m in metrics],
+                    load_probes(run_root / "probe", OFFLOAD_WORLD),
+                    json.loads((run_root / "run" / measure.REPORT_JSON).read_text()),
+                )
         return runs[strategy, offload, family]
 
     return get
