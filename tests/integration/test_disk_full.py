@@ -35,7 +35,7 @@ def tmpfs(path, size: str):
     try:
         yield path
     finally:
-        subprocess.run(["umount", str(path)], check=False)
+        subprocess.run(["umount", "--lazy", str(path)], check=False)  # detached even while a writer still holds a file
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ def disk(tmp_path_factory):
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True)
     assert mounted.returncode == 0, f"mounting a tmpfs needs root: {mounted.stderr.decode()}"
     yield path
-    subprocess.run(["umount", str(path)], check=False)
+    subprocess.run(["umount", "--lazy", str(path)], check=False)  # detached even while a writer still holds a file
 
 
 def fill(disk: Path, leave: int) -> None:
