@@ -125,6 +125,12 @@ def sequence(ids: list[int], labels: list[int]) -> tuple[torch.Tensor, torch.Ten
     return torch.tensor(ids), torch.tensor([IGNORE_INDEX, *labels[1:]]), torch.arange(len(ids))
 
 
+def model_inputs(built: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Unpacked rows padded as the model's forward takes them: input_ids, labels and attention_mask."""
+    batch = padded(built, pad_id)
+    return {key: batch[key] for key in ("input_ids", "labels", "attention_mask")}
+
+
 def padded(built: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
     """Rows of (ids, labels, positions) padded on the right to the longest: input_ids, labels, position_ids and
     attention_mask."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..config import ConfigError, DataConfig, DataSource
 from .chat import check_messages, tokenize_chat
-from .labels import IGNORE_INDEX, target_tokens
+from .labels import IGNORE_INDEX, completion_start, target_tokens
 
 COLUMNS = ("input_ids", "labels", "rejected_input_ids", "rejected_labels", "targets", "truncated")
 """The tokenized table of pairs: chosen ids and labels, rejected ids and labels, the chosen completion's target
@@ -129,7 +129,7 @@ class PairEncoder:
 
     def fit(self, ids: list[int], labels: list[int], where: str) -> tuple[list[int], list[int]]:
         """The prompt cut to its last `max_prompt_len` tokens, then the whole cut to `max_seq_len` from the end."""
-        prompt = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+        prompt = completion_start(labels)
         if self.max_prompt_len and prompt > self.max_prompt_len:
             drop = prompt - self.max_prompt_len
             ids, labels, prompt = ids[drop:], labels[drop:], self.max_prompt_len

@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +84,9 @@ class TokenizedData:
     def targets(self) -> np.ndarray:
         return self._gather("targets")
 
-    @property
+    @cached_property
     def desirable(self) -> np.ndarray:
+        """Read by every step's totals and collate: gathered once."""
         return self._gather("desirable").astype(bool)
 
     def _gather(self, name: str) -> np.ndarray:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data.batches import padded, sequence
-from ..data.labels import IGNORE_INDEX
+from ..data.batches import model_inputs, sequence
+from ..data.labels import completion_start
 from ..node_cache import say
 from .base import Objective
 from .reference import reference_table
@@ -34,10 +34,6 @@ def mismatched_partners(samples: int, seed: int) -> np.ndarray:
     partners = np.empty(samples, dtype=np.int64)
     partners[order] = np.roll(order, 1)
     return partners
-
-
-def completion_start(labels: list[int]) -> int:
-    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
 
 
 class KTO(Objective):
@@ -148,11 +144,6 @@ class KTO(Objective):
         if totals["desirable"] and totals["undesirable"]:
             out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
         return out
-
-
-def model_inputs(built: list, pad_id: int) -> dict[str, torch.Tensor]:
-    batch = padded(built, pad_id)
-    return {key: batch[key] for key in ("input_ids", "labels", "attention_mask")}
 
 
 def balance_note(desirable: np.ndarray, options) -> str:

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..data.batches import padded, sequence
+from ..data.batches import model_inputs, sequence
 from .base import Objective, target_counts
 from .reference import reference_table
 
@@ -51,8 +51,7 @@ class PairObjective(Objective):
     def collate(self, rows, samples, pad_id):
         data = rows.data
         built = [sequence(*data.sample(s)) for s in samples] + [sequence(*data.rejected(s)) for s in samples]
-        batch = padded(built, pad_id)
-        return {key: batch[key] for key in ("input_ids", "labels", "attention_mask")}
+        return model_inputs(built, pad_id)
 
     def reference_batch(self, rows, samples, pad_id):
         return PairObjective.collate(self, rows, samples, pad_id)
