@@ -3,7 +3,7 @@ the warnings and errors that concern their run.
 
 `install()` runs first thing in every qlaunch process (the command, torchrun's launcher, each rank). What it
 diverts is named here: deprecation warnings raised in other libraries' code (their calls into each other, which a
-user cannot act on), and the notices in NOTICES and PRINTED. A rank writes them to its log (logs/rank-NNNNN.log,
+user cannot act on), and the notices in NOTICES, WARNED and PRINTED. A rank writes them to its log (logs/rank-NNNNN.log,
 from `to_rank_log`; what came before is held until then); the other processes drop them. Errors, tracebacks and
 every other warning pass untouched. `--verbose` (QLAUNCH_VERBOSE=1, which the ranks inherit) shows everything.
 """
@@ -30,6 +30,13 @@ NOTICES = (
     ("DeepSpeed", "Setting accelerator to CPU"),
     # torchrun's banner around OMP_NUM_THREADS=1, the value it then sets.
     ("torch.distributed.run", "\n*****"),
+)
+# (file, start of the message): other libraries' UserWarnings about their calls into each other.
+WARNED = (
+    # FSDP1's state-dict code asks for a process group's default device through an API torch is retiring, and
+    # warns twice at every checkpoint and export of every run.
+    ("torch/distributed/fsdp/_shard_utils.py", "`_get_pg_default_device` will be deprecated"),
+    ("torch/distributed/fsdp/_shard_utils.py", "Multiple backends are registered with this ProcessGroup"),
 )
 # Lines other libraries print(): DeepSpeed's shared-memory collective op, once per rank.
 PRINTED = (("DeepSpeed ", " built successfully"),)
@@ -79,11 +86,17 @@ def _is_other_libraries_deprecation(category: type[Warning], filename: str) -> b
     return issubclass(category, (DeprecationWarning, FutureWarning)) and not filename.startswith(OURS)
 
 
+def _is_named_warning(message, filename: str) -> bool:
+    return any(filename.endswith(file) and str(message).startswith(start) for file, start in WARNED)
+
+
 def _divert_warnings() -> None:
     show = warnings.showwarning
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
-        if not verbose() and _is_other_libraries_deprecation(category, str(filename)):
+        if not verbose() and (
+            _is_other_libraries_deprecation(category, str(filename)) or _is_named_warning(message, str(filename))
+        ):
             _chatter.write(warnings.formatwarning(message, category, filename, lineno, line))
         else:
             show(message, category, filename, lineno, file, line)

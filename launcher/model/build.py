@@ -183,6 +183,7 @@ def prepare_for_kbit_training(model: PreTrainedModel, policy: DtypePolicy, gradi
             target = policy.of(frozen_component(module, name, param))
             if target is not None and param.is_floating_point() and param.dtype != target:
                 param.data = param.data.to(target)
+    experts.cast_at_experts(model)
     if gradient_checkpointing:
         model.config.use_cache = False
         model.enable_input_require_grads()

@@ -108,7 +108,8 @@ def is_packed_expert(module: nn.Module) -> bool:
     return isinstance(module, parametrize.ParametrizationList) and any(isinstance(p, Experts4bit) for p in module)
 
 
-def _install(module: nn.Module, name: str, packed: torch.Tensor, state, spec: ExpertSpec) -> None:
+def install_packed(module: nn.Module, name: str, packed: torch.Tensor, state, spec: ExpertSpec) -> None:
+    """`module.<name>` becomes `packed` (4-bit bytes, quantization state `state`) read through the dequantizing parametrization."""
     delattr(module, name)
     module.register_parameter(name, nn.Parameter(packed, requires_grad=False))
     parametrize.register_parametrization(module, name, Experts4bit(state, spec.shape, spec.dtype), unsafe=True)
@@ -138,13 +139,13 @@ def quantize_parameter(
     if packed.device != home:
         packed = packed.to(home)
         state.to(home)
-    _install(module, name, packed, state, ExpertSpec(tuple(weight.shape), weight.dtype, tuple(packed.shape)))
+    install_packed(module, name, packed, state, ExpertSpec(tuple(weight.shape), weight.dtype, tuple(packed.shape)))
 
 
 def install_meta(module: nn.Module, name: str, spec: ExpertSpec, storage: torch.dtype) -> None:
     """The parametrization of one 4-bit expert on meta; the quantization state arrives with the others'
     (strategies.handoff.broadcast_quant_states)."""
-    _install(module, name, torch.empty(spec.packed_shape, dtype=storage, device="meta"), None, spec)
+    install_packed(module, name, torch.empty(spec.packed_shape, dtype=storage, device="meta"), None, spec)
 
 
 def expert_specs(model: nn.Module, storage: torch.dtype, planned: bool) -> dict[str, ExpertSpec]:
@@ -159,6 +160,54 @@ def expert_specs(model: nn.Module, storage: torch.dtype, planned: bool) -> dict[
             param = module._parameters[name]
             specs[f"{path}.{name}"] = ExpertSpec(tuple(param.shape), param.dtype, packed_shape(param.numel(), storage))
     return dict(sorted(specs.items()))
+
+
+def experts_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype `module`'s expert parameters read as (dequantized, for 4-bit ones), None if it holds none."""
+    for name in getattr(module, "parametrizations", None) or {}:
+        state = parametrization_of(module, name)
+        if state is not None:
+            return state.dtype
+    return next(
+        (p.dtype for n, p in module._parameters.items() if p is not None and is_expert_parameter(module, n, p)), None
+    )
+
+
+def _inputs_in_experts_dtype(module, args, kwargs):
+    dtype = experts_dtype(module)  # looked up at each call: a fake run reads its experts in another dtype
+
+    def cast(value):
+        return value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+
+    module._qlaunch_input_dtype = next((a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
+    return tuple(map(cast, args)), {k: cast(v) for k, v in kwargs.items()}
+
+
+def _output_back(module, args, kwargs, output):
+    back = module.__dict__.pop("_qlaunch_input_dtype", None)
+    if back is not None and torch.is_tensor(output) and output.is_floating_point():
+        return output.to(back)
+    return output
+
+
+def casts_itself(module: nn.Module) -> bool:
+    """The experts dispatch through transformers' experts interface (`use_experts_implementation`, which gives the
+    class `_apply_gate`): its grouped matmul casts the hidden states to the experts' dtype and accumulates the
+    routed sum in theirs. 72 of transformers 5.25's 74 experts classes do."""
+    return hasattr(type(module), "_apply_gate")
+
+
+def cast_at_experts(model: nn.Module) -> None:
+    """Experts that cast nothing themselves (Llama-4's multiply with `torch.bmm`) get the hidden states in their
+    experts' dtype and give their output back in the hidden states' own, as transformers' grouped matmul does: with
+    the norms in float32 and no autocast they met float32 hidden states with 16-bit experts."""
+    for module in model.modules():
+        if casts_itself(module) or getattr(module, "_qlaunch_casts", False):
+            continue
+        if experts_dtype(module) is not None:
+            module.register_forward_pre_hook(_inputs_in_experts_dtype, with_kwargs=True)
+            module.register_forward_hook(_output_back, with_kwargs=True, always_call=True)
+            module._qlaunch_casts = True
 
 
 def sort_expert_parameters(model: nn.Module) -> None:

@@ -32,6 +32,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from ..dtypes import DtypePolicy
 from ..quiet import quiet_logger
+from . import experts
 from .anatomy import frozen_component
 from .experts import Experts4bit, is_packed_expert
 
@@ -232,7 +233,9 @@ def stand_ins(experts_dtype: torch.dtype | None = None) -> list[Patch]:
     """What every fake run needs (see the module docstring); 4-bit experts dequantize to `experts_dtype`, if given."""
     import transformers.masking_utils as masking
 
+    read_as = [(experts, "experts_dtype", lambda module: experts_dtype)] if experts_dtype else []
     return [
+        *read_as,
         (bnb.nn.Linear4bit, "forward", _linear4bit_forward),
         (Experts4bit, "forward", lambda self, packed: _experts_forward(self, packed, experts_dtype)),
         (torch.nn.functional, "grouped_mm", _grouped_mm),

@@ -9,6 +9,13 @@ config carrying the `quantization_config`); later starts load it with `from_pret
 installs those bytes as they are and quantizes nothing. The tests check that the result is bit for
 bit what quantizing gives.
 
+4-bit MoE experts (experts.py) are kept beside it in a file of this cache's own, `experts.safetensors`: each
+expert parameter's packed bytes under `<module path>.<name>` and its quantization state as bitsandbytes packs
+it (`QuantState.as_dict(packed=True)`) under `<module path>.<name>:<item>`. `save_pretrained` cannot hold them:
+it turns fused experts back into the checkpoint's per-expert matrices, which packed bytes cannot be split
+into. They are left out of its state dict; on reading, transformers is told they are not missing (so it
+allocates no 16-bit placeholder for them) and the parametrization is installed on the packed bytes.
+
 An entry is keyed by the checkpoint's files (path, size, modification time), the quantization config
 and the storage dtype the strategy resolved, the versions of torch, transformers and bitsandbytes,
 and the kind of device that quantized it: "cuda" when the source rank had a GPU, else "cpu"
@@ -25,6 +32,7 @@ another job sharing the directory waits for the lock and reads what it wrote.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,12 +47,13 @@ from safetensors import SafetensorError
 from ..config import ModelConfig, QuantConfig
 from ..dtypes import DTYPE_BY_NAME, DtypePolicy
 from ..node_cache import exclusive, fresh_temporary, say
-from .experts import quantized_experts
+from . import experts
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 """Raise when an entry's layout or meaning changes: every cached base is then quantized again."""
 COMPLETE = "qlaunch-quant-cache.json"
 """Written last into the temporary directory: an entry without it is not one."""
+EXPERTS_FILE = "experts.safetensors"
 
 
 def cache_root(model: ModelConfig) -> Path:
@@ -148,18 +157,10 @@ def write_entry(model: ModelConfig, quantize: Callable[[], torch.nn.Module], roo
     started = time.perf_counter()
     base = quantize()
     quantized_s = time.perf_counter() - started
-    if quantized_experts(base):
-        # save_pretrained turns fused experts back into the checkpoint's layout (per-expert matrices),
-        # which packed 4-bit bytes cannot be split into.
-        say(
-            f"the quantized-base cache does not hold 4-bit MoE experts yet: `{model.path}` is quantized again at "
-            "every start (quant.experts: 16bit keeps the experts 16-bit and uses the cache)"
-        )
-        return base
     partial = root / f"{key}.tmp-{os.getpid()}"
     try:
         partial = fresh_temporary(root, key)
-        base.save_pretrained(partial)
+        save_base(base, partial)
         (partial / COMPLETE).write_text(json.dumps({**what, "quantize_s": round(quantized_s, 3)}, indent=2))
         shutil.rmtree(root / key, ignore_errors=True)  # an incomplete entry from before this format's marker
         os.rename(partial, root / key)
@@ -178,13 +179,87 @@ def read_entry(model: ModelConfig, quant: QuantConfig, entry: Path) -> torch.nn.
     """The cached base, as the quantizing load gives it (named after `model.path`, not the cache)."""
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(
-        entry,
-        dtype=DTYPE_BY_NAME[quant.compute_dtype],
-        device_map={"": "cpu"},
-        trust_remote_code=model.trust_remote_code,
-        local_files_only=True,
-    )
+    packed = read_experts(entry)
+    with the_quantizing_load_s_tree({key for key in packed if ":" not in key}):
+        base = AutoModelForCausalLM.from_pretrained(
+            entry,
+            dtype=DTYPE_BY_NAME[quant.compute_dtype],
+            device_map={"": "cpu"},
+            trust_remote_code=model.trust_remote_code,
+            local_files_only=True,
+        )
+    install_experts(base, packed)
     base.config._name_or_path = model.path
     base.name_or_path = model.path
     return base
+
+
+def save_base(base: torch.nn.Module, directory: Path) -> None:
+    """The base in transformers' pre-quantized format, its 4-bit experts (if any) in `EXPERTS_FILE`."""
+    from safetensors.torch import save_file
+
+    held = experts.quantized_experts(base)
+    if not held:
+        base.save_pretrained(directory)
+        return
+    tensors = {}
+    for key, (module, name, parametrization) in held.items():
+        tensors[key] = module.parametrizations[name].original.detach().contiguous()
+        for item, value in parametrization.quant_state.as_dict(packed=True).items():
+            tensors[f"{key}:{item}"] = value.contiguous()
+    # Out of the module tree while saving: the state dict then holds everything but the packed experts.
+    hidden = [
+        (module, module._modules.pop("parametrizations")) for module in {id(m): m for m, _, _ in held.values()}.values()
+    ]
+    try:
+        base.save_pretrained(directory)
+    finally:
+        for module, parametrizations in hidden:
+            module._modules["parametrizations"] = parametrizations
+    save_file(tensors, directory / EXPERTS_FILE)
+
+
+def read_experts(entry: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    file = entry / EXPERTS_FILE
+    return load_file(file) if file.is_file() else {}
+
+
+def install_experts(base: torch.nn.Module, packed: dict[str, torch.Tensor]) -> None:
+    """Each expert parameter left on meta by the load gets its packed bytes and 4-bit parametrization back."""
+    from bitsandbytes.functional import QuantState
+
+    for key in (k for k in packed if ":" not in k):
+        path, _, name = key.rpartition(".")
+        state = QuantState.from_dict(
+            {item.partition(":")[2]: v for item, v in packed.items() if item.startswith(f"{key}:")}, torch.device("cpu")
+        )
+        spec = experts.ExpertSpec(tuple(state.shape), state.dtype, tuple(packed[key].shape))
+        experts.install_packed(base.get_submodule(path) if path else base, name, packed[key], state, spec)
+    experts.sort_parametrizations(base)
+
+
+@contextlib.contextmanager
+def the_quantizing_load_s_tree(expert_keys: set[str]):
+    """Inside, `from_pretrained` of a cache entry builds the module tree the quantizing load built: it does not
+    swap fused experts for per-expert linears as it does for pre-quantized checkpoints of some families
+    (Llama-4), and it does not count `expert_keys` as missing weights, so it neither allocates nor initializes
+    them (they stay on meta) nor reports them: the cache installs them afterwards."""
+    from transformers import PreTrainedModel
+    from transformers.quantizers.base import HfQuantizer
+
+    finalize = PreTrainedModel._finalize_model_loading
+
+    def finalize_without(model, load_config, loading_info):
+        loading_info.missing_keys = set(loading_info.missing_keys) - expert_keys
+        return finalize(model, load_config, loading_info)
+
+    convert = HfQuantizer._convert_model_for_quantization
+    PreTrainedModel._finalize_model_loading = staticmethod(finalize_without)
+    HfQuantizer._convert_model_for_quantization = lambda self, model: None
+    try:
+        yield
+    finally:
+        PreTrainedModel._finalize_model_loading = staticmethod(finalize)
+        HfQuantizer._convert_model_for_quantization = convert

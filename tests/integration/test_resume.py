@@ -145,15 +145,9 @@ def resumed(request, uninterrupted, family_assets):
 
 def test_a_resumed_start_reads_the_quantized_base_from_the_cache(resumed):
     """Run A quantized the base and wrote it to the cache; run B, whose losses equal A's (the test
-    below), read it and quantized nothing. The cache does not hold 4-bit MoE experts yet: a MoE family
-    quantizes at both starts, says so, and resumes with the same losses all the same."""
-    strategy, root, _ = resumed
+    below), read it and quantized nothing: a MoE family's 4-bit experts included."""
+    _, root, _ = resumed
     a_log, b_log = (root / "A.log").read_text(), (root / "B.log").read_text()
-    if BY_NAME[RESUME_FAMILY[strategy]].moe:
-        for log in (a_log, b_log):
-            assert "the quantized-base cache does not hold 4-bit MoE experts yet" in log
-            assert "written to the cache" not in log and "not quantized again" not in log
-        return
     assert "quantized in" in a_log and "written to the cache" in a_log and "not quantized again" not in a_log
     assert "not quantized again" in b_log and "written to the cache" not in b_log
 

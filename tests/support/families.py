@@ -257,6 +257,37 @@ def _falcon_h1(tokens):
     )
 
 
+def _llama4(tokens):
+    from transformers import Llama4TextConfig
+
+    return Llama4TextConfig(
+        **_common(
+            tokens,
+            head_dim=16,
+            intermediate_size_mlp=INTERMEDIATE,
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            interleave_moe_layer_step=2,  # a dense layer, then an MoE one
+            no_rope_layer_interval=2,
+            attention_chunk_size=16,
+            tie_word_embeddings=False,
+        )
+    )
+
+
+def _lfm2(tokens):
+    from transformers import Lfm2Config
+
+    return Lfm2Config(
+        **_common(
+            tokens,
+            layer_types=["conv", "full_attention"],
+            block_auto_adjust_ff_dim=False,
+            tie_word_embeddings=True,
+        )
+    )
+
+
 FAMILIES = [
     Family("llama", "untied embeddings (Llama-2/3 8B+)", lambda t: _llama(t, False)),
     Family("llama-tied", "tied embeddings (Llama-3.2 1B/3B)", lambda t: _llama(t, True), tied=True),
@@ -326,6 +357,13 @@ FAMILIES = [
     Family("glm4-moe", "MoE: a dense first layer, a shared expert, sigmoid routing (GLM-4.5)", _glm4_moe, moe=True),
     Family("qwen3-next", "hybrid: gated delta-rule linear attention and full attention, MoE", _qwen3_next, moe=True),
     Family("falcon-h1", "hybrid: Mamba-2 beside attention in every layer", _falcon_h1),
+    Family(
+        "llama4",
+        "MoE: a router deriving from nn.Linear, a shared expert, chunked attention, NoPE layers",
+        _llama4,
+        moe=True,
+    ),
+    Family("lfm2", "hybrid: gated short convolutions beside attention, tied", _lfm2, tied=True),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
 

@@ -16,6 +16,7 @@ from launcher.config import ModelConfig, QuantConfig
 from launcher.dtypes import DtypePolicy
 from launcher.model import build as model_module
 from launcher.model.quant_cache import COMPLETE, cache_root
+from support.families import BY_NAME
 
 BF16 = DtypePolicy.uniform(torch.bfloat16)
 
@@ -35,8 +36,16 @@ def quantize_calls(monkeypatch):
 
 
 def snapshot(model) -> dict:
-    """Every parameter and buffer (kind, dtype, shape, bytes) and every 4-bit weight's quantization constants."""
+    """Every parameter and buffer (kind, dtype, shape, bytes) and every 4-bit weight's or expert's quantization
+    constants."""
+    from launcher.model.experts import quantized_experts
+
     out = {}
+    for key, (_, _, parametrization) in quantized_experts(model).items():
+        state = parametrization.quant_state
+        for k, v in state.as_dict(packed=True).items():
+            out[f"{key}:{k}"] = (type(v).__name__, v.dtype, tuple(v.shape), raw(v))
+        out[f"{key}:spec"] = (parametrization.shape, parametrization.dtype)
     for name, module in model.named_modules():
         for key, tensor in [*module._parameters.items(), *module._buffers.items()]:
             if tensor is None:
@@ -66,8 +75,10 @@ def entries(root) -> list[str]:
     return sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock"))
 
 
-@pytest.mark.parametrize("family", ["llama-tied", "qwen2"])
+@pytest.mark.parametrize("family", ["llama-tied", "qwen2", "qwen2-moe", "gpt-oss", "llama4"])
 def test_second_start_reads_the_cache_bit_for_bit(family, family_assets, tmp_path, quantize_calls, capsys):
+    """MoE families (a shared expert beside the routed ones; expert biases; Llama-4, whose experts transformers
+    turns into per-expert linears when it reads a pre-quantized checkpoint) keep their experts 4-bit in the cache."""
     path = str(family_assets(family) / "base")
     cfg = ModelConfig(path=path, quant_cache_dir=str(tmp_path / "cache"))
     first = model_module.load_base(cfg, QuantConfig(compute_dtype="bfloat16"), BF16)
@@ -80,12 +91,14 @@ def test_second_start_reads_the_cache_bit_for_bit(family, family_assets, tmp_pat
     )
     assert len(quantize_calls) == 2
     expected = snapshot(fresh)
-    assert any(":absmax" in k for k in expected) and any("bias" in k for k in expected) == (family == "qwen2")
+    assert any(":absmax" in k for k in expected)
+    assert any("bias" in k for k in expected) == (family in ("qwen2", "qwen2-moe", "gpt-oss"))
+    assert any(k.endswith(":spec") for k in expected) == BY_NAME[family].moe
     for got in (first, second):
         mine = snapshot(got)
         assert sorted(mine) == sorted(expected)
         assert [k for k in expected if mine[k] != expected[k]] == []
-        assert ties(got) == ties(fresh) and ties(fresh)  # both families tie the embeddings to the output layer
+        assert ties(got) == ties(fresh) and bool(ties(fresh)) == BY_NAME[family].tied
         assert got.config.to_dict() == fresh.config.to_dict() and got.name_or_path == path
         assert got.training == fresh.training and got.is_loaded_in_4bit
     assert len(entries(tmp_path / "cache")) == 1

@@ -26,6 +26,13 @@ def test_deprecations_from_other_libraries_are_diverted_ours_and_other_warnings_
     assert not quiet._is_other_libraries_deprecation(FutureWarning, quiet.__file__)
 
 
+def test_named_user_warnings_are_diverted_and_no_other():
+    shard_utils = "/venv/lib/python3.11/site-packages/torch/distributed/fsdp/_shard_utils.py"
+    assert quiet._is_named_warning("`_get_pg_default_device` will be deprecated, it only stays ...", shard_utils)
+    assert not quiet._is_named_warning("`_get_pg_default_device` will be deprecated", "/work/launcher/train.py")
+    assert not quiet._is_named_warning("Found unsharded parameters", shard_utils)
+
+
 def test_a_named_notice_goes_to_the_rank_log_and_the_rest_to_the_terminal(chatter, monkeypatch, tmp_path):
     logger = logging.getLogger("test_quiet.library")
     logger.propagate = False
