@@ -27,6 +27,9 @@ class LoraConfig:
     (peft's rank_pattern: `q_proj`, `layers\\.0\\..*`), to its rank; the others take `r`."""
     alpha_pattern: dict[str, int] = field(default_factory=dict)
     """Alphas of some adapted modules, matched as `rank_pattern`; the others take `alpha`."""
+    use_dora: bool = False
+    """DoRA: each adapted linear's weight split into a trained magnitude (one value per output feature) and a
+    direction that LoRA adapts; every forward dequantizes the 4-bit weight for its norm. Not on `target_parameters`."""
 
     def rules(self, at: str) -> list[Rule]:
         patterns = [(f"rank_pattern.{k}", v) for k, v in self.rank_pattern.items()]
@@ -35,4 +38,10 @@ class LoraConfig:
             (self.r > 0, f"`{at}r` must be a positive integer, got {self.r}."),
             (self.alpha > 0, f"`{at}alpha` must be positive, got {self.alpha}."),
             (0 <= self.dropout < 1, f"`{at}dropout` must be in [0, 1), got {self.dropout}."),
+            (
+                not (self.use_dora and self.target_parameters),
+                f"`{at}use_dora` with `{at}target_parameters`: peft has no DoRA for adapted parameters (MoE experts; "
+                'peft 0.21: "lora.ParamWrapper does not work with use_dora=True"). Adapt the experts without DoRA, '
+                "or leave them out.",
+            ),
         ] + [(value > 0, f"`{at}{key}` must be a positive integer, got {value}.") for key, value in patterns]

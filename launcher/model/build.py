@@ -25,6 +25,7 @@ from ..objectives import sequences_per_sample
 from . import experts, targets
 from .adapter_init import load_adapter_weights
 from .anatomy import frozen_component
+from .dora import fix_peft_dora, magnitudes_on_meta
 from .experts import packed_shape
 from .files import model_source
 from .loss import install_loss, loss_chunk_tokens
@@ -213,11 +214,13 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, policy: DtypePolicy, s
     from peft.tuners.lora import LoraLayer, ParamWrapper
 
     experts.fix_peft_stacked_parametrizations()
+    fix_peft_dora()
     targets.keep_named_modules()
     experts.sort_expert_parameters(model)
     resolution = targets.resolve(model, lora)
     torch.manual_seed(seed)
-    model = get_peft_model(model, targets.peft_lora_config(model, lora, resolution))
+    with magnitudes_on_meta():
+        model = get_peft_model(model, targets.peft_lora_config(model, lora, resolution))
     model.qlaunch_targets = resolution
     if lora.target_parameters and lora.dropout:
         for module in model.modules():

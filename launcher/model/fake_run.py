@@ -8,7 +8,8 @@ What cannot run on fake tensors is stood in for by something that does what it d
 autograd and saved tensors go:
   * a 4-bit linear multiplies through an autograd function that saves nothing, as bitsandbytes' `MatMul4Bit`
     (it keeps the packed weight on its context, not as a saved tensor), with `Linear4bit.forward`'s casts;
-  * a 4-bit expert's dequantization gives an empty weight of its shape and dtype;
+  * a 4-bit expert's dequantization gives an empty weight of its shape and dtype, and so does a 4-bit linear's
+    for DoRA's weight norm;
   * the experts' grouped matmul, whose fake kernel takes bf16 only, saves what its autograd formula saves;
   * transformers builds the causal mask as in a real run on one sample per row (it would build one where none is
     needed if it took the fake tensors for a graph being traced).
@@ -185,6 +186,14 @@ def _linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
     return _Frozen4bitMatmul.apply(x, self.out_features, self.bias).to(inp_dtype)
 
 
+def _dequantized_weight(module: nn.Module, dtype: torch.dtype | None) -> torch.Tensor:
+    """What DoRA's weight norm reads of a 4-bit linear: the weight dequantized, in the dtype it was quantized from."""
+    if not isinstance(module, bnb.nn.Linear4bit):
+        return module.weight
+    dtype = dtype or module.compute_dtype or torch.float32
+    return torch.empty((module.out_features, module.in_features), dtype=dtype, device=module.weight.device)
+
+
 DEQUANTIZED: set[int] = set()
 """Storages of the dequantized 4-bit experts made during a trace: the budget counts one layer's of them as
 `experts_dequantized`, not again in `recompute`."""
@@ -231,11 +240,13 @@ def patched(patches: list[Patch]) -> Iterator[None]:
 
 def stand_ins(experts_dtype: torch.dtype | None = None) -> list[Patch]:
     """What every fake run needs (see the module docstring); 4-bit experts dequantize to `experts_dtype`, if given."""
+    import peft.tuners.lora.dora as dora
     import transformers.masking_utils as masking
 
     read_as = [(experts, "experts_dtype", lambda module: experts_dtype)] if experts_dtype else []
     return [
         *read_as,
+        (dora, "dequantize_module_weight", lambda module: _dequantized_weight(module, experts_dtype)),
         (bnb.nn.Linear4bit, "forward", _linear4bit_forward),
         (Experts4bit, "forward", lambda self, packed: _experts_forward(self, packed, experts_dtype)),
         (torch.nn.functional, "grouped_mm", _grouped_mm),

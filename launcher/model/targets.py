@@ -287,6 +287,7 @@ def peft_lora_config(model: nn.Module, lora: LoraConfig, resolution: Resolution 
         r=lora.r,
         lora_alpha=lora.alpha,
         use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
         rank_pattern=dict(lora.rank_pattern),
         alpha_pattern=dict(lora.alpha_pattern),
         # peft refuses dropout on adapted parameters; attach_lora sets it on the adapted modules.

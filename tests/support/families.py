@@ -338,10 +338,12 @@ FAMILIES = [
     ),
     Family(
         "llama-tied-variants",
-        "rsLoRA, a rank and an alpha pattern, LoRA+ (the B matrices at twice the learning rate)",
+        "DoRA, rsLoRA, a rank and an alpha pattern, LoRA+ (the B matrices at twice the learning rate)",
         lambda t: _llama(t, True),
         tied=True,
         run_args=(
+            "--lora.use_dora",
+            "true",
             "--lora.use_rslora",
             "true",
             "--lora.rank_pattern",
@@ -351,6 +353,13 @@ FAMILIES = [
             "--train.loraplus_lr_ratio",
             "2",
         ),  # fmt: skip
+    ),
+    Family(
+        "qwen2-dora",
+        "DoRA (a magnitude per output feature, the 4-bit weight dequantized for its norm) beside q/k/v biases",
+        _qwen2,
+        tied=True,
+        run_args=("--lora.use_dora", "true", "--lora.rank_pattern", "{o_proj: 4}"),
     ),
     Family("gpt-neox", "a plain (non-gated) MLP, LayerNorm, parallel residual, partial rotary", _gpt_neox),
     Family("exaone4", "norms after the attention and the MLP, sliding and full layers", _exaone4),

@@ -58,3 +58,34 @@ def test_loraplus_puts_the_b_matrices_in_their_own_group_at_ratio_times_the_rate
     optimizer = torch.optim.AdamW(groups, lr=1e-4)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4, 1.6e-3])
     assert group_index("x.lora_embedding_B.default", 2) == 1 and group_index("x.lora_B.default.weight", 1) == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_dora_magnitudes_are_made_on_meta_where_no_4bit_weight_is_held(family):
+    """The ranks without weights (and the budget's skeleton) build DoRA's magnitude vectors on meta, one value per
+    output feature of each adapted 4-bit linear; peft alone dequantizes a meta 4-bit weight there and fails."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    from launcher import strategies
+    from launcher.config import RunConfig
+    from launcher.memory.predict import resolve_quant
+    from launcher.memory.skeleton import build_skeleton
+
+    cfg = resolve_quant(
+        RunConfig(model=ModelConfig(path=family), lora=LoraConfig(use_dora=True, rank_pattern={"o_proj": 4})),
+        strategies.get("fsdp2"),
+        "no",
+        "cpu",
+    )
+    policy = strategies.dtype_policy(cfg.quant, strategies.get("fsdp2"), "no")
+    model = build_skeleton(cfg, policy, tiny_config(family))
+    layers = [
+        m for m in model.modules() if isinstance(m, LoraLayer) and isinstance(m.get_base_layer(), bnb.nn.Linear4bit)
+    ]
+    assert layers
+    for layer in layers:
+        magnitude = layer.lora_magnitude_vector["default"]
+        assert isinstance(magnitude, DoraLinearLayer) and magnitude.weight.is_meta and magnitude.weight.requires_grad
+        assert magnitude.weight.shape == (layer.get_base_layer().out_features,)
+    assert DoraLinearLayer.update_layer.__name__ == "update_layer", "the meta-aware stand-in outlived the build"

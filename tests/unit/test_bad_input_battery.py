@@ -185,6 +185,11 @@ CASES = [
     Case("lora-target-typo", TRAIN + " --lora.target_modules [q_proj,v_porj]", r"v_porj.*q_proj"),
     Case("rank-pattern-none", TRAIN + " --lora.rank_pattern '{{nope: 4}}'", r"`lora.rank_pattern` names `nope`, which"),
     Case("rank-pattern-zero", TRAIN + " --lora.rank_pattern '{{q_proj: 0}}'", r"`lora.rank_pattern.q_proj` must be a"),
+    Case(
+        "dora-on-experts",
+        TRAIN + " --lora.use_dora true --lora.target_parameters [mlp.experts.down_proj]",
+        r"`lora.use_dora` with `lora.target_parameters`: peft has no DoRA for adapted parameters",
+    ),
     Case("loraplus-negative", TRAIN + " --train.loraplus_lr_ratio -1", r"`train.loraplus_lr_ratio` must be 0 \(off\)"),
     # Outputs and resume
     Case("earlier-run", "train --config {run} --nproc 2 --output_dir {earlier}", r"already holds a run.*overwrite"),
