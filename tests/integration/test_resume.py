@@ -23,6 +23,7 @@ from support.families import BY_NAME
 from support.launches import (
     load_probes,
     probe_launch_command,
+    probe_runs_command,
     qlaunch,
     read_metrics,
     run_command,
@@ -100,20 +101,51 @@ def launch(strategy, root: Path, name: str, train_args, env=None):
 
 @pytest.fixture(scope="module")
 def uninterrupted(family_assets, tmp_path_factory):
-    """Run A of a strategy on its RESUME_FAMILY, launched once and shared: 2k steps in one go, saving
-    at step k. Returns its root."""
+    """Runs A and B of a strategy on its RESUME_FAMILY, in one launch and shared: A trains 2k steps in one go,
+    saving at step k; then B, in the same ranks (dist_probe.py --runs: a new run as a new process starts it),
+    resumes from A's checkpoint at step k and trains to 2k. Returns the root, with each run's part of the launch
+    log in A.log and B.log."""
     roots: dict[str, Path] = {}
 
-    def run_a(strategy: str) -> Path:
+    def run_a_then_b(strategy: str) -> Path:
         if strategy not in roots:
             root = tmp_path_factory.mktemp(f"resume-{strategy}")
-            train_args = resume_args(family_assets, root / "A", strategy, 2 * K, *fresh_quant_cache(root))
-            proc, log = launch(strategy, root, "A", train_args)
+            checkpoint = root / "A" / "checkpoints" / f"step-{K:06d}"
+            runs = [
+                {
+                    "probe_dir": str(root / "A"),
+                    "args": resume_args(family_assets, root / "A", strategy, 2 * K, *fresh_quant_cache(root)),
+                },
+                {
+                    "probe_dir": str(root / "B"),
+                    "args": resume_args(
+                        family_assets,
+                        root / "B",
+                        strategy,
+                        2 * K,
+                        "--resume",
+                        str(checkpoint),
+                        *fresh_quant_cache(root),
+                    ),
+                },
+            ]
+            (root / "runs.json").write_text(json.dumps(runs))
+            log = root / "launch.log"
+            proc = run_command(probe_runs_command(strategy, root / "runs.json"), log, timeout=600)
             assert proc.returncode == 0, tail(log)
+            a_part, b_part = split_runs(log.read_text(), [root / "A", root / "B"])
+            (root / "A.log").write_text(a_part)
+            (root / "B.log").write_text(b_part)
             roots[strategy] = root
         return roots[strategy]
 
-    return run_a
+    return run_a_then_b
+
+
+def split_runs(text: str, probe_dirs: list[Path]) -> list[str]:
+    """A --runs launch's log cut at the line dist_probe.py prints as each run starts."""
+    starts = [text.index(f"dist_probe: run {directory}\n") for directory in probe_dirs]
+    return [text[start:end] for start, end in zip(starts, [*starts[1:], len(text)], strict=True)]
 
 
 def fresh_quant_cache(root: Path) -> list[str]:
@@ -128,19 +160,11 @@ def resume_args(family_assets, out: Path, strategy: str, steps: int, *extra: str
 
 
 @pytest.fixture(scope="module", params=STRATEGIES, ids=[f"{s}-{RESUME_FAMILY[s]}" for s in STRATEGIES])
-def resumed(request, uninterrupted, family_assets):
+def resumed(request, uninterrupted):
     strategy = request.param
     root = uninterrupted(strategy)
-    checkpoint = root / "A" / "checkpoints" / f"step-{K:06d}"
-    proc, log = launch(
-        strategy,
-        root,
-        "B",
-        resume_args(family_assets, root / "B", strategy, 2 * K, "--resume", str(checkpoint), *fresh_quant_cache(root)),
-    )
-    assert proc.returncode == 0, tail(log)
-    assert f"Resuming from step {K}" in log.read_text()
-    return strategy, root, checkpoint
+    assert f"Resuming from step {K}" in (root / "B.log").read_text()
+    return strategy, root, root / "A" / "checkpoints" / f"step-{K:06d}"
 
 
 def test_a_resumed_start_reads_the_quantized_base_from_the_cache(resumed):

@@ -194,6 +194,8 @@ def reset_between_runs(environment: dict) -> None:
 
 
 def run(probe_dir: Path, train_args: list[str]) -> int:
+    if RANK == 0:
+        print(f"dist_probe: run {probe_dir}", flush=True)  # where this run's part of a --runs launch log starts
     observed.clear()
     observed.update(layer_forward_calls=0, batches={})
     probe["dir"] = probe_dir
