@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 Rule = tuple[bool, str]
+INITS = ("default", "gaussian", "pissa", "olora")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,10 @@ class LoraConfig:
     (peft's rank_pattern: `q_proj`, `layers\\.0\\..*`), to its rank; the others take `r`."""
     alpha_pattern: dict[str, int] = field(default_factory=dict)
     """Alphas of some adapted modules, matched as `rank_pattern`; the others take `alpha`."""
+    init: str = "default"
+    """How the adapters start: default (peft's: A random, B zero, so training starts from the base), gaussian (A
+    Gaussian), pissa or olora (A and B the principal part of each 16-bit weight, by SVD or QR, taken on the source
+    rank while it loads; the residual is quantized in its place)."""
     use_dora: bool = False
     """DoRA: each adapted linear's weight split into a trained magnitude (one value per output feature) and a
     direction that LoRA adapts; every forward dequantizes the 4-bit weight for its norm. Not on `target_parameters`."""
@@ -38,6 +43,16 @@ class LoraConfig:
             (self.r > 0, f"`{at}r` must be a positive integer, got {self.r}."),
             (self.alpha > 0, f"`{at}alpha` must be positive, got {self.alpha}."),
             (0 <= self.dropout < 1, f"`{at}dropout` must be in [0, 1), got {self.dropout}."),
+            (
+                self.init in INITS,
+                f"`{at}init` is `{self.init}`; choose one of {', '.join(INITS)}"
+                + (" (LoftQ is not built yet)." if self.init == "loftq" else "."),
+            ),
+            (
+                not (self.init in ("pissa", "olora") and self.init_from),
+                f"`{at}init: {self.init}` with `{at}init_from`: a continued adapter brings its own weights (and a "
+                "residual base of its own); drop one of them.",
+            ),
             (
                 not (self.use_dora and self.target_parameters),
                 f"`{at}use_dora` with `{at}target_parameters`: peft has no DoRA for adapted parameters (MoE experts; "

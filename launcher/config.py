@@ -318,6 +318,20 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def rules(self, at: str) -> list[Rule]:
+        against_reference = self.train.objective == "kto" or (
+            self.train.objective == "dpo" and self.dpo.loss_type != "simpo"
+        )
+        return [
+            (
+                not (self.lora.init in ("pissa", "olora") and against_reference),
+                f"`lora.init: {self.lora.init}` with `train.objective: {self.train.objective}`: the reference is the "
+                "model with the adapter switched off, which would be the residual base PiSSA and OLoRA leave, not the "
+                "model training starts from. Use lora.init default, or an objective without a reference (orpo, dpo's "
+                "simpo).",
+            )
+        ]
+
 
 @functools.cache
 def _choices(cls: type) -> dict[str, tuple[str, ...]]:

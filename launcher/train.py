@@ -157,7 +157,7 @@ def setup(user_cfg: RunConfig, stop: StopSignal) -> Training:
 
     # Load: only the source rank reads the quantized base (from the cache, or quantizing the checkpoint).
     startup_mark("load_start")
-    base = load_base(cfg.model, cfg.quant, policy)
+    base = load_base(cfg.model, cfg.quant, policy, cfg.lora)
     startup_mark("load_end")
 
     output_dir = Path(cfg.output_dir)

@@ -142,7 +142,7 @@ def load_for_inference(output_dir: Path, base_path: str | None = None, adapter_d
 
     cfg = load_config(Path(output_dir) / "run_config.yaml", [("model.path", base_path)] if base_path else ())
     policy = strategies.dtype_policy(cfg.quant, strategies.get(cfg.strategy), cfg.train.mixed_precision)
-    base = load_quantized_base(cfg.model, cfg.quant, policy)
+    base = load_quantized_base(cfg.model, cfg.quant, policy, lora=cfg.lora)  # a residual base for PiSSA and OLoRA
     fix_peft_stacked_parametrizations()  # adapters on 4-bit experts
     keep_named_modules()  # linears named in full stay modules (peft issue 3711)
     disable_bnb_cpu_repack(base)

@@ -22,7 +22,7 @@ from ..config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainCon
 from ..cpu_shims import disable_bnb_cpu_repack
 from ..dtypes import DTYPE_BY_NAME, DtypePolicy
 from ..objectives import sequences_per_sample
-from . import experts, targets
+from . import decomposed_init, experts, targets
 from .adapter_init import load_adapter_weights
 from .anatomy import frozen_component
 from .dora import fix_peft_dora, magnitudes_on_meta
@@ -98,16 +98,24 @@ def read_model_config(path: str, trust_remote_code: bool, config_only: bool = Fa
 
 
 def load_quantized_base(
-    model: ModelConfig, quant: QuantConfig, policy: DtypePolicy, device: torch.device | str | None = None
+    model: ModelConfig,
+    quant: QuantConfig,
+    policy: DtypePolicy,
+    device: torch.device | str | None = None,
+    lora: LoraConfig | None = None,
 ) -> PreTrainedModel:
     """Reads the checkpoint through `from_pretrained`, each 4-bit weight quantized on `device` (default
     this rank's device: its GPU when CUDA is present, else the CPU) one at a time, the whole quantized base in host RAM (source rank only). The
-    checkpoint is read with pread, not memory-mapped, so its pages do not stay in the process (quantize.py)."""
+    checkpoint is read with pread, not memory-mapped, so its pages do not stay in the process (quantize.py).
+    With `lora.init` pissa or olora each adapted weight is decomposed first and its residual quantized; the
+    adapters' factors ride on the base as `qlaunch_factors` (decomposed_init.py)."""
     device = this_rank_device() if device is None else device
+    shapes = decomposition_plan(model, quant, lora)
     with (
         reading_without_mmap(),
         quantizing_on(device),
         experts.quantizing_experts_while_loading(quant, policy.quant_storage, device, quant.experts == "4bit"),
+        decomposed_init.decomposing_while_loading(shapes, lora) as factors,
     ):
         base = AutoModelForCausalLM.from_pretrained(
             model.path,
@@ -117,7 +125,18 @@ def load_quantized_base(
             trust_remote_code=model.trust_remote_code,
         )
     experts.sort_parametrizations(base)
+    if factors:
+        base.qlaunch_factors = factors
     return base
+
+
+def decomposition_plan(
+    model: ModelConfig, quant: QuantConfig, lora: LoraConfig | None
+) -> dict[str, decomposed_init.AdapterShape]:
+    """The linears `lora.init` decomposes (none unless it is pissa or olora), with their ranks and alphas."""
+    if lora is None or lora.init not in decomposed_init.DECOMPOSED:
+        return {}
+    return decomposed_init.plan(meta_base(model, quant), lora)
 
 
 def meta_base(model: ModelConfig, quant: QuantConfig, config: PretrainedConfig | None = None) -> PreTrainedModel:
@@ -261,7 +280,9 @@ def coverage_notes(model: nn.Module, lora: LoraConfig) -> list[str]:
     return notes
 
 
-def load_base(model: ModelConfig, quant: QuantConfig, policy: DtypePolicy) -> PreTrainedModel:
+def load_base(
+    model: ModelConfig, quant: QuantConfig, policy: DtypePolicy, lora: LoraConfig | None = None
+) -> PreTrainedModel:
     """Before any plugin exists (so no ZeRO-3 hook changes how transformers builds it): the source
     rank loads the quantized base (from the quantized-base cache, or quantizing the checkpoint); every
     other rank builds the bare tree on meta."""
@@ -269,9 +290,15 @@ def load_base(model: ModelConfig, quant: QuantConfig, policy: DtypePolicy) -> Pr
         return meta_base(model, quant)
     device = this_rank_device()
     if not model.quant_cache:
-        return load_quantized_base(model, quant, policy, device)
+        return load_quantized_base(model, quant, policy, device, lora)
+    decomposition = decomposed_init.describe(lora, decomposition_plan(model, quant, lora))
     return cached_quantized_base(
-        model, quant, policy, lambda: load_quantized_base(model, quant, policy, device), device.type
+        model,
+        quant,
+        policy,
+        lambda: load_quantized_base(model, quant, policy, device, lora),
+        device.type,
+        decomposition,
     )[0]
 
 
@@ -294,7 +321,10 @@ def build_model(
     install_loss(
         base, loss_chunk_tokens(base, train), sequences_per_sample(train) * train.micro_batch_size * max_seq_len
     )
+    factors = getattr(base, "qlaunch_factors", None)
     model = attach_lora(base, lora, policy, train.seed)
+    if factors:  # the source rank's; every rank receives its adapter weights
+        decomposed_init.install_factors(model, factors)
     if lora.init_from and is_source_rank():  # every rank receives the source rank's adapter weights
         load_adapter_weights(model, lora.init_from)
     return model

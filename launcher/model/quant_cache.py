@@ -54,6 +54,8 @@ CACHE_FORMAT = 2
 COMPLETE = "qlaunch-quant-cache.json"
 """Written last into the temporary directory: an entry without it is not one."""
 EXPERTS_FILE = "experts.safetensors"
+FACTORS_FILE = "decomposed-adapters.safetensors"
+"""A residual base's adapter factors (lora.init: pissa, olora): `<module path>:A` and `<module path>:B`."""
 
 
 def cache_root(model: ModelConfig) -> Path:
@@ -88,7 +90,9 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def cache_key(model: ModelConfig, quant: QuantConfig, policy: DtypePolicy, quantized_on: str) -> tuple[str, dict]:
+def cache_key(
+    model: ModelConfig, quant: QuantConfig, policy: DtypePolicy, quantized_on: str, decomposition: dict | None = None
+) -> tuple[str, dict]:
     what = {
         "format": CACHE_FORMAT,
         "quantized_on": quantized_on,
@@ -103,6 +107,8 @@ def cache_key(model: ModelConfig, quant: QuantConfig, policy: DtypePolicy, quant
         },
         "versions": library_versions(),
     }
+    if decomposition:  # a residual base (lora.init: pissa, olora) is not the original's
+        what["decomposition"] = decomposition
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24], what
 
 
@@ -112,13 +118,15 @@ def cached_quantized_base(
     policy: DtypePolicy,
     quantize: Callable[[], torch.nn.Module],
     quantized_on: str,
+    decomposition: dict | None = None,
 ) -> tuple[torch.nn.Module, bool]:
     """The quantized base and whether it came from the cache: read from it, or `quantize()`d and written
     into it by the first process to ask. `quantized_on` is the kind of device `quantize` quantizes on
-    ("cpu", "cuda"): part of the key."""
+    ("cpu", "cuda"): part of the key, as is `decomposition` (decomposed_init.describe), the adapters a residual
+    base was decomposed for, whose factors the entry keeps beside it."""
     root = cache_root(model)
     root.mkdir(parents=True, exist_ok=True)
-    key, what = cache_key(model, quant, policy, quantized_on)
+    key, what = cache_key(model, quant, policy, quantized_on, decomposition)
     entry = root / key
     if not is_entry(entry):
         with exclusive(root, key, f"waiting for another process quantizing `{model.path}` into {entry}"):
@@ -189,15 +197,28 @@ def read_entry(model: ModelConfig, quant: QuantConfig, entry: Path) -> torch.nn.
             local_files_only=True,
         )
     install_experts(base, packed)
+    if (entry / FACTORS_FILE).is_file():
+        from safetensors.torch import load_file
+
+        saved = load_file(entry / FACTORS_FILE)
+        paths = sorted({key.rpartition(":")[0] for key in saved})
+        base.qlaunch_factors = {path: (saved[f"{path}:A"], saved[f"{path}:B"]) for path in paths}
     base.config._name_or_path = model.path
     base.name_or_path = model.path
     return base
 
 
 def save_base(base: torch.nn.Module, directory: Path) -> None:
-    """The base in transformers' pre-quantized format, its 4-bit experts (if any) in `EXPERTS_FILE`."""
+    """The base in transformers' pre-quantized format, its 4-bit experts (if any) in `EXPERTS_FILE`, the adapters'
+    factors of a residual base in `FACTORS_FILE`."""
     from safetensors.torch import save_file
 
+    factors = getattr(base, "qlaunch_factors", None)
+    if factors:
+        named = {
+            f"{path}:{name}": t.contiguous() for path, ab in factors.items() for name, t in zip("AB", ab, strict=True)
+        }
+        save_file(named, directory / FACTORS_FILE)
     held = experts.quantized_experts(base)
     if not held:
         base.save_pretrained(directory)

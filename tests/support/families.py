@@ -321,10 +321,10 @@ FAMILIES = [
     ),
     Family(
         "qwen3-moe-orpo",
-        "ORPO on pairs (the chosen NLL plus the odds-ratio term, no reference) on an MoE",
+        "ORPO on pairs (the chosen NLL plus the odds-ratio term, no reference) on an MoE, its adapters from PiSSA",
         _qwen3_moe,
         moe=True,
-        run_args=("--train.objective", "orpo"),
+        run_args=("--train.objective", "orpo", "--lora.init", "pissa"),
         pairs=True,
     ),
     Family(
@@ -355,11 +355,12 @@ FAMILIES = [
         ),  # fmt: skip
     ),
     Family(
-        "qwen2-dora",
-        "DoRA (a magnitude per output feature, the 4-bit weight dequantized for its norm) beside q/k/v biases",
+        "qwen2-dora-pissa",
+        "DoRA (the 4-bit weight dequantized for its norm) and PiSSA (adapters from the 16-bit weights, the residual "
+        "quantized) beside q/k/v biases",
         _qwen2,
         tied=True,
-        run_args=("--lora.use_dora", "true", "--lora.rank_pattern", "{o_proj: 4}"),
+        run_args=("--lora.use_dora", "true", "--lora.init", "pissa", "--lora.rank_pattern", "{o_proj: 4}"),
     ),
     Family("gpt-neox", "a plain (non-gated) MLP, LayerNorm, parallel residual, partial rotary", _gpt_neox),
     Family("exaone4", "norms after the attention and the MLP, sliding and full layers", _exaone4),

@@ -1,0 +1,128 @@
+"""PiSSA and OLoRA (`lora.init: pissa | olora`) on a 4-bit base: the adapters start as the principal part of each
+adapted weight, taken from the 16-bit weight on the source rank while it loads, and the residual is what gets
+quantized (QPiSSA). peft refuses these initializations on a quantized layer, and recommends exactly this.
+
+transformers quantizes each weight as it reads it (`Bnb4bitQuantize.convert`, one weight at a time). Inside
+`decomposing_while_loading`, every weight of an adapted linear first goes through peft's own initialization, on a
+16-bit `nn.Linear` holding it: `pissa_init` (an SVD) or `olora_init` (a QR decomposition) set the adapter's A and
+B, with the rank and scaling peft gives that module (rank and alpha patterns, rsLoRA), and leave the residual in
+the weight, which is then quantized in its place. The factors are installed into the adapters once peft has
+attached them (`install_factors`), on the source rank, whose adapter weights every rank receives; the other
+ranks never see a 16-bit weight. The quantized-base cache keys on the plan (a residual base is not the original).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig
+
+DECOMPOSED = ("pissa", "olora")
+"""`lora.init` values that take the adapters from the 16-bit weights."""
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterShape:
+    r: int
+    alpha: float
+
+
+def plan(meta_model: nn.Module, lora: LoraConfig) -> dict[str, AdapterShape]:
+    """Module path -> rank and alpha of every linear the run adapts, as peft attaches them to `meta_model` (an
+    unquantized tree on meta, left as it was)."""
+    import copy
+
+    from peft import get_peft_model
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from . import targets
+    from .dora import magnitudes_on_meta
+
+    model = copy.deepcopy(meta_model)
+    config = targets.peft_lora_config(model, dataclasses.replace(lora, init="default"))
+    config.init_lora_weights = False
+    with magnitudes_on_meta():
+        wrapped = get_peft_model(model, config)
+    return {
+        name.removeprefix(PEFT_PREFIX): AdapterShape(layer.r["default"], layer.lora_alpha["default"])
+        for name, layer in wrapped.named_modules()
+        if isinstance(layer, LoraLinear)
+    }
+
+
+def decompose(
+    weight: torch.Tensor, shape: AdapterShape, lora: LoraConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(residual weight in `weight`'s dtype, A, B) by peft's own `lora.init` on a 16-bit linear holding `weight`."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.tuners.lora import Linear as LoraLinear
+
+    out_features, in_features = weight.shape
+    base = nn.Linear(in_features, out_features, bias=False, device="meta")
+    base.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    config = PeftLoraConfig(
+        r=shape.r, lora_alpha=shape.alpha, use_rslora=lora.use_rslora, init_lora_weights=lora.init, lora_dropout=0.0
+    )
+    layer = LoraLinear(base, "default", config=config, r=shape.r, lora_alpha=shape.alpha)
+    residual = layer.get_base_layer().weight.detach().to(weight.dtype)
+    return residual, layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+
+
+@contextlib.contextmanager
+def decomposing_while_loading(shapes: dict[str, AdapterShape], lora: LoraConfig) -> Iterator[dict[str, tuple]]:
+    """Inside, each weight transformers quantizes for a module in `shapes` is decomposed first and its residual
+    quantized; yields module path -> (A, B) as they are made."""
+    from transformers.integrations.bitsandbytes import Bnb4bitQuantize
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if lora.init not in DECOMPOSED or not shapes:
+        yield factors
+        return
+    convert = Bnb4bitQuantize.convert
+
+    def convert_residual(self, input_dict, full_layer_name=None, model=None, **kwargs):
+        decomposed = {}
+        for name, value in input_dict.items():
+            tensor = value[0] if isinstance(value, list) else value
+            path, _, parameter = name.rpartition(".")
+            if parameter == "weight" and path in shapes:
+                tensor, a, b = decompose(tensor, shapes[path], lora)
+                factors[path] = (a, b)
+            decomposed[name] = [tensor] if isinstance(value, list) else tensor
+        return convert(self, decomposed, full_layer_name=full_layer_name, model=model, **kwargs)
+
+    Bnb4bitQuantize.convert = convert_residual
+    try:
+        yield factors
+    finally:
+        Bnb4bitQuantize.convert = convert
+
+
+def install_factors(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Each adapted linear's A and B from its decomposition (the source rank's peft model, after attach_lora)."""
+    modules = dict(model.named_modules())
+    missing = sorted(path for path in factors if PEFT_PREFIX + path not in modules)
+    if missing:
+        raise RuntimeError(f"The decomposed weights of {missing[:3]} have no adapter to go to.")
+    with torch.no_grad():
+        for path, (a, b) in factors.items():
+            layer = modules[PEFT_PREFIX + path]
+            for adapter, value in ((layer.lora_A["default"], a), (layer.lora_B["default"], b)):
+                adapter.weight.copy_(value.to(adapter.weight.dtype))
+
+
+def describe(lora: LoraConfig | None, shapes: dict[str, AdapterShape]) -> dict | None:
+    """What the quantized-base cache keys on for a decomposed base (None for the original one)."""
+    if not shapes:
+        return None
+    return {
+        "init": lora.init,
+        "use_rslora": lora.use_rslora,
+        "adapters": sorted([path, shape.r, shape.alpha] for path, shape in shapes.items()),
+    }

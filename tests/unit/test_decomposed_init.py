@@ -1,0 +1,114 @@
+"""PiSSA and OLoRA on a 4-bit base (launcher/model/decomposed_init.py): the adapters are peft's own initialization
+of each 16-bit weight, the residual is what gets quantized, so the first forward is the 16-bit model's within NF4
+error, and closer to it than plain QLoRA's; the quantized-base cache keeps a residual base apart from the original
+and gives back its factors."""
+
+import dataclasses
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
+
+from launcher.config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig, load_config
+from launcher.dtypes import DtypePolicy
+from launcher.model import build
+from launcher.model.decomposed_init import AdapterShape, decompose
+
+FP32 = DtypePolicy.uniform(torch.float32)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_the_decomposition_is_peft_s_own_and_leaves_the_residual(init):
+    torch.manual_seed(0)
+    weight = torch.randn(48, 32, dtype=torch.bfloat16)
+    lora = LoraConfig(init=init, use_rslora=True)
+    residual, a, b = decompose(weight, AdapterShape(r=8, alpha=16), lora)
+    scaling = 16 / 8**0.5
+    # peft's own initialization of a 16-bit linear, which is what it recommends quantizing the residual of
+    base = nn.Linear(32, 48, bias=False, dtype=torch.bfloat16)
+    base.weight.data = weight.clone()
+    config = PeftLoraConfig(r=8, lora_alpha=16, use_rslora=True, init_lora_weights=init)
+    theirs = LoraLinear(base, "default", config=config, r=8, lora_alpha=16)
+    assert torch.equal(a, theirs.lora_A["default"].weight) and torch.equal(b, theirs.lora_B["default"].weight)
+    assert torch.equal(residual, theirs.get_base_layer().weight) and residual.dtype == torch.bfloat16
+    rebuilt = residual.float() + scaling * b @ a
+    # the weight again, but for the residual's rounding to bf16 (within a unit in its last place)
+    assert (rebuilt - weight.float()).abs().max() <= residual.float().abs().max() * 2**-7
+
+
+def first_logits(path: str, lora: LoraConfig | None, quantized: bool) -> torch.Tensor:
+    ids = torch.arange(3, 40).reshape(1, -1)
+    if not quantized:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        quant = QuantConfig(compute_dtype="float32")
+        base = build.load_base(ModelConfig(path=path, quant_cache=False), quant, FP32, lora)
+        model = build.build_model(base, quant, lora or LoraConfig(), TrainConfig(), FP32, 64)
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "qwen2"])
+def test_pissa_and_olora_start_closer_to_the_16bit_model_than_plain_qlora(family, family_assets):
+    path = str(family_assets(family) / "base")
+    original = first_logits(path, None, quantized=False)
+    plain = (first_logits(path, LoraConfig(dropout=0.0), quantized=True) - original).abs().mean().item()
+    for init in ("pissa", "olora"):
+        decomposed = (first_logits(path, LoraConfig(dropout=0.0, init=init), quantized=True) - original).abs().mean()
+        print(
+            f"{family}: mean |logit error| against the 16-bit model: plain QLoRA {plain:.5f}, {init} {decomposed:.5f}"
+        )
+        assert decomposed.item() < plain, (init, decomposed.item(), plain)
+    assert plain < 0.5  # NF4's error on these logits, not a broken load
+
+
+def test_a_residual_base_is_cached_apart_and_brings_its_factors_back(family_assets, tmp_path):
+    path = str(family_assets("llama-tied") / "base")
+    cache = ModelConfig(path=path, quant_cache_dir=str(tmp_path / "cache"))
+    quant = QuantConfig(compute_dtype="float32")
+    pissa = LoraConfig(init="pissa", rank_pattern={"q_proj": 4})
+    first = build.load_base(cache, quant, FP32, pissa)
+    second = build.load_base(cache, quant, FP32, pissa)  # read from the cache
+    plain = build.load_base(cache, quant, FP32, LoraConfig())
+    assert len(list((tmp_path / "cache").glob("*/qlaunch-quant-cache.json"))) == 2
+    assert not hasattr(plain, "qlaunch_factors") and sorted(first.qlaunch_factors) == sorted(second.qlaunch_factors)
+    for path_, (a, b) in first.qlaunch_factors.items():
+        assert torch.equal(a, second.qlaunch_factors[path_][0]) and torch.equal(b, second.qlaunch_factors[path_][1])
+        assert a.shape[0] == (4 if path_.endswith("q_proj") else 16)
+    olora = build.load_base(cache, quant, FP32, dataclasses.replace(pissa, init="olora"))
+    assert olora.qlaunch_factors and len(list((tmp_path / "cache").glob("*/qlaunch-quant-cache.json"))) == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([("lora.init", "svd")], r"`lora.init` is `svd`; choose one of default, gaussian, pissa, olora\."),
+        ([("lora.init", "loftq")], r"LoftQ is not built yet"),
+        ([("lora.init", "pissa"), ("lora.init_from", "/x")], r"`lora.init: pissa` with `lora.init_from`"),
+        ([("lora.init", "olora"), ("train.objective", "kto")], r"the reference is the model with the adapter switched"),
+    ],
+)
+def test_a_bad_init_is_one_line_before_launch(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_merge_refuses_a_pissa_adapter_onto_the_original_weights(family_assets, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from launcher import cli
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    base = str(family_assets("llama-tied") / "base")
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+    (run / "run_config.yaml").write_text(yaml.safe_dump({"model": {"path": base}, "lora": {"init": "pissa"}}))
+    assert cli.main(["merge", str(run / "adapter"), "--output", str(tmp_path / "merged")]) == 2
+    assert "trained with `lora.init: pissa`: it applies to the residual base" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
