@@ -312,24 +312,8 @@ def cmd_merge(args) -> int:
             "folder or a `qlaunch export` output."
         )
     read_model_config(args.base or json.loads(config.read_text())["base_model_name_or_path"], False)
-    refuse_decomposed_adapter(Path(args.adapter))
     print(f"Merged model saved to {merge_adapter(Path(args.adapter), Path(args.output), args.base, args.dtype)}")
     return 0
-
-
-def refuse_decomposed_adapter(adapter: Path) -> None:
-    """A PiSSA or OLoRA adapter (its run's config beside it says so) applies to the residual base its run quantized,
-    not to the original weights `qlaunch merge` loads."""
-    from .config import load_config
-
-    run_config = adapter.resolve().parent / "run_config.yaml"
-    init = load_config(run_config, ()).lora.init if run_config.is_file() else "default"
-    if init in ("pissa", "olora"):
-        raise ConfigError(
-            f"`{adapter}` was trained with `lora.init: {init}`: it applies to the residual base its run quantized, not "
-            "to the original weights, and its conversion to a plain LoRA on the original base is not built yet. "
-            f"`qlaunch verify {adapter.resolve().parent}` rebuilds the residual base and checks it."
-        )
 
 
 def cmd_budget(args) -> int:

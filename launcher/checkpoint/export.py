@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .. import strategies
-from ..config import ConfigError, load_config
+from ..config import ConfigError, ModelConfig, QuantConfig, load_config
 from ..cpu_shims import disable_bnb_cpu_repack
 from ..dtypes import DTYPE_BY_NAME
-from ..model.build import load_quantized_base, prepare_for_kbit_training
+from ..model.build import decomposition_plan, load_quantized_base, prepare_for_kbit_training
 from ..model.experts import fix_peft_stacked_parametrizations, sort_expert_parameters
 from ..model.targets import keep_named_modules
 from ..run import disk_full
@@ -105,7 +106,10 @@ def export_checkpoint(checkpoint_dir: Path, output: Path, overwrite: bool = Fals
 
 
 def merge_adapter(adapter_dir: Path, output: Path, base_path: str | None = None, dtype: str = "bfloat16") -> Path:
-    """Merges an adapter into a 16-bit copy of its base model and saves it with `save_pretrained`."""
+    """Merges an adapter into a 16-bit copy of its base model and saves it with `save_pretrained`. A PiSSA or OLoRA
+    adapter (its run's config beside it says so) trained on the residual its run quantized: it is merged into the
+    16-bit residual, each adapted weight decomposed again as the run did, so the result is the original weights
+    plus what training changed."""
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -114,6 +118,7 @@ def merge_adapter(adapter_dir: Path, output: Path, base_path: str | None = None,
         raise ConfigError(f"`{output}` already exists; choose another --output.")
     base_path = base_path or LoraConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPE_BY_NAME[dtype])
+    leave_residuals(base, base_path, run_lora(adapter_dir))
     sort_expert_parameters(base)  # the adapter's nesting, as training built it
     keep_named_modules()  # linears named in full stay modules (peft issue 3711)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
@@ -124,6 +129,23 @@ def merge_adapter(adapter_dir: Path, output: Path, base_path: str | None = None,
 
     write_atomically(output, write)
     return output
+
+
+def run_lora(adapter_dir: Path):
+    """The `lora` section of the run an adapter came from (its run_config.yaml beside it), None if unknown."""
+    run_config = Path(adapter_dir).resolve().parent / "run_config.yaml"
+    return load_config(run_config, ()).lora if run_config.is_file() else None
+
+
+def leave_residuals(base: nn.Module, base_path: str, lora) -> None:
+    """Each weight a PiSSA or OLoRA run decomposed becomes its residual, as that run quantized it (in 16 bits here)."""
+    from ..model.decomposed_init import decompose
+
+    shapes = decomposition_plan(ModelConfig(path=base_path), QuantConfig(compute_dtype="float32"), lora)
+    with torch.no_grad():
+        for path, shape in shapes.items():
+            weight = base.get_submodule(path).weight
+            weight.copy_(decompose(weight, shape, lora)[0])
 
 
 def save_check(output_dir: Path, input_ids: torch.Tensor, logits: torch.Tensor) -> None:

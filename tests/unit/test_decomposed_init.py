@@ -97,18 +97,51 @@ def test_a_bad_init_is_one_line_before_launch(overrides, message):
         load_config(None, overrides)
 
 
-def test_merge_refuses_a_pissa_adapter_onto_the_original_weights(family_assets, tmp_path, capsys):
-    import json
-
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_merge_puts_the_adapter_onto_the_residual_so_an_untrained_one_gives_the_original_back(
+    init, family_assets, tmp_path
+):
+    """`qlaunch merge` of a PiSSA/OLoRA adapter: the 16-bit weights decomposed again as the run did, the adapter merged
+    into the residual. The adapter as initialized (what training starts from) gives the original model back; one
+    whose B moved gives the original plus exactly that move."""
     import yaml
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
     from launcher import cli
+    from launcher.model import targets
+    from launcher.model.decomposed_init import install_factors
 
+    base_path = str(family_assets("llama-tied") / "base")
+    lora = LoraConfig(init=init, dropout=0.0, rank_pattern={"q_proj": 4})
     run = tmp_path / "run"
-    (run / "adapter").mkdir(parents=True)
-    base = str(family_assets("llama-tied") / "base")
-    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
-    (run / "run_config.yaml").write_text(yaml.safe_dump({"model": {"path": base}, "lora": {"init": "pissa"}}))
-    assert cli.main(["merge", str(run / "adapter"), "--output", str(tmp_path / "merged")]) == 2
-    assert "trained with `lora.init: pissa`: it applies to the residual base" in capsys.readouterr().err
-    assert not (tmp_path / "merged").exists()
+    run.mkdir()
+    (run / "run_config.yaml").write_text(
+        yaml.safe_dump({"model": {"path": base_path}, "lora": {"init": init, "rank_pattern": {"q_proj": 4}}})
+    )
+    original = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    quant = QuantConfig(compute_dtype="float32")
+    factors = build.load_quantized_base(
+        ModelConfig(path=base_path, quant_cache=False), quant, FP32, "cpu", lora
+    ).qlaunch_factors
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = get_peft_model(model, targets.peft_lora_config(model, lora))
+    install_factors(model, factors)
+    moved = "model.layers.0.mlp.down_proj"
+    with torch.no_grad():
+        model.get_submodule(f"base_model.model.{moved}").lora_B["default"].weight.add_(0.01)
+    model.save_pretrained(run / "adapter")
+    assert cli.main(["merge", str(run / "adapter"), "--output", str(run / "merged"), "--dtype", "float32"]) == 0
+    merged = load_file(run / "merged" / "model.safetensors")
+    layer = model.get_submodule(f"base_model.model.{moved}")
+    change = (
+        layer.scaling["default"]
+        * torch.full_like(layer.lora_B["default"].weight, 0.01)
+        @ layer.lora_A["default"].weight
+    )
+    weights = original.state_dict()
+    assert f"{moved}.weight" in merged and set(merged) <= set(weights)  # the output layer is tied: saved once
+    for name, tensor in merged.items():
+        expected = weights[name] + change if name == f"{moved}.weight" else weights[name]
+        assert (tensor - expected).abs().max() < 1e-4, name
