@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 Rule = tuple[bool, str]
-INITS = ("default", "gaussian", "pissa", "olora")
+INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class LoraConfig:
     init: str = "default"
     """How the adapters start: default (peft's: A random, B zero, so training starts from the base), gaussian (A
     Gaussian), pissa or olora (A and B the principal part of each 16-bit weight, by SVD or QR, taken on the source
-    rank while it loads; the residual is quantized in its place)."""
+    rank while it loads; the residual is quantized in its place), loftq (A and B the top singular vectors of each
+    weight's 4-bit quantization error, so that the first forward is closer to the 16-bit model's)."""
     use_dora: bool = False
     """DoRA: each adapted linear's weight split into a trained magnitude (one value per output feature) and a
     direction that LoRA adapts; every forward dequantizes the 4-bit weight for its norm. Not on `target_parameters`."""
@@ -45,11 +46,10 @@ class LoraConfig:
             (0 <= self.dropout < 1, f"`{at}dropout` must be in [0, 1), got {self.dropout}."),
             (
                 self.init in INITS,
-                f"`{at}init` is `{self.init}`; choose one of {', '.join(INITS)}"
-                + (" (LoftQ is not built yet)." if self.init == "loftq" else "."),
+                f"`{at}init` is `{self.init}`; choose one of {', '.join(INITS)}.",
             ),
             (
-                not (self.init in ("pissa", "olora") and self.init_from),
+                not (self.init in ("pissa", "olora", "loftq") and self.init_from),
                 f"`{at}init: {self.init}` with `{at}init_from`: a continued adapter brings its own weights (and a "
                 "residual base of its own); drop one of them.",
             ),

@@ -324,10 +324,11 @@ class RunConfig:
         )
         return [
             (
-                not (self.lora.init in ("pissa", "olora") and against_reference),
+                not (self.lora.init in ("pissa", "olora", "loftq") and against_reference),
                 f"`lora.init: {self.lora.init}` with `train.objective: {self.train.objective}`: the reference is the "
-                "model with the adapter switched off, which would be the residual base PiSSA and OLoRA leave, not the "
-                "model training starts from. Use lora.init default, or an objective without a reference (orpo, dpo's "
+                "model with the adapter switched off, which is not the model training starts from when the adapters "
+                "start non-zero (the residual base PiSSA and OLoRA leave; LoftQ's quantized base without its "
+                "correction). Use lora.init default or gaussian, or an objective without a reference (orpo, dpo's "
                 "simpo).",
             )
         ]

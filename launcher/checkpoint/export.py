@@ -118,7 +118,7 @@ def merge_adapter(adapter_dir: Path, output: Path, base_path: str | None = None,
         raise ConfigError(f"`{output}` already exists; choose another --output.")
     base_path = base_path or LoraConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPE_BY_NAME[dtype])
-    leave_residuals(base, base_path, run_lora(adapter_dir))
+    leave_residuals(base, base_path, run_config_of(adapter_dir))
     sort_expert_parameters(base)  # the adapter's nesting, as training built it
     keep_named_modules()  # linears named in full stay modules (peft issue 3711)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
@@ -131,21 +131,31 @@ def merge_adapter(adapter_dir: Path, output: Path, base_path: str | None = None,
     return output
 
 
-def run_lora(adapter_dir: Path):
-    """The `lora` section of the run an adapter came from (its run_config.yaml beside it), None if unknown."""
+def run_config_of(adapter_dir: Path):
+    """The config of the run an adapter came from (its run_config.yaml beside it), None if unknown."""
     run_config = Path(adapter_dir).resolve().parent / "run_config.yaml"
-    return load_config(run_config, ()).lora if run_config.is_file() else None
+    return load_config(run_config, ()) if run_config.is_file() else None
 
 
-def leave_residuals(base: nn.Module, base_path: str, lora) -> None:
-    """Each weight a PiSSA or OLoRA run decomposed becomes its residual, as that run quantized it (in 16 bits here)."""
-    from ..model.decomposed_init import decompose
+def leave_residuals(base: nn.Module, base_path: str, cfg) -> None:
+    """Each weight the run's `lora.init` started the adapters from becomes what that run trained on (in 16 bits here):
+    PiSSA's and OLoRA's residual, LoftQ's quantized weight; other runs trained on the weights as they are."""
+    import bitsandbytes.functional as bnb_functional
 
+    from ..model.decomposed_init import BLOCKSIZE, decompose
+
+    lora = cfg.lora if cfg else None
     shapes = decomposition_plan(ModelConfig(path=base_path), QuantConfig(compute_dtype="float32"), lora)
     with torch.no_grad():
         for path, shape in shapes.items():
             weight = base.get_submodule(path).weight
-            weight.copy_(decompose(weight, shape, lora)[0])
+            if lora.init == "loftq":
+                packed, state = bnb_functional.quantize_4bit(
+                    weight, blocksize=BLOCKSIZE, compress_statistics=cfg.quant.double_quant, quant_type=cfg.quant.type
+                )
+                weight.copy_(bnb_functional.dequantize_4bit(packed, state))
+            else:
+                weight.copy_(decompose(weight, shape, lora)[0])
 
 
 def save_check(output_dir: Path, input_ids: torch.Tensor, logits: torch.Tensor) -> None:

@@ -107,15 +107,16 @@ def load_quantized_base(
     """Reads the checkpoint through `from_pretrained`, each 4-bit weight quantized on `device` (default
     this rank's device: its GPU when CUDA is present, else the CPU) one at a time, the whole quantized base in host RAM (source rank only). The
     checkpoint is read with pread, not memory-mapped, so its pages do not stay in the process (quantize.py).
-    With `lora.init` pissa or olora each adapted weight is decomposed first and its residual quantized; the
-    adapters' factors ride on the base as `qlaunch_factors` (decomposed_init.py)."""
+    With `lora.init` pissa or olora each adapted weight is decomposed first and its residual quantized (loftq: the
+    adapters start from its quantization error); the adapters' factors ride on the base as `qlaunch_factors`
+    (decomposed_init.py)."""
     device = this_rank_device() if device is None else device
     shapes = decomposition_plan(model, quant, lora)
     with (
         reading_without_mmap(),
         quantizing_on(device),
         experts.quantizing_experts_while_loading(quant, policy.quant_storage, device, quant.experts == "4bit"),
-        decomposed_init.decomposing_while_loading(shapes, lora) as factors,
+        decomposed_init.decomposing_while_loading(shapes, lora, quant, device) as factors,
     ):
         base = AutoModelForCausalLM.from_pretrained(
             model.path,

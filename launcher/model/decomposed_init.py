@@ -1,4 +1,4 @@
-"""PiSSA and OLoRA (`lora.init: pissa | olora`) on a 4-bit base: the adapters start as the principal part of each
+"""PiSSA, OLoRA and LoftQ (`lora.init: pissa | olora | loftq`) on a 4-bit base: the adapters start as the principal part of each
 adapted weight, taken from the 16-bit weight on the source rank while it loads, and the residual is what gets
 quantized (QPiSSA). peft refuses these initializations on a quantized layer, and recommends exactly this.
 
@@ -9,6 +9,12 @@ B, with the rank and scaling peft gives that module (rank and alpha patterns, rs
 the weight, which is then quantized in its place. The factors are installed into the adapters once peft has
 attached them (`install_factors`), on the source rank, whose adapter weights every rank receives; the other
 ranks never see a 16-bit weight. The quantized-base cache keys on the plan (a residual base is not the original).
+
+LoftQ leaves the weight as it is and starts the adapters from its quantization error instead: the weight is
+quantized as bitsandbytes will quantize it (the same call, on the same device), and the error's top singular
+vectors become B and A, as peft's `replace_lora_weights_loftq` (one iteration, `_low_rank_decomposition`) makes
+them, here divided by the square root of the adapter's scaling so that the adapter's output is that rank-r error
+(peft leaves the scaling out, and its helper runs on CUDA or XPU only).
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from torch import nn
 
 from ..config import LoraConfig
 
-DECOMPOSED = ("pissa", "olora")
+DECOMPOSED = ("pissa", "olora", "loftq")
 """`lora.init` values that take the adapters from the 16-bit weights."""
+BLOCKSIZE = 64
+"""bitsandbytes' 4-bit block size, which its linears quantize with."""
 PEFT_PREFIX = "base_model.model."
 
 
@@ -56,10 +64,31 @@ def plan(meta_model: nn.Module, lora: LoraConfig) -> dict[str, AdapterShape]:
     }
 
 
+def scaling(shape: AdapterShape, lora: LoraConfig) -> float:
+    return shape.alpha / (shape.r**0.5 if lora.use_rslora else shape.r)
+
+
+def loftq(
+    weight: torch.Tensor, shape: AdapterShape, lora: LoraConfig, quant, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(`weight` unchanged, A, B): the adapter's output is the rank-r part of `weight`'s 4-bit quantization error."""
+    import bitsandbytes.functional as bnb_functional
+    from peft.utils.loftq_utils import _low_rank_decomposition
+
+    packed, state = bnb_functional.quantize_4bit(
+        weight.to(device), blocksize=BLOCKSIZE, compress_statistics=quant.double_quant, quant_type=quant.type
+    )
+    error = weight.float() - bnb_functional.dequantize_4bit(packed, state).float().to(weight.device)
+    factors = _low_rank_decomposition(error, reduced_rank=shape.r)
+    root = scaling(shape, lora) ** 0.5
+    return weight, factors["R"] / root, factors["L"] / root
+
+
 def decompose(
     weight: torch.Tensor, shape: AdapterShape, lora: LoraConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(residual weight in `weight`'s dtype, A, B) by peft's own `lora.init` on a 16-bit linear holding `weight`."""
+    """(residual weight in `weight`'s dtype, A, B) by peft's own `lora.init` (pissa, olora) on a 16-bit linear
+    holding `weight`."""
     from peft import LoraConfig as PeftLoraConfig
     from peft.tuners.lora import Linear as LoraLinear
 
@@ -75,9 +104,12 @@ def decompose(
 
 
 @contextlib.contextmanager
-def decomposing_while_loading(shapes: dict[str, AdapterShape], lora: LoraConfig) -> Iterator[dict[str, tuple]]:
+def decomposing_while_loading(
+    shapes: dict[str, AdapterShape], lora: LoraConfig, quant=None, device: torch.device | str = "cpu"
+) -> Iterator[dict[str, tuple]]:
     """Inside, each weight transformers quantizes for a module in `shapes` is decomposed first and its residual
-    quantized; yields module path -> (A, B) as they are made."""
+    quantized (LoftQ: quantized as it is, on `device` as the load quantizes, `quant` its settings); yields module
+    path -> (A, B) as they are made."""
     from transformers.integrations.bitsandbytes import Bnb4bitQuantize
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -92,7 +124,10 @@ def decomposing_while_loading(shapes: dict[str, AdapterShape], lora: LoraConfig)
             tensor = value[0] if isinstance(value, list) else value
             path, _, parameter = name.rpartition(".")
             if parameter == "weight" and path in shapes:
-                tensor, a, b = decompose(tensor, shapes[path], lora)
+                if lora.init == "loftq":
+                    tensor, a, b = loftq(tensor, shapes[path], lora, quant, torch.device(device))
+                else:
+                    tensor, a, b = decompose(tensor, shapes[path], lora)
                 factors[path] = (a, b)
             decomposed[name] = [tensor] if isinstance(value, list) else tensor
         return convert(self, decomposed, full_layer_name=full_layer_name, model=model, **kwargs)

@@ -57,7 +57,7 @@ def test_pissa_and_olora_start_closer_to_the_16bit_model_than_plain_qlora(family
     path = str(family_assets(family) / "base")
     original = first_logits(path, None, quantized=False)
     plain = (first_logits(path, LoraConfig(dropout=0.0), quantized=True) - original).abs().mean().item()
-    for init in ("pissa", "olora"):
+    for init in ("pissa", "olora", "loftq"):
         decomposed = (first_logits(path, LoraConfig(dropout=0.0, init=init), quantized=True) - original).abs().mean()
         print(
             f"{family}: mean |logit error| against the 16-bit model: plain QLoRA {plain:.5f}, {init} {decomposed:.5f}"
@@ -86,8 +86,7 @@ def test_a_residual_base_is_cached_apart_and_brings_its_factors_back(family_asse
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ([("lora.init", "svd")], r"`lora.init` is `svd`; choose one of default, gaussian, pissa, olora\."),
-        ([("lora.init", "loftq")], r"LoftQ is not built yet"),
+        ([("lora.init", "svd")], r"`lora.init` is `svd`; choose one of default, gaussian, pissa, olora, loftq\."),
         ([("lora.init", "pissa"), ("lora.init_from", "/x")], r"`lora.init: pissa` with `lora.init_from`"),
         ([("lora.init", "olora"), ("train.objective", "kto")], r"the reference is the model with the adapter switched"),
     ],
@@ -145,3 +144,61 @@ def test_merge_puts_the_adapter_onto_the_residual_so_an_untrained_one_gives_the_
     for name, tensor in merged.items():
         expected = weights[name] + change if name == f"{moved}.weight" else weights[name]
         assert (tensor - expected).abs().max() < 1e-4, name
+
+
+def test_loftq_merges_onto_the_quantized_weights_it_trained_on_and_corrects_them(family_assets, tmp_path):
+    """LoftQ leaves the weights as they are and starts the adapters from their 4-bit quantization error: merging its
+    adapter as initialized puts each adapted weight closer to the original than the 4-bit weight alone."""
+    import bitsandbytes.functional as bnb_functional
+    import yaml
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from launcher import cli
+    from launcher.model import targets
+    from launcher.model.decomposed_init import install_factors
+
+    base_path = str(family_assets("qwen2") / "base")
+    lora = LoraConfig(init="loftq", dropout=0.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.yaml").write_text(yaml.safe_dump({"model": {"path": base_path}, "lora": {"init": "loftq"}}))
+    quant = QuantConfig(compute_dtype="float32")
+    loaded = build.load_quantized_base(ModelConfig(path=base_path, quant_cache=False), quant, FP32, "cpu", lora)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = get_peft_model(model, targets.peft_lora_config(model, lora))
+    install_factors(model, loaded.qlaunch_factors)
+    model.save_pretrained(run / "adapter")
+    assert cli.main(["merge", str(run / "adapter"), "--output", str(run / "merged"), "--dtype", "float32"]) == 0
+    merged = load_file(run / "merged" / "model.safetensors")
+    original = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).state_dict()
+    adapted = {f"{path}.weight" for path in loaded.qlaunch_factors}
+    assert adapted and adapted <= set(merged)
+    for name, tensor in merged.items():
+        if name not in adapted:
+            assert torch.equal(tensor, original[name]), name
+            continue
+        packed, state = bnb_functional.quantize_4bit(
+            original[name], blocksize=64, compress_statistics=True, quant_type="nf4"
+        )
+        four_bit_error = (bnb_functional.dequantize_4bit(packed, state) - original[name]).norm()
+        assert (tensor - original[name]).norm() < four_bit_error, name
+
+
+def test_loftq_s_adapter_is_peft_s_decomposition_of_the_quantization_error_at_the_adapter_s_scale():
+    import bitsandbytes.functional as bnb_functional
+    from peft.utils.loftq_utils import _low_rank_decomposition
+
+    from launcher.model.decomposed_init import loftq
+
+    torch.manual_seed(0)
+    weight = torch.randn(48, 64)
+    shape, lora = AdapterShape(r=8, alpha=32), LoraConfig(init="loftq")
+    same, a, b = loftq(weight, shape, lora, QuantConfig(), torch.device("cpu"))
+    assert same is weight
+    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    error = weight - bnb_functional.dequantize_4bit(packed, state)
+    theirs = _low_rank_decomposition(error, reduced_rank=8)
+    assert torch.allclose((32 / 8) * b @ a, theirs["L"] @ theirs["R"], atol=1e-5)
+    assert (error - (32 / 8) * b @ a).norm() < error.norm()
