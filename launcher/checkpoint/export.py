@@ -142,11 +142,11 @@ def leave_residuals(base: nn.Module, base_path: str, cfg) -> None:
     PiSSA's and OLoRA's residual, LoftQ's quantized weight; other runs trained on the weights as they are."""
     import bitsandbytes.functional as bnb_functional
 
-    from ..model.decomposed_init import BLOCKSIZE, decompose
+    from ..model.decomposed_init import BLOCKSIZE, decompose, one_thread
 
     lora = cfg.lora if cfg else None
     shapes = decomposition_plan(ModelConfig(path=base_path), QuantConfig(compute_dtype="float32"), lora)
-    with torch.no_grad():
+    with torch.no_grad(), one_thread():
         for path, shape in shapes.items():
             weight = base.get_submodule(path).weight
             if lora.init == "loftq":

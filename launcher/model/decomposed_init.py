@@ -64,6 +64,19 @@ def plan(meta_model: nn.Module, lora: LoraConfig) -> dict[str, AdapterShape]:
     }
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's CPU kernels on one thread: an SVD or QR gives the same bits in every process only on the same number
+    of threads, and a bit of the residual can move a 4-bit code. The ranks of a launch run on one thread already
+    (torchrun sets OMP_NUM_THREADS=1); `qlaunch verify` and `merge` then rebuild exactly the residual they trained on."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def scaling(shape: AdapterShape, lora: LoraConfig) -> float:
     return shape.alpha / (shape.r**0.5 if lora.use_rslora else shape.r)
 
@@ -113,7 +126,7 @@ def decomposing_while_loading(
     from transformers.integrations.bitsandbytes import Bnb4bitQuantize
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    if lora.init not in DECOMPOSED or not shapes:
+    if not shapes:  # nothing to decompose (no lora.init that does, or no adapted linear)
         yield factors
         return
     convert = Bnb4bitQuantize.convert
@@ -124,10 +137,11 @@ def decomposing_while_loading(
             tensor = value[0] if isinstance(value, list) else value
             path, _, parameter = name.rpartition(".")
             if parameter == "weight" and path in shapes:
-                if lora.init == "loftq":
-                    tensor, a, b = loftq(tensor, shapes[path], lora, quant, torch.device(device))
-                else:
-                    tensor, a, b = decompose(tensor, shapes[path], lora)
+                with one_thread():
+                    if lora.init == "loftq":
+                        tensor, a, b = loftq(tensor, shapes[path], lora, quant, torch.device(device))
+                    else:
+                        tensor, a, b = decompose(tensor, shapes[path], lora)
                 factors[path] = (a, b)
             decomposed[name] = [tensor] if isinstance(value, list) else tensor
         return convert(self, decomposed, full_layer_name=full_layer_name, model=model, **kwargs)
