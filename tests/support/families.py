@@ -304,15 +304,10 @@ FAMILIES = [
     Family("gpt-oss", "MoE: expert biases, attention sinks, alternating sliding window", _gpt_oss, moe=True),
     Family(
         "mixtral-experts",
-        "Mixtral with the experts adapted too (`lora.target_parameters`), the linears' adapters from LoftQ",
+        "Mixtral with the experts adapted too (`lora.target_parameters`)",
         _mixtral,
         moe=True,
-        run_args=(
-            "--lora.target_parameters",
-            "[mlp.experts.gate_up_proj, mlp.experts.down_proj]",
-            "--lora.init",
-            "loftq",
-        ),
+        run_args=("--lora.target_parameters", "[mlp.experts.gate_up_proj, mlp.experts.down_proj]"),
         refused={"fsdp1": "reads the adapter weights outside their modules' forward"},
     ),
     Family(
