@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 Rule = tuple[bool, str]
-INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+FROM_WEIGHTS = ("pissa", "olora", "loftq")
+"""`lora.init` values that start the adapters from the 16-bit weights (launcher/model/decomposed_init.py)."""
+INITS = ("default", "gaussian", *FROM_WEIGHTS)
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class LoraConfig:
                 f"`{at}init` is `{self.init}`; choose one of {', '.join(INITS)}.",
             ),
             (
-                not (self.init in ("pissa", "olora", "loftq") and self.init_from),
+                not (self.init in FROM_WEIGHTS and self.init_from),
                 f"`{at}init: {self.init}` with `{at}init_from`: a continued adapter brings its own weights (and a "
                 "residual base of its own); drop one of them.",
             ),

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .adapter_config import LoraConfig
+from .adapter_config import FROM_WEIGHTS, LoraConfig
 from .objective_config import DPOConfig, KTOConfig, Objective, ORPOConfig
 from .typed_yaml import ConfigError, build, parse_overrides, set_dotted, spoken_choices, yaml_problem
 
@@ -324,7 +324,7 @@ class RunConfig:
         )
         return [
             (
-                not (self.lora.init in ("pissa", "olora", "loftq") and against_reference),
+                not (self.lora.init in FROM_WEIGHTS and against_reference),
                 f"`lora.init: {self.lora.init}` with `train.objective: {self.train.objective}`: the reference is the "
                 "model with the adapter switched off, which is not the model training starts from when the adapters "
                 "start non-zero (the residual base PiSSA and OLoRA leave; LoftQ's quantized base without its "

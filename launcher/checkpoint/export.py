@@ -140,9 +140,7 @@ def run_config_of(adapter_dir: Path):
 def leave_residuals(base: nn.Module, base_path: str, cfg) -> None:
     """Each weight the run's `lora.init` started the adapters from becomes what that run trained on (in 16 bits here):
     PiSSA's and OLoRA's residual, LoftQ's quantized weight; other runs trained on the weights as they are."""
-    import bitsandbytes.functional as bnb_functional
-
-    from ..model.decomposed_init import BLOCKSIZE, decompose, one_thread
+    from ..model.decomposed_init import decompose, four_bit, one_thread
 
     lora = cfg.lora if cfg else None
     shapes = decomposition_plan(ModelConfig(path=base_path), QuantConfig(compute_dtype="float32"), lora)
@@ -150,10 +148,7 @@ def leave_residuals(base: nn.Module, base_path: str, cfg) -> None:
         for path, shape in shapes.items():
             weight = base.get_submodule(path).weight
             if lora.init == "loftq":
-                packed, state = bnb_functional.quantize_4bit(
-                    weight, blocksize=BLOCKSIZE, compress_statistics=cfg.quant.double_quant, quant_type=cfg.quant.type
-                )
-                weight.copy_(bnb_functional.dequantize_4bit(packed, state))
+                weight.copy_(four_bit(weight, cfg.quant, weight.device))
             else:
                 weight.copy_(decompose(weight, shape, lora)[0])
 

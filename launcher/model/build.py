@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 
+from ..adapter_config import FROM_WEIGHTS
 from ..collectives import broadcast_object, is_source_rank, this_rank_device
 from ..config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from ..cpu_shims import disable_bnb_cpu_repack
@@ -103,15 +104,16 @@ def load_quantized_base(
     policy: DtypePolicy,
     device: torch.device | str | None = None,
     lora: LoraConfig | None = None,
+    shapes: dict[str, decomposed_init.AdapterShape] | None = None,
 ) -> PreTrainedModel:
     """Reads the checkpoint through `from_pretrained`, each 4-bit weight quantized on `device` (default
     this rank's device: its GPU when CUDA is present, else the CPU) one at a time, the whole quantized base in host RAM (source rank only). The
     checkpoint is read with pread, not memory-mapped, so its pages do not stay in the process (quantize.py).
     With `lora.init` pissa or olora each adapted weight is decomposed first and its residual quantized (loftq: the
     adapters start from its quantization error); the adapters' factors ride on the base as `qlaunch_factors`
-    (decomposed_init.py)."""
+    (decomposed_init.py; `shapes`: `decomposition_plan`'s, if known)."""
     device = this_rank_device() if device is None else device
-    shapes = decomposition_plan(model, quant, lora)
+    shapes = decomposition_plan(model, quant, lora) if shapes is None else shapes
     with (
         reading_without_mmap(),
         quantizing_on(device),
@@ -134,8 +136,9 @@ def load_quantized_base(
 def decomposition_plan(
     model: ModelConfig, quant: QuantConfig, lora: LoraConfig | None
 ) -> dict[str, decomposed_init.AdapterShape]:
-    """The linears `lora.init` decomposes (none unless it is pissa or olora), with their ranks and alphas."""
-    if lora is None or lora.init not in decomposed_init.DECOMPOSED:
+    """The linears `lora.init` starts from their 16-bit weights (none unless pissa, olora or loftq), with their ranks
+    and alphas."""
+    if lora is None or lora.init not in FROM_WEIGHTS:
         return {}
     return decomposed_init.plan(meta_base(model, quant), lora)
 
@@ -292,12 +295,13 @@ def load_base(
     device = this_rank_device()
     if not model.quant_cache:
         return load_quantized_base(model, quant, policy, device, lora)
-    decomposition = decomposed_init.describe(lora, decomposition_plan(model, quant, lora))
+    shapes = decomposition_plan(model, quant, lora)
+    decomposition = decomposed_init.describe(lora, shapes)
     return cached_quantized_base(
         model,
         quant,
         policy,
-        lambda: load_quantized_base(model, quant, policy, device, lora),
+        lambda: load_quantized_base(model, quant, policy, device, lora, shapes),
         device.type,
         decomposition,
     )[0]

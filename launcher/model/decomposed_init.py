@@ -27,11 +27,8 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
+from .experts import BLOCKSIZE
 
-DECOMPOSED = ("pissa", "olora", "loftq")
-"""`lora.init` values that take the adapters from the 16-bit weights."""
-BLOCKSIZE = 64
-"""bitsandbytes' 4-bit block size, which its linears quantize with."""
 PEFT_PREFIX = "base_model.model."
 
 
@@ -43,20 +40,17 @@ class AdapterShape:
 
 def plan(meta_model: nn.Module, lora: LoraConfig) -> dict[str, AdapterShape]:
     """Module path -> rank and alpha of every linear the run adapts, as peft attaches them to `meta_model` (an
-    unquantized tree on meta, left as it was)."""
-    import copy
-
+    unquantized tree on meta, which this adapts)."""
     from peft import get_peft_model
     from peft.tuners.lora import Linear as LoraLinear
 
     from . import targets
     from .dora import magnitudes_on_meta
 
-    model = copy.deepcopy(meta_model)
-    config = targets.peft_lora_config(model, dataclasses.replace(lora, init="default"))
+    config = targets.peft_lora_config(meta_model, dataclasses.replace(lora, init="default"))
     config.init_lora_weights = False
     with magnitudes_on_meta():
-        wrapped = get_peft_model(model, config)
+        wrapped = get_peft_model(meta_model, config)
     return {
         name.removeprefix(PEFT_PREFIX): AdapterShape(layer.r["default"], layer.lora_alpha["default"])
         for name, layer in wrapped.named_modules()
@@ -81,17 +75,24 @@ def scaling(shape: AdapterShape, lora: LoraConfig) -> float:
     return shape.alpha / (shape.r**0.5 if lora.use_rslora else shape.r)
 
 
-def loftq(
-    weight: torch.Tensor, shape: AdapterShape, lora: LoraConfig, quant, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(`weight` unchanged, A, B): the adapter's output is the rank-r part of `weight`'s 4-bit quantization error."""
+def four_bit(weight: torch.Tensor, quant, device: torch.device | str) -> torch.Tensor:
+    """`weight` quantized on `device` as bitsandbytes quantizes a 4-bit linear with `quant`'s settings, then
+    dequantized: what a 4-bit run computes with, where `weight` is."""
     import bitsandbytes.functional as bnb_functional
-    from peft.utils.loftq_utils import _low_rank_decomposition
 
     packed, state = bnb_functional.quantize_4bit(
         weight.to(device), blocksize=BLOCKSIZE, compress_statistics=quant.double_quant, quant_type=quant.type
     )
-    error = weight.float() - bnb_functional.dequantize_4bit(packed, state).float().to(weight.device)
+    return bnb_functional.dequantize_4bit(packed, state).to(weight.device)
+
+
+def loftq(
+    weight: torch.Tensor, shape: AdapterShape, lora: LoraConfig, quant, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(`weight` unchanged, A, B): the adapter's output is the rank-r part of `weight`'s 4-bit quantization error."""
+    from peft.utils.loftq_utils import _low_rank_decomposition
+
+    error = weight.float() - four_bit(weight, quant, device).float()
     factors = _low_rank_decomposition(error, reduced_rank=shape.r)
     root = scaling(shape, lora) ** 0.5
     return weight, factors["R"] / root, factors["L"] / root

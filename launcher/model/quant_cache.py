@@ -55,7 +55,7 @@ COMPLETE = "qlaunch-quant-cache.json"
 """Written last into the temporary directory: an entry without it is not one."""
 EXPERTS_FILE = "experts.safetensors"
 FACTORS_FILE = "decomposed-adapters.safetensors"
-"""A residual base's adapter factors (lora.init: pissa, olora): `<module path>:A` and `<module path>:B`."""
+"""A residual base's adapter factors (lora.init: pissa, olora, loftq): `<module path>:A` and `<module path>:B`."""
 
 
 def cache_root(model: ModelConfig) -> Path:
@@ -107,7 +107,7 @@ def cache_key(
         },
         "versions": library_versions(),
     }
-    if decomposition:  # a residual base (lora.init: pissa, olora) is not the original's
+    if decomposition:  # a base decomposed for some adapters (lora.init: pissa, olora, loftq) keeps their factors
         what["decomposition"] = decomposition
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24], what
 
