@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..model.anatomy import frozen_component
+from ..model.anatomy import parameter_component
 from ..strategies import clean_fqn
 from ..strategies.layout import OPTIMIZER_STATE_COMPONENTS
 
@@ -43,10 +43,6 @@ WEIGHT_COMPONENTS = (
 )
 STATIC_COMPONENTS = WEIGHT_COMPONENTS + OPTIMIZER_STATE_COMPONENTS
 ESTIMATED_COMPONENTS = ("gathered_params", "comm_buckets", "runtime")
-
-
-def parameter_component(module: nn.Module, name: str, param: nn.Parameter) -> str:
-    return "lora" if param.requires_grad else frozen_component(module, name, param)
 
 
 def parameter_components(model: nn.Module) -> dict[str, str]:

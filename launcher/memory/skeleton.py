@@ -22,7 +22,7 @@ from transformers import PretrainedConfig
 
 from ..config import ConfigError, ModelConfig, RunConfig
 from ..dtypes import DtypePolicy
-from ..model.anatomy import decoder_layers
+from ..model.anatomy import decoder_layers, parameter_component
 from ..model.build import (
     apply_quantized_layout,
     attach_lora,
@@ -36,7 +36,6 @@ from ..model.experts import BLOCKSIZE as EXPERT_BLOCKSIZE
 from ..model.experts import Experts4bit
 from ..model.loss import chunking_refusal
 from ..strategies.layout import TensorSpec, containing_layer, parameter_specs
-from .components import parameter_component
 from .trace import Saved, TraceRun, layer_kinds, trace_saved
 
 

@@ -33,3 +33,8 @@ def frozen_component(module: nn.Module, name: str, param: torch.Tensor) -> str:
     if experts.is_expert_parameter(module, name, param):
         return "experts"
     return "frozen_dense"
+
+
+def parameter_component(module: nn.Module, name: str, param: nn.Parameter) -> str:
+    """What any parameter is as the memory budget names it: a trained one `lora`, a frozen one `frozen_component`'s."""
+    return "lora" if param.requires_grad else frozen_component(module, name, param)

@@ -288,7 +288,7 @@ def peft_lora_config(model: nn.Module, lora: LoraConfig, resolution: Resolution 
         lora_alpha=lora.alpha,
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
-        # PiSSA and OLoRA come from the 16-bit weights on the source rank (decomposed_init.py), which installs them.
+        # PiSSA, OLoRA and LoftQ come from the 16-bit weights on the source rank (decomposed_init.py), which installs them.
         init_lora_weights={"default": True, "gaussian": "gaussian"}.get(lora.init, False),
         rank_pattern=dict(lora.rank_pattern),
         alpha_pattern=dict(lora.alpha_pattern),

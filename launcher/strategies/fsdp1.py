@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 from .. import cpu_shims
 from ..dtypes import AUTOCAST_DTYPES
-from ..model.anatomy import decoder_layers, frozen_component
+from ..model.anatomy import decoder_layers, parameter_component
 from .base import LocalShard, Strategy, StrategySpec, clean_fqn, module_path
 from .layout import (
     ADAM_STATES,
@@ -162,11 +162,7 @@ class FSDP1(Strategy):
 
         super().before_prepare(model, accelerator)
         # The components the budget's prediction gives them (wrapped_modules tells convolutions by theirs).
-        tensors = parameter_specs(
-            model,
-            decoder_layers(model),
-            lambda module, name, param: "lora" if param.requires_grad else frozen_component(module, name, param),
-        )
+        tensors = parameter_specs(model, decoder_layers(model), parameter_component)
         names = wrapped_modules(tensors)
         wrapped = {id(module) for name, module in model.named_modules() if name in names}
         accelerator.state.fsdp_plugin.auto_wrap_policy = functools.partial(
