@@ -32,7 +32,7 @@ from torch import nn
 
 from ..dtypes import DtypePolicy
 from ..model.anatomy import decoder_layers
-from ..model.fake_run import DEQUANTIZED, Patch, fake_run, kernel_device, layer_kinds, representatives
+from ..model.fake_run import DEQUANTIZED, Patch, Storages, fake_run, kernel_device, layer_kinds, representatives
 from ..model.loss import install_loss
 
 
@@ -109,7 +109,7 @@ def _trace(skeleton: nn.Module, compute: DtypePolicy, run: TraceRun, layers: lis
         _chunked_loss(skeleton, run),
         fake_run(skeleton, layers, kept, device, compute, _patches(run)) as (traced_layers, fakes),
     ):
-        recorder = _Recorder(traced_layers, {t.untyped_storage()._cdata for t in fakes.values()})
+        recorder = _Recorder(traced_layers, list(fakes.values()))
         ids = torch.zeros((run.batch, run.seq), dtype=torch.long, device=device)
         autocast = torch.autocast(device, dtype=run.autocast) if run.autocast else contextlib.nullcontext()
         # Forward only: what training measures is what its forward saves (backward's recomputations keep their
@@ -122,24 +122,29 @@ def _trace(skeleton: nn.Module, compute: DtypePolicy, run: TraceRun, layers: lis
 class _Recorder:
     """Saved tensors by storage, attributed to the decoder layer running when they were saved."""
 
-    def __init__(self, layers: list[nn.Module], weights: set[int]):
+    def __init__(self, layers: list[nn.Module], weights: list[torch.Tensor]):
         self.layers = layers
-        self.weights = weights
-        self.saved: dict[int, tuple[int, int | None]] = {}
-        self.inputs: dict[int, int] = {}
-        """Storage of each layer's input -> the layer."""
-        self.shared: set[int] = set()
-        """Storages of the other tensors the layers receive."""
+        self.weights = Storages()
+        for weight in weights:
+            self.weights.note(weight)
+        self.saved = Storages()
+        """Each saved storage's entry in `entries`."""
+        self.entries: list[tuple[int, int | None, bool]] = []
+        """(bytes, layer or None, whether its layer saves it again when recomputed), a storage each."""
+        self.inputs = Storages()
+        """Each layer's input -> the layer."""
+        self.shared = Storages()
+        """The other tensors the layers receive."""
         self.running: int | None = None
 
     def pack(self, tensor: torch.Tensor):
-        storage = tensor.untyped_storage()
-        key = storage._cdata
-        if key not in self.weights and key not in self.saved:
+        if tensor not in self.weights and tensor not in self.saved:
             # What a layer receives besides its hidden states (rotary cos and sin, the mask) is made once for all
             # layers: it counts once, outside them.
-            owner = None if key in self.shared else self.running
-            self.saved[key] = (storage.nbytes(), owner)
+            owner = None if tensor in self.shared else self.running
+            recomputed = owner is not None and self.inputs.get(tensor) != owner and tensor not in DEQUANTIZED
+            self.saved.note(tensor, len(self.entries))
+            self.entries.append((tensor.untyped_storage().nbytes(), owner, recomputed))
         return tensor
 
     @staticmethod
@@ -161,24 +166,24 @@ class _Recorder:
     def _started(self, index: int, module, args, kwargs):
         self.running = index
         hidden = args[0] if args else kwargs.get("hidden_states")
-        if isinstance(hidden, torch.Tensor):
-            self.inputs.setdefault(hidden.untyped_storage()._cdata, index)
+        if isinstance(hidden, torch.Tensor) and hidden not in self.inputs:
+            self.inputs.note(hidden, index)
         others = [*args[1:], *(v for k, v in kwargs.items() if k != "hidden_states" or args)]
         for tensor in torch.utils._pytree.tree_leaves(others):
             if isinstance(tensor, torch.Tensor):
-                self.shared.add(tensor.untyped_storage()._cdata)
+                self.shared.note(tensor)
 
     def _finished(self, module, args, output):
         self.running = None
 
     def result(self, count: int) -> _Traced:
         layers, recompute, outside = [0] * count, [0] * count, 0
-        for key, (nbytes, layer) in self.saved.items():
+        for nbytes, layer, recomputed in self.entries:
             if layer is None:
                 outside += nbytes
                 continue
             layers[layer] += nbytes
-            if self.inputs.get(key) != layer and key not in DEQUANTIZED:
+            if recomputed:
                 recompute[layer] += nbytes
         return _Traced(outside, tuple(layers), tuple(recompute))
 

@@ -29,6 +29,7 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.utils.stateless import _reparametrize_module
 
 from ..dtypes import DtypePolicy
@@ -194,14 +195,37 @@ def _dequantized_weight(module: nn.Module, dtype: torch.dtype | None) -> torch.T
     return torch.empty((module.out_features, module.in_features), dtype=dtype, device=module.weight.device)
 
 
-DEQUANTIZED: set[int] = set()
+class Storages:
+    """Storages noted by address while they live: a storage freed during the run leaves, and a new one that the
+    allocator puts at its address is another storage (addresses alone mistook one for the other, so that what a
+    trace counted depended on the allocator)."""
+
+    def __init__(self):
+        self._noted: dict[int, tuple[StorageWeakRef, object]] = {}
+
+    def note(self, tensor: torch.Tensor, value: object = None) -> None:
+        storage = tensor.untyped_storage()
+        self._noted[storage._cdata] = (StorageWeakRef(storage), value)
+
+    def get(self, tensor: torch.Tensor, default: object = None) -> object:
+        noted = self._noted.get(tensor.untyped_storage()._cdata)
+        return default if noted is None or noted[0].expired() else noted[1]
+
+    def __contains__(self, tensor: torch.Tensor) -> bool:
+        return self.get(tensor, self) is not self
+
+    def clear(self) -> None:
+        self._noted.clear()
+
+
+DEQUANTIZED = Storages()
 """Storages of the dequantized 4-bit experts made during a trace: the budget counts one layer's of them as
 `experts_dequantized`, not again in `recompute`."""
 
 
 def _experts_forward(self, quantized_param: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     weight = torch.empty(self.shape, dtype=dtype or self.dtype, device=quantized_param.device)
-    DEQUANTIZED.add(weight.untyped_storage()._cdata)
+    DEQUANTIZED.note(weight)
     return weight
 
 
