@@ -20,10 +20,17 @@ from .cli import main as cli_main  # noqa: E402
 
 def main() -> int:
     try:
-        return cli_main()
+        code = cli_main()
     finally:
         if TRAINING:
             signals.ignore_until_exit()
+    if TRAINING:
+        from .launch.machines import inside_launcher
+        from .run.failures import exit_rank
+
+        if inside_launcher():
+            exit_rank(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -254,7 +254,7 @@ def cmd_train(args, extra: list[str]) -> int:
                 train.run(cfg)
         except PreemptionExit as stopped:
             if machines is None:  # a rank under accelerate launch: its qlaunch, if any, counts the starts
-                raise
+                return stopped.code
             return starts.status_after_stop(cfg.output_dir, 0, stopped.step is not None, stopped.code)
         if machines is not None:
             starts.progressed(cfg.output_dir, 0)

@@ -7,7 +7,7 @@ Each run is exactly `launcher.cli.main(["train", ...])`. With `--runs`, the rank
 ([{"probe_dir": ..., "args": [...]}, ...]) in turn, in one process group, so that a test of many runs pays for
 one interpreter start and one set of imports: before each run the environment `accelerate launch` gave is
 restored and Accelerate's and transformers' DeepSpeed state is reset (as a fresh process starts), and all ranks
-meet at a barrier; the process group lives through all runs. A run that fails ends the launch (its ranks exit, as they would alone): PROBE_DIR/started-rank<R>
+meet at a barrier; the process group lives through all runs. A run that fails ends the launch (its ranks exit, as they would alone, with its status): PROBE_DIR/started-rank<R>
 says which runs began. The observers only read state and write it to PROBE_DIR/rank<R>.pt for the tests
 (PROBE_DIR/pid-rank<R> holds each rank's pid while it runs):
   * before sharding: whether this rank holds any weight data yet, and (source rank) every full
@@ -39,6 +39,7 @@ from graph_utils import graph_node_types
 
 from launcher import cli, strategies, train
 from launcher.checkpoint import store
+from launcher.run.failures import exit_rank
 from launcher.strategies import handoff
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -221,7 +222,8 @@ if sys.argv[1] == "--runs":
     keep_process_group()
     for spec in json.loads(Path(sys.argv[2]).read_text()):
         reset_between_runs(environment)
-        if run(Path(spec["probe_dir"]), spec["args"]) != 0:
-            sys.exit(1)
-    sys.exit(0)
-sys.exit(run(Path(sys.argv[1]), sys.argv[3:] if sys.argv[2] == "--" else sys.argv[2:]))
+        if (code := run(Path(spec["probe_dir"]), spec["args"])) != 0:
+            exit_rank(code)
+    exit_rank(0)
+# As launcher/__main__.py ends a rank:
+exit_rank(run(Path(sys.argv[1]), sys.argv[3:] if sys.argv[2] == "--" else sys.argv[2:]))

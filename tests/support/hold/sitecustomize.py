@@ -7,8 +7,9 @@ signalled-<phase>-<who> once it has received a stop signal, and waits until the 
 <who> is a rank's RANK, or the Slurm node name of `qlaunch train` in front of the ranks. Phases:
 `launch` (qlaunch train, before it starts accelerate launch: no rank exists yet), `load`
 (train.load_base), `checkpoint` (checkpoint.store.save), `export` (export.save_adapter, after the last
-step), `teardown` (the last exit handler of a `qlaunch train` process, wrapper or rank, once its work is
-over: stop signals are ignored there, so `signalled-` cannot be written; the test sees the process live on).
+step), `teardown` (once the work of a `qlaunch train` process is over: a rank's `failures.exit_rank`, the
+wrapper's last exit handler; stop signals are ignored there, so `signalled-` cannot be written; the test sees
+the process live on).
 It changes nothing else: the functions are the launcher's own.
 """
 
@@ -52,11 +53,14 @@ def hold_teardown() -> None:
 
 def hold_phases(train) -> None:
     import launcher.launch
+    from launcher.run import failures
 
     launcher.launch.launch = held("launch", launcher.launch.launch)
     train.load_base = held("load", train.load_base)
     train.store.save = held("checkpoint", train.store.save)
     train.export.save_adapter = held("export", train.export.save_adapter)
+    # A rank ends in exit_rank, without the interpreter's teardown (and so without its exit handlers).
+    failures.exit_rank = held("teardown", failures.exit_rank)
 
 
 class HoldAfterImport(importlib.abc.MetaPathFinder):
