@@ -85,7 +85,7 @@ def _build_skeleton(cfg: RunConfig, policy: DtypePolicy, config) -> nn.Module:
     base = meta_base(cfg.model, cfg.quant, config)
     # transformers' own replacement decides which linears become 4-bit, as in from_pretrained quantizing a checkpoint
     # (not reading a pre-quantized one, which would also swap Llama-4's fused experts for per-expert linears).
-    quantizer = AutoHfQuantizer.from_config(quantization_config(cfg.quant, policy), pre_quantized=False)
+    quantizer = AutoHfQuantizer.from_config(quantization_config(cfg.quant, policy, base), pre_quantized=False)
     quantizer.preprocess_model(base, device_map={"": "cpu"})
     apply_quantized_layout(
         base, cfg.quant, policy, quantized_layout(base, policy.quant_storage, cfg.quant.experts == "4bit")

@@ -10,12 +10,14 @@ rank broadcasts, so no rank but the source ever holds the whole model. The shard
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import bitsandbytes as bnb
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
+from transformers.quantizers.base import get_keys_to_not_convert
 
 from ..adapter_config import FROM_WEIGHTS
 from ..collectives import broadcast_object, is_source_rank, this_rank_device
@@ -34,13 +36,21 @@ from .quant_cache import cached_quantized_base
 from .quantize import quantizing_on, reading_without_mmap
 
 
-def quantization_config(quant: QuantConfig, policy: DtypePolicy) -> BitsAndBytesConfig:
+def quantization_config(
+    quant: QuantConfig, policy: DtypePolicy, meta: PreTrainedModel | None = None
+) -> BitsAndBytesConfig:
+    """transformers' 4-bit config; given the unquantized `meta` model, it also keeps 16-bit the linears whose weight
+    the model reads outside their forward (targets.read_outside_forward: in 4 bits it would read packed bytes)."""
+    read_outside = targets.read_outside_forward(meta) if meta is not None else []
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=DTYPE_BY_NAME[quant.compute_dtype],
         bnb_4bit_quant_storage=policy.quant_storage,
+        # transformers' own list (the output layer, tied weights) is kept only where none is given; names are
+        # patterns to it.
+        llm_int8_skip_modules=[*get_keys_to_not_convert(meta), *map(re.escape, read_outside)] if read_outside else None,
     )
 
 
@@ -122,7 +132,7 @@ def load_quantized_base(
     ):
         base = AutoModelForCausalLM.from_pretrained(
             model.path,
-            quantization_config=quantization_config(quant, policy),
+            quantization_config=quantization_config(quant, policy, meta_base(model, quant)),
             dtype=DTYPE_BY_NAME[quant.compute_dtype],
             device_map={"": "cpu"},
             trust_remote_code=model.trust_remote_code,
@@ -188,6 +198,12 @@ def apply_quantized_layout(
         path, _, parameter = name.rpartition(".")
         experts.install_meta(model.get_submodule(path), parameter, spec, policy.quant_storage)
     model.is_loaded_in_4bit = True
+    # What transformers' quantizer marks on a model it quantizes: some families take another path then (Jamba and
+    # FalconMamba call `dt_proj` as a module instead of multiplying by its weight), so all-linear, resolved on
+    # each rank, must see the source rank's path on every rank.
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.config._is_quantized = True
 
 
 def prepare_for_kbit_training(model: PreTrainedModel, policy: DtypePolicy, gradient_checkpointing: bool) -> None:

@@ -49,7 +49,7 @@ from ..dtypes import DTYPE_BY_NAME, DtypePolicy
 from ..node_cache import exclusive, fresh_temporary, say
 from . import experts
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 """Raise when an entry's layout or meaning changes: every cached base is then quantized again."""
 COMPLETE = "qlaunch-quant-cache.json"
 """Written last into the temporary directory: an entry without it is not one."""

@@ -7,6 +7,9 @@ output layer. One forward on fake tensors (fake_run.py, one decoder layer of eac
     sigmoid, a bias), into a softmax or a top-k (routing weights), or into a sigmoid as one value per token
     (Qwen2-MoE's shared-expert gate);
   * a module that never runs in the forward is left out (an adapter there would get no gradient);
+  * a module whose weight the model reads outside the module's forward is left out (Mamba's `dt_proj`: the mixer
+    multiplies by the weight itself, which would bypass an adapter), and kept 16-bit (`read_outside_forward`: in 4
+    bits the model would multiply by the packed bytes);
   * a module peft refuses for the architecture is left out (Mamba's `out_proj`, whose fused kernels read the weight
     directly): peft's own check decides.
 MoE experts, fused into 3D parameters since transformers 5, are not modules: `lora.target_parameters` adapts them.
@@ -32,6 +35,7 @@ from ..config import LoraConfig
 from .anatomy import decoder_layers
 from .fake_run import fake_run, layer_kinds, representatives
 
+READ_OUTSIDE = "its weight is read outside its forward"
 ROUTING = {"_softmax", "_log_softmax", "topk"}
 """aten ops whose input is routing scores."""
 PASS_THROUGH = {"_to_copy", "view", "_unsafe_view", "reshape", "clone", "contiguous", "t", "transpose", "alias"}
@@ -159,6 +163,18 @@ def resolve_all_linear(model: nn.Module) -> Resolution:
     return Resolution([c for c in candidates if c not in left_out], left_out)
 
 
+def read_outside_forward(model: nn.Module) -> list[str]:
+    """The linears of `model` (unquantized, on meta or loaded) whose weight the model reads outside their forward;
+    none where the forward does not run on fake tensors."""
+    output = model.get_output_embeddings()
+    candidates = [name for name, m in model.named_modules() if is_projection(m) and m is not output]
+    try:
+        roles = probe(model, candidates)
+    except Exception:  # noqa: BLE001 - resolve_all_linear says why the probe did not run
+        return []
+    return [name for name, role in roles.items() if role == READ_OUTSIDE]
+
+
 def _refused_by_peft(model: nn.Module, candidates: list[str]) -> list[str]:
     from peft import LoraConfig
     from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
@@ -190,7 +206,11 @@ def probe(model: nn.Module, candidates: list[str]) -> dict[str, str]:
         contextlib.ExitStack() as hooks,
     ):
         for name in observed:
-            handle = modules[name].register_forward_hook(lambda m, a, out, name=name: watch.produced(name, out))
+            module = modules[name]
+            watch.weights[id(module.weight)] = name
+            started = module.register_forward_pre_hook(lambda m, a, name=name: watch.running.add(name))
+            handle = module.register_forward_hook(lambda m, a, out, name=name: watch.produced(name, out))
+            hooks.callback(started.remove)
             hooks.callback(handle.remove)
         ids = torch.zeros((1, 8), dtype=torch.long, device="cpu")
         with torch.no_grad():
@@ -198,7 +218,9 @@ def probe(model: nn.Module, candidates: list[str]) -> dict[str, str]:
     roles = {}
     for name in candidates:
         seen = _representative(name, stands_for)
-        if seen not in watch.ran:
+        if seen in watch.read_outside:
+            roles[name] = READ_OUTSIDE
+        elif seen not in watch.ran:
             roles[name] = "never runs in the forward"
         elif seen in watch.routers or (seen in watch.gated and _width(modules[name]) == 1):
             roles[name] = "router or gate"
@@ -219,16 +241,21 @@ def _width(module: nn.Module) -> int:
 
 
 class _Watch(TorchDispatchMode):
-    """Which watched modules ran, and what their outputs went into."""
+    """Which watched modules ran, what their outputs went into, and whose weights were read outside them."""
 
     def __init__(self):
         super().__init__()
+        self.weights: dict[int, str] = {}
+        """id of a watched module's weight (the fake tensor the run sees) -> the module."""
+        self.running: set[str] = set()
+        self.read_outside: set[str] = set()
         self.ran: set[str] = set()
         self.routers: set[str] = set()
         self.gated: set[str] = set()
         self.outputs: dict[int, tuple[str, torch.Tensor]] = {}
 
     def produced(self, name: str, output) -> None:
+        self.running.discard(name)
         self.ran.add(name)
         if not isinstance(output, torch.Tensor):
             self.routers.add(name)
@@ -239,6 +266,9 @@ class _Watch(TorchDispatchMode):
         result = func(*args, **(kwargs or {}))
         op = func._schema.name.split("::")[-1]
         for arg in torch.utils._pytree.tree_leaves((args, kwargs)):
+            weight_of = self.weights.get(id(arg)) if isinstance(arg, torch.Tensor) else None
+            if weight_of is not None and weight_of not in self.running:
+                self.read_outside.add(weight_of)
             owner = self.outputs.get(id(arg)) if isinstance(arg, torch.Tensor) else None
             if owner is None or owner[1] is not arg:
                 continue

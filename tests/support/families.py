@@ -257,6 +257,27 @@ def _falcon_h1(tokens):
     )
 
 
+def _jamba(tokens):
+    from transformers import JambaConfig
+
+    return JambaConfig(
+        **_common(
+            tokens,
+            attn_layer_period=2,  # a Mamba-1 layer with a dense MLP, then attention with MoE
+            attn_layer_offset=1,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mamba_d_state=16,
+            mamba_d_conv=4,
+            mamba_expand=2,
+            mamba_dt_rank=8,
+            tie_word_embeddings=False,
+        )
+    )
+
+
 def _llama4(tokens):
     from transformers import Llama4TextConfig
 
@@ -374,6 +395,7 @@ FAMILIES = [
         moe=True,
     ),
     Family("lfm2", "hybrid: gated short convolutions beside attention, tied", _lfm2, tied=True),
+    Family("jamba", "hybrid: Mamba-1 (dt_proj kept 16-bit) beside attention, MoE", _jamba, moe=True),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
 

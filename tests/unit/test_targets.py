@@ -30,11 +30,18 @@ def leaves(names) -> set[str]:
         ("qwen2_moe", {"shared_expert_gate"}, "router or gate"),  # one sigmoid gate value per token
         ("falcon_h1", {"out_proj"}, "peft refuses it for this architecture"),  # Mamba kernels read the weight
         ("nemotron_h", {"out_proj"}, "peft refuses it for this architecture"),
+        # The mixer multiplies by dt_proj's weight itself (in 4 bits, by its packed bytes).
+        ("mamba", {"out_proj", "dt_proj"}, None),
+        ("jamba", {"dt_proj"}, targets.READ_OUTSIDE),
+        ("longcat_flash", {"classifier"}, targets.READ_OUTSIDE),  # its router reads the weight
     ],
 )
 def test_routers_gates_and_what_peft_refuses_are_left_out(family, left_out, why):
     model, found = resolution(family)
-    assert leaves(found.left_out) == left_out and set(found.left_out.values()) == {why}, found.left_out
+    assert leaves(found.left_out) == left_out, found.left_out
+    assert why is None or set(found.left_out.values()) == {why}, found.left_out
+    read_outside = {n for n, reason in found.left_out.items() if reason == targets.READ_OUTSIDE}
+    assert leaves(read_outside) == ({"dt_proj"} if "dt_proj" in left_out else {"classifier"} & left_out)
     assert not leaves(found.targets) & left_out
     output = model.get_output_embeddings()
     assert all(model.get_submodule(name) is not output for name in found.targets)
@@ -94,3 +101,28 @@ def test_sequence_parallelism_refuses_layers_that_mix_tokens_outside_attention(f
         config.layer_types = ["conv", "full_attention"]
     found = layers_refusal(meta_model(config))
     assert (found is None) if reason is None else reason in found, found
+
+
+@pytest.mark.parametrize("family", ["mamba", "falcon_mamba", "jamba", "llama"])
+def test_a_linear_whose_weight_is_read_outside_its_forward_stays_16_bit(family):
+    from transformers.quantizers import AutoHfQuantizer
+
+    from launcher.config import QuantConfig
+    from launcher.dtypes import DtypePolicy
+    from launcher.model.build import apply_quantized_layout, quantization_config, quantized_layout
+
+    model = meta_model(tiny_config(family))
+    kept = targets.read_outside_forward(model)
+    assert leaves(kept) == (set() if family == "llama" else {"dt_proj"})
+    quant, policy = QuantConfig(compute_dtype="float32"), DtypePolicy.uniform(torch.float32)
+    config = quantization_config(quant, policy, model)
+    AutoHfQuantizer.from_config(config, pre_quantized=False).preprocess_model(model, device_map={"": "cpu"})
+    # As a rank without weights builds it (and the budget's skeleton).
+    apply_quantized_layout(model, quant, policy, quantized_layout(model, policy.quant_storage, experts_4bit=True))
+    four_bit = {n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    # transformers' own exclusions stay: the output layer is not 4-bit; every other linear is.
+    assert linears - four_bit == {*kept, "lm_head"}, linears - four_bit
+    # Quantized, Jamba and FalconMamba call dt_proj as a module (adapted); Mamba still multiplies by its weight.
+    adapted = leaves(targets.resolve(model, LoraConfig()).targets)
+    assert ("dt_proj" in adapted) == (family in ("jamba", "falcon_mamba")), adapted
