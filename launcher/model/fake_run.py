@@ -12,7 +12,8 @@ autograd and saved tensors go:
     for DoRA's weight norm;
   * the experts' grouped matmul, whose fake kernel takes bf16 only, saves what its autograd formula saves;
   * transformers builds the causal mask as in a real run on one sample per row (it would build one where none is
-    needed if it took the fake tensors for a graph being traced).
+    needed if it took the fake tensors for a graph being traced), and the padding masks some families make of their
+    input (all ones, where nothing is padded) are taken for what they are without reading them.
 
 Only one decoder layer of each kind runs (layers whose module tree, classes, settings and per-layer config entries
 are equal are one kind): the decoder's layer list, the config's per-layer lists and the layers' indices are cut to
@@ -276,6 +277,8 @@ def stand_ins(experts_dtype: torch.dtype | None = None) -> list[Patch]:
         (torch.nn.functional, "grouped_mm", _grouped_mm),
         (masking, "is_tracing", lambda *args, **kwargs: False),
         (masking, "find_packed_sequence_indices", lambda position_ids: None),
+        # A fake run has no padding: the padding masks a family makes of its input (BART-style decoders) are all ones.
+        (masking, "fast_all", lambda tensor: True),
     ]
 
 

@@ -122,11 +122,21 @@ def test_every_family_s_activations_within_ten_percent(family_assets, family, ch
     assert_activations_match(family_assets(family) / "base", checkpointing, shapes=((16, 3), (80, 1)))
 
 
-@pytest.mark.parametrize("family", ["mamba", "jamba"])
-@CHECKPOINTING
-def test_mamba_1_families_train_in_4_bits_and_are_predicted(tmp_path, family, checkpointing):
-    # Their mixer multiplies by dt_proj's weight itself: kept 16-bit (targets.read_outside_forward), the 4-bit
-    # model trains (a forward, backward and optimizer step here), and its trace runs.
+@pytest.mark.parametrize(
+    "family,checkpointing",
+    [
+        # The mixer multiplies by dt_proj's weight itself: kept 16-bit (targets.read_outside_forward), the 4-bit model
+        # trains (a forward, backward and optimizer step here), and its trace runs.
+        ("mamba", True),
+        ("mamba", False),
+        ("jamba", True),
+        ("jamba", False),
+        # Decoders that make a padding mask of their input, which the trace takes for all ones without reading it.
+        ("bart", True),
+        ("biogpt", False),
+    ],
+)
+def test_families_outside_the_matrix_train_in_4_bits_and_are_predicted(tmp_path, family, checkpointing):
     from transformers import AutoModelForCausalLM
 
     from support.tiny_configs import tiny_config
