@@ -24,15 +24,17 @@ from .run.accelerator import compute_dtype, mixed_precision
 OUTPUT_MARKERS = ("adapter", "metrics.jsonl")
 
 
-def check_model(cfg: RunConfig) -> None:
-    """The model's config, its weight files (their headers only), and on its meta skeleton the LoRA targets and
-    gradient checkpointing."""
+def check_model(cfg: RunConfig, strategy: strategies.Strategy) -> None:
+    """The model's config, its weight files (their headers only), and on its meta skeleton the LoRA targets,
+    gradient checkpointing and what the strategy's sharding needs of the model."""
     config = read_model_config(cfg.model.path, cfg.model.trust_remote_code)
     check_weights(cfg.model.path, getattr(config, "transformers_weights", None))
     base = meta_model_for_checks(cfg.model, cfg.quant, config)
     check_gradient_checkpointing(cfg.train, base)
     check_lora_targets(adopted(cfg.lora), cfg.model, base)
     sequence_parallel.check(config, cfg.train.sequence_parallel, cfg.model.path, base)
+    if reason := strategy.model_refusal(base):
+        raise ConfigError(f"{strategy.name} cannot shard `{cfg.model.path}`: {reason}.")
 
 
 def check_output_dir(cfg: RunConfig) -> None:
@@ -66,7 +68,7 @@ def check_run(cfg: RunConfig) -> strategies.Strategy:
     tracking.check(cfg.train)
     objectives.get(cfg).check()
     strategies.check(strategy, cfg)
-    check_model(cfg)
+    check_model(cfg, strategy)
     return strategy
 
 

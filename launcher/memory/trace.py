@@ -32,7 +32,7 @@ from torch import nn
 
 from ..dtypes import DtypePolicy
 from ..model.anatomy import decoder_layers
-from ..model.fake_run import DEQUANTIZED, Patch, Storages, fake_run, kernel_device, layer_kinds, representatives
+from ..model.fake_run import DEQUANTIZED, Patch, Storages, cut_or_whole, fake_run, kernel_device, layer_kinds
 from ..model.loss import install_loss
 
 
@@ -74,10 +74,11 @@ def trace_saved(skeleton: nn.Module, compute: DtypePolicy, run: TraceRun, kinds:
     (`kinds`: `layer_kinds` of the skeleton, if known)."""
     layers = decoder_layers(skeleton)
     kinds = kinds or layer_kinds(skeleton, layers)
-    kept = representatives(skeleton, layers, kinds)
+    kept, traced = cut_or_whole(
+        skeleton, layers, kinds, lambda kept: (kept, _trace(skeleton, compute, run, layers, kept))
+    )
     # Each layer counts as the kept layer it stands for: itself, or the first of its kind.
     position = [kept.index(i if i in kept else kinds.index(kinds[i])) for i in range(len(layers))]
-    traced = _trace(skeleton, compute, run, layers, kept)
     recompute = (
         _trace(skeleton, compute, _without_checkpointing(run), layers, kept).recompute
         if run.checkpointing

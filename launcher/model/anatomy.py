@@ -10,10 +10,20 @@ from . import experts
 
 
 def decoder_layers(model: nn.Module) -> list[str]:
-    """Paths of the decoder layers: the modules of the classes the model declares unsplittable."""
+    """Paths of the decoder layers: the modules of the classes the model declares unsplittable, but the one that
+    holds the input embeddings (BERT-style families list their embeddings module too; its table is tied to the
+    output layer, which belongs to the root)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     classes = set(getattr(base, "_no_split_modules", None) or ())
-    return [name for name, module in model.named_modules() if type(module).__name__ in classes]
+    try:
+        embeddings = base.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embeddings = None
+    return [
+        name
+        for name, module in model.named_modules()
+        if type(module).__name__ in classes and not any(m is embeddings for m in module.modules())
+    ]
 
 
 def is_norm(module: nn.Module) -> bool:

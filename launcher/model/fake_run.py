@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import bitsandbytes as bnb
 import torch
@@ -124,6 +125,21 @@ def representatives(model: nn.Module, layers: list[str], kinds: list) -> list[in
     if _layer_list(model, layers) is None:
         return list(range(len(layers)))
     return [kinds.index(kind) for kind in dict.fromkeys(kinds)]
+
+
+T = TypeVar("T")
+
+
+def cut_or_whole(model: nn.Module, layers: list[str], kinds: list, run: Callable[[list[int]], T]) -> T:
+    """`run(kept)` on the model cut to the first layer of each kind, or on every layer where the cut model does not
+    run (weights outside the layers sized by their count: Gemma-3n's per-layer inputs)."""
+    kept = representatives(model, layers, kinds)
+    try:
+        return run(kept)
+    except Exception:
+        if len(kept) == len(layers):
+            raise
+        return run(list(range(len(layers))))
 
 
 @contextlib.contextmanager

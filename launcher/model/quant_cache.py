@@ -49,7 +49,7 @@ from ..dtypes import DTYPE_BY_NAME, DtypePolicy
 from ..node_cache import exclusive, fresh_temporary, say
 from . import experts
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 """Raise when an entry's layout or meaning changes: every cached base is then quantized again."""
 COMPLETE = "qlaunch-quant-cache.json"
 """Written last into the temporary directory: an entry without it is not one."""
@@ -197,6 +197,10 @@ def read_entry(model: ModelConfig, quant: QuantConfig, entry: Path) -> torch.nn.
             local_files_only=True,
         )
     install_experts(base, packed)
+    unpacked = [name for name, m in base.named_modules() if is_4bit_linear(m) and not is_packed_weight(m.weight)]
+    if unpacked:
+        # transformers did not take the entry's packed bytes for a 4-bit weight (Qwen4-exp's hyper-connections).
+        raise ValueError(f"{len(unpacked)} 4-bit weights load back unpacked ({', '.join(unpacked[:3])})")
     if (entry / FACTORS_FILE).is_file():
         from safetensors.torch import load_file
 
@@ -208,8 +212,22 @@ def read_entry(model: ModelConfig, quant: QuantConfig, entry: Path) -> torch.nn.
     return base
 
 
+def is_4bit_linear(module: torch.nn.Module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def is_packed_weight(weight: torch.Tensor) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(weight, bnb.nn.Params4bit)
+
+
 def save_base(base: torch.nn.Module, directory: Path) -> None:
-    """The base in transformers' pre-quantized format, its 4-bit experts (if any) in `EXPERTS_FILE`, the adapters'
+    """The base in transformers' pre-quantized format under the model's own parameter names (a checkpoint's names
+    are not restored: a conversion that transposes a weight, ERGO's shared expert, cannot transpose packed 4-bit
+    bytes), its 4-bit experts (if any) in `EXPERTS_FILE`, the adapters'
     factors of a residual base in `FACTORS_FILE`."""
     from safetensors.torch import save_file
 
@@ -221,7 +239,7 @@ def save_base(base: torch.nn.Module, directory: Path) -> None:
         save_file(named, directory / FACTORS_FILE)
     held = experts.quantized_experts(base)
     if not held:
-        base.save_pretrained(directory)
+        base.save_pretrained(directory, save_original_format=False)
         return
     tensors = {}
     for key, (module, name, parametrization) in held.items():
@@ -233,7 +251,7 @@ def save_base(base: torch.nn.Module, directory: Path) -> None:
         (module, module._modules.pop("parametrizations")) for module in {id(m): m for m, _, _ in held.values()}.values()
     ]
     try:
-        base.save_pretrained(directory)
+        base.save_pretrained(directory, save_original_format=False)
     finally:
         for module, parametrizations in hidden:
             module._modules["parametrizations"] = parametrizations

@@ -7,6 +7,12 @@ output layer. One forward on fake tensors (fake_run.py, one decoder layer of eac
     sigmoid, a bias), into a softmax or a top-k (routing weights), or into a sigmoid as one value per token
     (Qwen2-MoE's shared-expert gate);
   * a module that never runs in the forward is left out (an adapter there would get no gradient);
+  * a module whose output goes into integer results (top-k indices, masks) and that the logits do not depend on
+    through differentiable ops is left out (DeepSeek-V3.2's sparse-attention indexer: its scores only pick the
+    top-k keys), as an adapter there would get no gradient;
+  * a module whose output is not shaped as `input @ weight.T` is left out: it derives from `nn.Linear` but computes
+    something else (DeepSeek-V4's grouped output projection, block-diagonal over head groups), which an adapter's
+    `B(A(input))` cannot be added to;
   * a module whose weight the model reads outside the module's forward is left out (Mamba's `dt_proj`: the mixer
     multiplies by the weight itself, which would bypass an adapter), and kept 16-bit (`read_outside_forward`: in 4
     bits the model would multiply by the packed bytes);
@@ -22,24 +28,14 @@ names a module of the model in full as that module.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.pytorch_utils import Conv1D
 
 from ..config import LoraConfig
-from .anatomy import decoder_layers
-from .fake_run import fake_run, layer_kinds, representatives
-
-READ_OUTSIDE = "its weight is read outside its forward"
-ROUTING = {"_softmax", "_log_softmax", "topk"}
-"""aten ops whose input is routing scores."""
-PASS_THROUGH = {"_to_copy", "view", "_unsafe_view", "reshape", "clone", "contiguous", "t", "transpose", "alias"}
-"""aten ops whose output is still the module's output, cast or viewed (so are those whose output has its shape)."""
+from .roles import READ_OUTSIDE, probe
 
 
 @dataclass
@@ -187,100 +183,6 @@ def _refused_by_peft(model: nn.Module, candidates: list[str]) -> list[str]:
         except ValueError:
             refused.append(name)
     return refused
-
-
-def probe(model: nn.Module, candidates: list[str]) -> dict[str, str]:
-    """Each candidate's role in one forward: "projection", "router or gate", or "never runs in the forward"."""
-    layers = decoder_layers(model)
-    kinds = layer_kinds(model, layers)
-    kept = representatives(model, layers, kinds)
-    # A layer that does not run stands for the first of its kind: the same relative path has the same role.
-    stands_for = {layers[i]: layers[i if i in kept else kinds.index(kinds[i])] for i in range(len(layers))}
-    observed = {_representative(c, stands_for) for c in candidates}
-    modules = dict(model.named_modules())
-    watch = _Watch()
-    with (
-        # Roles do not depend on dtypes: every float one fp32, so no family's dtype rule can stop the forward.
-        fake_run(model, layers, kept, "cpu", uniform=torch.float32) as _,
-        watch,
-        contextlib.ExitStack() as hooks,
-    ):
-        for name in observed:
-            module = modules[name]
-            watch.weights[id(module.weight)] = name
-            started = module.register_forward_pre_hook(lambda m, a, name=name: watch.running.add(name))
-            handle = module.register_forward_hook(lambda m, a, out, name=name: watch.produced(name, out))
-            hooks.callback(started.remove)
-            hooks.callback(handle.remove)
-        ids = torch.zeros((1, 8), dtype=torch.long, device="cpu")
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    roles = {}
-    for name in candidates:
-        seen = _representative(name, stands_for)
-        if seen in watch.read_outside:
-            roles[name] = READ_OUTSIDE
-        elif seen not in watch.ran:
-            roles[name] = "never runs in the forward"
-        elif seen in watch.routers or (seen in watch.gated and _width(modules[name]) == 1):
-            roles[name] = "router or gate"
-        else:
-            roles[name] = "projection"
-    return roles
-
-
-def _representative(name: str, stands_for: dict[str, str]) -> str:
-    for layer, first in stands_for.items():
-        if name.startswith(layer + "."):
-            return first + name[len(layer) :]
-    return name
-
-
-def _width(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.nf
-
-
-class _Watch(TorchDispatchMode):
-    """Which watched modules ran, what their outputs went into, and whose weights were read outside them."""
-
-    def __init__(self):
-        super().__init__()
-        self.weights: dict[int, str] = {}
-        """id of a watched module's weight (the fake tensor the run sees) -> the module."""
-        self.running: set[str] = set()
-        self.read_outside: set[str] = set()
-        self.ran: set[str] = set()
-        self.routers: set[str] = set()
-        self.gated: set[str] = set()
-        self.outputs: dict[int, tuple[str, torch.Tensor]] = {}
-
-    def produced(self, name: str, output) -> None:
-        self.running.discard(name)
-        self.ran.add(name)
-        if not isinstance(output, torch.Tensor):
-            self.routers.add(name)
-        else:
-            self.outputs[id(output)] = (name, output)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        op = func._schema.name.split("::")[-1]
-        for arg in torch.utils._pytree.tree_leaves((args, kwargs)):
-            weight_of = self.weights.get(id(arg)) if isinstance(arg, torch.Tensor) else None
-            if weight_of is not None and weight_of not in self.running:
-                self.read_outside.add(weight_of)
-            owner = self.outputs.get(id(arg)) if isinstance(arg, torch.Tensor) else None
-            if owner is None or owner[1] is not arg:
-                continue
-            name = owner[0]
-            if op in ROUTING:
-                self.routers.add(name)
-            if op == "sigmoid":
-                self.gated.add(name)
-            elementwise = isinstance(result, torch.Tensor) and result.shape == arg.shape
-            if isinstance(result, torch.Tensor) and (op in PASS_THROUGH or elementwise):
-                self.outputs[id(result)] = (name, result)
-        return result
 
 
 def adapted_parameter_names(model: nn.Module, targets: list[str]) -> list[str]:

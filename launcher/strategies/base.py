@@ -135,6 +135,11 @@ class Strategy:
         """Why this strategy cannot run `cfg`, or None: checked before any process starts."""
         return None
 
+    def model_refusal(self, model: nn.Module) -> str | None:
+        """Why this strategy cannot shard `model` (the meta skeleton, before LoRA), or None: checked before any
+        process starts."""
+        return None
+
     # --- Runtime -------------------------------------------------------------------------------
 
     def dtype_policy(self, compute_dtype: torch.dtype, mixed_precision: bool) -> DtypePolicy:

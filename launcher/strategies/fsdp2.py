@@ -7,6 +7,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
 
 from .. import cpu_shims
 from ..collectives import is_source_rank, scatter_rows_
+from ..model.anatomy import decoder_layers
 from . import handoff
 from .base import OFFLOAD_PARAMS, LocalShard, Strategy, StrategySpec
 from .layout import ADAM_STATES, TensorSpec, add, chunk_rows, root_and_two_layers, units
@@ -29,6 +30,24 @@ class FSDP2(Strategy):
     # Accelerate's FSDP2 mixed-precision policy gathers every parameter in the autocast dtype.
     casts_parameters = True
 
+    def model_refusal(self, model):
+        # Accelerate shards the output layer in a unit with the final norm (and a tied input embedding); torch
+        # refuses a parameter seen by two units, so none of the output layer's may also belong to another module.
+        output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+        if output is None:
+            return None
+        own = {id(p) for p in output.parameters()} - {id(p) for p in embeddings.parameters()}
+        inside = {id(m) for m in output.modules()}
+        for name, module in model.named_modules():
+            shared = [k for k, p in module._parameters.items() if p is not None and id(p) in own]
+            if shared and id(module) not in inside:
+                return (
+                    f"its output layer's parameter is also `{name}.{shared[0]}`, a module outside it (BERT-style "
+                    "heads register their output bias twice); FSDP2 shards the output layer in a unit of its own and "
+                    "torch refuses a parameter in two units. zero3, zero2 and ddp shard it"
+                )
+        return None
+
     def plugins(self, train, device):
         from accelerate.utils import FullyShardedDataParallelPlugin
 
@@ -45,9 +64,17 @@ class FSDP2(Strategy):
 
     def before_prepare(self, model, accelerator):
         super().before_prepare(model, accelerator)
+        # Accelerate wraps every class of `_no_split_modules`; the units are the decoder layers the budget counts
+        # (a BERT-style embeddings module is not one: its table is the output layer's too).
+        layers = decoder_layers(model)
+        classes = sorted({type(model.get_submodule(name)).__name__ for name in layers})
+        accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = classes
         # fully_shard keeps only this rank's chunk of each parameter: keep the source's full tensors to
         # scatter, and the trainable parameters' names to find them again.
-        full = {name: p.detach() for name, p in model.named_parameters()} if is_source_rank() else None
+        # Every name of a tied parameter: after sharding, named_parameters may report it by another one (BERT's
+        # output bias is `cls.predictions.bias` and `cls.predictions.decoder.bias`).
+        named = model.named_parameters(remove_duplicate=False)
+        full = {name: p.detach() for name, p in named} if is_source_rank() else None
         return full, [name for name, p in model.named_parameters() if p.requires_grad]
 
     def after_prepare(self, model, optimizer, accelerator, handed):

@@ -44,6 +44,20 @@ class ZeRO(Strategy):
             )
         return {"deepspeed_plugin": plugin}
 
+    def before_prepare(self, model, accelerator):
+        # Accelerate fills these "auto" sizes from `model.config.hidden_size`, which a multimodal model's config
+        # (Gemma-3's) does not have: its text model's width, by Accelerate's formulas (the budget's too).
+        hidden = model.config.get_text_config().hidden_size
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("zero_optimization", {})
+        for key, value in (
+            ("reduce_bucket_size", hidden * hidden),
+            ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+            ("stage3_param_persistence_threshold", 10 * hidden),
+        ):
+            if zero.get(key) == "auto":
+                zero[key] = value
+        return super().before_prepare(model, accelerator)
+
     def set_offload(self, zero: dict[str, Any], mode: str) -> None:
         """`train.offload` onto DeepSpeed's `zero_optimization`: the run config decides, and a JSON that
         offloads otherwise is refused rather than silently overridden."""

@@ -86,9 +86,17 @@ SMALL = {
 }
 TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
+SET_WHEN_NONE = {"head_dim", "num_key_value_heads", "num_experts_per_tok", "n_routed_experts"}
+"""Widths a config class leaves None by default although its model needs them (a checkpoint's config names them);
+other None defaults (a sliding window, an expert count) mean the feature is off and stay so."""
 OVERRIDES = {
     # Widths the generic names do not reach: Mamba-2's heads x head width must be its inner width.
     "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 1},
+    # No default layer pattern: a convolution and an attention layer.
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "dots1": {"n_shared_experts": 1},
+    # Its attention reads the input and the embeddings side by side: twice the hidden width.
+    "zamba2": {"attention_hidden_size": 128},
 }
 MAX_WEIGHTS = 20_000_000
 """A shrunk family above this still has a width the generic names missed: it is not run on the CPU."""
@@ -124,12 +132,19 @@ def tiny_config(model_type: str):
 def _shrink(cls, default):
     raw = default.to_dict()
     names = set(raw) | set(getattr(cls, "attribute_map", {}))
-    kwargs = {k: v for k, v in SMALL.items() if k in names and getattr(default, k, raw.get(k)) is not None}
+    kwargs = {
+        k: v for k, v in SMALL.items() if k in names and (k in SET_WHEN_NONE or _default(default, raw, k) is not None)
+    }
+    # A width given per layer (Gemma-3n's intermediate sizes) is small in every layer.
+    kwargs.update(
+        {k: [v] * len(raw[k]) for k, v in kwargs.items() if isinstance(raw.get(k), list) and isinstance(v, int)}
+    )
     kwargs.update({k: v for k, v in TOKENS.items() if k in names})
     if "qk_rope_head_dim" in kwargs:  # multi-head latent attention: head_dim is the rotary width
         kwargs.update(
             head_dim=kwargs["qk_rope_head_dim"],
             qk_head_dim=kwargs["qk_rope_head_dim"] + kwargs.get("qk_nope_head_dim", 0),
+            num_key_value_heads=kwargs.get("num_attention_heads"),  # latent attention expands to every head
         )
         kwargs = {k: v for k, v in kwargs.items() if k in names}
     kwargs.update(OVERRIDES.get(default.model_type, {}))
@@ -139,8 +154,15 @@ def _shrink(cls, default):
         sub = getattr(default, key, None)
         if sub is not None and hasattr(sub, "to_dict"):
             kwargs[key] = _shrink(type(sub), sub).to_dict()
-    kwargs.update(_layers(default, raw))
+    kwargs.update(_layers(default, {**raw, **kwargs}))
     return cls(**kwargs)
+
+
+def _default(default, raw: dict, key: str):
+    try:
+        return getattr(default, key, raw.get(key))
+    except Exception:  # noqa: BLE001 - a per-layer attribute (Gemma-4's head_dim) refuses a global read: it is set
+        return raw.get(key, True)
 
 
 def _layers(default, raw: dict) -> dict:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launcher import cli, preflight
+from launcher import cli, preflight, strategies
 from launcher.checkpoint import store
 from launcher.config import ConfigError, load_config, parse_overrides
 
@@ -115,22 +115,22 @@ def test_weights_of_a_cached_hub_id_and_a_named_weights_file(model_copy, tmp_pat
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
     cfg = load_config(None, parse_overrides(["--model.path", "acme/tiny"]))
-    preflight.check_model(cfg)
+    preflight.check_model(cfg, strategies.get("fsdp2"))
     (snapshot / "model.safetensors").unlink()
     with pytest.raises(
         ConfigError,
         match=r"\(the cached copy of `acme/tiny`\) has config.json but no weights .*"
         r"Download it again \(`huggingface-cli download acme/tiny`\)",
     ):
-        preflight.check_model(cfg)
+        preflight.check_model(cfg, strategies.get("fsdp2"))
     # A config naming its weights file (`transformers_weights`): from_pretrained reads that one only.
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "transformers_weights": "weights.safetensors"}))
     cfg = load_config(None, parse_overrides(["--model.path", str(model)]))
     with pytest.raises(ConfigError, match=r"no weights \(weights.safetensors\)"):
-        preflight.check_model(cfg)
+        preflight.check_model(cfg, strategies.get("fsdp2"))
     (model / "model.safetensors").rename(model / "weights.safetensors")
-    preflight.check_model(cfg)
+    preflight.check_model(cfg, strategies.get("fsdp2"))
 
 
 LLAMA_LINEAR = "Its linear layers: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (all-linear"
@@ -271,3 +271,18 @@ def test_fp16_autocast_never_casts_4bit_data_stored_as_bf16():
         assert strategies.dtype_policy(fp16.quant, strategies.get(name), "fp16").quant_storage == torch.float16
     # DDP casts nothing (autocast only).
     assert strategies.dtype_policy(cfg.quant, strategies.get("ddp"), "fp16").quant_storage == torch.bfloat16
+
+
+def test_fsdp2_refuses_an_output_layer_sharing_a_parameter_with_its_parent(tmp_path, capsys, no_launch, demo_assets):
+    """BERT's causal-LM head registers its output bias on the output layer and on the head around it; FSDP2 shards
+    the output layer in a unit of its own and torch refuses a parameter in two units. ZeRO-3 trains it."""
+    from support.families import Family, build_family
+    from support.tiny_configs import tiny_config
+
+    assets = build_family(Family("bert", "", lambda tokens: tiny_config("bert")), tmp_path / "bert")
+    args = ["--model.path", str(assets / "base"), "--data.path", str(assets / "data.jsonl")]
+    err = refused(capsys, demo_assets / "run.yaml", tmp_path / "out", *args)
+    assert "fsdp2 cannot shard" in err and "`cls.predictions.bias`" in err and "zero3" in err
+    cfg = load_config(None, parse_overrides([*args, "--strategy", "zero3"]))
+    preflight.check_model(cfg, strategies.get("zero3"))
+    preflight.check_model(load_config(demo_assets / "run.yaml"), strategies.get("fsdp2"))  # tied embeddings pass

@@ -104,6 +104,38 @@ def test_second_start_reads_the_cache_bit_for_bit(family, family_assets, tmp_pat
     assert len(entries(tmp_path / "cache")) == 1
 
 
+def test_a_checkpoint_whose_weights_transformers_converts_is_cached(tmp_path, quantize_calls, capsys):
+    """ERGO's checkpoints store the shared expert transposed; transformers transposes it when it loads. The cache
+    keeps the loaded model's own names and layout (transposing back would meet packed 4-bit bytes)."""
+    from support.families import Family, build_family
+    from support.tiny_configs import tiny_config
+
+    path = str(build_family(Family("ergo", "", lambda tokens: tiny_config("ergo")), tmp_path / "ergo") / "base")
+    cfg = ModelConfig(path=path, quant_cache_dir=str(tmp_path / "cache"))
+    first = model_module.load_base(cfg, QuantConfig(compute_dtype="bfloat16"), BF16)
+    second = model_module.load_base(cfg, QuantConfig(compute_dtype="bfloat16"), BF16)
+    assert len(quantize_calls) == 1 and "read from the cache" in capsys.readouterr().err
+    assert any("shared_experts.up_proj.weight:absmax" in k for k in snapshot(first))
+    assert snapshot(second) == snapshot(first)
+
+
+def test_an_entry_that_does_not_load_back_in_4_bits_is_not_trusted(tmp_path, quantize_calls, capsys):
+    """transformers reads Qwen4-exp's hyper-connection weights back from a pre-quantized checkpoint as plain
+    tensors of packed bytes: such an entry is quantized again, and the start says why."""
+    import bitsandbytes as bnb
+
+    from support.families import Family, build_family
+    from support.tiny_configs import tiny_config
+
+    family = Family("qwen4_exp_text", "", lambda tokens: tiny_config("qwen4_exp_text"))
+    cfg = ModelConfig(path=str(build_family(family, tmp_path / "m") / "base"), quant_cache_dir=str(tmp_path / "c"))
+    model_module.load_base(cfg, QuantConfig(compute_dtype="bfloat16"), BF16)
+    second = model_module.load_base(cfg, QuantConfig(compute_dtype="bfloat16"), BF16)
+    assert len(quantize_calls) == 2 and "load back unpacked" in capsys.readouterr().err
+    linears = [m for m in second.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linears and all(isinstance(m.weight, bnb.nn.Params4bit) for m in linears)
+
+
 def test_a_changed_quantization_or_touched_checkpoint_misses(family_assets, tmp_path, quantize_calls):
     import shutil
 

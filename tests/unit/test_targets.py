@@ -8,7 +8,7 @@ from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from launcher.config import LoraConfig
-from launcher.model import targets
+from launcher.model import roles, targets
 from support.tiny_configs import meta_model, tiny_config
 
 
@@ -32,19 +32,35 @@ def leaves(names) -> set[str]:
         ("nemotron_h", {"out_proj"}, "peft refuses it for this architecture"),
         # The mixer multiplies by dt_proj's weight itself (in 4 bits, by its packed bytes).
         ("mamba", {"out_proj", "dt_proj"}, None),
-        ("jamba", {"dt_proj"}, targets.READ_OUTSIDE),
-        ("longcat_flash", {"classifier"}, targets.READ_OUTSIDE),  # its router reads the weight
+        ("jamba", {"dt_proj"}, roles.READ_OUTSIDE),
+        ("longcat_flash", {"classifier"}, roles.READ_OUTSIDE),  # its router reads the weight
+        # DeepSeek-V3.2's sparse-attention indexer: its scores only pick the top-k keys, no gradient comes back.
+        ("deepseek_v32", {"wq_b", "wk", "weights_proj"}, roles.NO_GRADIENT),
+        ("glm_moe_dsa", {"wq_b", "wk", "weights_proj"}, roles.NO_GRADIENT),
     ],
 )
 def test_routers_gates_and_what_peft_refuses_are_left_out(family, left_out, why):
     model, found = resolution(family)
     assert leaves(found.left_out) == left_out, found.left_out
     assert why is None or set(found.left_out.values()) == {why}, found.left_out
-    read_outside = {n for n, reason in found.left_out.items() if reason == targets.READ_OUTSIDE}
+
+    read_outside = {n for n, reason in found.left_out.items() if reason == roles.READ_OUTSIDE}
     assert leaves(read_outside) == ({"dt_proj"} if "dt_proj" in left_out else {"classifier"} & left_out)
     assert not leaves(found.targets) & left_out
     output = model.get_output_embeddings()
     assert all(model.get_submodule(name) is not output for name in found.targets)
+
+
+def test_a_linear_that_is_not_a_plain_projection_is_left_out():
+    """DeepSeek-V4's grouped output projection derives from nn.Linear but multiplies each head group by its own
+    block: an adapter's `B(A(x))` has another shape than its output. Its compressor's indexer only picks keys."""
+    model, found = resolution("deepseek_v4")
+    grouped = {n for n, _ in model.named_modules() if n.endswith("self_attn.o_a_proj")}
+    assert grouped and all(found.left_out[n] == roles.NOT_PLAIN for n in grouped)
+    indexer = {n for n in found.left_out if ".indexer." in n}
+    assert indexer and all(found.left_out[n] == roles.NO_GRADIENT for n in indexer)
+    assert any(n.endswith("self_attn.q_b_proj") for n in found.targets)
+    assert any(n.endswith("self_attn.o_b_proj") for n in found.targets)
 
 
 def test_attention_gates_wider_than_one_value_are_adapted():
@@ -126,3 +142,18 @@ def test_a_linear_whose_weight_is_read_outside_its_forward_stays_16_bit(family):
     # Quantized, Jamba and FalconMamba call dt_proj as a module (adapted); Mamba still multiplies by its weight.
     adapted = leaves(targets.resolve(model, LoraConfig()).targets)
     assert ("dt_proj" in adapted) == (family in ("jamba", "falcon_mamba")), adapted
+
+
+@pytest.mark.parametrize(
+    "family,layer_class", [("bert", "BertLayer"), ("camembert", "CamembertLayer"), ("llama", "LlamaDecoderLayer")]
+)
+def test_the_decoder_layers_are_the_unsplittable_modules_but_the_one_holding_the_embeddings(family, layer_class):
+    """BERT-style families declare their embeddings module unsplittable too; its table is tied to the output layer,
+    so as a sharding unit of its own it would be sharded twice (FSDP2 fails on the already sharded table)."""
+    from launcher.model.anatomy import decoder_layers
+
+    model = meta_model(tiny_config(family))
+    layers = decoder_layers(model)
+    assert layers and {type(model.get_submodule(name)).__name__ for name in layers} == {layer_class}
+    classes = set(model._no_split_modules)
+    assert (len(classes) > 1) == (family != "llama")  # the BERT-style ones list their embeddings module too
