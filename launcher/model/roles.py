@@ -73,6 +73,8 @@ def _watch(model: nn.Module, layers: list[str], kinds: list, kept: list[int], ca
     with (
         # The forward training runs (RWKV rescales its weights in place when it runs in eval mode).
         _training(model),
+        # Tensors the forward makes run on the fake CPU, also where peft is attaching under `torch.device("meta")`.
+        torch.device("cpu"),
         # Roles do not depend on dtypes: every float one fp32, so no family's dtype rule can stop the forward.
         fake_run(model, layers, kept, "cpu", uniform=torch.float32) as _,
         watch,
@@ -202,3 +204,47 @@ class _Watch(TorchDispatchMode):
             if isinstance(result, torch.Tensor) and (op in PASS_THROUGH or elementwise):
                 self.outputs[id(result)] = (name, result)
         return result
+
+
+def written_in_eval(model: nn.Module) -> list[str]:
+    """The parameters `model`'s eval-mode forward writes into, seen on fake tensors (RWKV rescales its weights for
+    inference whenever it switches to eval mode)."""
+    layers = decoder_layers(model)
+    try:
+        return cut_or_whole(model, layers, layer_kinds(model, layers), lambda kept: _eval_writes(model, layers, kept))
+    except Exception:  # noqa: BLE001 - a forward fake tensors cannot run shows no writes (resolve says it did not run)
+        return []
+
+
+def _eval_writes(model: nn.Module, layers: list[str], kept: list[int]) -> list[str]:
+    parameters = dict(model.named_parameters())
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with fake_run(model, layers, kept, "cpu", uniform=torch.float32) as (_, fakes), torch.device("cpu"):
+            writes = _Writes({id(fake): name for name, fake in fakes.items() if name in parameters})
+            with writes, torch.no_grad():
+                model(input_ids=torch.zeros((1, PROBE_TOKENS), dtype=torch.long), use_cache=False)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return sorted(writes.written)
+
+
+class _Writes(TorchDispatchMode):
+    """Which of the given tensors an op writes into."""
+
+    def __init__(self, names: dict[int, str]):
+        super().__init__()
+        self.names = names
+        self.written: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for position, argument in enumerate(func._schema.arguments):
+            if argument.alias_info is None or not argument.alias_info.is_write:
+                continue
+            value = args[position] if position < len(args) else kwargs.get(argument.name)
+            if isinstance(value, torch.Tensor) and id(value) in self.names:
+                self.written.add(self.names[id(value)])
+        return func(*args, **kwargs)

@@ -26,6 +26,20 @@ class ZeRO3(ZeRO):
     linear_saves_input = True
     """zero.Init replaces torch.nn.functional.linear with a version that saves its input and weight."""
 
+    def model_refusal(self, model):
+        from ..model.roles import written_in_eval
+
+        # The end-of-run check (and the eval loss) runs the model in eval mode, where some models rewrite their
+        # weights in place: ZeRO-3 holds each as an empty placeholder outside its module's forward.
+        written = written_in_eval(model)
+        if written:
+            return (
+                f"its eval-mode forward writes into its weights ({', '.join(written[:2])}, ...: RWKV rescales them for "
+                "inference), which ZeRO-3 keeps partitioned outside their modules' forward; fsdp2, zero2 and ddp "
+                "shard it"
+            )
+        return None
+
     def before_prepare(self, model, accelerator):
         import deepspeed
 

@@ -4,8 +4,8 @@ Per family (its config class shrunk: support/tiny_configs.py), with the default 
   * targets: `all-linear` resolved and checked on the meta model as `qlaunch train` does before launch;
   * budget: the meta skeleton every rank without weights builds (4-bit layout, k-bit preparation, peft's LoRA)
     and the per-rank prediction of `qlaunch budget`;
-  * loss: one forward and backward of the tiny model on the CPU, k-bit prepared, LoRA attached, with the
-    model's own loss, then with the chunked loss where it stands in (its loss and every gradient must equal
+  * loss: one forward and backward of the tiny model on the CPU, k-bit prepared (without checkpointing), LoRA
+    attached, with the model's own loss, then with the chunked loss where it stands in (its loss and every gradient must equal
     the model's own), or the reason the model keeps its own.
 The outcome is "ok" (it trains), "refused" (before launch, with the reason), "fails" (the ranks would fail:
 the error), or "not built" (no small config of the family builds: the reason).
@@ -110,7 +110,9 @@ def compare_losses(cfg: RunConfig, config) -> str:
 
     model, ids, labels = _tiny(config)
     policy = DtypePolicy.uniform(torch.float32)
-    prepare_for_kbit_training(model, policy, gradient_checkpointing=True)
+    # Without checkpointing (it changes no loss and no gradient, and costs each backward a forward): the matrix and
+    # bench/family_sweep.py train every family with it.
+    prepare_for_kbit_training(model, policy, gradient_checkpointing=False)
     peft_model = attach_lora(model, cfg.lora, policy, seed=0)
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:  # peft starts B at zero, where the adapters' gradients of A would be zero too

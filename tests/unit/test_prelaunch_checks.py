@@ -286,3 +286,14 @@ def test_fsdp2_refuses_an_output_layer_sharing_a_parameter_with_its_parent(tmp_p
     cfg = load_config(None, parse_overrides([*args, "--strategy", "zero3"]))
     preflight.check_model(cfg, strategies.get("zero3"))
     preflight.check_model(load_config(demo_assets / "run.yaml"), strategies.get("fsdp2"))  # tied embeddings pass
+
+
+def test_zero3_refuses_a_model_that_writes_its_weights_in_eval_mode():
+    """RWKV rescales its weights in place when it runs in eval mode (the end-of-run check does): ZeRO-3 holds them
+    partitioned there, and the ranks failed after training. FSDP2 trains it (bench/family_sweep.py)."""
+    from support.tiny_configs import meta_model, tiny_config
+
+    reason = strategies.get("zero3").model_refusal(meta_model(tiny_config("rwkv")))
+    assert reason and "attention.output.weight" in reason and "RWKV rescales" in reason
+    assert strategies.get("fsdp2").model_refusal(meta_model(tiny_config("rwkv"))) is None
+    assert strategies.get("zero3").model_refusal(meta_model(tiny_config("llama"))) is None

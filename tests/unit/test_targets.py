@@ -157,3 +157,14 @@ def test_the_decoder_layers_are_the_unsplittable_modules_but_the_one_holding_the
     assert layers and {type(model.get_submodule(name)).__name__ for name in layers} == {layer_class}
     classes = set(model._no_split_modules)
     assert (len(classes) > 1) == (family != "llama")  # the BERT-style ones list their embeddings module too
+
+
+def test_the_probe_runs_alike_where_peft_attaches_under_the_meta_device():
+    """The budget's skeleton attaches LoRA under `torch.device("meta")`; Gemma-3n's forward makes tensors of its own,
+    which must not become real meta tensors inside the fake run (the probe then failed and adapted every linear)."""
+    model = meta_model(tiny_config("gemma3n_text"))
+    outside = targets.resolve(model, LoraConfig())
+    with torch.device("meta"):
+        inside = targets.resolve(model, LoraConfig())
+    assert not inside.unprobed and inside.left_out == outside.left_out
+    assert leaves(inside.left_out) == {"correction_coefs", "prediction_coefs"}
