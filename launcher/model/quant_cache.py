@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import bitsandbytes as bnb
 import torch
 from safetensors import SafetensorError
 
@@ -197,7 +198,11 @@ def read_entry(model: ModelConfig, quant: QuantConfig, entry: Path) -> torch.nn.
             local_files_only=True,
         )
     install_experts(base, packed)
-    unpacked = [name for name, m in base.named_modules() if is_4bit_linear(m) and not is_packed_weight(m.weight)]
+    unpacked = [
+        name
+        for name, m in base.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit) and not isinstance(m.weight, bnb.nn.Params4bit)
+    ]
     if unpacked:
         # transformers did not take the entry's packed bytes for a 4-bit weight (Qwen4-exp's hyper-connections).
         raise ValueError(f"{len(unpacked)} 4-bit weights load back unpacked ({', '.join(unpacked[:3])})")
@@ -210,18 +215,6 @@ def read_entry(model: ModelConfig, quant: QuantConfig, entry: Path) -> torch.nn.
     base.config._name_or_path = model.path
     base.name_or_path = model.path
     return base
-
-
-def is_4bit_linear(module: torch.nn.Module) -> bool:
-    import bitsandbytes as bnb
-
-    return isinstance(module, bnb.nn.Linear4bit)
-
-
-def is_packed_weight(weight: torch.Tensor) -> bool:
-    import bitsandbytes as bnb
-
-    return isinstance(weight, bnb.nn.Params4bit)
 
 
 def save_base(base: torch.nn.Module, directory: Path) -> None:

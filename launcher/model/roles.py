@@ -28,7 +28,8 @@ PASS_THROUGH = {"_to_copy", "view", "_unsafe_view", "reshape", "clone", "contigu
 
 
 def probe(model: nn.Module, candidates: list[str]) -> dict[str, str]:
-    """Each candidate's role in one forward: "projection", "router or gate", or "never runs in the forward"."""
+    """Each candidate's role in one training forward: "projection", "router or gate", "never runs in the forward",
+    or READ_OUTSIDE, NOT_PLAIN, NO_GRADIENT."""
     layers = decoder_layers(model)
     kinds = layer_kinds(model, layers)
     watch, stands_for = cut_or_whole(model, layers, kinds, lambda kept: _watch(model, layers, kinds, kept, candidates))
@@ -52,9 +53,10 @@ def probe(model: nn.Module, candidates: list[str]) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _training(model: nn.Module):
+def _mode(model: nn.Module, training: bool):
+    """`model` in training or eval mode inside, every module's own mode restored on exit."""
     modes = {module: module.training for module in model.modules()}
-    model.train()
+    model.train(training)
     try:
         yield
     finally:
@@ -72,7 +74,7 @@ def _watch(model: nn.Module, layers: list[str], kinds: list, kept: list[int], ca
     watch = _Watch()
     with (
         # The forward training runs (RWKV rescales its weights in place when it runs in eval mode).
-        _training(model),
+        _mode(model, training=True),
         # Tensors the forward makes run on the fake CPU, also where peft is attaching under `torch.device("meta")`.
         torch.device("cpu"),
         # Roles do not depend on dtypes: every float one fp32, so no family's dtype rule can stop the forward.
@@ -218,16 +220,14 @@ def written_in_eval(model: nn.Module) -> list[str]:
 
 def _eval_writes(model: nn.Module, layers: list[str], kept: list[int]) -> list[str]:
     parameters = dict(model.named_parameters())
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        with fake_run(model, layers, kept, "cpu", uniform=torch.float32) as (_, fakes), torch.device("cpu"):
-            writes = _Writes({id(fake): name for name, fake in fakes.items() if name in parameters})
-            with writes, torch.no_grad():
-                model(input_ids=torch.zeros((1, PROBE_TOKENS), dtype=torch.long), use_cache=False)
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with (
+        _mode(model, training=False),
+        fake_run(model, layers, kept, "cpu", uniform=torch.float32) as (_, fakes),
+        torch.device("cpu"),
+    ):
+        writes = _Writes({id(fake): name for name, fake in fakes.items() if name in parameters})
+        with writes, torch.no_grad():
+            model(input_ids=torch.zeros((1, PROBE_TOKENS), dtype=torch.long), use_cache=False)
     return sorted(writes.written)
 
 
