@@ -35,6 +35,9 @@ class LoraConfig:
     Gaussian), pissa or olora (A and B the principal part of each 16-bit weight, by SVD or QR, taken on the source
     rank while it loads; the residual is quantized in its place), loftq (A and B the top singular vectors of each
     weight's 4-bit quantization error, so that the first forward is closer to the 16-bit model's)."""
+    adapt_vision: bool = False
+    """Vision-language models: all-linear adapts the vision encoder's and projector's linears too (default: the
+    language model's only; the vision parts stay frozen)."""
     use_dora: bool = False
     """DoRA: each adapted linear's weight split into a trained magnitude (one value per output feature) and a
     direction that LoRA adapts; every forward dequantizes the 4-bit weight for its norm. Not on `target_parameters`."""

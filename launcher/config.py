@@ -49,6 +49,8 @@ class ModelConfig:
     """Keep the quantized base on disk after the first start and load it on later starts, not quantizing again."""
     quant_cache_dir: str = ""
     """Where the quantized base is kept (empty: $QLAUNCH_QUANT_CACHE, else ~/.cache/qlaunch/quantized)."""
+    quantize_vision: bool = False
+    """Vision-language models: quantize the vision encoder and projector to 4 bits too (default: kept 16-bit)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,9 @@ class DataSource:
     completion_field: str = "completion"
     messages_field: str = "messages"
     """Chat records: a list of {"role", "content"} messages; the loss covers the assistant turns."""
+    images_field: str = "images"
+    """Image chat records (vision-language models): image file paths, relative to the dataset's directory, one per
+    `{"type": "image"}` part of the messages' content, in order."""
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
     """Preference pairs (train.objective dpo, orpo, kto): prompt, chosen and rejected, texts or message lists."""

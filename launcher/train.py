@@ -326,13 +326,13 @@ def finish(t: Training, result: LoopResult) -> RunSummary:
         tracking.log_memory(t.accelerator, report, t.total_steps)
     unwrapped = t.accelerator.unwrap_model(t.model)
     full_trainable = t.setup.sharder.gather_trainable(unwrapped)
-    check_ids = torch.tensor([t.rows.data.sample(0)[0][:CHECK_TOKENS]], device=t.accelerator.device)
+    check = {k: v.to(t.accelerator.device) for k, v in check_inputs(t.rows).items()}
     t.model.eval()
     with torch.no_grad():
-        check_logits = t.model(input_ids=check_ids).logits
+        check_logits = t.model(**check).logits
     if t.main:
         export.save_adapter(unwrapped, full_trainable, t.output_dir)
-        export.save_check(t.output_dir, check_ids, check_logits)
+        export.save_check(t.output_dir, check, check_logits)
     t.accelerator.wait_for_everyone()
     summary = RunSummary(
         steps=t.total_steps,
@@ -349,6 +349,15 @@ def finish(t: Training, result: LoopResult) -> RunSummary:
         print_summary(summary, t.output_dir)
     t.accelerator.end_training()
     return summary
+
+
+def check_inputs(rows: Rows) -> dict[str, torch.Tensor]:
+    """What the end-of-run check feeds the model: the first sample's first CHECK_TOKENS ids, or, where it has
+    images, the whole sample with its images (the reload must agree on the vision path too)."""
+    ids = rows.data.sample(0)[0]
+    images = rows.data.images(0) if rows.pixels is not None else []
+    input_ids = torch.tensor([ids if images else ids[:CHECK_TOKENS]])
+    return {"input_ids": input_ids, **(rows.pixels(images, input_ids) if images else {})}
 
 
 def step_parts(t: Training) -> int:

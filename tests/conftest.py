@@ -69,6 +69,22 @@ def family_assets(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def vision_assets(tmp_path_factory):
+    """support/vision.py's models: each vision-language family's model, processor and image data, built once per
+    session on first use."""
+    from support.vision import VISION_BY_NAME, build_vision_family
+
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build_vision_family(VISION_BY_NAME[name], tmp_path_factory.mktemp(f"vision-{name}"))
+        return built[name]
+
+    return get
+
+
 @pytest.fixture
 def no_launch(monkeypatch):
     """Fails the test if `qlaunch train` gets as far as starting `accelerate launch`."""

@@ -24,6 +24,7 @@ from ..dtypes import DTYPE_BY_NAME
 from ..model.build import decomposition_plan, load_quantized_base, prepare_for_kbit_training
 from ..model.experts import fix_peft_stacked_parametrizations, sort_expert_parameters
 from ..model.targets import keep_named_modules
+from ..model.vision import auto_class, is_vision_language
 from ..run import disk_full
 from ..safe_load import check_checkpoint_files
 from .store import read_meta
@@ -111,13 +112,14 @@ def merge_adapter(adapter_dir: Path, output: Path, base_path: str | None = None,
     16-bit residual, each adapted weight decomposed again as the run did, so the result is the original weights
     plus what training changed."""
     from peft import LoraConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
     output = Path(output)
     if output.exists():
         raise ConfigError(f"`{output}` already exists; choose another --output.")
     base_path = base_path or LoraConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPE_BY_NAME[dtype])
+    config = AutoConfig.from_pretrained(base_path)
+    base = auto_class(config).from_pretrained(base_path, dtype=DTYPE_BY_NAME[dtype])
     leave_residuals(base, base_path, run_config_of(adapter_dir))
     sort_expert_parameters(base)  # the adapter's nesting, as training built it
     keep_named_modules()  # linears named in full stay modules (peft issue 3711)
@@ -125,7 +127,8 @@ def merge_adapter(adapter_dir: Path, output: Path, base_path: str | None = None,
 
     def write(tmp: Path) -> None:
         merged.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp)
+        # a vision-language model's processor holds its tokenizer, image processor and chat template
+        (AutoProcessor if is_vision_language(config) else AutoTokenizer).from_pretrained(base_path).save_pretrained(tmp)
 
     write_atomically(output, write)
     return output
@@ -153,10 +156,11 @@ def leave_residuals(base: nn.Module, base_path: str, cfg) -> None:
                 weight.copy_(decompose(weight, shape, lora)[0])
 
 
-def save_check(output_dir: Path, input_ids: torch.Tensor, logits: torch.Tensor) -> None:
+def save_check(output_dir: Path, inputs: dict[str, torch.Tensor], logits: torch.Tensor) -> None:
+    """The end-of-run check: the model's inputs (ids, and a vision-language model's image inputs) and its logits."""
     final = Path(output_dir) / CHECK_FILE
     tmp = final.with_name(f".{CHECK_FILE}.tmp-{os.getpid()}")
-    tensors = {"input_ids": input_ids.cpu().contiguous(), "logits": logits.float().cpu().contiguous()}
+    tensors = {k: v.cpu().contiguous() for k, v in inputs.items()} | {"logits": logits.float().cpu().contiguous()}
     with _removed_on_failure(tmp, final, "adapter check", sum(t.numel() * t.element_size() for t in tensors.values())):
         save_file(tensors, tmp)
     os.replace(tmp, final)
@@ -184,6 +188,7 @@ def verify_adapter(output_dir: Path, base_path: str | None = None) -> float:
     output_dir = Path(output_dir)
     model = load_for_inference(output_dir, base_path)
     check = load_file(output_dir / CHECK_FILE)
+    expected = check.pop("logits")
     with torch.no_grad():
-        logits = model(input_ids=check["input_ids"].to(model.device)).logits.float().cpu()
-    return (logits - check["logits"]).abs().max().item()
+        logits = model(**{k: v.to(model.device) for k, v in check.items()}).logits.float().cpu()
+    return (logits - expected).abs().max().item()

@@ -82,8 +82,8 @@ class Rows:
     block-diagonal mask from the position ids when no attention mask and no KV cache are given: the forward
     needs `use_cache=False`, or an eval-mode model builds a cache and attends across samples)."""
 
-    def __init__(self, data: TokenizedData, packing: bool, max_seq_len: int):
-        self.data, self.packing = data, packing
+    def __init__(self, data: TokenizedData, packing: bool, max_seq_len: int, pixels=None):
+        self.data, self.packing, self.pixels = data, packing, pixels
         self._targets, self._lengths = data.targets, data.lengths
         self.groups = pack(self._lengths, max_seq_len) if packing else None
 
@@ -107,7 +107,11 @@ class Rows:
         batch = padded([self.build_row(r) for r in rows], pad_id)
         if self.packing:
             return {"input_ids": batch["input_ids"], "labels": batch["labels"], "position_ids": batch["position_ids"]}
-        return {"input_ids": batch["input_ids"], "labels": batch["labels"], "attention_mask": batch["attention_mask"]}
+        inputs = {key: batch[key] for key in ("input_ids", "labels", "attention_mask")}
+        if self.pixels is not None:  # image chat records: their images, read and processed here (images.py)
+            images = [path for r in rows for sample in self.samples(r) for path in self.data.images(sample)]
+            inputs.update(self.pixels(images, batch["input_ids"]))
+        return inputs
 
     def build_row(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, labels, positions = [], [], []

@@ -16,6 +16,7 @@ from ..config import ConfigError, DataConfig, DataSource, spoken_choices
 from ..objective_config import RECORDS
 from ..quiet import quiet_logger
 from .chat import assistant_turns, check_messages, tokenize_chat, use_chat_template
+from .images import VisionEncoder, VisionProcessor
 from .labels import IGNORE_INDEX, target_tokens
 from .pairs import PairEncoder, UnpairedEncoder, pair_features, unpaired_features
 
@@ -69,6 +70,8 @@ def record_kind(columns: list[str], source: DataSource) -> str:
         return "text"
     if "input_ids" in columns:
         return "tokens"
+    if source.messages_field in columns and source.images_field in columns:
+        return "vision"
     if source.messages_field in columns:
         return "messages"
     if source.prompt_field in columns and source.completion_field in columns:
@@ -83,27 +86,37 @@ def record_kind(columns: list[str], source: DataSource) -> str:
     )
 
 
-def features():
-    """The tokenized table: ids and labels (int32 on disk), target tokens, whether the record was cut."""
+def features(images: bool = False):
+    """The tokenized table: ids and labels (int32 on disk), target tokens, whether the record was cut (and, of image
+    chat records, each sample's image files)."""
     from datasets import Features, List, Value
 
-    return Features(
-        {
-            "input_ids": List(Value("int32")),
-            "labels": List(Value("int32")),
-            "targets": Value("int32"),
-            "truncated": Value("bool"),
-        }
-    )
+    columns = {
+        "input_ids": List(Value("int32")),
+        "labels": List(Value("int32")),
+        "targets": Value("int32"),
+        "truncated": Value("bool"),
+    }
+    return Features({**columns, "images": List(Value("string"))} if images else columns)
+
+
+def check_vision(source: DataSource, processor) -> None:
+    if processor is None:
+        raise ConfigError(
+            f"Dataset `{source.path}` holds image chat records (`{source.messages_field}` and `{source.images_field}`), "
+            "but the model at `model.path` is a text-only causal LM. Point `model.path` at a vision-language "
+            "(image-text-to-text) model, or drop the images."
+        )
 
 
 TAKES = {
-    "sft": ("text", "tokens", "messages", "prompt_completion"),
+    "sft": ("text", "tokens", "messages", "prompt_completion", "vision"),
     "pairs": ("pairs",),
     "unpaired": ("unpaired", "pairs"),
 }
 """The record kinds each tokenized shape (objective_config.RECORDS) is made from."""
 HELD = {
+    "vision": "image chat records (`messages`, `images`)",
     "pairs": "preference pairs (`chosen`, `rejected`)",
     "unpaired": "completions labelled desirable or not (`prompt`, `completion`, `label`)",
 }
@@ -126,21 +139,35 @@ def is_chat(records, kind: str, source: DataSource) -> bool:
     """Whether the records are message lists (rendered with the chat template)."""
     field = {"prompt_completion": source.prompt_field, "unpaired": source.prompt_field, "pairs": source.chosen_field}
     field = field.get(kind)
-    return kind == "messages" or (field is not None and len(records) > 0 and isinstance(records[0][field], list))
+    return kind in ("messages", "vision") or (
+        field is not None and len(records) > 0 and isinstance(records[0][field], list)
+    )
 
 
 def tokenize(
-    records, tokenizer, source: DataSource, cfg: DataConfig, objective: str = "sft", cache_file: str | None = None
+    records,
+    tokenizer,
+    source: DataSource,
+    cfg: DataConfig,
+    objective: str = "sft",
+    cache_file: str | None = None,
+    processor: VisionProcessor | None = None,
 ):
     """The records as a `datasets.Dataset` of token ids and labels (see `features`, or pairs.py for preference
     records), batched; records left with no target token within `max_seq_len` are dropped. Written to `cache_file`
-    (one file per worker: `<name>_NNNNN_of_NNNNN.arrow` when several), else kept in memory."""
+    (one file per worker: `<name>_NNNNN_of_NNNNN.arrow` when several), else kept in memory. Image chat records need
+    the `processor` of a vision-language model (images.py)."""
     kind = record_kind(records.column_names, source)
     check_kind(kind, objective, source)
     chat = is_chat(records, kind, source)
-    if chat:
+    if kind == "vision":
+        check_vision(source, processor)
+        use_chat_template(processor.processor, cfg.chat_template, source.path)
+    elif chat:
         use_chat_template(tokenizer, cfg.chat_template, source.path)
-    if RECORDS[objective] == "pairs":
+    if kind == "vision":
+        encode, table_features = VisionEncoder(processor, source, cfg.max_seq_len), features(images=True)
+    elif RECORDS[objective] == "pairs":
         encode, table_features = PairEncoder(tokenizer, source, cfg, chat), pair_features()
     elif RECORDS[objective] == "unpaired":
         encode, table_features = UnpairedEncoder(tokenizer, source, cfg, chat, kind), unpaired_features()

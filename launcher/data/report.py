@@ -8,12 +8,13 @@ masking (chat templates above all) before they spend GPU hours.
 from __future__ import annotations
 
 import json
+import re
 
 from ..config import RunConfig
 from ..objective_config import RECORDS
 from .batches import GlobalBatches, Rows
 from .labels import IGNORE_INDEX
-from .loading import load_tokenizer
+from .loading import load_tokenizer, load_vision_processor
 from .tokenized import load_tokenized
 
 
@@ -39,9 +40,10 @@ def row_efficiency(rows: Rows, micro_batch_size: int, seed: int) -> float:
 
 
 def report(cfg: RunConfig, samples: int) -> dict:
-    tokenizer = load_tokenizer(cfg.model)
+    vision = load_vision_processor(cfg.model)
+    tokenizer = load_tokenizer(cfg.model) if vision is None else vision.tokenizer
     records = RECORDS[cfg.train.objective]
-    train, held_out = load_tokenized(cfg.data, tokenizer, cfg.train.seed, cfg.train.objective)
+    train, held_out = load_tokenized(cfg.data, tokenizer, cfg.train.seed, cfg.train.objective, vision)
     rows = Rows(train, cfg.data.packing, cfg.data.max_seq_len)
     return {
         "sources": [
@@ -69,6 +71,7 @@ def report(cfg: RunConfig, samples: int) -> dict:
         "pairs": records == "pairs",
         "desirable": int(train.desirable.sum()) if records == "unpaired" else None,
         "samples": [shown(train, i, tokenizer, records) for i in range(min(samples, len(train)))],
+        "image_token": tokenizer.decode([vision.image_token_id]) if vision else None,
     }
 
 
@@ -80,7 +83,8 @@ def shown(data, i: int, tokenizer, records: str) -> dict:
     if records == "unpaired":
         label = "desirable" if data.desirable[i] else "undesirable"
         return {label: segments(*data.sample(i), tokenizer)}
-    return {"sequence": segments(*data.sample(i), tokenizer)}
+    images = {"images": data.images(i)} if data.images(i) else {}
+    return {"sequence": segments(*data.sample(i), tokenizer), **images}
 
 
 def render(summary: dict) -> str:
@@ -109,7 +113,12 @@ def render(summary: dict) -> str:
     for n, sample in enumerate(summary["samples"]):
         lines.append(f"\n{what} {n} (the loss ignores the parts in [[...]]):")
         for name, runs in sample.items():
+            if name == "images":
+                lines.append(f"images: {', '.join(runs)}")
+                continue
             text = "".join(s["text"] if s["loss"] else f"[[{s['text']}]]" for s in runs)
+            if image := summary.get("image_token"):  # an image's run of tokens, as one mark with its count
+                text = re.sub(f"(?:{re.escape(image)})+", lambda m: f"{image}x{len(m.group()) // len(image)}", text)
             lines.append(text if name == "sequence" else f"{name}: {text}")
     return "\n".join(lines)
 

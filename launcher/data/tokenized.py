@@ -101,6 +101,11 @@ class TokenizedData:
         row = self.sources[self.parts[i]].table[int(self.rows[i])]
         return row["input_ids"], row["labels"]
 
+    def images(self, i: int) -> list[str]:
+        """Sample i's image files (none but of image chat records)."""
+        row = self.sources[self.parts[i]].table[int(self.rows[i])]
+        return row.get("images") or []
+
     def rejected(self, i: int) -> tuple[list[int], list[int]]:
         """The rejected sequence of pair i."""
         row = self.sources[self.parts[i]].table[int(self.rows[i])]
@@ -118,9 +123,13 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path.home() / ".cache" / "qlaunch" / "data"
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """What decides the ids a tokenizer gives: its whole definition, special tokens and chat template."""
+def tokenizer_fingerprint(tokenizer, processor=None) -> str:
+    """What decides the ids a tokenizer gives: its whole definition, special tokens and chat template (and a
+    vision-language model's processor: its image processor decides how many tokens an image makes)."""
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    if processor is not None:
+        digest.update(processor.processor.image_processor.to_json_string().encode())
+        digest.update(json.dumps(getattr(processor.processor, "chat_template", None)).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         digest.update(backend.to_str().encode())
@@ -146,7 +155,7 @@ def cache_key(source: DataSource, tokenizer_print: str, cfg: DataConfig, records
 
 
 def tokenized_source(
-    source: DataSource, tokenizer, cfg: DataConfig, tokenizer_print: str, objective: str = "sft"
+    source: DataSource, tokenizer, cfg: DataConfig, tokenizer_print: str, objective: str = "sft", processor=None
 ) -> SourceData:
     """The source's tokens: read from the cache, or tokenized into it by the first process to ask; tokenized
     in memory where the cache cannot be written (a full or read-only disk costs the next start, not this one)."""
@@ -158,18 +167,20 @@ def tokenized_source(
         if not entry.is_dir():
             with exclusive(root, key, f"waiting for another process tokenizing `{source.path}` into {entry}"):
                 if not entry.is_dir():
-                    build_entry(source, tokenizer, cfg, root, key, objective)
+                    build_entry(source, tokenizer, cfg, root, key, objective, processor)
                     hit = False
     except OSError as error:
         say(f"could not write the tokenized data into the cache {root} ({error}); tokenized in memory, not cached")
-        return tokenized_in_memory(source, tokenizer, cfg, objective)
+        return tokenized_in_memory(source, tokenizer, cfg, objective, processor)
     meta = json.loads((entry / "meta.json").read_text())
     if hit:
         say(f"`{source.path}`: {meta['kept']:,} samples read from the cache {entry}, not tokenized again")
     return open_entry(source, entry, meta, hit)
 
 
-def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key: str, objective: str) -> None:
+def build_entry(
+    source: DataSource, tokenizer, cfg: DataConfig, root: Path, key: str, objective: str, processor=None
+) -> None:
     """Tokenizes into `<key>.tmp-<pid>` and renames it to `<key>` once complete: an entry is whole or absent."""
     import datasets
 
@@ -179,7 +190,7 @@ def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key:
     if sys.stderr.isatty():  # tokenizing a large dataset takes minutes: show it (a bar in a log file is noise)
         datasets.enable_progress_bars()
     try:
-        table = tokenize(records, tokenizer, source, cfg, objective, cache_file=str(partial / "data.arrow"))
+        table = tokenize(records, tokenizer, source, cfg, objective, str(partial / "data.arrow"), processor)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -199,9 +210,9 @@ def build_entry(source: DataSource, tokenizer, cfg: DataConfig, root: Path, key:
     say(f"`{source.path}`: {meta['records']:,} records tokenized in {meta['tokenize_s']:.1f} s into {root / key}")
 
 
-def tokenized_in_memory(source: DataSource, tokenizer, cfg: DataConfig, objective: str) -> SourceData:
+def tokenized_in_memory(source: DataSource, tokenizer, cfg: DataConfig, objective: str, processor=None) -> SourceData:
     records = load_records(source)
-    table = tokenize(records, tokenizer, source, cfg, objective)
+    table = tokenize(records, tokenizer, source, cfg, objective, processor=processor)
     return SourceData(source, table, len(records), len(records) - len(table), truncated_count(table), "", False)
 
 
@@ -219,12 +230,13 @@ def open_entry(source: DataSource, entry: Path, meta: dict, hit: bool) -> Source
 
 
 def load_tokenized(
-    cfg: DataConfig, tokenizer, seed: int, objective: str = "sft"
+    cfg: DataConfig, tokenizer, seed: int, objective: str = "sft", processor=None
 ) -> tuple[TokenizedData, TokenizedData | None]:
     """The training samples, mixed from every source by weight, and the eval samples (None without an
-    eval split). Both are pure functions of the data, the tokenizer, the options and the seed."""
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    sources = [tokenized_source(s, tokenizer, cfg, fingerprint, objective) for s in cfg.sources()]
+    eval split). Both are pure functions of the data, the tokenizer (and a vision-language model's `processor`), the
+    options and the seed."""
+    fingerprint = tokenizer_fingerprint(tokenizer, processor)
+    sources = [tokenized_source(s, tokenizer, cfg, fingerprint, objective, processor) for s in cfg.sources()]
     rng = np.random.default_rng(seed)
     train_parts, eval_parts = [], []
     for k, source in enumerate(sources):
@@ -234,7 +246,7 @@ def load_tokenized(
         train_parts.append((k, weighted(np.sort(rows[held:]), source.source.weight, rng)))
     train = combine(sources, train_parts)
     if cfg.eval_path:
-        eval_data = tokenized_source(cfg.eval_source(), tokenizer, cfg, fingerprint, objective)
+        eval_data = tokenized_source(cfg.eval_source(), tokenizer, cfg, fingerprint, objective, processor)
         return train, combine([eval_data], [(0, np.arange(len(eval_data.table)))])
     return train, combine(sources, eval_parts) if cfg.eval_fraction > 0 else None
 

@@ -24,6 +24,7 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..config import ConfigError
+from ..model.vision import ImageInputs, is_vision_language
 from ..strategies import Strategy, clean_fqn
 from ..strategies.handoff import quant_state_owners
 from .components import COMPONENTS, WEIGHT_COMPONENTS, parameter_components
@@ -139,9 +140,16 @@ class FirstStepProbe:
     """
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, weight_storages: dict[int, object], offload=None
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        weight_storages: dict[int, object],
+        offload=None,
+        image_token_id: int | None = None,
     ):
         self.weight_storages = weight_storages
+        self.image_token_id = image_token_id
+        """A vision-language model's: the image inputs of the largest forward are noted with its shape."""
         self.offload = offload
         """An ActivationOffload whose hooks these replace during the first step: each saved tensor goes on to it."""
         self.running_params: dict[int, int] = {}
@@ -155,6 +163,9 @@ class FirstStepProbe:
         self.activation_shape: tuple[int, int] | None = None
         self.shape: tuple[int, int] | None = None
         """(batch, sequence) of the forward pass running now."""
+        self.activation_images: ImageInputs | None = None
+        self.images: ImageInputs | None = None
+        """The image inputs of the forward pass running now."""
         self.measured: dict[str, int] = {"gradients": 0}
         self.master = StorageTally(exclude=weight_storages)
         self.groups_left = len(optimizer.param_groups)
@@ -212,11 +223,13 @@ class FirstStepProbe:
         self.saved_hooks.__enter__()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self.shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else None
+        if self.image_token_id is not None:
+            self.images = ImageInputs.of(kwargs, self.image_token_id)
 
     def _forward_finished(self, module, args, output):
         self.saved_hooks.__exit__(None, None, None)
         if self.saved >= self.activations:
-            self.activations, self.activation_shape = self.saved, self.shape
+            self.activations, self.activation_shape, self.activation_images = self.saved, self.shape, self.images
         self.saved, self.saved_storages = 0, {}
 
     def _before_step(self, optimizer, args, kwargs):
@@ -260,7 +273,9 @@ class MemoryMeter:
     ):
         self.cfg, self.output_dir = cfg, Path(output_dir)
         self.weights, storages = measure_weights(model, sharder, kinds)
-        self.probe = FirstStepProbe(model, optimizer, storages, offload)
+        config = getattr(getattr(model, "module", model), "config", None)  # DDP does not pass attributes on
+        image_token = config.image_token_id if config is not None and is_vision_language(config) else None
+        self.probe = FirstStepProbe(model, optimizer, storages, offload, image_token)
         self.cuda = CudaPeaks(optimizer) if device.type == "cuda" else None
         self.main = not dist.is_initialized() or dist.get_rank() == 0
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -275,12 +290,12 @@ class MemoryMeter:
         """This rank's peak CUDA allocation so far (None on CPU)."""
         return self.cuda.peak_allocated() if self.cuda else None
 
-    def _predict(self, activation_shape: tuple[int, int] | None = None) -> Budget | None:
+    def _predict(self, activation_shape: tuple[int, int] | None = None, images=None) -> Budget | None:
         # The report must never stop training: a model the budget cannot predict gets a note instead.
         try:
             # The end-of-training prediction reuses the model described at the start.
             self.model_cache = self.model_cache or ModelCache(self.cfg.model)
-            return predict(self.cfg, self.hardware, activation_shape=activation_shape, cache=self.model_cache)
+            return predict(self.cfg, self.hardware, activation_shape, self.model_cache, images)
         except ConfigError as error:
             print(f"Memory budget: no prediction for this model ({error}); measuring only.", flush=True)
             return None
@@ -295,9 +310,9 @@ class MemoryMeter:
         measured = [r["components"] for r in ranks]
         names = [n for n in COMPONENTS if n in measured[0]]
         configured = (self.cfg.train.micro_batch_size, self.cfg.data.max_seq_len)
-        shape = self.probe.activation_shape or configured
-        if self.predicted and shape != configured:  # the longest micro batch was shorter than max_seq_len
-            self.predicted = self._predict(activation_shape=shape)
+        shape, images = self.probe.activation_shape or configured, self.probe.activation_images
+        if self.predicted and (shape != configured or images):  # a micro batch shorter than max_seq_len, or images
+            self.predicted = self._predict(shape, images)
         report = {
             "schema_version": 1,
             "activation_shape": list(shape),

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from .. import strategies
 from ..config import ConfigError, RunConfig
 from ..dtypes import AUTOCAST_DTYPES, cpu_has_native_bf16, resolve_compute_dtype, resolve_mixed_precision
+from ..model.vision import ImageInputs
 from ..objectives import sequences_per_sample
 from ..run import sequence_parallel
 from ..run.sequence_parallel import local_tokens
@@ -143,10 +144,15 @@ def resolve_quant(cfg: RunConfig, strategy: strategies.Strategy, mixed: str, dev
 
 
 def predict(
-    cfg: RunConfig, hardware: Hardware, activation_shape: tuple[int, int] | None = None, cache: ModelCache | None = None
+    cfg: RunConfig,
+    hardware: Hardware,
+    activation_shape: tuple[int, int] | None = None,
+    cache: ModelCache | None = None,
+    images: ImageInputs | None = None,
 ) -> Budget:
     """Bytes per component on every rank. `activation_shape` (batch, seq) replaces the config's micro
-    batch and max_seq_len for the activations (training compares with the batch it measured)."""
+    batch and max_seq_len for the activations (training compares with the batch it measured), with its `images` (a
+    vision-language model's micro batch)."""
     strategy = validate(cfg, hardware)
     world = hardware.world_size
     mixed = resolve_mixed_precision(cfg.train.mixed_precision, cuda=hardware.device == "cuda")
@@ -174,6 +180,7 @@ def predict(
         autocast=autocast,
         linear_saves_input=sharder.linear_saves_input,
         split=split,
+        images=images,
     )
     shared = {
         **activation_bytes(spec, compute, run),

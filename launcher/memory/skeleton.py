@@ -11,6 +11,7 @@ is exact for any model size, without weights or a GPU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -85,7 +86,9 @@ def _build_skeleton(cfg: RunConfig, policy: DtypePolicy, config) -> nn.Module:
     base = meta_base(cfg.model, cfg.quant, config)
     # transformers' own replacement decides which linears become 4-bit, as in from_pretrained quantizing a checkpoint
     # (not reading a pre-quantized one, which would also swap Llama-4's fused experts for per-expert linears).
-    quantizer = AutoHfQuantizer.from_config(quantization_config(cfg.quant, policy, base), pre_quantized=False)
+    quantizer = AutoHfQuantizer.from_config(
+        quantization_config(cfg.quant, policy, base, cfg.model.quantize_vision), pre_quantized=False
+    )
     quantizer.preprocess_model(base, device_map={"": "cpu"})
     apply_quantized_layout(
         base, cfg.quant, policy, quantized_layout(base, policy.quant_storage, cfg.quant.experts == "4bit")
@@ -128,6 +131,16 @@ class ModelSpec:
                 self.traces[key] = trace_saved(self.skeleton, compute, run, self.traces["kinds"])
             except Exception as error:  # noqa: BLE001 - a model the trace cannot run is predicted without activations
                 first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                if run.images is not None:
+                    # Qwen2-VL-style encoders size their tensors from `image_grid_thw`'s values, which the fake mode
+                    # loses through views: the image tokens still count in the language model.
+                    print(
+                        f"Memory budget: the vision encoder's activations are not traced ({type(error).__name__}: "
+                        f"{first[:120]}); the image tokens are counted in the language model only.",
+                        flush=True,
+                    )
+                    self.traces[key] = self.saved(compute, dataclasses.replace(run, images=None))
+                    return self.traces[key]
                 raise ConfigError(
                     f"its forward did not run on fake tensors ({type(error).__name__}: {first[:200]}), "
                     "so its activations cannot be traced"

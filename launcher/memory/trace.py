@@ -34,6 +34,7 @@ from ..dtypes import DtypePolicy
 from ..model.anatomy import decoder_layers
 from ..model.fake_run import DEQUANTIZED, Patch, Storages, cut_or_whole, fake_run, kernel_device, layer_kinds
 from ..model.loss import install_loss
+from ..model.vision import ImageInputs
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class TraceRun:
     autocast: torch.dtype | None
     linear_saves_input: bool
     split: int = 1
+    images: ImageInputs | None = None
+    """A vision-language model's image inputs of the micro batch (None: text only)."""
 
 
 @dataclass(frozen=True)
@@ -112,11 +115,12 @@ def _trace(skeleton: nn.Module, compute: DtypePolicy, run: TraceRun, layers: lis
     ):
         recorder = _Recorder(traced_layers, list(fakes.values()))
         ids = torch.zeros((run.batch, run.seq), dtype=torch.long, device=device)
+        images = run.images.forward_inputs(ids) if run.images else {}
         autocast = torch.autocast(device, dtype=run.autocast) if run.autocast else contextlib.nullcontext()
         # Forward only: what training measures is what its forward saves (backward's recomputations keep their
         # tensors inside the checkpoints).
         with recorder.hooks(), autocast, torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
-            skeleton(input_ids=ids, labels=ids, use_cache=False)
+            skeleton(input_ids=ids, labels=ids, use_cache=False, **images)
     return recorder.result(len(kept))
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import bitsandbytes as bnb
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 from transformers.quantizers.base import get_keys_to_not_convert
 
 from ..adapter_config import FROM_WEIGHTS
@@ -25,7 +25,7 @@ from ..config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainCon
 from ..cpu_shims import disable_bnb_cpu_repack
 from ..dtypes import DTYPE_BY_NAME, DtypePolicy
 from ..objectives import sequences_per_sample
-from . import decomposed_init, experts, targets
+from . import decomposed_init, experts, targets, vision
 from .adapter_init import load_adapter_weights
 from .anatomy import frozen_component
 from .dora import fix_peft_dora, magnitudes_on_meta
@@ -37,11 +37,14 @@ from .quantize import quantizing_on, reading_without_mmap
 
 
 def quantization_config(
-    quant: QuantConfig, policy: DtypePolicy, meta: PreTrainedModel | None = None
+    quant: QuantConfig, policy: DtypePolicy, meta: PreTrainedModel | None = None, quantize_vision: bool = False
 ) -> BitsAndBytesConfig:
     """transformers' 4-bit config; given the unquantized `meta` model, it also keeps 16-bit the linears whose weight
-    the model reads outside their forward (targets.read_outside_forward: in 4 bits it would read packed bytes)."""
-    read_outside = targets.read_outside_forward(meta) if meta is not None else []
+    the model reads outside their forward (targets.read_outside_forward: in 4 bits it would read packed bytes) and,
+    unless `quantize_vision`, a vision-language model's vision parts (vision.py)."""
+    keep = []
+    if meta is not None:
+        keep = [*map(re.escape, targets.read_outside_forward(meta)), *vision.unquantized_vision(meta, quantize_vision)]
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.type,
@@ -50,7 +53,7 @@ def quantization_config(
         bnb_4bit_quant_storage=policy.quant_storage,
         # transformers' own list (the output layer, tied weights) is kept only where none is given; names are
         # patterns to it.
-        llm_int8_skip_modules=[*get_keys_to_not_convert(meta), *map(re.escape, read_outside)] if read_outside else None,
+        llm_int8_skip_modules=[*get_keys_to_not_convert(meta), *keep] if keep else None,
     )
 
 
@@ -130,9 +133,10 @@ def load_quantized_base(
         experts.quantizing_experts_while_loading(quant, policy.quant_storage, device, quant.experts == "4bit"),
         decomposed_init.decomposing_while_loading(shapes, lora, quant, device) as factors,
     ):
-        base = AutoModelForCausalLM.from_pretrained(
+        meta = meta_base(model, quant)
+        base = vision.auto_class(meta.config).from_pretrained(
             model.path,
-            quantization_config=quantization_config(quant, policy, meta_base(model, quant)),
+            quantization_config=quantization_config(quant, policy, meta, model.quantize_vision),
             dtype=DTYPE_BY_NAME[quant.compute_dtype],
             device_map={"": "cpu"},
             trust_remote_code=model.trust_remote_code,
@@ -159,7 +163,7 @@ def meta_base(model: ModelConfig, quant: QuantConfig, config: PretrainedConfig |
     if config is None:
         config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(
+        return vision.auto_class(config).from_config(
             config, dtype=DTYPE_BY_NAME[quant.compute_dtype], trust_remote_code=model.trust_remote_code
         )
 

@@ -23,6 +23,7 @@ one representative per kind for the run and restored after.
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -298,6 +299,18 @@ def stand_ins(experts_dtype: torch.dtype | None = None) -> list[Patch]:
     ]
 
 
+def unchecked(model: nn.Module) -> list[Patch]:
+    """transformers' value checks (`torch_compilable_check`: a vision-language model's image tokens against its image
+    features) read tensor data, which fake tensors do not have: off in the model's own modules for a fake run (the
+    fake image inputs match their tokens by construction, memory/trace.py)."""
+    modules = {sys.modules[type(module).__module__] for module in model.modules()}
+    return [
+        (m, "torch_compilable_check", lambda *args, **kwargs: None)
+        for m in modules
+        if hasattr(m, "torch_compilable_check")
+    ]
+
+
 @contextlib.contextmanager
 def fake_run(
     model: nn.Module,
@@ -320,7 +333,7 @@ def fake_run(
     ):
         warnings.simplefilter("ignore")
         DEQUANTIZED.clear()
-        with FakeTensorMode(allow_non_fake_inputs=False), patched([*stand_ins(uniform), *patches]):
+        with FakeTensorMode(allow_non_fake_inputs=False), patched([*stand_ins(uniform), *unchecked(model), *patches]):
             fakes = fake_parameters(
                 model, DtypePolicy.uniform(uniform) if uniform else compute, device
             )  # of the kept layers only, the others are out

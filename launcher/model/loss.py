@@ -37,6 +37,8 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
+from .vision import is_vision_language
+
 IGNORE = -100
 """The label of tokens that are not trained on (prompt, padding), as transformers uses it."""
 SCALED_LOGITS = ("logit_scale", "logits_scaling", "lm_head_multiplier")
@@ -52,10 +54,12 @@ def logit_softcap(config) -> float | None:
 
 def decoder_of(model: nn.Module) -> nn.Module | None:
     """The module of a causal LM that turns input ids into the final hidden states: what `get_decoder()` or
-    `base_model` names, else the one child that holds the input embeddings (Llama-4's causal LM names itself
+    `base_model` names (a vision-language model's inner model, not its language model), else the one child that holds the input embeddings (Llama-4's causal LM names itself
     in both). It must hold the input embeddings and not be the model or its output layer."""
     embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
     candidates = [model.get_decoder(), model.base_model, *model.children()]
+    if is_vision_language(model.config):  # its inner model puts the image features into the language model's input
+        candidates.insert(0, model.base_model)
     for candidate in candidates:
         if candidate is model or candidate is output or not isinstance(candidate, PreTrainedModel):
             continue
@@ -97,8 +101,11 @@ def _other_loss(model: nn.Module) -> str | None:
         return "has a forward whose source cannot be read to see which loss it computes"
     if "self.loss_function(" not in source:
         return "computes a loss of its own (not transformers' causal-LM loss)"
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
     loss_type = getattr(model, "loss_type", None)
-    if getattr(model, "_loss_function", None) is not None or loss_type not in (None, "ForCausalLM"):
+    causal = loss_type is None or LOSS_MAPPING.get(loss_type) is LOSS_MAPPING["ForCausalLM"]  # vision-language heads
+    if getattr(model, "_loss_function", None) is not None or not causal:
         return f"computes the loss `{loss_type or 'set on the model'}`, not the causal-LM loss"
     return None
 

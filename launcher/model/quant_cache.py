@@ -48,7 +48,7 @@ from safetensors import SafetensorError
 from ..config import ModelConfig, QuantConfig
 from ..dtypes import DTYPE_BY_NAME, DtypePolicy
 from ..node_cache import exclusive, fresh_temporary, say
-from . import experts
+from . import experts, vision
 
 CACHE_FORMAT = 4
 """Raise when an entry's layout or meaning changes: every cached base is then quantized again."""
@@ -108,6 +108,8 @@ def cache_key(
         },
         "versions": library_versions(),
     }
+    if model.quantize_vision:  # a vision-language model's vision parts in 4 bits too (the default keeps older keys)
+        what["quantize_vision"] = True
     if decomposition:  # a base decomposed for some adapters (lora.init: pissa, olora, loftq) keeps their factors
         what["decomposition"] = decomposition
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24], what
@@ -186,11 +188,12 @@ def write_entry(model: ModelConfig, quantize: Callable[[], torch.nn.Module], roo
 
 def read_entry(model: ModelConfig, quant: QuantConfig, entry: Path) -> torch.nn.Module:
     """The cached base, as the quantizing load gives it (named after `model.path`, not the cache)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     packed = read_experts(entry)
+    config = AutoConfig.from_pretrained(entry, trust_remote_code=model.trust_remote_code, local_files_only=True)
     with the_quantizing_load_s_tree({key for key in packed if ":" not in key}):
-        base = AutoModelForCausalLM.from_pretrained(
+        base = vision.auto_class(config).from_pretrained(
             entry,
             dtype=DTYPE_BY_NAME[quant.compute_dtype],
             device_map={"": "cpu"},

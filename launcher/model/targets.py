@@ -35,6 +35,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import LoraConfig
+from . import vision
 from .roles import READ_OUTSIDE, probe
 
 
@@ -58,7 +59,7 @@ def resolve(model: nn.Module, lora: LoraConfig) -> Resolution:
     """The modules `lora.target_modules` adapts on `model` (loaded or on meta, k-bit prepared or not, before LoRA):
     `all-linear` resolved here; a list as peft matches it (exact name or a dotted suffix)."""
     if lora.target_modules == "all-linear":
-        return resolve_all_linear(model)
+        return resolve_all_linear(model, lora.adapt_vision)
     if isinstance(lora.target_modules, str):  # a regular expression over full names, as peft reads it
         pattern = re.compile(lora.target_modules)
         return Resolution([n for n, m in model.named_modules() if is_projection(m) and pattern.fullmatch(n)])
@@ -138,17 +139,25 @@ def describe_left_out(left_out: dict[str, str]) -> str:
     return "; ".join(f"{', '.join(sorted(leaves))} ({why})" for why, leaves in sorted(grouped.items()))
 
 
-def resolve_all_linear(model: nn.Module) -> Resolution:
-    """`all-linear` on `model` (a transformers causal LM, on meta or loaded, before LoRA)."""
+def resolve_all_linear(model: nn.Module, adapt_vision: bool = False) -> Resolution:
+    """`all-linear` on `model` (a transformers causal LM or vision-language model, on meta or loaded, before LoRA).
+    A vision-language model's vision parts are adapted with `adapt_vision` (every linear there: the probe's forward
+    is text-only), else left out."""
     output = model.get_output_embeddings()
     candidates = [name for name, m in model.named_modules() if is_projection(m) and m is not output]
+    parts = vision.vision_parts(model)
+    seen_by_vision = [c for c in candidates if vision.in_vision_part(c, parts)]
+    candidates = [c for c in candidates if c not in seen_by_vision]
     left_out = dict.fromkeys(_refused_by_peft(model, candidates), "peft refuses it for this architecture")
+    if not adapt_vision:
+        left_out.update(dict.fromkeys(seen_by_vision, "vision part; lora.adapt_vision adapts it"))
+    adapted_vision = seen_by_vision if adapt_vision else []
     try:
         roles = probe(model, [c for c in candidates if c not in left_out])
     except Exception as error:  # noqa: BLE001 - a forward fake tensors cannot run: every candidate is adapted
         first = (str(error).strip().splitlines() or [""])[0][:160]
         return Resolution(
-            [c for c in candidates if c not in left_out],
+            [c for c in candidates if c not in left_out] + adapted_vision,
             left_out,
             f"its forward did not run on fake tensors ({type(error).__name__}: {first}), so routers and gates "
             "could not be told from projections: every linear layer is adapted",
@@ -156,7 +165,7 @@ def resolve_all_linear(model: nn.Module) -> Resolution:
     for name, role in roles.items():
         if role != "projection":
             left_out[name] = role
-    return Resolution([c for c in candidates if c not in left_out], left_out)
+    return Resolution([c for c in candidates if c not in left_out] + adapted_vision, left_out)
 
 
 def read_outside_forward(model: nn.Module) -> list[str]:

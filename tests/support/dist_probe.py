@@ -69,10 +69,13 @@ def local_data(param) -> torch.Tensor:
 
 
 def embedding_tie(model) -> dict:
-    """Whether the input and output embeddings are one parameter, and one local storage (None on meta)."""
+    """Whether the input and output embeddings are one parameter, and one local tensor (None on meta): the same
+    local data, not only the same storage (FSDP1's parameters are views into one flat storage per unit), and not two
+    empty parts (this rank holding neither)."""
     inp, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    pointers = [local_data(p).untyped_storage().data_ptr() for p in (inp, out)]
-    return {"same_parameter": inp is out, "same_storage": None if inp.is_meta else pointers[0] == pointers[1]}
+    local = [local_data(p) for p in (inp, out)]
+    same = local[0].data_ptr() == local[1].data_ptr() and local[0].numel() > 0
+    return {"same_parameter": inp is out, "same_storage": None if inp.is_meta else same}
 
 
 def offload_facts(model) -> dict:

@@ -34,7 +34,7 @@ class Family:
     """Test id and README row."""
     what: str
     """What is special about it."""
-    config: Callable[[dict], object]
+    config: Callable[[dict], object] | None
     """Builds the family's transformers config from the common settings."""
     tied: bool = False
     moe: bool = False
@@ -47,6 +47,17 @@ class Family:
     layer_forwards: int = 2
     """Forwards of each decoder layer per micro step: forward and recomputation (and DPO's reference forward; KTO's
     reference forward and its two forwards of the KL term)."""
+    vision: str = ""
+    """A vision-language row: its model, processor and image chat data are support/vision.py's family of this name
+    (`config` is not used)."""
+    vision_unit_calls: int = 0
+    """Forwards of the vision encoder's sharding units per micro step: each checkpointed encoder layer twice (its
+    recomputation too), its patch embeddings once."""
+
+    @property
+    def data(self) -> str:
+        """The file of its assets it trains on."""
+        return "vision.jsonl" if self.vision else "data.jsonl"
 
 
 def _common(tokens: dict, **extra) -> dict:
@@ -396,6 +407,28 @@ FAMILIES = [
     ),
     Family("lfm2", "hybrid: gated short convolutions beside attention, tied", _lfm2, tied=True),
     Family("jamba", "hybrid: Mamba-1 (dt_proj kept 16-bit) beside attention, MoE", _jamba, moe=True),
+    Family(
+        "gemma3-vision",
+        "vision: SigLIP tower and pooling projector kept 16-bit, bidirectional attention over an image, tied",
+        None,
+        tied=True,
+        vision="gemma3",
+        vision_unit_calls=2 * 2 + 1,
+    ),
+    Family(
+        "llava",
+        "vision: CLIP tower and MLP projector kept 16-bit, a Llama decoder",
+        None,
+        vision="llava",
+        vision_unit_calls=2 * 2 + 1,
+    ),
+    Family(
+        "paddleocr-vl",
+        "vision: NaViT-style SigLIP (Qwen2-VL's flat patches, image_grid_thw, M-RoPE), an ERNIE-4.5 decoder, tied",
+        None,
+        tied=True,
+        vision="paddleocr_vl",
+    ),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
 
@@ -434,9 +467,15 @@ def build_tokenizer(texts: list[str]):
 
 
 def build_family(family: Family, root: Path, seed: int = 0) -> Path:
-    """Writes `root/base` (model + tokenizer) and `root/data.jsonl`; returns `root`."""
+    """Writes `root/base` (model + tokenizer) and `root/data.jsonl` (a vision row: also its processor and
+    `root/vision.jsonl` with its images); returns `root`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if family.vision:
+        from support.vision import VISION_BY_NAME, build_vision_family
+
+        return build_vision_family(VISION_BY_NAME[family.vision], root, seed)
 
     root.mkdir(parents=True, exist_ok=True)
     data = write_dataset(root / "data.jsonl", records=64, words=30)
