@@ -192,6 +192,14 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (with --nodes, instead of --world-size)")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (data.max_seq_len)")
     parser.add_argument(
+        "--images",
+        type=int,
+        help="vision-language models: images in each sample (data.images_per_sample; their tokens count in --seq-len)",
+    )
+    parser.add_argument(
+        "--image-size", type=int, help="with --images: the side of each square image in pixels (data.image_size)"
+    )
+    parser.add_argument(
         "--objective",
         choices=OBJECTIVES,
         help="train.objective: sft (default); dpo and orpo run two sequences (chosen, rejected) per sample; kto one, "

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, DataSource
-from ..model.vision import TOKEN_TYPE_INPUTS, auto_class
+from ..model.vision import TOKEN_TYPE_INPUTS, ImageInputs, auto_class
 from .chat import assistant_turns, check_messages, target_spans
 from .labels import IGNORE_INDEX, target_tokens
 
@@ -171,11 +171,26 @@ class PixelBatch:
         self.accepted = set(inspect.signature(vision.model_class.forward).parameters)
 
     def __call__(self, images: list[str], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        if not images:
-            return {}
-        processed = self.image_processor(images=[open_image(p) for p in images], return_tensors="pt")
+        return self.of_images([open_image(p) for p in images], input_ids) if images else {}
+
+    def of_images(self, images: list, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        processed = self.image_processor(images=images, return_tensors="pt")
         batch = {k: v for k, v in processed.items() if k in self.accepted and torch.is_tensor(v)}
         for name in TOKEN_TYPE_INPUTS:
             if name in self.accepted:
                 batch[name] = (input_ids == self.image_token).long()
         return batch
+
+
+def planned_images(vision: VisionProcessor, rows: int, per_row: int, size: int) -> ImageInputs:
+    """The image inputs of a micro batch of `rows` rows of `per_row` images of `size` x `size` pixels each, as this
+    model's processor makes them (the budget's, before any data exists)."""
+    from PIL import Image
+
+    messages = [{"role": "user", "content": [{"type": "image"}] * per_row}]
+    text = vision.processor.apply_chat_template(messages, tokenize=False)
+    image = Image.new("RGB", (size, size))
+    ids = vision.processor(text=[text] * rows, images=[[image] * per_row] * rows, return_tensors="pt")["input_ids"]
+    return ImageInputs.of(
+        {"input_ids": ids, **PixelBatch(vision).of_images([image] * (rows * per_row), ids)}, vision.image_token_id
+    )

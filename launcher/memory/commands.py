@@ -26,6 +26,8 @@ def request_from_args(args) -> tuple[RunConfig, Hardware]:
             ("model.path", args.model),
             ("strategy", getattr(args, "strategy", None)),
             ("data.max_seq_len", args.seq_len),
+            ("data.images_per_sample", args.images),
+            ("data.image_size", args.image_size),
             ("train.micro_batch_size", getattr(args, "micro_batch", None)),
             ("train.objective", args.objective),
             ("lora.r", args.lora_r),

@@ -143,6 +143,27 @@ def resolve_quant(cfg: RunConfig, strategy: strategies.Strategy, mixed: str, dev
     return dataclasses.replace(cfg, quant=strategies.resolve_quant(cfg.quant, strategy, compute))
 
 
+def budgeted_images(cfg: RunConfig, rows: int, seq: int) -> ImageInputs:
+    """`data.images_per_sample` images of `data.image_size` pixels in each of `rows` rows, through the processor
+    saved beside the model; a ConfigError where the model takes no images or their tokens overfill a row."""
+    from ..data.images import planned_images
+    from ..data.loading import load_vision_processor
+
+    vision = load_vision_processor(cfg.model)
+    if vision is None:
+        raise ConfigError(
+            f"`data.images_per_sample` is {cfg.data.images_per_sample}, but `{cfg.model.path}` is a text-only causal "
+            "LM; budget images for a vision-language model, or leave it 0."
+        )
+    images = planned_images(vision, rows, cfg.data.images_per_sample, cfg.data.image_size)
+    if max(images.row_tokens) > seq:
+        raise ConfigError(
+            f"{cfg.data.images_per_sample} image(s) of {cfg.data.image_size} px make {max(images.row_tokens)} image "
+            f"tokens, more than data.max_seq_len ({seq}): raise the sequence length or lower the image count or size."
+        )
+    return images
+
+
 def predict(
     cfg: RunConfig,
     hardware: Hardware,
@@ -170,6 +191,8 @@ def predict(
     # saves nothing for backward.
     sequences = sequences_per_sample(cfg.train) * cfg.train.micro_batch_size
     batch, seq = activation_shape or (sequences, local_tokens(cfg.data.max_seq_len, split))
+    if activation_shape is None and cfg.data.images_per_sample:
+        images = budgeted_images(cfg, batch, seq)
     hidden = spec.config.hidden_size
     run = TraceRun(
         batch=batch,
