@@ -153,3 +153,35 @@ def test_qlaunch_data_shows_where_the_image_tokens_sit(vision_assets, capsys):
     # the image's 16 tokens as one mark inside the prompt the loss ignores; the loss on the answer
     assert re.search(r"\[\[<s>user\n<image>x16What colour is the shape\?</s>\n<s>assistant\n\]\]" + answer, out), out
     assert "images: " + str((assets / "images/00000.png").resolve()) in out
+
+
+def test_the_vision_parts_stay_16_bit_and_frozen_unless_asked(vision_assets, tmp_path):
+    """Default: the language model's linears are 4-bit and adapted, the vision tower's and projector's neither;
+    `model.quantize_vision` and `lora.adapt_vision` each change their half, in a real run."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    from launcher import train
+    from launcher.checkpoint.export import load_for_inference
+    from launcher.config import load_config, parse_overrides
+    from launcher.model.vision import in_vision_part, vision_parts
+
+    assets = vision_assets("llava")
+    common = ["--model.path", str(assets / "base"), "--data.path", str(assets / "vision.jsonl"), "--strategy", "ddp"]
+    common += ["--train.max_steps", "1", "--data.max_seq_len", "64"]
+    seen = {}
+    for name, flags in (("default", []), ("both", ["--model.quantize_vision", "true", "--lora.adapt_vision", "true"])):
+        train.run(load_config(None, parse_overrides([*common, "--output_dir", str(tmp_path / name), *flags])))
+        model = load_for_inference(tmp_path / name)
+        parts = vision_parts(model.get_base_model())
+        modules = [(n.removeprefix("base_model.model."), m) for n, m in model.named_modules()]
+        seen[name] = {
+            kind: {
+                in_vision_part(n, parts)
+                for n, m in modules
+                if isinstance(m, LoraLayer if kind == "adapted" else bnb.nn.Linear4bit)
+            }
+            for kind in ("adapted", "4bit")
+        }
+    assert seen["default"] == {"adapted": {False}, "4bit": {False}}
+    assert seen["both"] == {"adapted": {False, True}, "4bit": {False, True}}
