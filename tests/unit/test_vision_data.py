@@ -185,3 +185,33 @@ def test_the_vision_parts_stay_16_bit_and_frozen_unless_asked(vision_assets, tmp
         }
     assert seen["default"] == {"adapted": {False}, "4bit": {False}}
     assert seen["both"] == {"adapted": {False, True}, "4bit": {False, True}}
+
+
+def test_merge_writes_an_image_text_model_with_its_processor(vision_assets, tmp_path):
+    """`qlaunch merge` of a vision-language run: the merged 16-bit model, loaded with its processor, gives the base
+    plus adapter's logits on an image sample."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from launcher import train
+    from launcher.checkpoint.export import CHECK_FILE, merge_adapter
+    from launcher.config import load_config, parse_overrides
+
+    assets = vision_assets("paddleocr_vl")
+    run = tmp_path / "run"
+    args = ["--model.path", str(assets / "base"), "--data.path", str(assets / "vision.jsonl"), "--strategy", "ddp"]
+    args += ["--train.max_steps", "3", "--train.lr", "1e-2", "--data.max_seq_len", "64", "--output_dir", str(run)]
+    train.run(load_config(None, parse_overrides(args)))
+    merged_dir = merge_adapter(run / "adapter", tmp_path / "merged", dtype="float32")
+    assert AutoProcessor.from_pretrained(merged_dir).image_processor is not None
+    check = load_file(run / CHECK_FILE)
+    check.pop("logits")
+    assert "pixel_values" in check  # an image sample
+    merged = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=torch.float32)
+    base = AutoModelForImageTextToText.from_pretrained(assets / "base", dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(**check).logits
+        adapted_logits = PeftModel.from_pretrained(base, str(run / "adapter"))(**check).logits
+        merged_logits = merged(**check).logits
+    assert (merged_logits - adapted_logits).abs().max() < 1e-3 < (adapted_logits - base_logits).abs().max()
