@@ -82,8 +82,7 @@ class DataSource:
     messages_field: str = "messages"
     """Chat records: a list of {"role", "content"} messages; the loss covers the assistant turns."""
     images_field: str = "images"
-    """Image chat records (vision-language models): image file paths, relative to the dataset's directory, one per
-    `{"type": "image"}` part of the messages' content, in order."""
+    """Image chat records: one file path (relative to the dataset's directory) per `{"type": "image"}` part, in order."""
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
     """Preference pairs (train.objective dpo, orpo, kto): prompt, chosen and rejected, texts or message lists."""
@@ -117,11 +116,8 @@ class DataConfig(DataSource):
     tokenize_workers: int = 0
     """Processes tokenizing a source (0: every core for chat records, which render in Python; 1 otherwise)."""
     images_per_sample: int = 0
-    """The memory budget of a vision-language run (`qlaunch budget` / `plan`): images in each sample (0: none; a
-    training run measures its own micro batches' images)."""
-    image_size: int = 448
-    """With images_per_sample: the side in pixels of each (square) image, as the processor receives it (Gemma 3's and
-    LLaVA's resize every image to their own resolution; Qwen2-VL-style processors keep it)."""
+    """`qlaunch budget`/`plan` of a vision-language model: images in each sample (training measures its own)."""
+    image_size: int = 448  # with images_per_sample: each square image's side in pixels, as the processor gets it
     max_prompt_len: int = 0
     """Preference pairs: a longer prompt keeps its last this many tokens (0: prompts are not cut; a pair whose prompt
     leaves no room for its completions within max_seq_len is refused)."""
@@ -140,8 +136,10 @@ class DataConfig(DataSource):
                 f"a completion fits after the prompt; got {self.max_prompt_len}.",
             ),
             (0 <= self.eval_fraction < 1, f"`{at}eval_fraction` must be in [0, 1), got {self.eval_fraction}."),
-            (self.images_per_sample >= 0, f"`{at}images_per_sample` must be 0 or more, got {self.images_per_sample}."),
-            (self.image_size > 0, f"`{at}image_size` must be a positive number of pixels, got {self.image_size}."),
+            (
+                self.images_per_sample >= 0 < self.image_size,
+                f"`{at}images_per_sample` and `image_size` must be positive.",
+            ),
             (
                 not (self.eval_path and self.eval_fraction),
                 f"Both `{at}eval_path` and `{at}eval_fraction` are set: evaluate on a held-out file, or hold out a "

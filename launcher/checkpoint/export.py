@@ -24,9 +24,9 @@ from ..dtypes import DTYPE_BY_NAME
 from ..model.build import decomposition_plan, load_quantized_base, prepare_for_kbit_training
 from ..model.experts import fix_peft_stacked_parametrizations, sort_expert_parameters
 from ..model.targets import keep_named_modules
-from ..model.vision import auto_class, is_vision_language
 from ..run import disk_full
 from ..safe_load import check_checkpoint_files
+from ..vision import auto_class, is_vision_language
 from .store import read_meta
 
 ADAPTER_DIR = "adapter"

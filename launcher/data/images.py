@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, DataSource
-from ..model.vision import TOKEN_TYPE_INPUTS, ImageInputs, auto_class
+from ..vision import TOKEN_TYPE_INPUTS, ImageInputs, auto_class
 from .chat import assistant_turns, check_messages, target_spans
 from .labels import IGNORE_INDEX, target_tokens
 

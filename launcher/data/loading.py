@@ -30,12 +30,15 @@ def pad_token_set(tokenizer):
 def load_vision_processor(model: ModelConfig) -> VisionProcessor | None:
     """A vision-language model's processor (None for a causal LM, or where no model config is found: the tokenizer
     then says what is missing, and `qlaunch data` needs no more than a tokenizer)."""
-    from ..model.build import read_model_config
-    from ..model.vision import is_vision_language
+    from transformers import AutoConfig
+
+    from ..vision import is_vision_language
 
     try:
-        config = read_model_config(model.path, model.trust_remote_code)
-    except ConfigError:
+        config = AutoConfig.from_pretrained(
+            model.path, trust_remote_code=model.trust_remote_code, local_files_only=True
+        )
+    except (OSError, ValueError):
         return None
     return load_processor(model.path, model.trust_remote_code, config) if is_vision_language(config) else None
 

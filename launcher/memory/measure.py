@@ -24,9 +24,9 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..config import ConfigError
-from ..model.vision import ImageInputs, is_vision_language
 from ..strategies import Strategy, clean_fqn
 from ..strategies.handoff import quant_state_owners
+from ..vision import ImageInputs, is_vision_language
 from .components import COMPONENTS, WEIGHT_COMPONENTS, parameter_components
 from .cuda_peaks import CudaPeaks
 from .predict import Budget, Hardware, predict
@@ -148,8 +148,7 @@ class FirstStepProbe:
         image_token_id: int | None = None,
     ):
         self.weight_storages = weight_storages
-        self.image_token_id = image_token_id
-        """A vision-language model's: the image inputs of the largest forward are noted with its shape."""
+        self.image_token_id = image_token_id  # a vision-language model's: the largest forward's images are noted
         self.offload = offload
         """An ActivationOffload whose hooks these replace during the first step: each saved tensor goes on to it."""
         self.running_params: dict[int, int] = {}

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from .. import strategies
 from ..config import ConfigError, RunConfig
 from ..dtypes import AUTOCAST_DTYPES, cpu_has_native_bf16, resolve_compute_dtype, resolve_mixed_precision
-from ..model.vision import ImageInputs
 from ..objectives import sequences_per_sample
 from ..run import sequence_parallel
 from ..run.sequence_parallel import local_tokens
 from ..strategies.param_groups import group_index
+from ..vision import ImageInputs
 from .activations import activation_bytes
 from .components import COMPONENTS
 from .skeleton import ModelCache, ModelSpec

@@ -34,7 +34,7 @@ from ..dtypes import DtypePolicy
 from ..model.anatomy import decoder_layers
 from ..model.fake_run import DEQUANTIZED, Patch, Storages, cut_or_whole, fake_run, kernel_device, layer_kinds
 from ..model.loss import install_loss
-from ..model.vision import ImageInputs
+from ..vision import ImageInputs
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,14 @@ from torch import nn
 from transformers import AutoConfig, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 from transformers.quantizers.base import get_keys_to_not_convert
 
+from .. import vision
 from ..adapter_config import FROM_WEIGHTS
 from ..collectives import broadcast_object, is_source_rank, this_rank_device
 from ..config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from ..cpu_shims import disable_bnb_cpu_repack
 from ..dtypes import DTYPE_BY_NAME, DtypePolicy
 from ..objectives import sequences_per_sample
-from . import decomposed_init, experts, targets, vision
+from . import decomposed_init, experts, targets
 from .adapter_init import load_adapter_weights
 from .anatomy import frozen_component
 from .dora import fix_peft_dora, magnitudes_on_meta

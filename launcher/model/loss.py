@@ -37,7 +37,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
-from .vision import is_vision_language
+from ..vision import is_vision_language
 
 IGNORE = -100
 """The label of tokens that are not trained on (prompt, padding), as transformers uses it."""

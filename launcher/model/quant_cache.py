@@ -45,10 +45,11 @@ import bitsandbytes as bnb
 import torch
 from safetensors import SafetensorError
 
+from .. import vision
 from ..config import ModelConfig, QuantConfig
 from ..dtypes import DTYPE_BY_NAME, DtypePolicy
 from ..node_cache import exclusive, fresh_temporary, say
-from . import experts, vision
+from . import experts
 
 CACHE_FORMAT = 4
 """Raise when an entry's layout or meaning changes: every cached base is then quantized again."""

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .. import vision
 from ..config import LoraConfig
-from . import vision
 from .roles import READ_OUTSIDE, probe
 
 

@@ -72,6 +72,7 @@ LEAF_MODULES = [
     "launcher.node_cache",
     "launcher.safe_load",
     "launcher.cpu_shims",
+    "launcher.vision",
 ]
 ENTRY_POINTS = [
     "launcher.__main__",

@@ -164,7 +164,7 @@ def test_the_vision_parts_stay_16_bit_and_frozen_unless_asked(vision_assets, tmp
     from launcher import train
     from launcher.checkpoint.export import load_for_inference
     from launcher.config import load_config, parse_overrides
-    from launcher.model.vision import in_vision_part, vision_parts
+    from launcher.vision import in_vision_part, vision_parts
 
     assets = vision_assets("llava")
     common = ["--model.path", str(assets / "base"), "--data.path", str(assets / "vision.jsonl"), "--strategy", "ddp"]
