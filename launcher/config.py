@@ -49,8 +49,7 @@ class ModelConfig:
     """Keep the quantized base on disk after the first start and load it on later starts, not quantizing again."""
     quant_cache_dir: str = ""
     """Where the quantized base is kept (empty: $QLAUNCH_QUANT_CACHE, else ~/.cache/qlaunch/quantized)."""
-    quantize_vision: bool = False
-    """Vision-language models: quantize the vision encoder and projector to 4 bits too (default: kept 16-bit)."""
+    quantize_vision: bool = False  # vision-language models: the vision encoder and projector in 4 bits too
 
 
 @dataclass(frozen=True)
@@ -136,10 +135,7 @@ class DataConfig(DataSource):
                 f"a completion fits after the prompt; got {self.max_prompt_len}.",
             ),
             (0 <= self.eval_fraction < 1, f"`{at}eval_fraction` must be in [0, 1), got {self.eval_fraction}."),
-            (
-                self.images_per_sample >= 0 < self.image_size,
-                f"`{at}images_per_sample` and `image_size` must be positive.",
-            ),
+            (self.images_per_sample >= 0 < self.image_size, f"`{at}images_per_sample`, `image_size`: >= 0, > 0."),
             (
                 not (self.eval_path and self.eval_fraction),
                 f"Both `{at}eval_path` and `{at}eval_fraction` are set: evaluate on a held-out file, or hold out a "
